@@ -1,0 +1,20 @@
+"""The eager backend: plain PyTorch module calls, any device and dtype."""
+
+from __future__ import annotations
+
+from blt_decode.hookspecs import hookimpl
+from blt_decode.model import BLTModel
+from blt_decode.session import DecodeSession
+
+
+class EagerBackend:
+    name = "eager"
+    description = "plain PyTorch (any device, any dtype); the reference for every other backend"
+
+    def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
+        return DecodeSession(model, capacity)
+
+
+@hookimpl
+def register_backends(register):
+    register(EagerBackend())

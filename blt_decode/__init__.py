@@ -1,0 +1,36 @@
+"""blt-decode: fast decoding of Byte Latent Transformers.
+
+Decoding strategies (autoregressive, BLT-S, BLT-D, BLT-DV, and yours) are pluggy plugins over swappable
+compute backends. Start with :func:`generate`.
+"""
+
+from blt_decode.api import Generation, Score, Stream, generate, load_model, random_model, score, stream
+from blt_decode.checkpoint import save_model
+from blt_decode.config import BLTConfig, TransformerConfig
+from blt_decode.errors import (
+    BLTDecodeError,
+    CheckpointError,
+    ConfigError,
+    DuplicateNameError,
+    InvalidOptionsError,
+    PromptTooLongError,
+    UnknownBackendError,
+    UnknownModelError,
+    UnknownStrategyError,
+)
+from blt_decode.hookspecs import hookimpl
+from blt_decode.model import BLTModel
+from blt_decode.plugins import backend_names, strategy_names
+from blt_decode.protocol import DecodeContext
+from blt_decode.session import DecodeSession
+from blt_decode.stats import DecodeStats, ForwardPasses
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLTConfig", "BLTDecodeError", "BLTModel", "CheckpointError", "ConfigError", "DecodeContext", "DecodeSession",
+    "DecodeStats", "DuplicateNameError", "ForwardPasses", "Generation", "InvalidOptionsError", "PromptTooLongError",
+    "Score", "Stream", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
+    "backend_names", "generate", "hookimpl", "load_model", "random_model", "save_model", "score", "strategy_names",
+    "stream",
+]

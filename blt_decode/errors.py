@@ -1,0 +1,56 @@
+"""Every error blt-decode raises on purpose, in one place."""
+
+from __future__ import annotations
+
+
+class BLTDecodeError(Exception):
+    """Base class of blt-decode's errors."""
+
+
+class ConfigError(BLTDecodeError, ValueError):
+    """A model configuration is missing a field or has a value out of range."""
+
+
+class CheckpointError(BLTDecodeError, ValueError):
+    """A checkpoint is corrupt, incomplete, or does not match its configuration."""
+
+
+class _NamedLookupError(BLTDecodeError, KeyError):
+    kind = "name"
+
+    def __init__(self, name: str, registered: list[str]):
+        self.name = name
+        self.registered = sorted(registered)
+        super().__init__(name)
+
+    def __str__(self) -> str:  # KeyError would print the repr of the key only
+        names = ", ".join(self.registered) or "(none)"
+        return f"unknown {self.kind} {self.name!r}; registered {self.kind}s: {names}"
+
+
+class UnknownStrategyError(_NamedLookupError):
+    """No decoding strategy is registered under that name."""
+
+    kind = "strategy"
+
+
+class UnknownBackendError(_NamedLookupError):
+    """No compute backend is registered under that name."""
+
+    kind = "backend"
+
+
+class UnknownModelError(BLTDecodeError, ValueError):
+    """A model spec names neither a directory nor a known preset."""
+
+
+class DuplicateNameError(BLTDecodeError, ValueError):
+    """Two plugins registered the same strategy or backend name."""
+
+
+class InvalidOptionsError(BLTDecodeError, ValueError):
+    """Options given to a strategy are unknown or out of range."""
+
+
+class PromptTooLongError(BLTDecodeError, ValueError):
+    """The prompt plus the requested new bytes do not fit the model's maximum sequence length."""
