@@ -17,6 +17,7 @@ class CheckpointError(BLTDecodeError, ValueError):
 
 class _NamedLookupError(BLTDecodeError, KeyError):
     kind = "name"
+    plural = "names"
 
     def __init__(self, name: str, registered: list[str]):
         self.name = name
@@ -25,19 +26,21 @@ class _NamedLookupError(BLTDecodeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the key only
         names = ", ".join(self.registered) or "(none)"
-        return f"unknown {self.kind} {self.name!r}; registered {self.kind}s: {names}"
+        return f"unknown {self.kind} {self.name!r}; registered {self.plural}: {names}"
 
 
 class UnknownStrategyError(_NamedLookupError):
     """No decoding strategy is registered under that name."""
 
     kind = "strategy"
+    plural = "strategies"
 
 
 class UnknownBackendError(_NamedLookupError):
     """No compute backend is registered under that name."""
 
     kind = "backend"
+    plural = "backends"
 
 
 class UnknownModelError(BLTDecodeError, ValueError):

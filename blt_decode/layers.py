@@ -114,24 +114,26 @@ class TransformerStack(nn.Module):
     def new_cache(self, capacity: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cfg.kv_heads, self.cfg.head_dim, capacity, dtype=dtype, device=device)
 
-    def rope(self, start: int, length: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, device=x.device)
-        return rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+    def run_layers(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, between=None, *,
+                   mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every block over x ([B, T, dim]).
 
-    def run_layers(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                   between=None) -> torch.Tensor:
-        """Run every block over x ([B, T, dim], positions start..start+T-1).
-
-        With a cache, keys/values are written at ``start`` and attention sees the cached prefix; without
-        one, ``start`` must be 0 and attention is over x alone. ``between(i, h)`` runs before block i
-        (the decoder's cross-attention uses it).
+        With a cache, keys/values are written at cache slots ``start..start+T-1`` and attention sees the
+        cached prefix; without one, ``start`` must be 0 and attention is over x alone. By default x holds
+        positions ``start..start+T-1`` under a causal (sliding-window) mask; ``positions`` (rotary
+        positions, [T]) and ``mask`` (bool [T, start+T], True = may attend) override that, for the
+        block-diffusion layouts where a block sees itself bidirectionally. ``between(i, h)`` runs before
+        block i (the decoder's cross-attention uses it).
         """
         t = x.shape[1]
         kv_len = start + t
         if cache is None and start != 0:
             raise ValueError("an uncached forward starts at position 0")
-        mask = causal_mask(start, t, kv_len, self.cfg.sliding_window, x.device)
-        rope = self.rope(start, t, x)
+        if mask is None:
+            mask = causal_mask(start, t, kv_len, self.cfg.sliding_window, x.device)
+        if positions is None:
+            positions = torch.arange(start, start + t, device=x.device)
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if between is not None:
                 x = between(i, x)

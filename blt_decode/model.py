@@ -90,8 +90,10 @@ class LocalDecoder(TransformerStack):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, config.vocab_size, bias=False)
 
-    def forward(self, byte_states: torch.Tensor, latents: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """byte_states [B, T, dim]; latents [B, T, global_dim], the latent each position reads."""
+    def forward(self, byte_states: torch.Tensor, latents: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                *, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """byte_states [B, T, dim]; latents [B, T, global_dim], the latent each position reads.
+        ``mask``/``positions`` override the causal layout (see :meth:`TransformerStack.run_layers`)."""
         b, t, dim = byte_states.shape
         slots = self.patch_embedding_projection(latents).view(b * t, self.k, dim)
 
@@ -101,7 +103,7 @@ class LocalDecoder(TransformerStack):
             out = self.cross_attn_layers[i](h.reshape(b * t, 1, dim), slots).view(b, t, dim)
             return h + out
 
-        h = self.run_layers(byte_states, start, cache, between=cross)
+        h = self.run_layers(byte_states, start, cache, between=cross, mask=mask, positions=positions)
         return self.output(self.norm(h))
 
 

@@ -1,0 +1,130 @@
+"""The ``blt-decode`` command line. Thin: parses arguments, calls the API, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import attrs
+
+from blt_decode import api, plugins, tokenizer
+from blt_decode.errors import BLTDecodeError
+
+
+def parse_option_value(text: str) -> Any:
+    """``--option key=value`` values: ints, floats, true/false, none, else the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BLTDecodeError(f"--option expects key=value, got {pair!r}")
+        options[key.strip().replace("-", "_")] = parse_option_value(value.strip())
+    return options
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    options = parse_options(args.option)
+    stream = api.stream(
+        args.model, args.prompt, strategy=args.strategy, backend=args.backend, max_new_bytes=args.max_new_bytes,
+        stop=args.stop, seed=args.seed, **options,
+    )
+    if args.json:
+        output = b"".join(stream)
+        assert stream.stats is not None
+        print(json.dumps({
+            "prompt": tokenizer.display(stream.prompt),
+            "output": tokenizer.display(output),
+            "output_bytes_hex": output.hex(),
+            "strategy": stream.strategy.name,
+            "options": attrs.asdict(stream.options),
+            "backend": stream.backend.name,
+            "stats": stream.stats.to_dict(),
+        }, indent=2))
+        return 0
+    out = sys.stdout.buffer
+    out.write(stream.prompt)
+    out.flush()
+    for chunk in stream:  # printed as the strategy commits it
+        out.write(chunk)
+        out.flush()
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max((len(a) for a, _ in rows), default=0)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    registered = plugins.strategies()
+    rows = []
+    for name in plugins.strategy_names():
+        s = registered[name]
+        alias = f" (alias: {', '.join(s.aliases)})" if s.aliases else ""
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in attrs.fields(s.Options))
+        rows.append((name, f"{s.description}{alias}" + (f"\n{'':<{0}}    options: {fields}" if fields else "")))
+    _print_table(rows)
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    registered = plugins.backends()
+    _print_table([(name, registered[name].description) for name in plugins.backend_names()])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate bytes after a prompt")
+    gen.add_argument("prompt", help="prompt text (UTF-8)")
+    gen.add_argument("--model", default="default", help="checkpoint directory, 'default', or random:PRESET[:SEED] (default: %(default)s)")
+    gen.add_argument("--strategy", default="autoregressive", help="decoding strategy (see 'blt-decode strategies')")
+    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends')")
+    gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES)
+    gen.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies")
+    gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    gen.set_defaults(func=_cmd_generate)
+
+    sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
+    sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (BLTDecodeError, KeyError) as exc:
+        message = str(exc) if isinstance(exc, BLTDecodeError) else exc.args[0] if exc.args else repr(exc)
+        print(f"blt-decode: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
