@@ -34,7 +34,7 @@ def test_cached_chunks_equal_reference_forward(model, data, split, chunk):
     assert session.starts == list(model.patch_layout(torch.tensor([ids])).starts[0])
 
 
-@given(model=testing.tiny_models(), prompt=testing.prompts(), n=st.integers(0, 30))
+@given(model=testing.tiny_models(), prompt=testing.prompts(), n=st.integers(0, 24))
 def test_cached_greedy_equals_uncached_greedy(model, prompt, n):
     testing.assert_same_output(model, prompt, ("ar", {"cache": "kv"}), ("ar", {"cache": "none"}), max_new_bytes=n)
 
@@ -125,7 +125,7 @@ def test_score_agrees_with_reference_forward():
     s = bd.score(model, data)
     ids = torch.tensor([ids_of(data)])
     logp = torch.log_softmax(model(ids)[0], -1)
-    expected = [float(logp[i, ids[0, i + 1]]) for i in range(len(data))]
+    expected = [float(logp[i, ids[0, i + 1]].detach()) for i in range(len(data))]
     assert s.logprobs.tolist() == pytest.approx(expected, rel=1e-12)
     assert s.bits_per_byte == pytest.approx(-sum(expected) / len(data) / 0.6931471805599453)
     chunked = bd.score(model, data, chunk_bytes=5)
