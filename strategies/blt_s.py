@@ -24,6 +24,7 @@ from blt_decode.protocol import DecodeContext
 from blt_decode.sampling import greedy, greedy_id
 from blt_decode.session import DecodeSession
 from blt_decode.tokenizer import EOS_ID
+from blt_decode.trace import Verified
 
 MAX_K = 64
 
@@ -71,6 +72,7 @@ class SelfSpeculative:
                 accepted += 1
             session.truncate(start + accepted)
             session.stats.add(drafted_bytes=len(draft) - 1, accepted_bytes=accepted - 1)
+            session.emit(Verified(start, tuple(draft), accepted))
             logits = verified[accepted - 1]
             produced += accepted
             yield draft[:accepted]
