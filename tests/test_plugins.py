@@ -148,3 +148,14 @@ def test_third_party_strategy_from_the_cli(third_party_plugin):
     assert out.stdout == "hiCCC\n"
     listing = subprocess.run([sys.executable, "-c", code, "strategies"], capture_output=True, text=True, check=True)
     assert "repeat" in listing.stdout and "emits one byte" in listing.stdout
+
+
+def test_layout_installs_no_generic_top_level_packages(tmp_path):
+    # run outside the checkout, where only what was installed is importable
+    code = (
+        "import importlib.util, pathlib, blt_decode.strategies as s, blt_decode.backends as b;"
+        "print(pathlib.Path(s.__file__).parent.name, pathlib.Path(b.__file__).parent.name,"
+        " importlib.util.find_spec('strategies'), importlib.util.find_spec('backends'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["strategies", "backends", "None", "None"]
