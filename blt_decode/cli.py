@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import torch
 
-from blt_decode import api, plugins, tokenizer
+from blt_decode import api, formats, plugins, tokenizer
 from blt_decode.errors import BLTDecodeError
 
 
@@ -92,6 +94,22 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise BLTDecodeError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
+    src_format = formats.detect_format(args.src)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = formats.load_checkpoint(args.src, dtype=dtype)
+    formats.save_checkpoint(model, dst, args.to)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
     gen.set_defaults(func=_cmd_generate)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
+    conv.add_argument("src", help="checkpoint directory (any layout blt-decode reads; recognised by its files)")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
+    conv.add_argument("--dtype", choices=_DTYPES, default=None,
+                      help="store the tensors in this dtype (default: float32)")
+    conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    conv.set_defaults(func=_cmd_convert)
 
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
