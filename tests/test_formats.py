@@ -399,3 +399,43 @@ def test_cli_convert_dtype(saved, tmp_path):
     tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# -- how Hugging Face config fields are resolved (docs/checkpoints.md §5) ------------------------------
+def _hf_config_dict(model: BLTModel) -> dict:
+    return hf.config_to_hf(model.config, torch.float32)
+
+
+def test_hf_rotary_base_precedence_and_defaults(model):
+    data = _hf_config_dict(model)
+    data["encoder_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 123.0}
+    data["encoder_config"]["rope_theta"] = 456.0  # legacy key loses to rope_parameters, as in transformers
+    data["decoder_config"].pop("rope_parameters")  # legacy key alone
+    data["decoder_config"]["rope_theta"] = 789.0
+    for key in ("global_config", "patcher_config"):  # neither: the class defaults
+        data[key].pop("rope_parameters"), data[key].pop("rope_theta")
+    data["rope_parameters"] = {"rope_type": "default", "rope_theta": 1.0}  # top level reaches no stack
+    config = hf.config_from_hf(data, "config.json")
+    assert (config.encoder.rope_theta, config.decoder.rope_theta) == (123.0, 789.0)
+    assert config.global_.rope_theta == hf.DEFAULT_THETA == 500000.0
+    assert config.entropy_model.rope_theta == hf.DEFAULT_PATCHER_THETA == 10000.0
+
+
+def test_hf_norm_eps_from_conversion_script_key(model):
+    data = _hf_config_dict(model)
+    data["encoder_config"].pop("rms_norm_eps")
+    data["encoder_config"]["norm_eps"] = 1e-6  # what convert_blt_weights_to_hf.py writes
+    data["decoder_config"].pop("rms_norm_eps")  # neither key: transformers' default
+    config = hf.config_from_hf(data, "config.json")
+    assert config.encoder.norm_eps == 1e-6 and config.decoder.norm_eps == 1e-5
+
+
+def test_hf_windows_when_absent_are_the_released_512(model):
+    data = _hf_config_dict(model)
+    data.pop("local_attention_window_len"), data["patcher_config"].pop("sliding_window")
+    data["encoder_config"]["sliding_window"] = 3  # transformers overwrites it with the top-level field
+    config = hf.config_from_hf(data, "config.json")
+    assert config.encoder.sliding_window == config.decoder.sliding_window == 512
+    assert config.entropy_model.sliding_window == 512 and config.global_.sliding_window is None
+    data["local_attention_window_len"] = None
+    assert hf.config_from_hf(data, "config.json").decoder.sliding_window is None
