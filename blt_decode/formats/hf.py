@@ -8,6 +8,7 @@ released checkpoints behave differently; each such case is listed in docs/checkp
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -352,8 +353,6 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None, device: str | torch
 
 
 def save_hf(model: BLTModel, path: Path) -> Path:
-    import json
-
     config = config_to_hf(model.config, model.dtype)  # fails before anything is written
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
