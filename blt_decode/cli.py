@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import torch
 
-from blt_decode import api, plugins, tokenizer
+from blt_decode import api, formats, plugins, tokenizer
 from blt_decode.errors import BLTDecodeError
 
 
@@ -93,14 +95,12 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_exactness(args: argparse.Namespace) -> int:
-    import torch
-
     from blt_decode import exactness
 
     options = parse_options(args.option)
     prompts = exactness.stdlib_snippets(args.prompts)
     rows = []
-    for dtype_name in args.dtype:
+    for dtype_name in args.dtype or ["float32", "bfloat16"]:
         model = api.load_model(args.model, dtype=getattr(torch, dtype_name))
         rows.append(exactness.measure_flips(model, args.strategy, options, prompts=prompts,
                                             max_new_bytes=args.max_new_bytes))
@@ -109,6 +109,22 @@ def _cmd_exactness(args: argparse.Namespace) -> int:
         acc = f"{r.acceptance_rate:.3f}" if r.acceptance_rate is not None else "-"
         print(f"{r.strategy:<10} {r.dtype:<9} {r.bytes_compared:>7} {r.flips:>6} {r.flips_per_10k:>10.2f} "
               f"{r.near_ties_per_10k:>14.2f} {acc:>7}")
+    return 0
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise BLTDecodeError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
+    src_format = formats.detect_format(args.src)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = formats.load_checkpoint(args.src, dtype=dtype)
+    formats.save_checkpoint(model, dst, args.to)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
     return 0
 
 
@@ -137,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-new-bytes", type=int, default=256)
     ex.set_defaults(func=_cmd_exactness)
 
+    conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
+    conv.add_argument("src", help="checkpoint directory (any layout blt-decode reads; recognised by its files)")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
+    conv.add_argument("--dtype", choices=_DTYPES, default=None,
+                      help="store the tensors in this dtype (default: float32)")
+    conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    conv.set_defaults(func=_cmd_convert)
+
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
@@ -145,8 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "dtype", "") is None:
-        args.dtype = ["float32", "bfloat16"]
     try:
         return args.func(args)
     except (BLTDecodeError, KeyError) as exc:
