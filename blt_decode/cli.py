@@ -128,6 +128,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from blt_decode import render
+
+    traced = render.trace_generation(args.model, args.prompt, strategy=args.strategy,
+                                     max_new_bytes=args.max_new_bytes, **parse_options(args.option))
+    if args.format == "terminal":
+        print(render.to_terminal(traced))
+    if args.html:
+        Path(args.html).write_text(render.to_html(traced), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     conv.set_defaults(func=_cmd_convert)
 
+    tr = sub.add_parser("trace", help="show how a strategy decoded: patches, entropies, drafts, diffusion passes")
+    tr.add_argument("prompt")
+    tr.add_argument("--model", default="default")
+    tr.add_argument("--strategy", default="autoregressive")
+    tr.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--max-new-bytes", type=int, default=128)
+    tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
+    tr.add_argument("--format", choices=("terminal", "none"), default=None,
+                    help="print a coloured terminal view (default: terminal unless --html is given)")
+    tr.set_defaults(func=_cmd_trace)
+
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
@@ -170,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "trace" and args.format is None:
+        args.format = "none" if args.html else "terminal"
     try:
         return args.func(args)
     except (BLTDecodeError, KeyError) as exc:
