@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from blt_decode import plugins
-
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
 
@@ -27,25 +25,16 @@ def test_tutorial_has_the_pieces():
 
 
 @pytest.fixture
-def tutorial_package(tmp_path, monkeypatch):
-    files = {}
+def tutorial_package(tmp_path, installed_plugin):
     for lang, code in tutorial_blocks():
         first = code.splitlines()[0]
         if lang == "python" and first.startswith("# file: "):
-            name = first.removeprefix("# file: ").strip()
-            (tmp_path / name).write_text(code)
-            files[name] = code
+            (tmp_path / first.removeprefix("# file: ").strip()).write_text(code)
         elif lang == "toml":
+            name = re.search(r'^name = "([\w-]+)"', code, re.M).group(1)
             entry = re.search(r"\[project.entry-points.blt_decode\]\n(\w+) = \"(\w+)\"", code)
-            dist = tmp_path / "blt_rep_penalty-0.1.0.dist-info"
-            dist.mkdir()
-            (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: blt-rep-penalty\nVersion: 0.1.0\n")
-            (dist / "entry_points.txt").write_text(f"[blt_decode]\n{entry.group(1)} = {entry.group(2)}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plugins.reset()
-    yield tmp_path
-    plugins.reset()
-    sys.modules.pop("blt_rep_penalty", None)
+            installed_plugin(name, entry.group(1), entry.group(2))
+    return tmp_path
 
 
 def test_tutorial_runs(tutorial_package):

@@ -69,10 +69,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "native":
-        model = native.load_native(path)
-        if dtype is not None or device is not None:
-            model = model.to(dtype=dtype, device=device)
-        return model.eval()
+        return native.load_native(path, dtype=dtype, device=device)
     if fmt == "hf":
         return hf.load_hf(path, dtype=dtype, device=device)
     if fmt == "original":
