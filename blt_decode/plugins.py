@@ -19,6 +19,7 @@ DEFAULT_PLUGINS = (
     "blt_decode.strategies.autoregressive",
     "blt_decode.strategies.blt_s",
     "blt_decode.backends.eager",
+    "blt_decode.backends.compiled",
 )
 
 _pm: pluggy.PluginManager | None = None
