@@ -18,6 +18,7 @@ from blt_decode.errors import PromptTooLongError, UnknownModelError
 from blt_decode.model import BLTModel, init_weights
 from blt_decode.protocol import DecodeContext
 from blt_decode.stats import DecodeStats
+from blt_decode.trace import Committed, Trace
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 #: extra session room beyond prompt + max_new_bytes, for strategies' scratch positions
@@ -98,6 +99,7 @@ class Generation:
     output: bytes
     stats: DecodeStats
     prompt: bytes
+    trace: Trace | None = None  #: decoding events, with generate(..., trace=True)
 
     @property
     def text(self) -> str:
@@ -111,7 +113,7 @@ class Stream:
 
     def __init__(self, model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str = "autoregressive",
                  backend: str = "eager", max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
-                 stop: Sequence[str | bytes] = (), seed: int | None = None, **options: Any):
+                 stop: Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False, **options: Any):
         # Everything that can fail on bad input fails here, before any decoding starts.
         self.strategy = plugins.get_strategy(strategy)
         self.backend = plugins.get_backend(backend)
@@ -133,6 +135,7 @@ class Stream:
         self.seed = seed if seed is not None else int(torch.seed() % 2**31)
         self.output: bytes | None = None
         self.stats: DecodeStats | None = None
+        self.trace: Trace | None = Trace() if trace else None
         self._started = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -142,6 +145,7 @@ class Stream:
         prompt_ids = tuple(tokenizer.encode(self.prompt))
         capacity = len(prompt_ids) + self.max_new_bytes + self.strategy.lookahead(self.options) + 1
         session = self.backend.open_session(self.model, capacity)
+        session.trace = self.trace
         context = DecodeContext(prompt_ids, self.max_new_bytes, torch.Generator().manual_seed(self.seed))
         out = bytearray()
         tokens = 0
@@ -156,6 +160,7 @@ class Stream:
                     reason = "exhausted"
                     break
                 fresh = bytearray()
+                position = len(prompt_ids) + tokens
                 for token in chunk:
                     tokens += 1
                     if token == tokenizer.EOS_ID:
@@ -171,6 +176,7 @@ class Stream:
                     if len(out) == self.max_new_bytes:
                         reason = "max_new_bytes"
                         break
+                session.emit(Committed(position, tuple(chunk[: tokens - (position - len(prompt_ids))])))
                 if fresh:
                     yield bytes(fresh)
         finally:
@@ -194,17 +200,18 @@ def stream(model: str | Path | BLTModel, prompt: str | bytes, **kwargs: Any) -> 
 
 def generate(model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str = "autoregressive",
              backend: str = "eager", max_new_bytes: int = DEFAULT_MAX_NEW_BYTES, stop: Sequence[str | bytes] = (),
-             seed: int | None = None, **options: Any) -> Generation:
+             seed: int | None = None, trace: bool = False, **options: Any) -> Generation:
     """Generate up to ``max_new_bytes`` bytes after ``prompt`` with a strategy and backend chosen by name.
 
     Extra keyword arguments are the strategy's options (see ``blt-decode strategies``). Generation stops
-    at EOS (not included), after a stop sequence (included), or at ``max_new_bytes``.
+    at EOS (not included), after a stop sequence (included), or at ``max_new_bytes``. With ``trace=True``
+    the result carries the decoding events (:mod:`blt_decode.trace`).
     """
     s = Stream(model, prompt, strategy=strategy, backend=backend, max_new_bytes=max_new_bytes, stop=stop,
-               seed=seed, **options)
+               seed=seed, trace=trace, **options)
     chunks = list(s)
     assert s.stats is not None
-    return Generation(output=b"".join(chunks), stats=s.stats, prompt=s.prompt)
+    return Generation(output=b"".join(chunks), stats=s.stats, prompt=s.prompt, trace=s.trace)
 
 
 # -- scoring ------------------------------------------------------------------------------------------

@@ -156,6 +156,26 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_cmd_train)
 
 
+def _cmd_exactness(args: argparse.Namespace) -> int:
+    import torch
+
+    from blt_decode import exactness
+
+    options = parse_options(args.option)
+    prompts = exactness.stdlib_snippets(args.prompts)
+    rows = []
+    for dtype_name in args.dtype:
+        model = api.load_model(args.model, dtype=getattr(torch, dtype_name))
+        rows.append(exactness.measure_flips(model, args.strategy, options, prompts=prompts,
+                                            max_new_bytes=args.max_new_bytes))
+    print(f"{'strategy':<10} {'dtype':<9} {'bytes':>7} {'flips':>6} {'flips/10k':>10} {'near-ties/10k':>14} {'accept':>7}")
+    for r in rows:
+        acc = f"{r.acceptance_rate:.3f}" if r.acceptance_rate is not None else "-"
+        print(f"{r.strategy:<10} {r.dtype:<9} {r.bytes_compared:>7} {r.flips:>6} {r.flips_per_10k:>10.2f} "
+              f"{r.near_ties_per_10k:>14.2f} {acc:>7}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
+    ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
+    ex.add_argument("--model", default="random:small")
+    ex.add_argument("--strategy", default="blt-s")
+    ex.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None)
+    ex.add_argument("--prompts", type=int, default=20, help="number of stdlib prompts")
+    ex.add_argument("--max-new-bytes", type=int, default=256)
+    ex.set_defaults(func=_cmd_exactness)
+
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
@@ -181,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "dtype", "") is None:
+        args.dtype = ["float32", "bfloat16"]
     try:
         return args.func(args)
     except (BLTDecodeError, KeyError) as exc:

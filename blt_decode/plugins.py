@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "blt_decode"
 #: Built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
     "blt_decode.strategies.autoregressive",
+    "blt_decode.strategies.blt_s",
     "blt_decode.backends.eager",
 )
 

@@ -29,6 +29,7 @@ import torch
 from blt_decode.cache import KVCache
 from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
 from blt_decode.stats import StatsRecorder
+from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
 
 
 class DecodeSession:
@@ -46,12 +47,18 @@ class DecodeSession:
         self.length = 0
         self._draft_length = 0
         self.stats = StatsRecorder()
+        self.trace: Trace | None = None  # attached by generate(..., trace=True)
         self.entropy_cache: KVCache | None = (
             model.entropy_model.new_cache(capacity, dtype=dtype, device=device) if model.entropy_model is not None else None
         )
         self.encoder_cache = model.local_encoder.new_cache(capacity, dtype=dtype, device=device)
         self.global_cache = model.global_transformer.new_cache(capacity, dtype=dtype, device=device)
         self.decoder_cache = model.local_decoder.new_cache(capacity, dtype=dtype, device=device)
+
+    def emit(self, event: object) -> None:
+        """Record a trace event (a no-op unless tracing is on)."""
+        if self.trace is not None:
+            self.trace.emit(event)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -113,6 +120,11 @@ class DecodeSession:
             vectors = model.summarize_patches(self.byte_states, spans)
             self.latents[closed_before:closed] = model.global_transformer(vectors[None], closed_before, self.global_cache)[0]
             self.stats.add(global_=1)
+            if self.trace is not None:
+                for s, e in spans:
+                    by_entropy = entropies is not None and e >= 2 and self.entropies[e - 1] > model.patcher.threshold
+                    self.emit(PatchClosed(s, e, self.entropies[e - 1] if by_entropy else None))
+                self.emit(GlobalPass(closed_before, closed - closed_before))
 
         index = torch.tensor([latent_index(self.starts, p) for p in range(n, n + t)], device=self.latents.device)
         logits = model.local_decoder(states[None], self.latents[index][None], n, self.decoder_cache)[0]
@@ -144,6 +156,7 @@ class DecodeSession:
         latent = self.latents[self.closed_patches - 1].expand(1, t, -1)
         logits = model.local_decoder(states, latent, pos, self.decoder_cache)[0]
         self.stats.add(decoder=1)
+        self.emit(Drafted(pos, tuple(int(i) for i in ids)))
         self._draft_length += t
         return logits
 

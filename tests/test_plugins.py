@@ -1,0 +1,161 @@
+"""The protocol and registry: hookspecs documented, entry points found, clear errors."""
+
+import inspect
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import attrs
+import pytest
+
+import blt_decode as bd
+from blt_decode import hookspecs, plugins
+from blt_decode.errors import DuplicateNameError, InvalidOptionsError, UnknownBackendError, UnknownStrategyError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def hookspec_names():
+    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")]
+
+
+def test_every_hookspec_has_a_docstring_and_a_section_in_docs():
+    plugin_doc = (DOCS / "plugins.md").read_text()
+    assert hookspec_names(), "no hookspecs found"
+    for name in hookspec_names():
+        fn = getattr(hookspecs, name)
+        assert fn.__doc__ and len(fn.__doc__.strip()) > 40, f"{name} has no real docstring"
+        assert re.search(rf"^#+ .*`{name}\(", plugin_doc, re.M), f"docs/plugins.md has no section for {name}"
+
+
+def test_unknown_names_list_registered_ones():
+    with pytest.raises(UnknownStrategyError) as err:
+        bd.generate("random:tiny", "x", strategy="no-such-thing", max_new_bytes=1)
+    assert isinstance(err.value, KeyError)
+    assert "autoregressive" in str(err.value) and "no-such-thing" in str(err.value)
+    with pytest.raises(UnknownBackendError, match="eager"):
+        bd.generate("random:tiny", "x", backend="warp-drive", max_new_bytes=1)
+
+
+def test_bad_options_say_which_and_why():
+    with pytest.raises(InvalidOptionsError, match="temperature"):
+        bd.generate("random:tiny", "x", temperature=-1.0, max_new_bytes=1)
+    with pytest.raises(InvalidOptionsError, match=r"unknown option.*'beam_width'.*valid options: cache"):
+        bd.generate("random:tiny", "x", beam_width=3, max_new_bytes=1)
+    with pytest.raises(InvalidOptionsError, match="cache"):
+        bd.generate("random:tiny", "x", cache="disk", max_new_bytes=1)
+
+
+def test_aliases_resolve_to_the_same_strategy():
+    assert plugins.get_strategy("ar") is plugins.get_strategy("autoregressive")
+    assert "ar" not in bd.strategy_names()
+
+
+@attrs.frozen
+class _Opts:
+    pass
+
+
+class _Clash:
+    name = "autoregressive"
+    description = "clashes with the built-in"
+    aliases = ()
+    Options = _Opts
+
+    def lookahead(self, options):
+        return 0
+
+    def decode(self, session, context, options):
+        yield []
+
+
+def test_duplicate_names_name_both_plugins():
+    class ClashPlugin:
+        @bd.hookimpl
+        def register_strategies(self, register):
+            register(_Clash())
+
+    pm = plugins.get_plugin_manager()
+    pm.register(ClashPlugin(), name="clash-plugin")
+    plugins._strategies = None
+    try:
+        with pytest.raises(DuplicateNameError, match=r"blt_decode\.strategies\.autoregressive.*clash-plugin"):
+            plugins.strategies()
+    finally:
+        plugins.reset()
+
+
+PLUGIN_SOURCE = textwrap.dedent('''
+    import attrs
+    import blt_decode
+
+    @attrs.frozen
+    class Options:
+        byte: int = attrs.field(default=65, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(255)))
+
+    class Repeat:
+        """Emits the same byte forever: the smallest possible third-party strategy."""
+        name = "repeat"
+        description = "emits one byte over and over"
+        aliases = ()
+        Options = Options
+
+        def lookahead(self, options):
+            return 0
+
+        def decode(self, session, context, options):
+            session.prefill(context.prompt_ids)  # touch the model the proper way
+            while True:
+                yield [options.byte + 4]
+
+    @blt_decode.hookimpl
+    def register_strategies(register):
+        register(Repeat())
+''')
+
+
+@pytest.fixture
+def third_party_plugin(tmp_path, monkeypatch):
+    """A throwaway installed distribution that declares a strategy through the blt_decode entry point."""
+    (tmp_path / "blt_repeat_plugin.py").write_text(PLUGIN_SOURCE)
+    dist = tmp_path / "blt_repeat_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: blt-repeat-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[blt_decode]\nrepeat = blt_repeat_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset()
+    yield tmp_path
+    plugins.reset()
+    sys.modules.pop("blt_repeat_plugin", None)
+
+
+def test_third_party_strategy_from_entry_point(third_party_plugin):
+    assert "repeat" in bd.strategy_names()
+    g = bd.generate("random:tiny", "hi", strategy="repeat", max_new_bytes=5, byte=66)
+    assert g.output == b"BBBBB"
+    assert g.stats.passes.decoder == 1  # its single prefill
+
+
+def test_third_party_strategy_from_the_cli(third_party_plugin):
+    env_path = f"{third_party_plugin}"
+    code = "import sys; sys.path.insert(0, %r); from blt_decode.cli import main; sys.exit(main(sys.argv[1:]))" % env_path
+    out = subprocess.run(
+        [sys.executable, "-c", code, "generate", "--model", "random:tiny", "--strategy", "repeat", "-o", "byte=67",
+         "--max-new-bytes", "3", "hi"], capture_output=True, text=True, check=True,
+    )
+    assert out.stdout == "hiCCC\n"
+    listing = subprocess.run([sys.executable, "-c", code, "strategies"], capture_output=True, text=True, check=True)
+    assert "repeat" in listing.stdout and "emits one byte" in listing.stdout
+
+
+def test_layout_installs_no_generic_top_level_packages(tmp_path):
+    # run outside the checkout, where only what was installed is importable
+    code = (
+        "import importlib.util, pathlib, blt_decode.strategies as s, blt_decode.backends as b;"
+        "print(pathlib.Path(s.__file__).parent.name, pathlib.Path(b.__file__).parent.name,"
+        " importlib.util.find_spec('strategies'), importlib.util.find_spec('backends'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["strategies", "backends", "None", "None"]
