@@ -361,6 +361,25 @@ def _block_layer(layer: nn.Module, h: torch.Tensor, t: int, block_size: int, rop
     return h + layer.feed_forward(layer.ffn_norm(h))
 
 
+def _latent_cross_attention(cross: CrossAttention, h: torch.Tensor, slots: torch.Tensor, lat_index: torch.Tensor) -> torch.Tensor:
+    """``cross(h, slots of the latent each position reads)`` for h [N, L, d], slots [N, P, k, d] and
+    lat_index [N, L]: keys and values are computed once per latent and gathered, not once per position.
+    Returns ``wo(attn) + h`` like :class:`~blt_decode.layers.CrossAttention` (the caller adds h again)."""
+    n, length, dim = h.shape
+    heads, hd = cross.n_heads, cross.head_dim
+    k_slots = slots.shape[2]
+    kvn = cross.cross_attn_norm_kv(slots)
+    keys, values = cross.wk(kvn), cross.wv(kvn)  # [N, P, k, d]
+    gather = lat_index[:, :, None, None].expand(-1, -1, k_slots, dim)
+    keys = keys.gather(1, gather).view(n, length, k_slots, heads, hd)
+    values = values.gather(1, gather).view(n, length, k_slots, heads, hd)
+    q = cross.wq(cross.cross_attn_norm_q(h)).view(n, length, heads, hd)
+    scores = torch.einsum("nlhd,nlkhd->nlhk", q, keys) * hd ** -0.5
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.einsum("nlhk,nlkhd->nlhd", weights, values).reshape(n, length, dim)
+    return cross.wo(out) + h
+
+
 def block_input_ids(block_starts: Sequence[int], block_size: int, ids: Sequence[int]) -> list[int]:
     """Clean block contents (PAD past the end) for ``block_starts`` of one sequence, concatenated."""
     out = []
@@ -392,17 +411,15 @@ def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence
     dim = byte_states.shape[-1]
 
     # patch vectors of every row in one summarize call
-    spans = [(r, s, e) for r, starts in enumerate(layout.starts) for s, e in zip(starts[:-1], starts[1:])]
-    longest = max(e - s for _, s, e in spans)
-    index = torch.zeros(len(spans), longest, dtype=torch.long)
-    valid = torch.zeros(len(spans), longest, dtype=torch.bool)
-    for j, (r, s, e) in enumerate(spans):
-        index[j, : e - s] = torch.arange(r * t + s, r * t + e)
-        valid[j, : e - s] = True
+    spans = torch.tensor([(r, s, e) for r, starts in enumerate(layout.starts) for s, e in zip(starts[:-1], starts[1:])])
+    lengths = spans[:, 2] - spans[:, 1]
+    offsets = torch.arange(int(lengths.max()))
+    valid = offsets[None, :] < lengths[:, None]
+    index = torch.where(valid, (spans[:, 0] * t + spans[:, 1])[:, None] + offsets[None, :], 0)
     index, valid = index.to(device), valid.to(device)
     vectors = model.local_encoder.summarize(byte_states.reshape(n * t, dim)[index], valid)
     n_patches = max(len(s) - 1 for s in layout.starts)
-    rows = torch.tensor([r for r, _, _ in spans], device=device)
+    rows = spans[:, 0].to(device)
     cols = torch.tensor([j for starts in layout.starts for j in range(len(starts) - 1)], device=device)
     patch_vectors = vectors.new_zeros(n, n_patches, vectors.shape[-1]).index_put((rows, cols), vectors)
     latents = model.global_transformer(patch_vectors)  # [N, P, global_dim]
@@ -413,16 +430,21 @@ def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence
     positions = torch.zeros(n, length, dtype=torch.long)
     lat_index = torch.zeros(n, length, dtype=torch.long)
     limit = torch.zeros(n, lb, dtype=torch.long)  # block position sees clean keys j < its block's start
+    offsets = torch.arange(block_size)
     for r, starts in enumerate(layout.starts):
+        starts_t = torch.tensor(starts)
         positions[r, :t] = torch.arange(t)
-        lat_index[r, :t] = torch.searchsorted(torch.tensor(starts), torch.arange(1, t + 1), right=True) - 2
-        for j, s in enumerate(block_starts[r]):
-            if not 0 < s < t:
-                raise ValueError(f"row {r}: block start {s} outside 1..{t - 1}")
-            col = t + j * block_size
-            positions[r, col : col + block_size] = torch.arange(s, s + block_size)
-            lat_index[r, col : col + block_size] = block_latent_index(starts, s)
-            limit[r, j * block_size : (j + 1) * block_size] = s
+        lat_index[r, :t] = torch.searchsorted(starts_t, torch.arange(1, t + 1), right=True) - 2
+        row_starts = torch.tensor(list(block_starts[r]), dtype=torch.long)
+        if len(row_starts) == 0:
+            continue
+        if not bool(((row_starts > 0) & (row_starts < t)).all()):
+            raise ValueError(f"row {r}: block starts {list(block_starts[r])} outside 1..{t - 1}")
+        nr = len(row_starts) * block_size
+        positions[r, t : t + nr] = (row_starts[:, None] + offsets[None, :]).flatten()
+        # block_latent_index(starts, s) = latent_index(starts, s - 1), vectorised
+        lat_index[r, t : t + nr] = (torch.searchsorted(starts_t, row_starts, right=True) - 2).repeat_interleave(block_size)
+        limit[r, :nr] = row_starts.repeat_interleave(block_size)
     window = cfg.decoder.sliding_window
     keys = torch.arange(t)
     block_clean_mask = keys[None, None, :] < limit[:, :, None]
@@ -433,14 +455,13 @@ def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence
 
     decoder = model.local_decoder
     h = torch.cat([byte_states, model.local_encoder.tok_embeddings(block_ids).to(byte_states.dtype)], dim=1)
-    # project each latent once, then gather per position (a row-wise linear map: same as per position)
-    projected = decoder.patch_embedding_projection(latents)
-    slots = projected.gather(1, lat_index[..., None].expand(-1, -1, projected.shape[-1])).view(n * length, decoder.k, dim)
+    # project each latent once (a row-wise map: the same as projecting it at every position reading it)
+    slots = decoder.patch_embedding_projection(latents).view(n, latents.shape[1], decoder.k, dim)
     cos, sin = rope_tables(positions.reshape(-1), decoder.cfg.head_dim, decoder.cfg.rope_theta, h.dtype)
     rope = (cos.view(n, 1, length, -1), sin.view(n, 1, length, -1))
     for i, layer in enumerate(decoder.layers):
         if i < len(decoder.cross_attn_layers):
-            h = h + decoder.cross_attn_layers[i](h.reshape(n * length, 1, dim), slots).view(n, length, dim)
+            h = h + _latent_cross_attention(decoder.cross_attn_layers[i], h, slots, lat_index)
         h = _block_layer(layer, h, t, block_size, rope, clean_mask, block_clean_mask)
     logits = decoder.output(decoder.norm(h))
     return DiffusionOutput(logits[:, :t], logits[:, t:], layout)
