@@ -189,7 +189,7 @@ class Stream:
                 new_bytes=len(out), new_tokens=tokens, patches=session.closed_patches,
                 wall_time_s=time.perf_counter() - start, stop_reason=reason or "interrupted", seed=self.seed,
                 drafted_bytes=rec.drafted_bytes, accepted_bytes=rec.accepted_bytes,
-                verify_passes=rec.verify_passes, blocks=rec.blocks,
+                verify_passes=rec.verify_passes, blocks=rec.blocks, denoise_passes=rec.denoise_passes,
             )
 
 

@@ -186,7 +186,7 @@ class DecodeSession:
         logits = model.local_decoder(x, latent, n, self.decoder_cache, mask=mask, positions=positions)[0]
         self.decoder_cache.length = n  # the block's keys are scratch, never part of the committed state
         self._draft_length = 0
-        self.stats.add(decoder=1)
+        self.stats.add(decoder=1, denoise_passes=1)
         return logits
 
     def truncate(self, length: int) -> None:

@@ -29,7 +29,7 @@ from blt_decode.model import (
 from blt_decode.session import DecodeSession
 from blt_decode.training import TrainConfig, diffusion_loss, make_blocks, train
 
-SETTINGS = settings(max_examples=30, deadline=None)
+SETTINGS = settings(deadline=None)  # example counts come from the profile (tests/conftest.py)
 
 
 @st.composite
