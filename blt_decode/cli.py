@@ -121,7 +121,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads, entropy_model=args.entropy_model, block_sizes=tuple(args.block_sizes),
         target_patch_length=args.target_patch_length,
     )
-    training.train(config, resume=args.resume, progress=not args.no_progress)
+    training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
 
 
@@ -152,6 +152,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (helps only where the CPU has bf16 units)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="end this invocation after N steps (checkpoint, evaluate), as an interruption or a time "
+                         "budget would, but at a machine-independent step; the LR schedule still spans --steps")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
