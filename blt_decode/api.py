@@ -58,6 +58,11 @@ def with_config(model: BLTModel, config: BLTConfig) -> BLTModel:
     return new.eval()
 
 
+def default_model_available() -> bool:
+    """Is a trained default model shipped in this installation?"""
+    return is_native_checkpoint(DEFAULT_MODEL_DIR)
+
+
 def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
     """A model from a spec: a checkpoint directory (native, Hugging Face or original layout, see
     :mod:`blt_decode.formats`), ``"default"`` (the model shipped in the package),
@@ -191,7 +196,7 @@ class Stream:
                 new_bytes=len(out), new_tokens=tokens, patches=session.closed_patches,
                 wall_time_s=time.perf_counter() - start, stop_reason=reason or "interrupted", seed=self.seed,
                 drafted_bytes=rec.drafted_bytes, accepted_bytes=rec.accepted_bytes,
-                verify_passes=rec.verify_passes, blocks=rec.blocks,
+                verify_passes=rec.verify_passes, blocks=rec.blocks, denoise_passes=rec.denoise_passes,
             )
 
 

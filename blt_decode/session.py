@@ -12,6 +12,9 @@ Strategies touch the model only through its primitives:
 - :meth:`draft` runs encoder + decoder only on ids past the committed length, reusing the last available
   latent (BLT-S drafting). Drafts are scratch: the next append or truncate discards them.
 - :meth:`verify` is :meth:`append` counted as a verification pass.
+- :meth:`denoise` runs the decoder only over a (partly) masked block placed right after the committed
+  sequence (BLT-D): the block sees the committed bytes and itself, reads the latent of the patch before
+  its start, and its logits predict the byte AT each block position. Scratch, like drafts.
 - :meth:`reference_logits` runs the full uncached forward (the public reference generator's way).
 
 Every primitive counts its forward passes into :attr:`stats`; nobody else counts.
@@ -25,7 +28,7 @@ import attrs
 import torch
 
 from blt_decode.cache import KVCache
-from blt_decode.model import BLTModel, latent_index
+from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
@@ -175,6 +178,35 @@ class DecodeSession:
         self.stats.add(decoder=1)
         self.emit(Drafted(pos, tuple(int(i) for i in ids)))
         self._draft_length += t
+        return logits
+
+    @torch.no_grad()
+    def denoise(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Decoder-only logits [B, vocab] for a block of ids (:data:`~blt_decode.model.MASK_ID` where unknown) at positions
+        length..length+B-1: logits row i predicts the byte AT position length+i (masked diffusion).
+
+        The block enters through the encoder's byte embedding only, attends to the committed bytes
+        (sliding window) and bidirectionally to itself, and cross-attends to the latent clean position
+        length-1 reads. Its keys go to scratch cache slots past the committed length, which the next
+        append overwrites. Counts one decoder pass."""
+        model, b, n = self.model, len(block_ids), self.length
+        if b == 0:
+            raise ValueError("denoise needs at least one block position")
+        if n == 0:
+            raise RuntimeError("denoise needs a committed prefix: prefill first")
+        self._check_room(n + b)
+        index = block_latent_index(self.starts, n)
+        if index < 0:
+            raise RuntimeError("denoise needs at least one closed patch: prefill first")
+        ids = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.ids.device)
+        x = model.local_encoder.tok_embeddings(ids)[None]
+        latent = self.latents[index].expand(1, b, -1)
+        mask = block_rows_mask(n, b, n, model.config.decoder.sliding_window, device=x.device)
+        positions = torch.arange(n, n + b, device=x.device)
+        logits = self.run.decoder(x, latent, n, self.decoder_cache, mask=mask, positions=positions)[0]
+        self.decoder_cache.length = n  # the block's keys are scratch, never part of the committed state
+        self._draft_length = 0
+        self.stats.add(decoder=1, denoise_passes=1)
         return logits
 
     def truncate(self, length: int) -> None:

@@ -53,6 +53,8 @@ class DecodeStats:
     accepted_bytes: int = 0
     verify_passes: int = 0
     blocks: int = 0
+    #: decoder passes spent denoising diffusion blocks (BLT-D/DV); part of passes.decoder
+    denoise_passes: int = 0
 
     @property
     def bandwidth_gb(self) -> float:
@@ -70,6 +72,10 @@ class DecodeStats:
     def decoder_passes_per_block(self) -> float | None:
         return self.passes.decoder / self.blocks if self.blocks else None
 
+    @property
+    def denoise_passes_per_block(self) -> float | None:
+        return self.denoise_passes / self.blocks if self.blocks else None
+
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self)
         d.update(
@@ -77,6 +83,7 @@ class DecodeStats:
             acceptance_rate=self.acceptance_rate,
             bytes_per_second=self.bytes_per_second,
             decoder_passes_per_block=self.decoder_passes_per_block,
+            denoise_passes_per_block=self.denoise_passes_per_block,
         )
         return d
 
@@ -93,6 +100,7 @@ class StatsRecorder:
     accepted_bytes: int = 0
     verify_passes: int = 0
     blocks: int = 0
+    denoise_passes: int = 0
 
     def add(self, **counts: int) -> None:
         for name, value in counts.items():

