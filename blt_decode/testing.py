@@ -13,7 +13,8 @@ Models are float64 so that exact-equivalence claims are tested without floating-
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import attrs
 import torch
@@ -116,3 +117,34 @@ def assert_same_output(model: BLTModel, prompt: bytes | str, a: StrategySpec, b:
 def config_summary(model: BLTModel) -> str:
     """A one-line description of a model's config, for failure messages."""
     return repr(attrs.asdict(model.config))
+
+
+def wrong_logits(model: BLTModel, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Logits shaped like ``like`` whose every row points at a byte that the exact model does *not*
+    choose greedily after ``ids`` (1-D, BOS first; computed with the uncached reference forward). Test
+    doubles use it to build drafters that are always wrong."""
+    from blt_decode.sampling import greedy_id
+
+    exact = greedy_id(model(ids[None])[0, -1])
+    wrong = OFFSET + (exact - OFFSET + 1) % 256 if exact >= OFFSET else OFFSET
+    forced = torch.full_like(like, -1e9)
+    forced[..., wrong] = 0.0
+    return forced
+
+
+@contextlib.contextmanager
+def registered_backend(backend: Any) -> Iterator[str]:
+    """Register ``backend`` (e.g. a test double) for the duration of the block; yields its name."""
+    from blt_decode import hookimpl, plugins
+
+    class _Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(backend)
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(_Plugin(), name=f"testing-{backend.name}")
+    try:
+        yield backend.name
+    finally:
+        plugins.reset()

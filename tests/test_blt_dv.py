@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import plugins, testing
-from blt_decode.sampling import greedy_id
+from blt_decode import testing
 from blt_decode.session import DecodeSession
 from blt_decode.tokenizer import EOS_ID, OFFSET
 
@@ -84,11 +83,7 @@ class WrongDenoiseSession(DecodeSession):
     def denoise(self, block_ids):
         logits = super().denoise(block_ids)
         ids = torch.cat([self.ids[: self.length], torch.tensor(block_ids[:1])])
-        exact = greedy_id(self.model(ids[None])[0, -1])
-        wrong = OFFSET + (exact - OFFSET + 1) % 256 if exact >= OFFSET else OFFSET
-        forced = torch.full_like(logits, -1e9)
-        forced[:, wrong] = 0.0
-        return forced
+        return testing.wrong_logits(self.model, ids, logits)
 
 
 class WrongDenoiseBackend:
@@ -101,15 +96,8 @@ class WrongDenoiseBackend:
 
 @pytest.fixture(scope="module")
 def wrong_denoise_backend():
-    class Plugin:
-        @bd.hookimpl
-        def register_backends(self, register):
-            register(WrongDenoiseBackend())
-
-    plugins.reset()
-    plugins.get_plugin_manager().register(Plugin(), name="wrong-denoise-plugin")
-    yield "wrong-denoise"
-    plugins.reset()
+    with testing.registered_backend(WrongDenoiseBackend()) as name:
+        yield name
 
 
 @settings(max_examples=max(5, settings.default.max_examples // 3))

@@ -8,10 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import plugins, testing
-from blt_decode.sampling import greedy_id
+from blt_decode import testing
 from blt_decode.session import DecodeSession
-from blt_decode.tokenizer import OFFSET
 
 
 @given(model=testing.tiny_models(), prompt=testing.prompts(), k=st.integers(1, 16), n=st.integers(0, 48))
@@ -54,17 +52,11 @@ def test_always_accepted_drafts(k):
 
 
 class WrongDraftSession(DecodeSession):
-    """A session whose drafter is always wrong: draft logits point at a byte that the exact model does not
-    choose (computed with the uncached reference forward)."""
+    """A session whose drafter is always wrong (see testing.wrong_logits)."""
 
     def draft(self, ids):
         logits = super().draft(ids)
-        end = self.length + self._draft_length
-        exact = self.model(self.ids[None, :end])[0, -1]
-        wrong = OFFSET + (greedy_id(exact) - OFFSET + 1) % 256 if greedy_id(exact) >= OFFSET else OFFSET
-        forced = torch.full_like(logits, -1e9)
-        forced[-1, wrong] = 0.0
-        return forced
+        return testing.wrong_logits(self.model, self.ids[: self.length + self._draft_length], logits)
 
 
 class WrongDraftBackend:
@@ -77,15 +69,8 @@ class WrongDraftBackend:
 
 @pytest.fixture(scope="module")
 def wrong_draft_backend():
-    class Plugin:
-        @bd.hookimpl
-        def register_backends(self, register):
-            register(WrongDraftBackend())
-
-    plugins.reset()
-    plugins.get_plugin_manager().register(Plugin(), name="wrong-drafts-plugin")
-    yield "wrong-drafts"
-    plugins.reset()
+    with testing.registered_backend(WrongDraftBackend()) as name:
+        yield name
 
 
 # the wrong drafter runs an uncached forward per draft step: a third of the profile's examples

@@ -4,7 +4,6 @@ the decode session, and a tiny end-to-end run that learns and resumes exactly.""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import blt_decode
 from blt_decode import tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.corpus import BatchSampler, Corpus, Document
-from blt_decode.layers import rope_tables
 from blt_decode.model import (
     MASK_ID,
     block_attention_mask,
@@ -280,7 +278,7 @@ def test_tiny_end_to_end_run_learns_and_resumes_exactly(tmp_path):
     torch.set_num_threads(1)
     common = dict(preset="tiny", seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=1000,
                   eval_bytes=256, eval_bytes_final=256, checkpoint_every=1000, seed=3)
-    ent = train(TrainConfig(kind="entropy", out_dir=str(tmp_path / "ent"), steps=30, **common), corpus=corpus,
+    train(TrainConfig(kind="entropy", out_dir=str(tmp_path / "ent"), steps=30, **common), corpus=corpus,
                 progress=False, log=lambda m: None)
     losses = _losses(tmp_path / "ent")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
