@@ -15,6 +15,7 @@ from blt_decode import plugins, tokenizer
 from blt_decode.checkpoint import is_native_checkpoint, load_native
 from blt_decode.config import PRESETS, BLTConfig
 from blt_decode.errors import PromptTooLongError, UnknownModelError
+from blt_decode.formats import load_checkpoint
 from blt_decode.model import BLTModel, init_weights
 from blt_decode.protocol import DecodeContext
 from blt_decode.stats import DecodeStats
@@ -57,8 +58,14 @@ def with_config(model: BLTModel, config: BLTConfig) -> BLTModel:
     return new.eval()
 
 
+def default_model_available() -> bool:
+    """Is a trained default model shipped in this installation?"""
+    return is_native_checkpoint(DEFAULT_MODEL_DIR)
+
+
 def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
-    """A model from a spec: a checkpoint directory, ``"default"`` (the model shipped in the package),
+    """A model from a spec: a checkpoint directory (native, Hugging Face or original layout, see
+    :mod:`blt_decode.formats`), ``"default"`` (the model shipped in the package),
     ``"random:PRESET"`` or ``"random:PRESET:SEED"`` (presets: tiny, small), or a model (returned as is,
     moved to ``dtype``/``device`` if given)."""
     if isinstance(spec, BLTModel):
@@ -85,9 +92,9 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
                 raise UnknownModelError(
                     f"model {spec_str!r} is neither a directory nor a known spec (default, random:tiny, random:small)"
                 )
-            if not is_native_checkpoint(path):
-                raise UnknownModelError(f"{path} holds no checkpoint in a format blt-decode reads")
-            model = load_native(path)
+            # native, Hugging Face or original layout, recognised by the files present; an unrecognised
+            # directory raises UnknownModelError listing the files looked for
+            model = load_checkpoint(path, dtype=dtype, device=device)
     if dtype is not None or device is not None:
         model = model.to(dtype=dtype, device=device)
     return model.eval()

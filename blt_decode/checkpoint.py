@@ -1,7 +1,7 @@
 """The native checkpoint format: ``config.json`` (the :class:`BLTConfig`) + ``model.safetensors``.
 
 Loading checks every tensor against the configuration and names what is wrong; nothing is silently left
-randomly initialised.
+randomly initialised (the checks are shared with the other formats in :mod:`blt_decode.formats`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from blt_decode.config import BLTConfig
 from blt_decode.errors import CheckpointError, ConfigError
@@ -61,34 +60,13 @@ def read_config(path: Path) -> BLTConfig:
         raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from None
 
 
-def load_state_dict_strict(model: BLTModel, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``tensors`` into ``model``, failing with the name of any missing, unexpected or misshapen tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for name, want in expected.items():
-        got = tensors[name]
-        if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(got.shape)}, the config expects {tuple(want.shape)}"
-            )
-        if not torch.isfinite(got.float()).all():
-            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+def load_native(path: str | Path, *, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None) -> BLTModel:
+    """Load a native checkpoint; every tensor is checked by name and shape (see formats._common)."""
+    # imported here: blt_decode.formats imports this module to load native checkpoints
+    from blt_decode.formats._common import build_model, read_safetensors
 
-
-def load_native(path: str | Path) -> BLTModel:
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
-    model = BLTModel(config)
-    load_state_dict_strict(model, tensors, str(weights))
-    return model.eval()
+    return build_model(config, read_safetensors(weights), str(weights), dtype=dtype, device=device)

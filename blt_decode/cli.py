@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import torch
 
-from blt_decode import api, plugins, tokenizer
+from blt_decode import api, formats, plugins, tokenizer
 from blt_decode.errors import BLTDecodeError
 
 
@@ -160,14 +162,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_exactness(args: argparse.Namespace) -> int:
-    import torch
-
     from blt_decode import exactness
 
     options = parse_options(args.option)
     prompts = exactness.stdlib_snippets(args.prompts)
     rows = []
-    for dtype_name in args.dtype:
+    for dtype_name in args.dtype or ["float32", "bfloat16"]:
         model = api.load_model(args.model, dtype=getattr(torch, dtype_name))
         rows.append(exactness.measure_flips(model, args.strategy, options, prompts=prompts,
                                             max_new_bytes=args.max_new_bytes))
@@ -177,6 +177,65 @@ def _cmd_exactness(args: argparse.Namespace) -> int:
         print(f"{r.strategy:<10} {r.dtype:<9} {r.bytes_compared:>7} {r.flips:>6} {r.flips_per_10k:>10.2f} "
               f"{r.near_ties_per_10k:>14.2f} {acc:>7}")
     return 0
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise BLTDecodeError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
+    src_format = formats.detect_format(args.src)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = formats.load_checkpoint(args.src, dtype=dtype)
+    formats.save_checkpoint(model, dst, args.to)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from blt_decode import render
+
+    traced = render.trace_generation(args.model, args.prompt, strategy=args.strategy,
+                                     max_new_bytes=args.max_new_bytes, **parse_options(args.option))
+    if args.format == "terminal":
+        print(render.to_terminal(traced))
+    if args.html:
+        Path(args.html).write_text(render.to_html(traced), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from blt_decode import bench
+
+    model = args.model
+    if model is None:  # the shipped model when there is one, else a random model of BLT-1B proportions
+        model = "default" if api.default_model_available() else "random:small"
+    prompts = bench.prompts_from_file(args.prompt_file) if args.prompt_file else bench.prompt_set(args.prompts)
+    specs = bench.parse_strategies(args.strategies)
+    result = bench.run_bench(model, specs, [b.strip() for b in args.backends.split(",") if b.strip()], prompts,
+                             max_new_bytes=args.max_new_bytes, repeats=args.repeats, threads=args.threads or 1,
+                             compare_hf=args.compare_hf)
+    print(bench.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny "
+             "matrix products: extra OpenMP threads only add synchronisation, which on a busy machine can make "
+             "each step many times slower. Raise it for large models.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
@@ -205,6 +265,42 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-new-bytes", type=int, default=256)
     ex.set_defaults(func=_cmd_exactness)
 
+    conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
+    conv.add_argument("src", help="checkpoint directory (any layout blt-decode reads; recognised by its files)")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
+    conv.add_argument("--dtype", choices=_DTYPES, default=None,
+                      help="store the tensors in this dtype (default: float32)")
+    conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    conv.set_defaults(func=_cmd_convert)
+
+    tr = sub.add_parser("trace", help="show how a strategy decoded: patches, entropies, drafts, diffusion passes")
+    tr.add_argument("prompt")
+    tr.add_argument("--model", default="default")
+    tr.add_argument("--strategy", default="autoregressive")
+    tr.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--max-new-bytes", type=int, default=128)
+    tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
+    tr.add_argument("--format", choices=("terminal", "none"), default=None,
+                    help="print a coloured terminal view (default: terminal unless --html is given)")
+    _add_threads_argument(tr)
+    tr.set_defaults(func=_cmd_trace)
+
+    be = sub.add_parser("bench", help="benchmark strategies x backends side by side on one model")
+    be.add_argument("--model", default=None, help="default: the shipped model, else random:small")
+    be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
+                    help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
+    be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
+    be.add_argument("--prompts", type=int, default=8, help="prompts from the held-out split (default: %(default)s)")
+    be.add_argument("--prompt-file", default=None, help="your own prompts, separated by lines holding only ---")
+    be.add_argument("--max-new-bytes", type=int, default=256)
+    be.add_argument("--repeats", type=int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
+    be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
+    _add_threads_argument(be)
+    be.set_defaults(func=_cmd_bench)
+
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
@@ -213,8 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "dtype", "") is None:
-        args.dtype = ["float32", "bfloat16"]
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "trace" and args.format is None:
+        args.format = "none" if args.html else "terminal"
     try:
         return args.func(args)
     except (BLTDecodeError, KeyError) as exc:

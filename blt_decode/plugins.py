@@ -21,6 +21,7 @@ DEFAULT_PLUGINS = (
     "blt_decode.strategies.blt_d",
     "blt_decode.strategies.blt_dv",
     "blt_decode.backends.eager",
+    "blt_decode.backends.compiled",
 )
 
 _pm: pluggy.PluginManager | None = None

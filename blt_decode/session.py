@@ -22,20 +22,40 @@ Every primitive counts its forward passes into :attr:`stats`; nobody else counts
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import attrs
 import torch
 
 from blt_decode.cache import KVCache
 from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
+from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
 
 
+@attrs.frozen
+class StackRunners:
+    """The callables a session runs the four transformer stacks with, each ``(x, start, cache) -> out``.
+
+    The eager backend uses the model's modules themselves; the compiled backend swaps in compiled
+    versions. The session's decoding logic (what runs when) is the same for every backend."""
+
+    entropy: Callable[..., torch.Tensor] | None
+    encoder: Callable[..., torch.Tensor]
+    global_: Callable[..., torch.Tensor]
+    decoder: Callable[..., torch.Tensor]
+
+    @classmethod
+    def eager(cls, model: BLTModel) -> "StackRunners":
+        return cls(model.entropy_model, model.local_encoder, model.global_transformer, model.local_decoder)
+
+
 class DecodeSession:
-    def __init__(self, model: BLTModel, capacity: int):
+    def __init__(self, model: BLTModel, capacity: int, runners: StackRunners | None = None):
         cfg = model.config
         self.model = model
+        self.run = runners or StackRunners.eager(model)
         self.capacity = capacity
         dtype, device = model.dtype, model.device
         self.ids = torch.zeros(capacity, dtype=torch.long, device=device)
@@ -100,7 +120,7 @@ class DecodeSession:
 
         entropies = None
         if model.patcher.uses_entropy:
-            entropies = model.entropies(window[:, n:], n, self.entropy_cache)[0].tolist()
+            entropies = entropy_of_logits(self.run.entropy(window[:, n:], n, self.entropy_cache))[0].tolist()
             self.stats.add(patcher=1)
         del self.entropies[n:]
         self.entropies.extend(entropies or [])
@@ -110,7 +130,7 @@ class DecodeSession:
         model.patcher.extend_starts(self.starts, n, entropies, n + t)
 
         lo = max(0, n - model.hash_context)
-        states = model.local_encoder(model.embed(window[:, lo:], n_last=t), n, self.encoder_cache)[0]
+        states = self.run.encoder(model.embed(window[:, lo:], n_last=t), n, self.encoder_cache)[0]
         self.stats.add(encoder=1)
         self.byte_states[n : n + t] = states
 
@@ -118,7 +138,7 @@ class DecodeSession:
         if closed > closed_before:
             spans = list(zip(self.starts[closed_before:closed], self.starts[closed_before + 1 : closed + 1]))
             vectors = model.summarize_patches(self.byte_states, spans)
-            self.latents[closed_before:closed] = model.global_transformer(vectors[None], closed_before, self.global_cache)[0]
+            self.latents[closed_before:closed] = self.run.global_(vectors[None], closed_before, self.global_cache)[0]
             self.stats.add(global_=1)
             if self.trace is not None:
                 for s, e in spans:
@@ -127,7 +147,7 @@ class DecodeSession:
                 self.emit(GlobalPass(closed_before, closed - closed_before))
 
         index = torch.tensor([latent_index(self.starts, p) for p in range(n, n + t)], device=self.latents.device)
-        logits = model.local_decoder(states[None], self.latents[index][None], n, self.decoder_cache)[0]
+        logits = self.run.decoder(states[None], self.latents[index][None], n, self.decoder_cache)[0]
         self.stats.add(decoder=1)
         self.logits[n : n + t] = logits
         self.length = n + t
@@ -151,10 +171,10 @@ class DecodeSession:
         self._check_room(pos + t)
         self.ids[pos : pos + t] = torch.as_tensor(list(ids), dtype=torch.long)
         lo = max(0, pos - model.hash_context)
-        states = model.local_encoder(model.embed(self.ids[None, lo : pos + t], n_last=t), pos, self.encoder_cache)
+        states = self.run.encoder(model.embed(self.ids[None, lo : pos + t], n_last=t), pos, self.encoder_cache)
         self.stats.add(encoder=1)
         latent = self.latents[self.closed_patches - 1].expand(1, t, -1)
-        logits = model.local_decoder(states, latent, pos, self.decoder_cache)[0]
+        logits = self.run.decoder(states, latent, pos, self.decoder_cache)[0]
         self.stats.add(decoder=1)
         self.emit(Drafted(pos, tuple(int(i) for i in ids)))
         self._draft_length += t
@@ -183,7 +203,7 @@ class DecodeSession:
         latent = self.latents[index].expand(1, b, -1)
         mask = block_rows_mask(n, b, n, model.config.decoder.sliding_window, device=x.device)
         positions = torch.arange(n, n + b, device=x.device)
-        logits = model.local_decoder(x, latent, n, self.decoder_cache, mask=mask, positions=positions)[0]
+        logits = self.run.decoder(x, latent, n, self.decoder_cache, mask=mask, positions=positions)[0]
         self.decoder_cache.length = n  # the block's keys are scratch, never part of the committed state
         self._draft_length = 0
         self.stats.add(decoder=1, denoise_passes=1)

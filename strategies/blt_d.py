@@ -21,16 +21,15 @@ caps the denoising passes per block: the last allowed pass unmasks everything le
 
 from __future__ import annotations
 
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
 import attrs
-import torch
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
-from blt_decode.sampling import mask_special
 from blt_decode.session import DecodeSession
+from blt_decode.unmasking import fill_block
 
 MAX_BLOCK = 64
 
@@ -48,50 +47,6 @@ def _optional_positive(instance, attribute, value):
 def _unit_interval(instance, attribute, value):
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"option {attribute.name!r} must be in [0, 1], got {value!r}")
-
-
-def select_confidence(top_probs: Sequence[float], alpha: float) -> list[int]:
-    """Indices (into the masked positions) to unmask under the confidence rule: every position whose
-    top probability exceeds ``alpha``, else the single most confident one (the first on ties)."""
-    if len(top_probs) == 0:
-        raise ValueError("no masked position to choose from")
-    chosen = [i for i, p in enumerate(top_probs) if p > alpha]
-    return chosen or [max(range(len(top_probs)), key=lambda i: (top_probs[i], -i))]
-
-
-def select_entropy(entropies: Sequence[float], gamma: float) -> list[int]:
-    """Indices to unmask under the entropy-bounded rule: the longest prefix of positions sorted by
-    increasing entropy (ties by position) whose summed entropy is at most ``gamma``; at least one."""
-    if len(entropies) == 0:
-        raise ValueError("no masked position to choose from")
-    order = sorted(range(len(entropies)), key=lambda i: (entropies[i], i))
-    chosen, total = [], 0.0
-    for i in order:
-        if chosen and total + entropies[i] > gamma:
-            break
-        if not chosen and entropies[i] > gamma:
-            return [i]  # at least one: the most certain position
-        chosen.append(i)
-        total += entropies[i]
-    return sorted(chosen)
-
-
-def unmask_step(block: list[int], logits: torch.Tensor, rule: str, alpha: float, gamma: float, fill_all: bool) -> list[int]:
-    """Unmask positions of ``block`` (in place) from one pass's ``logits`` [B, vocab]; returns them."""
-    masked = [i for i, x in enumerate(block) if x == MASK_ID]
-    probs = torch.softmax(mask_special(logits[masked].to(torch.float64)), dim=-1)
-    top, choice = probs.max(dim=-1)
-    if fill_all:
-        picked = list(range(len(masked)))
-    elif rule == "confidence":
-        picked = select_confidence(top.tolist(), alpha)
-    else:
-        logp = torch.log(probs.clamp_min(1e-300))
-        entropy = -(probs * logp).sum(-1)
-        picked = select_entropy(entropy.tolist(), gamma)
-    for j in picked:
-        block[masked[j]] = int(choice[j])
-    return [masked[j] for j in picked]
 
 
 @attrs.frozen
@@ -125,11 +80,7 @@ class BlockDiffusion:
         while True:
             start = session.length
             block = [MASK_ID] * size
-            passes = 0
-            while MASK_ID in block:
-                logits = session.denoise(block)
-                passes += 1
-                unmask_step(block, logits, options.rule, options.alpha, options.gamma, fill_all=passes >= limit)
+            fill_block(session, block, rule=options.rule, alpha=options.alpha, gamma=options.gamma, max_passes=limit)
             session.append(block)
             boundaries = [s for s in session.starts if start < s <= start + size]
             end = max(boundaries) if boundaries else start + size

@@ -22,9 +22,11 @@ import attrs
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
-from blt_decode.sampling import greedy, greedy_id, mask_special
+from blt_decode.sampling import greedy_id
 from blt_decode.session import DecodeSession
+from blt_decode.speculation import verify_draft
 from blt_decode.tokenizer import EOS_ID
+from blt_decode.unmasking import fill_block
 
 MAX_BLOCK = 64
 
@@ -62,17 +64,8 @@ class DiffusionVerify:
 
     def _draft(self, session: DecodeSession, first: int, size: int, alpha: float | None) -> list[int]:
         block = [first] + [MASK_ID] * (size - 1)
-        while MASK_ID in block:
-            logits = session.denoise(block)
-            masked = [i for i, x in enumerate(block) if x == MASK_ID]
-            scores = mask_special(logits[masked].double())
-            top, choice = scores.softmax(-1).max(-1)
-            if alpha is None:
-                picked = range(len(masked))
-            else:
-                picked = [j for j, p in enumerate(top.tolist()) if p > alpha] or [int(top.argmax())]
-            for j in picked:
-                block[masked[j]] = int(choice[j])
+        # alpha=None: one pass fills every position; else the confidence rule with threshold alpha
+        fill_block(session, block, rule="confidence", alpha=alpha or 0.0, max_passes=1 if alpha is None else None)
         return block
 
     def decode(self, session: DecodeSession, context: DecodeContext, options: BLTDVOptions) -> Iterator[list[int]]:
@@ -90,16 +83,8 @@ class DiffusionVerify:
                 produced += 1
                 continue
             draft = self._draft(session, first, size, options.alpha)
-            start = session.length
-            verified = session.verify(draft)
-            choices = greedy(verified).tolist()  # choices[j]: the exact greedy byte after draft[j]
-            accepted = 1
-            while accepted < len(draft) and choices[accepted - 1] == draft[accepted]:
-                accepted += 1
-            if accepted < len(draft):
-                session.truncate(start + accepted)
-            session.stats.add(blocks=1, drafted_bytes=len(draft) - 1, accepted_bytes=accepted - 1)
-            logits = verified[accepted - 1]
+            accepted, logits = verify_draft(session, draft)
+            session.stats.add(blocks=1)
             produced += accepted
             yield draft[:accepted]
 

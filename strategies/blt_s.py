@@ -21,10 +21,10 @@ import attrs
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.protocol import DecodeContext
-from blt_decode.sampling import greedy, greedy_id
+from blt_decode.sampling import greedy_id
 from blt_decode.session import DecodeSession
+from blt_decode.speculation import verify_draft
 from blt_decode.tokenizer import EOS_ID
-from blt_decode.trace import Verified
 
 MAX_K = 64
 
@@ -64,16 +64,7 @@ class SelfSpeculative:
                     break
                 draft_logits = session.draft([guess])[-1]
 
-            start = session.length
-            verified = session.verify(draft)
-            choices = greedy(verified).tolist()  # choices[j]: the exact greedy byte after draft[j]
-            accepted = 1
-            while accepted < len(draft) and choices[accepted - 1] == draft[accepted]:
-                accepted += 1
-            session.truncate(start + accepted)
-            session.stats.add(drafted_bytes=len(draft) - 1, accepted_bytes=accepted - 1)
-            session.emit(Verified(start, tuple(draft), accepted))
-            logits = verified[accepted - 1]
+            accepted, logits = verify_draft(session, draft)
             produced += accepted
             yield draft[:accepted]
 

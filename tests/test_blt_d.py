@@ -13,7 +13,7 @@ from blt_decode.errors import InvalidOptionsError
 from blt_decode.model import MASK_ID
 from blt_decode.session import DecodeSession
 
-from blt_decode.strategies.blt_d import select_confidence, select_entropy, unmask_step
+from blt_decode.unmasking import select_confidence, select_entropy, unmask_step
 
 
 # -- the confidence rule -----------------------------------------------------------------------------
@@ -72,8 +72,8 @@ def test_unmask_step_uses_greedy_bytes_and_never_special_ids():
     logits[2, 90:94] = 1.0  # unsure: four equally likely bytes
     logits[3, 100] = 10.0
     block = [MASK_ID, MASK_ID, MASK_ID, 55]
-    picked = unmask_step(block, logits, "confidence", 0.7, 1.0, fill_all=False)
-    assert picked == [0, 1]  # position 1's top probability (special ids removed) is ~1 too
+    picked, confidences = unmask_step(block, logits, "confidence", 0.7, 1.0, fill_all=False)
+    assert picked == [0, 1] and all(c > 0.7 for c in confidences)  # position 1's top probability (special ids removed) is ~1 too
     assert block == [70, 80, MASK_ID, 55]
     unmask_step(block, logits, "confidence", 0.99999, 1.0, fill_all=True)
     assert block == [70, 80, 90, 55]

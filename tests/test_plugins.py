@@ -117,18 +117,11 @@ PLUGIN_SOURCE = textwrap.dedent('''
 
 
 @pytest.fixture
-def third_party_plugin(tmp_path, monkeypatch):
+def third_party_plugin(tmp_path, installed_plugin):
     """A throwaway installed distribution that declares a strategy through the blt_decode entry point."""
     (tmp_path / "blt_repeat_plugin.py").write_text(PLUGIN_SOURCE)
-    dist = tmp_path / "blt_repeat_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: blt-repeat-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[blt_decode]\nrepeat = blt_repeat_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plugins.reset()
-    yield tmp_path
-    plugins.reset()
-    sys.modules.pop("blt_repeat_plugin", None)
+    installed_plugin("blt-repeat-plugin", "repeat", "blt_repeat_plugin")
+    return tmp_path
 
 
 def test_third_party_strategy_from_entry_point(third_party_plugin):

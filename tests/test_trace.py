@@ -22,3 +22,14 @@ def test_tracing_is_off_by_default_and_does_not_change_output():
     traced = bd.generate("random:tiny:1", "x", max_new_bytes=20, trace=True)
     assert plain.trace is None and traced.trace is not None
     assert plain.output == traced.output
+
+
+def test_diffusion_passes_are_traced():
+    g = bd.generate("random:tiny:1", "x", strategy="blt-d", block_size=4, max_new_bytes=12, trace=True)
+    unmasked = g.trace.of_type(T.Unmasked)
+    assert sum(len(e.positions) for e in unmasked) >= g.stats.new_bytes
+    assert all(0.0 <= c <= 1.0 for e in unmasked for c in e.confidences)
+    steps_per_block = {}
+    for e in unmasked:
+        steps_per_block[e.block_start] = max(steps_per_block.get(e.block_start, 0), e.step)
+    assert len(steps_per_block) == g.stats.blocks

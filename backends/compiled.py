@@ -1,0 +1,90 @@
+"""The compiled backend: the four transformer stacks' chunk calls run through ``torch.compile``.
+
+What is compiled is exactly what a decode step spends its time in: the entropy-model, encoder, global
+and decoder stacks over a chunk of positions against their KV caches (a decoder step, a draft step, the
+encoder/patch step, the global step, a verification pass). The session's Python logic (patch
+decisions, rollback, strategy loops) stays eager and is shared with the eager backend.
+
+Shapes. Stacks are compiled with ``dynamic=True``: the chunk length and the cache length are symbolic,
+so a generation of a new length reuses the graphs compiled during warm-up. torch.compile specialises
+sizes 0 and 1, so each stack gets two graphs, one for single-position steps and one for chunks (prefill,
+verification); with the decoder's block layout (``mask``/``positions``, BLT-D) a third. The KV caches
+are the session's preallocated buffers, written in place.
+
+CUDA. On a CUDA device the stacks compile with ``mode="reduce-overhead"`` (CUDA graphs). The compiled
+region has no host synchronisation: entropies are copied to the host (``tolist``) by the session, outside
+the compiled stacks. Graph-owned outputs are copied out (``clone``) before the next call can reuse them.
+
+No silent fallback: a compilation error propagates (``torch._dynamo.config.suppress_errors`` stays off).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from blt_decode.hookspecs import hookimpl
+from blt_decode.model import BLTModel
+from blt_decode.session import DecodeSession, StackRunners
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced in this process (to check that nothing recompiles)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _copy_out(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    # CUDA graphs own their output buffers and overwrite them on the next replay
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return fn(*args, **kwargs).clone()
+
+    return run
+
+
+class CompiledBackend:
+    name = "compiled"
+    description = "torch.compile'd stack calls (dynamic shapes, no per-length recompiles; CUDA graphs on GPU)"
+
+    def __init__(self) -> None:
+        self._runners: "weakref.WeakKeyDictionary[BLTModel, StackRunners]" = weakref.WeakKeyDictionary()
+
+    def runners(self, model: BLTModel) -> StackRunners:
+        """Compiled callables for ``model``'s stacks, made once per model (compilation itself is lazy)."""
+        if model not in self._runners:
+            cuda = model.device.type == "cuda"
+            mode = "reduce-overhead" if cuda else None
+
+            def compile_stack(module: torch.nn.Module | None) -> Callable[..., torch.Tensor] | None:
+                if module is None:
+                    return None
+                compiled = torch.compile(module, dynamic=True, mode=mode)
+                return _copy_out(compiled) if cuda else compiled
+
+            self._runners[model] = StackRunners(
+                entropy=compile_stack(model.entropy_model),
+                encoder=compile_stack(model.local_encoder),
+                global_=compile_stack(model.global_transformer),
+                decoder=compile_stack(model.local_decoder),
+            )
+        return self._runners[model]
+
+    def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
+        return DecodeSession(model, capacity, runners=self.runners(model))
+
+    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s")) -> float:
+        """Compile every graph a generation needs (single-position steps and chunks) before timing
+        starts; returns the seconds it took. Report it apart from decoding speed."""
+        from blt_decode.api import generate
+
+        start = time.perf_counter()
+        for strategy in strategies:
+            generate(model, "warm-up prompt", strategy=strategy, backend=self.name, max_new_bytes=12)
+        return time.perf_counter() - start
+
+
+@hookimpl
+def register_backends(register):
+    register(CompiledBackend())

@@ -1,0 +1,212 @@
+"""Pieces shared by the checkpoint formats: safe file readers, config field readers that name the field
+and the file, strict tensor checks, and model construction without random initialisation.
+
+Every reader turns a low-level failure (bad JSON, a truncated safetensors or ``.pth`` file, a pickle that
+wants to run code) into a :class:`~blt_decode.errors.CheckpointError` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from blt_decode.config import BLTConfig
+from blt_decode.errors import CheckpointError, ConfigError
+from blt_decode.model import BLTModel
+
+_MISSING = object()
+
+
+# -- files ------------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable, truncated or non-object file is a CheckpointError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on the CPU."""
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from None
+
+
+def read_torch_weights(path: Path) -> Any:
+    """The object in a ``.pth`` file, loaded with ``weights_only=True``: tensors and plain containers only,
+    so a file that asks to run pickled code is refused instead of executed."""
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global that is not a tensor type or a plain container
+        raise CheckpointError(
+            f"{path} holds more than plain tensors (refusing to execute pickled code): {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from None
+
+
+def state_dict_from_pth(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a consolidated ``.pth`` object: ``{"model": state_dict}`` as the original code
+    writes it (a bare state dict is accepted too)."""
+    if isinstance(obj, Mapping) and "model" in obj:
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict: expected {{'model': {{name: tensor}}}}")
+    return dict(obj)
+
+
+# -- config fields ----------------------------------------------------------------------------------
+class FieldReader:
+    """Typed access to one JSON object of a config file; errors name the file and the dotted field."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = ""):
+        self.data = data
+        self.source = source
+        self.prefix = prefix
+
+    def where(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def fail(self, key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: config field {self.where(key)!r} {problem}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _MISSING:
+            raise self.fail(key, "is missing")
+        return default
+
+    def sub(self, key: str) -> "FieldReader":
+        value = self.raw(key)
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"must be an object, got {value!r}")
+        return FieldReader(value, self.source, f"{self.where(key)}.")
+
+    def int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None, optional: bool = False) -> int | None:
+        value = self.raw(key, default)
+        if value is None and optional:
+            return None
+        # JSON writers sometimes store integers as floats (2048.0); accept those, nothing else
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer{' or null' if optional else ''}, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"is out of range: must be >= {minimum}, got {value}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, positive: bool = False, optional: bool = False) -> float | None:
+        value = self.raw(key, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value!r}")
+        if positive and value <= 0:
+            raise self.fail(key, f"is out of range: must be > 0, got {value}")
+        return float(value)
+
+    def bool(self, key: str, default: Any = _MISSING) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def str(self, key: str, default: Any = _MISSING, *, optional: bool = False) -> str | None:
+        value = self.raw(key, default)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, got {value!r}")
+        return value
+
+    def require(self, key: str, expected: Any, default: Any = _MISSING, why: str = "") -> None:
+        """Fail unless the field equals ``expected`` (a feature blt-decode does not implement)."""
+        value = self.raw(key, default)
+        if value != expected:
+            raise self.fail(key, f"is {value!r}; blt-decode supports only {expected!r}" + (f" ({why})" if why else ""))
+
+
+def build_config(source: str, **kwargs: Any) -> BLTConfig:
+    """A BLTConfig, with any validation failure reported against the checkpoint file."""
+    try:
+        return BLTConfig(**kwargs)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+# -- tensors ----------------------------------------------------------------------------------------
+def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor], source: str) -> None:
+    """Fail, naming the tensor, on the first missing, unexpected or misshapen tensor (names as in the file)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+
+    def more(names: list[str]) -> str:
+        return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r}{more(unexpected)}")
+    for name in sorted(expected):
+        got = tuple(found[name].shape)
+        if got != tuple(expected[name]):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {got}, the config expects {tuple(expected[name])}"
+            )
+
+
+def expected_shapes(config: BLTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a model with ``config`` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = BLTModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: str, *,
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
+    """A model whose every parameter comes from ``tensors`` (native names).
+
+    The model is built on the meta device and the tensors are assigned, so nothing is randomly
+    initialised and a tensor the checkpoint lacks cannot go unnoticed. ``dtype`` defaults to float32.
+    """
+    with torch.device("meta"):
+        model = BLTModel(config)
+    check_tensors({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, source)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
+    target_dtype = dtype or torch.float32
+    target_device = torch.device(device) if device is not None else torch.device("cpu")
+    state = {k: v.to(dtype=target_dtype, device=target_device) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def cpu_state_dict(model: BLTModel) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, each with its own storage (safe for safetensors and torch.save)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,80 @@
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+from blt_decode import render
+from blt_decode.trace import PatchClosed, Unmasked, Verified
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return render.trace_generation("random:tiny:1", "def add(a, b):", strategy="blt-s", max_new_bytes=40, k=4)
+
+
+def expected_markers(t):
+    patches = t.generation.trace.of_type(PatchClosed)
+    starts = {p.start for p in patches} | {patches[-1].end}
+    return len([s for s in starts if s < len(t.ids)])
+
+
+def test_html_shows_every_patch_and_draft(traced):
+    page = render.to_html(traced)
+    assert page.count("patch-marker") == expected_markers(traced)
+    rounds = traced.generation.trace.of_type(Verified)
+    assert page.count('class="round draft"') == len(rounds) == traced.generation.stats.verify_passes
+    assert len(re.findall(r'<div class="(?:hot)?" style="height', page)) == len(traced.ids)  # entropy strip
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+
+
+def test_html_shows_diffusion_order_from_unmask_events(traced):
+    copied = attrs.evolve(traced.generation.trace, events=list(traced.generation.trace.events))
+    fake = attrs.evolve(traced, generation=attrs.evolve(traced.generation, trace=copied))
+    fake.generation.trace.events.extend([
+        Unmasked(block_start=16, step=1, positions=(16, 18), ids=(101, 102), confidences=(0.9, 0.8)),
+        Unmasked(block_start=16, step=2, positions=(17,), ids=(103,), confidences=(0.6,)),
+    ])
+    page = render.to_html(fake)
+    assert "Diffusion unmasking order (1 blocks)" in page
+    assert page.index("16:a (0.90)") < page.index("17:c (0.60)")
+    assert "<sup>2</sup>" in page
+
+
+def test_terminal_view(traced):
+    text = render.to_terminal(traced)
+    assert text.count("\x1b[42;30m") == len(traced.generation.trace.of_type(Verified))
+    assert "patches" in text.splitlines()[-1]
+
+
+def test_cli_trace_writes_html(tmp_path):
+    out = tmp_path / "t.html"
+    subprocess.run([sys.executable, "-m", "blt_decode.cli", "trace", "def add(a, b):", "--model", "random:tiny",
+                    "--strategy", "blt-s", "--html", str(out), "--max-new-bytes", "24"], check=True, capture_output=True)
+    assert out.read_text().count("patch-marker") > 3
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium binary (Debian package 'chromium'); not installed in CI")
+def test_page_loads_in_headless_chromium(traced, tmp_path):
+    page = tmp_path / "trace.html"
+    page.write_text(render.to_html(traced))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("patch-marker") == expected_markers(traced)  # the DOM Chromium built
+    assert "Uncaught" not in dom.stderr and "CONSOLE(" not in dom.stderr  # no console errors
+    shot = tmp_path / "trace.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 5000
+    keep = Path("/tmp/blt-trace-screenshot.png")
+    keep.write_bytes(shot.read_bytes())  # for a person to look at
