@@ -117,21 +117,24 @@ def run(model_spec: str, prompts: Sequence[bytes], max_new_bytes: int, configs=C
         r["mean_matching_prefix"] = r["prefix"] / len(prompts)
         r["bits_per_byte"] = r["bits"] / r["scored"] if r["scored"] else float("nan")
         r["denoise_passes_per_block"] = r["denoise"] / r["blocks"] if r["blocks"] else None
-        r["bytes_per_block"] = r["accepted"] / r["blocks"] if r["blocks"] else None
+        # bytes the strategy committed per block (BLT-DV: the exact first byte + the accepted draft)
+        r["bytes_per_block"] = r["new_bytes"] / r["blocks"] if r["blocks"] else None
+        r["acceptance_rate"] = r["accepted"] / r["drafted"] if r["drafted"] else None
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], prompts: int) -> str:
     head = ("| method | decoder passes | global passes | Eq. 8 GB | bandwidth vs AR | denoise passes / block | "
-            "committed bytes / block | exact match vs AR | matching prefix | bits/byte under AR |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            "bytes / block | drafted bytes kept | exact match vs AR | matching prefix | bits/byte under AR | wall s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         dpb = f"{r['denoise_passes_per_block']:.2f}" if r["denoise_passes_per_block"] is not None else "—"
         bpb = f"{r['bytes_per_block']:.2f}" if r["bytes_per_block"] is not None else "—"
+        acc = f"{100 * r['acceptance_rate']:.0f}%" if r.get("acceptance_rate") is not None else "—"
         lines.append(
             f"| {r['label']} | {r['decoder']} | {r['global_']} | {r['bandwidth']:.3f} | {-100 * r['bandwidth_reduction']:+.1f}% | "
-            f"{dpb} | {bpb} | {r['exact']}/{prompts} | {100 * r['mean_matching_prefix']:.0f}% | {r['bits_per_byte']:.3f} |"
+            f"{dpb} | {bpb} | {acc} | {r['exact']}/{prompts} | {100 * r['mean_matching_prefix']:.0f}% | {r['bits_per_byte']:.3f} | {r['wall']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
