@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -23,7 +22,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from blt_decode import api, tokenizer
+from blt_decode import api
+from blt_decode.bench import continuation_bits
 from blt_decode.corpus import HELDOUT_CODE, stdlib_dir
 
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -61,18 +61,6 @@ def heldout_prompts(count: int, max_bytes: int = 256) -> list[bytes]:
     return prompts
 
 
-@torch.no_grad()
-def continuation_bits_per_byte(model, prompt: bytes, continuation: bytes) -> tuple[float, int]:
-    """Total bits and byte count of ``continuation`` after ``prompt`` under the model's AR distribution."""
-    if not continuation:
-        return 0.0, 0
-    ids = torch.tensor([tokenizer.encode(prompt + continuation)], device=model.device)
-    logp = torch.log_softmax(model(ids).double(), dim=-1)[0, :-1]
-    targets = ids[0, 1:]
-    picked = logp.gather(-1, targets[:, None])[:, 0][len(prompt):]
-    return float(-picked.sum() / math.log(2)), len(continuation)
-
-
 def run(model_spec: str, prompts: Sequence[bytes], max_new_bytes: int, configs=CONFIGS) -> list[dict[str, Any]]:
     model = api.load_model(model_spec)
     rows: list[dict[str, Any]] = []
@@ -96,7 +84,7 @@ def run(model_spec: str, prompts: Sequence[bytes], max_new_bytes: int, configs=C
             totals["new_bytes"] += s.new_bytes
             totals["drafted"] += s.drafted_bytes
             totals["accepted"] += s.accepted_bytes
-            bits, n = continuation_bits_per_byte(model, prompt, g.output)
+            bits, n = continuation_bits(model, prompt, g.output)
             totals["bits"] += bits
             totals["scored"] += n
             outputs.append(g.output)
