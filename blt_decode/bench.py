@@ -252,7 +252,7 @@ def run_bench(model_spec: str, specs: Sequence[StrategySpec], backends: Sequence
             ar_passes, ar_gb = ar_cost[backend]
             drafted = sum(s.drafted_bytes for s in stats)
             blocks = sum(s.blocks for s in stats)
-            denoise = sum(getattr(s, "denoise_passes", 0) for s in stats)
+            denoise = sum(s.denoise_passes for s in stats)
             bits = [continuation_bits(model, p.prompt, o) for p, o in zip(prompts, outputs)]
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,

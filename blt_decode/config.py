@@ -139,7 +139,8 @@ class BLTConfig:
             raise ConfigError(f"config: {exc}") from None
 
 
-def _stack(dim: int, n_layers: int, n_heads: int, window: int | None, multiple_of: int = 32) -> TransformerConfig:
+def stack_config(dim: int, n_layers: int, n_heads: int, window: int | None, multiple_of: int = 32) -> TransformerConfig:
+    """A stack with the public code's feed-forward width rule (used by the presets here and in training)."""
     return TransformerConfig(
         dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim_for(dim, multiple_of), sliding_window=window
     )
@@ -148,10 +149,10 @@ def _stack(dim: int, n_layers: int, n_heads: int, window: int | None, multiple_o
 #: Random-model presets, scaled-down BLT proportions: the global model holds most parameters.
 PRESETS: dict[str, BLTConfig] = {
     "tiny": BLTConfig(
-        encoder=_stack(32, 1, 2, 64),
-        global_=_stack(64, 3, 4, None),
-        decoder=_stack(32, 2, 2, 64),
-        entropy_model=_stack(32, 1, 2, 64),
+        encoder=stack_config(32, 1, 2, 64),
+        global_=stack_config(64, 3, 4, None),
+        decoder=stack_config(32, 2, 2, 64),
+        entropy_model=stack_config(32, 1, 2, 64),
         encoder_hash_byte_group_size=(3, 4, 5),
         encoder_hash_byte_group_vocab=509,
         patching_threshold=5.0,
@@ -159,10 +160,10 @@ PRESETS: dict[str, BLTConfig] = {
     ),
     # BLT-1B divided by 8 in width (encoder 1 layer, global 25 -> 8 layers, decoder 9 -> 3 layers)
     "small": BLTConfig(
-        encoder=_stack(128, 1, 4, 512),
-        global_=_stack(256, 8, 4, None),
-        decoder=_stack(128, 3, 4, 512),
-        entropy_model=_stack(96, 2, 4, 512),
+        encoder=stack_config(128, 1, 4, 512),
+        global_=stack_config(256, 8, 4, None),
+        decoder=stack_config(128, 3, 4, 512),
+        entropy_model=stack_config(96, 2, 4, 512),
         encoder_hash_byte_group_size=(3, 4, 5, 6, 7, 8),
         encoder_hash_byte_group_vocab=4099,
         patching_threshold=5.0,

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from blt_decode import tokenizer
 from blt_decode.checkpoint import load_native, save_model
-from blt_decode.config import BLTConfig, TransformerConfig, ffn_dim_for
+from blt_decode.config import BLTConfig, TransformerConfig, stack_config
 from blt_decode.corpus import BatchSampler, Corpus, build_corpus
 from blt_decode.errors import BLTDecodeError, CheckpointError
 from blt_decode.model import MASK_ID, BLTModel, EntropyModel, PatchLayout, diffusion_forward, init_weights
@@ -52,30 +52,26 @@ class TrainingError(BLTDecodeError):
     """Training cannot start or resume (bad options, mismatched checkpoint)."""
 
 
-def _stack(dim: int, n_layers: int, n_heads: int, window: int | None) -> TransformerConfig:
-    return TransformerConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim_for(dim, 32), sliding_window=window)
-
-
 #: Sizes of the models trained by ``blt-decode train`` (BLT's proportions: the global model holds most
 #: of the parameters). ``tiny`` is for tests.
 ENTROPY_PRESETS: dict[str, TransformerConfig] = {
-    "default": _stack(128, 2, 4, 512),
-    "tiny": _stack(32, 1, 2, 64),
+    "default": stack_config(128, 2, 4, 512),
+    "tiny": stack_config(32, 1, 2, 64),
 }
 BLT_PRESETS: dict[str, BLTConfig] = {
     "default": BLTConfig(
-        encoder=_stack(128, 1, 4, 512),
-        global_=_stack(256, 4, 4, None),
-        decoder=_stack(128, 2, 4, 512),
+        encoder=stack_config(128, 1, 4, 512),
+        global_=stack_config(256, 4, 4, None),
+        decoder=stack_config(128, 2, 4, 512),
         entropy_model=ENTROPY_PRESETS["default"],
         encoder_hash_byte_group_size=(3, 4, 5, 6, 7, 8),
         encoder_hash_byte_group_vocab=2053,
         max_seqlen=4096,
     ),
     "tiny": BLTConfig(
-        encoder=_stack(32, 1, 2, 64),
-        global_=_stack(64, 2, 4, None),
-        decoder=_stack(32, 1, 2, 64),
+        encoder=stack_config(32, 1, 2, 64),
+        global_=stack_config(64, 2, 4, None),
+        decoder=stack_config(32, 1, 2, 64),
         entropy_model=ENTROPY_PRESETS["tiny"],
         encoder_hash_byte_group_size=(3, 4),
         encoder_hash_byte_group_vocab=257,
@@ -84,8 +80,8 @@ BLT_PRESETS: dict[str, BLTConfig] = {
 }
 #: The baseline plain byte-level transformer, sized like the default BLT's non-embedding parameters.
 BYTELM_PRESETS: dict[str, TransformerConfig] = {
-    "default": _stack(256, 5, 4, 512),
-    "tiny": _stack(32, 2, 2, 64),
+    "default": stack_config(256, 5, 4, 512),
+    "tiny": stack_config(32, 2, 2, 64),
 }
 
 
