@@ -9,7 +9,11 @@ import attrs
 import pluggy
 
 from blt_decode import hookspecs
-from blt_decode.errors import DuplicateNameError, InvalidOptionsError, UnknownBackendError, UnknownStrategyError
+from blt_decode.errors import (
+    DuplicateNameError,
+    UnknownBackendError,
+    UnknownStrategyError,
+)
 from blt_decode.protocol import Backend, Strategy
 
 ENTRY_POINT_GROUP = "blt_decode"
@@ -116,20 +120,3 @@ def get_backend(name: str) -> Any:
         return backends()[name]
     except KeyError:
         raise UnknownBackendError(name, backend_names()) from None
-
-
-def make_options(strategy: Any, options: dict[str, Any]) -> Any:
-    """The strategy's Options from keyword arguments, with errors that name the option and the reason."""
-    fields = {f.name: f for f in attrs.fields(strategy.Options)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        valid = ", ".join(sorted(fields)) or "(none)"
-        raise InvalidOptionsError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for strategy {strategy.name!r}; valid options: {valid}"
-        )
-    try:
-        return strategy.Options(**options)
-    except InvalidOptionsError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise InvalidOptionsError(f"strategy {strategy.name!r}: {exc}") from None

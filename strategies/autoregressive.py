@@ -11,34 +11,23 @@ from typing import Iterator, Literal
 
 import attrs
 
+from blt_decode import options
 from blt_decode.hookspecs import hookimpl
 from blt_decode.protocol import DecodeContext
 from blt_decode.sampling import sample_id
 from blt_decode.session import DecodeSession
 
 
-def _optional_positive_int(instance, attribute, value):
-    if value is not None and (not isinstance(value, int) or value <= 0):
-        raise ValueError(f"option {attribute.name!r} must be a positive integer or None, got {value!r}")
-
-
-def _top_p(instance, attribute, value):
-    if value is not None and not 0.0 < value <= 1.0:
-        raise ValueError(f"option 'top_p' must be in (0, 1], got {value!r}")
-
-
-def _float_or_none(value):
-    return None if value is None else float(value)
-
-
 @attrs.frozen
 class AutoregressiveOptions:
     #: 0 = greedy; otherwise softmax temperature for sampling
-    temperature: float = attrs.field(default=0.0, converter=float, validator=attrs.validators.ge(0.0))
-    top_k: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    top_p: float | None = attrs.field(default=None, converter=_float_or_none, validator=_top_p)
+    temperature: float = options.number(0.0, minimum=0.0)
+    #: sample only among the k most likely bytes (None = no limit)
+    top_k: int | None = options.integer(None, minimum=1, optional=True)
+    #: sample only among the most likely bytes holding this much probability (None = no limit)
+    top_p: float | None = options.number(None, minimum=0.0, minimum_open=True, maximum=1.0, optional=True)
     #: "kv": incremental KV-cached decoding; "none": full forward per byte (reference generator)
-    cache: Literal["kv", "none"] = attrs.field(default="kv", validator=attrs.validators.in_(("kv", "none")))
+    cache: Literal["kv", "none"] = options.choice("kv", ("kv", "none"))
 
 
 class Autoregressive:

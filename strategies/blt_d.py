@@ -25,6 +25,7 @@ from typing import Iterator, Literal
 
 import attrs
 
+from blt_decode import options
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
@@ -34,34 +35,18 @@ from blt_decode.unmasking import fill_block
 MAX_BLOCK = 64
 
 
-def _positive_block(instance, attribute, value):
-    if not isinstance(value, int) or not 1 <= value <= MAX_BLOCK:
-        raise ValueError(f"option {attribute.name!r} must be an integer in 1..{MAX_BLOCK}, got {value!r}")
-
-
-def _optional_positive(instance, attribute, value):
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"option {attribute.name!r} must be a positive integer or None, got {value!r}")
-
-
-def _unit_interval(instance, attribute, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"option {attribute.name!r} must be in [0, 1], got {value!r}")
-
-
 @attrs.frozen
 class BLTDOptions:
     #: bytes per diffusion block (the default model is trained with 4, 8 and 16)
-    block_size: int = attrs.field(default=8, validator=_positive_block)
+    block_size: int = options.integer(8, minimum=1, maximum=MAX_BLOCK)
     #: unmasking rule: "confidence" (alpha) or "entropy" (gamma)
-    rule: Literal["confidence", "entropy"] = attrs.field(
-        default="confidence", validator=attrs.validators.in_(("confidence", "entropy")))
+    rule: Literal["confidence", "entropy"] = options.choice("confidence", ("confidence", "entropy"))
     #: confidence rule: unmask positions whose top probability exceeds alpha
-    alpha: float = attrs.field(default=0.7, converter=float, validator=_unit_interval)
+    alpha: float = options.number(0.7, minimum=0.0, maximum=1.0)
     #: entropy rule: unmask the lowest-entropy positions whose summed entropy (nats) stays within gamma
-    gamma: float = attrs.field(default=1.0, converter=float, validator=attrs.validators.ge(0.0))
+    gamma: float = options.number(1.0, minimum=0.0)
     #: most decoder passes per block (None = block_size, which always suffices); the last fills all
-    max_passes: int | None = attrs.field(default=None, validator=_optional_positive)
+    max_passes: int | None = options.integer(None, minimum=1, optional=True)
 
 
 class BlockDiffusion:

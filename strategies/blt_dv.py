@@ -19,6 +19,7 @@ from typing import Iterator
 
 import attrs
 
+from blt_decode import options
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
@@ -31,26 +32,12 @@ from blt_decode.unmasking import fill_block
 MAX_BLOCK = 64
 
 
-def _block(instance, attribute, value):
-    if not isinstance(value, int) or not 2 <= value <= MAX_BLOCK:
-        raise ValueError(f"option {attribute.name!r} must be an integer in 2..{MAX_BLOCK}, got {value!r}")
-
-
-def _alpha(instance, attribute, value):
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"option 'alpha' must be in [0, 1] or None (one decoder pass), got {value!r}")
-
-
-def _float_or_none(value):
-    return None if value is None else float(value)
-
-
 @attrs.frozen
 class BLTDVOptions:
     #: positions per block, the exact first byte included
-    block_size: int = attrs.field(default=8, validator=_block)
+    block_size: int = options.integer(8, minimum=2, maximum=MAX_BLOCK)
     #: confidence threshold of the diffusion draft; None = draft in a single decoder pass
-    alpha: float | None = attrs.field(default=0.3, converter=_float_or_none, validator=_alpha)
+    alpha: float | None = options.number(0.3, minimum=0.0, maximum=1.0, optional=True)
 
 
 class DiffusionVerify:

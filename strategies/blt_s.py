@@ -19,6 +19,7 @@ from typing import Iterator
 
 import attrs
 
+from blt_decode import options
 from blt_decode.hookspecs import hookimpl
 from blt_decode.protocol import DecodeContext
 from blt_decode.sampling import greedy_id
@@ -32,8 +33,7 @@ MAX_K = 64
 @attrs.frozen
 class BLTSOptions:
     #: bytes drafted per round past the exact first byte (1..64)
-    k: int = attrs.field(default=8, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1),
-                                                attrs.validators.le(MAX_K)])
+    k: int = options.integer(8, minimum=1, maximum=MAX_K)
 
 
 class SelfSpeculative:

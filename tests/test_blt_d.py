@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode
-from blt_decode import plugins
+from blt_decode import options, plugins
 from blt_decode.errors import InvalidOptionsError
 from blt_decode.model import MASK_ID
 from blt_decode.session import DecodeSession
@@ -87,11 +87,11 @@ def _model(seed=0):
 def test_registered_with_options():
     s = plugins.get_strategy("blt-d")
     assert plugins.get_strategy("blt_d") is s
-    opts = plugins.make_options(s, {"block_size": 16, "rule": "entropy", "gamma": 0.8})
+    opts = options.make_options(s, {"block_size": 16, "rule": "entropy", "gamma": 0.8})
     assert (opts.block_size, opts.rule, opts.gamma) == (16, "entropy", 0.8)
     for bad in ({"block_size": 0}, {"rule": "random"}, {"alpha": 1.5}, {"gamma": -1}, {"max_passes": 0}):
         with pytest.raises(InvalidOptionsError):
-            plugins.make_options(s, bad)
+            options.make_options(s, bad)
 
 
 @pytest.mark.parametrize("block_size,rule", [(4, "confidence"), (8, "entropy"), (16, "confidence")])
@@ -100,12 +100,12 @@ def test_blocks_commit_up_to_the_last_patch_boundary(block_size, rule):
 
     model = _model(1)
     strategy = plugins.get_strategy("blt-d")
-    options = plugins.make_options(strategy, {"block_size": block_size, "rule": rule})
+    opts = options.make_options(strategy, {"block_size": block_size, "rule": rule})
     prompt = blt_decode.tokenizer.encode(b"def fibonacci(n):\n")
     session = DecodeSession(model, len(prompt) + 80 + block_size + 1)
     context = DecodeContext(tuple(prompt), 80, torch.Generator().manual_seed(0))
     ends, total = [], len(prompt)
-    decoder = strategy.decode(session, context, options)
+    decoder = strategy.decode(session, context, opts)
     while total < len(prompt) + 80:
         chunk = next(decoder)
         total += len(chunk)

@@ -31,7 +31,7 @@ from transformers import BltConfig as HFConfig  # noqa: E402
 from transformers import BltForCausalLM  # noqa: E402
 
 import blt_decode  # noqa: E402
-from blt_decode import formats, plugins  # noqa: E402
+from blt_decode import formats, options, plugins  # noqa: E402
 from blt_decode.formats import original  # noqa: E402
 from blt_decode.model import BLTModel, PatchLayout  # noqa: E402
 from blt_decode.patcher import patch_lengths  # noqa: E402
@@ -218,9 +218,9 @@ def test_logits_equal_batched(pair):
 def our_greedy(model: BLTModel, prompt_ids: list[int], n: int) -> tuple[list[int], int]:
     """n greedy ids from the autoregressive strategy (KV-cached session) and the patches it closed."""
     strategy = plugins.get_strategy("autoregressive")
-    options = plugins.make_options(strategy, {"cache": "kv"})
+    opts = options.make_options(strategy, {"cache": "kv"})
     session = plugins.get_backend("eager").open_session(model, len(prompt_ids) + n + 1)
-    decoder = strategy.decode(session, DecodeContext(tuple(prompt_ids), n, torch.Generator().manual_seed(0)), options)
+    decoder = strategy.decode(session, DecodeContext(tuple(prompt_ids), n, torch.Generator().manual_seed(0)), opts)
     out: list[int] = []
     for chunk in decoder:
         out.extend(chunk)
