@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import math
-import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -14,16 +14,16 @@ import torch
 from blt_decode import plugins, tokenizer
 from blt_decode.checkpoint import is_native_checkpoint, load_native
 from blt_decode.config import PRESETS, BLTConfig
-from blt_decode.errors import PromptTooLongError, UnknownModelError
+from blt_decode.decoding import Committer, utf8_text
+from blt_decode.errors import InvalidRequestError, UnknownModelError
 from blt_decode.formats import load_checkpoint
 from blt_decode.model import BLTModel, init_weights
 from blt_decode.protocol import DecodeContext
+from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, prepare
 from blt_decode.stats import DecodeStats
-from blt_decode.trace import Committed, Trace
+from blt_decode.trace import Trace
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-#: extra session room beyond prompt + max_new_bytes, for strategies' scratch positions
-DEFAULT_MAX_NEW_BYTES = 256
 
 # A fixed text used to set the entropy threshold of random models (see random_model)
 _CALIBRATION_TEXT = (
@@ -67,9 +67,12 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
     """A model from a spec: a checkpoint directory (native, Hugging Face or original layout, see
     :mod:`blt_decode.formats`), ``"default"`` (the model shipped in the package),
     ``"random:PRESET"`` or ``"random:PRESET:SEED"`` (presets: tiny, small), or a model (returned as is,
-    moved to ``dtype``/``device`` if given)."""
+    moved to ``dtype``/``device`` if given; a model passed in is copied, never converted in place)."""
+    dtype, device = _check_dtype(dtype), _check_device(device)
     if isinstance(spec, BLTModel):
         model = spec
+        if (dtype is not None and dtype != model.dtype) or (device is not None and device != model.device):
+            model = copy.deepcopy(model)
     else:
         spec_str = str(spec)
         if spec_str.startswith("random:"):
@@ -100,6 +103,28 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InvalidRequestError(f"dtype must be a floating-point torch dtype (float32, bfloat16, float16, float64), got {dtype!r}")
+    return dtype
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device, or one clear line: an unknown name, or CUDA asked for where torch has none."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {str(exc).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
 # -- generation ---------------------------------------------------------------------------------------
 @attrs.frozen
 class Generation:
@@ -116,30 +141,20 @@ class Generation:
 
 class Stream:
     """Iterates over byte chunks as the strategy commits them; ``stats`` and ``output`` are set once the
-    iteration ends (also when the consumer stops early)."""
+    iteration ends (also when the consumer stops early). :meth:`text` gives the same output as text
+    that never splits a UTF-8 character."""
 
     def __init__(self, model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str = "autoregressive",
                  backend: str = "eager", max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
-                 stop: Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False, **options: Any):
+                 stop: str | bytes | Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False,
+                 **options: Any):
         # Everything that can fail on bad input fails here, before any decoding starts.
-        self.strategy = plugins.get_strategy(strategy)
         self.backend = plugins.get_backend(backend)
-        self.options = plugins.make_options(self.strategy, options)
+        request = Request(prompt, strategy=strategy, options=options, max_new_bytes=max_new_bytes, stop=stop, seed=seed)
         self.model = load_model(model)
-        self.prompt = tokenizer.to_bytes(prompt)
-        if max_new_bytes < 0:
-            raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
-        self.max_new_bytes = max_new_bytes
-        limit = self.model.config.max_seqlen
-        if len(self.prompt) + 1 + max_new_bytes > limit:
-            raise PromptTooLongError(
-                f"prompt of {len(self.prompt)} bytes + BOS + max_new_bytes={max_new_bytes} exceeds the model's "
-                f"limit of {limit} positions (at most {limit - 1 - max_new_bytes} prompt bytes with this max_new_bytes)"
-            )
-        self.stops = [tokenizer.to_bytes(s) for s in stop]
-        if any(not s for s in self.stops):
-            raise ValueError("stop sequences must not be empty")
-        self.seed = seed if seed is not None else int(torch.seed() % 2**31)
+        self.request = prepare(request, self.model.config.max_seqlen)
+        self.strategy, self.options, self.prompt = self.request.strategy, self.request.options, self.request.prompt
+        self.max_new_bytes, self.seed = self.request.max_new_bytes, self.request.seed
         self.output: bytes | None = None
         self.stats: DecodeStats | None = None
         self.trace: Trace | None = Trace() if trace else None
@@ -149,70 +164,53 @@ class Stream:
         if self._started:
             raise RuntimeError("a Stream can be iterated once")
         self._started = True
-        prompt_ids = tuple(tokenizer.encode(self.prompt))
-        capacity = len(prompt_ids) + self.max_new_bytes + self.strategy.lookahead(self.options) + 1
-        session = self.backend.open_session(self.model, capacity)
+        request = self.request
+        session = self.backend.open_session(self.model, request.capacity)
         session.trace = self.trace
-        context = DecodeContext(prompt_ids, self.max_new_bytes, torch.Generator().manual_seed(self.seed))
-        out = bytearray()
-        tokens = 0
-        reason = "max_new_bytes" if self.max_new_bytes == 0 else None
-        start = time.perf_counter()
-        decoder = None if reason else self.strategy.decode(session, context, self.options)
+        context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
+        committer = Committer(request)
+        decoder = None if committer.done else request.strategy.decode(session, context, request.options)
         try:
-            while reason is None:
+            while not committer.done:
                 try:
                     chunk = next(decoder)
                 except StopIteration:
-                    reason = "exhausted"
+                    committer.exhausted()
                     break
-                fresh = bytearray()
-                position = len(prompt_ids) + tokens
-                for token in chunk:
-                    tokens += 1
-                    if token == tokenizer.EOS_ID:
-                        reason = "eos"
-                        break
-                    if not tokenizer.is_byte(token):
-                        raise RuntimeError(f"strategy {self.strategy.name!r} committed the special id {token}")
-                    fresh.append(token - tokenizer.OFFSET)
-                    out.append(token - tokenizer.OFFSET)
-                    if any(out.endswith(s) for s in self.stops):
-                        reason = "stop_sequence"
-                        break
-                    if len(out) == self.max_new_bytes:
-                        reason = "max_new_bytes"
-                        break
-                session.emit(Committed(position, tuple(chunk[: tokens - (position - len(prompt_ids))])))
+                fresh, event = committer.commit(chunk)
+                session.emit(event)
                 if fresh:
-                    yield bytes(fresh)
+                    yield fresh
         finally:
             if decoder is not None:
                 decoder.close()
-            self.output = bytes(out)
-            rec = session.stats
-            self.stats = DecodeStats(
-                passes=rec.passes(), params=self.model.param_counts(), prompt_bytes=len(self.prompt),
-                new_bytes=len(out), new_tokens=tokens, patches=session.closed_patches,
-                wall_time_s=time.perf_counter() - start, stop_reason=reason or "interrupted", seed=self.seed,
-                drafted_bytes=rec.drafted_bytes, accepted_bytes=rec.accepted_bytes,
-                verify_passes=rec.verify_passes, blocks=rec.blocks, denoise_passes=rec.denoise_passes,
-            )
+            self.output = bytes(committer.out)
+            self.stats = committer.stats(session.stats, self.model.param_counts(), session.closed_patches)
+
+    def text(self) -> Iterator[str]:
+        """The output as text, chunk by chunk, holding back a character split across chunks until it is
+        whole (invalid UTF-8 becomes U+FFFD, as in :attr:`Generation.text`)."""
+        return utf8_text(iter(self))
 
 
 def stream(model: str | Path | BLTModel, prompt: str | bytes, **kwargs: Any) -> Stream:
-    """Like :func:`generate`, but returns an iterator of byte chunks as they are committed."""
+    """Like :func:`generate`, but returns an iterator of byte chunks as they are committed
+    (``.text()`` for whole characters)."""
     return Stream(model, prompt, **kwargs)
 
 
 def generate(model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str = "autoregressive",
-             backend: str = "eager", max_new_bytes: int = DEFAULT_MAX_NEW_BYTES, stop: Sequence[str | bytes] = (),
-             seed: int | None = None, trace: bool = False, **options: Any) -> Generation:
+             backend: str = "eager", max_new_bytes: int = DEFAULT_MAX_NEW_BYTES,
+             stop: str | bytes | Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False,
+             **options: Any) -> Generation:
     """Generate up to ``max_new_bytes`` bytes after ``prompt`` with a strategy and backend chosen by name.
 
     Extra keyword arguments are the strategy's options (see ``blt-decode strategies``). Generation stops
-    at EOS (not included), after a stop sequence (included), or at ``max_new_bytes``. With ``trace=True``
-    the result carries the decoding events (:mod:`blt_decode.trace`).
+    at EOS (not included), after a stop sequence (included; a str or bytes is one stop sequence, a list
+    holds several), or at ``max_new_bytes``. Without a ``seed``, sampling strategies get one drawn from
+    the operating system (global random state is never touched); the seed used is in ``stats.seed``.
+    With ``trace=True`` the result carries the decoding events (:mod:`blt_decode.trace`). Bad arguments
+    raise a :class:`~blt_decode.errors.BLTDecodeError` naming what is wrong before any decoding.
     """
     s = Stream(model, prompt, strategy=strategy, backend=backend, max_new_bytes=max_new_bytes, stop=stop,
                seed=seed, trace=trace, **options)

@@ -57,3 +57,16 @@ class InvalidOptionsError(BLTDecodeError, ValueError):
 
 class PromptTooLongError(BLTDecodeError, ValueError):
     """The prompt plus the requested new bytes do not fit the model's maximum sequence length."""
+
+
+class InvalidRequestError(BLTDecodeError, ValueError):
+    """A generation request has a bad field (prompt, max_new_bytes, stop sequences, seed)."""
+
+
+class StrategyError(BLTDecodeError, RuntimeError):
+    """A strategy broke the decoding protocol (committed something that is not token ids, or made no
+    progress); the message names the strategy."""
+
+
+class NonFiniteError(BLTDecodeError, FloatingPointError):
+    """A module of the model produced NaN or infinite values; the message names the module."""

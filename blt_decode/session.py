@@ -22,12 +22,14 @@ Every primitive counts its forward passes into :attr:`stats`; nobody else counts
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import attrs
 import torch
 
 from blt_decode.cache import KVCache
+from blt_decode.errors import NonFiniteError
 from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
@@ -122,6 +124,8 @@ class DecodeSession:
         if model.patcher.uses_entropy:
             entropies = entropy_of_logits(self.run.entropy(window[:, n:], n, self.entropy_cache))[0].tolist()
             self.stats.add(patcher=1)
+            if not all(map(math.isfinite, entropies)):
+                raise self._non_finite("entropy model (patcher)", n, n + t)
         del self.entropies[n:]
         self.entropies.extend(entropies or [])
         if n == 0:
@@ -149,6 +153,7 @@ class DecodeSession:
         index = torch.tensor([latent_index(self.starts, p) for p in range(n, n + t)], device=self.latents.device)
         logits = self.run.decoder(states[None], self.latents[index][None], n, self.decoder_cache)[0]
         self.stats.add(decoder=1)
+        self._check_finite(logits, states, self.latents[index], n, t)
         self.logits[n : n + t] = logits
         self.length = n + t
         return logits
@@ -176,6 +181,7 @@ class DecodeSession:
         latent = self.latents[self.closed_patches - 1].expand(1, t, -1)
         logits = self.run.decoder(states, latent, pos, self.decoder_cache)[0]
         self.stats.add(decoder=1)
+        self._check_finite(logits, states, latent, pos, t)
         self.emit(Drafted(pos, tuple(int(i) for i in ids)))
         self._draft_length += t
         return logits
@@ -207,7 +213,27 @@ class DecodeSession:
         self.decoder_cache.length = n  # the block's keys are scratch, never part of the committed state
         self._draft_length = 0
         self.stats.add(decoder=1, denoise_passes=1)
+        self._check_finite(logits, x, latent, n, b)
         return logits
+
+    # -- numerical health ---------------------------------------------------------------------------
+    @staticmethod
+    def _non_finite(module: str, start: int, end: int) -> NonFiniteError:
+        return NonFiniteError(
+            f"the {module} produced NaN or infinite values at positions {start}..{end - 1}: the model's weights "
+            "or inputs are broken (in float16 or bfloat16, activations may also overflow)"
+        )
+
+    def _check_finite(self, logits: torch.Tensor, inputs: torch.Tensor, latents: torch.Tensor, start: int, t: int) -> None:
+        """Raise, naming the first module that went non-finite, when a decoder pass gave NaN/inf logits.
+        One check per pass; the inputs are only looked at to name the culprit."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        if not bool(torch.isfinite(inputs).all()):
+            raise self._non_finite("local encoder", start, start + t)
+        if not bool(torch.isfinite(latents).all()):
+            raise self._non_finite("global transformer", start, start + t)
+        raise self._non_finite("local decoder", start, start + t)
 
     def truncate(self, length: int) -> None:
         """Roll the session back to its first ``length`` ids (drafts are discarded too)."""
@@ -229,7 +255,11 @@ class DecodeSession:
         model = self.model
         batch = torch.as_tensor([list(ids)], dtype=torch.long, device=model.device)
         layout = model.patch_layout(batch)
+        if layout.entropies is not None and not torch.isfinite(layout.entropies).all():
+            raise self._non_finite("entropy model (patcher)", 0, len(ids))
         logits = model(batch, layout)[0]
         self.stats.add(patcher=1 if model.patcher.uses_entropy else 0, encoder=1, global_=1, decoder=1)
+        if not torch.isfinite(logits).all():
+            raise self._non_finite("model (full forward)", 0, len(ids))
         self.starts = list(layout.starts[0])
         return logits

@@ -55,6 +55,12 @@ class DecodeStats:
     blocks: int = 0
     #: decoder passes spent denoising diffusion blocks (BLT-D/DV); part of passes.decoder
     denoise_passes: int = 0
+    #: seconds from the start to the first committed byte: prefill plus the first decoding round (what a
+    #: streaming user waits before anything appears); None when no byte was produced
+    time_to_first_byte_s: float | None = None
+    #: bytes/s after the first committed chunk (decoding speed without the prefill); None when no byte
+    #: followed the first chunk
+    decode_bytes_per_second: float | None = None
 
     @property
     def bandwidth_gb(self) -> float:

@@ -1,0 +1,122 @@
+"""A generation request and its validation: the one place that checks what a caller asks for.
+
+:class:`Request` is what a caller describes (a prompt, a strategy by name and its options, limits, a
+seed). :func:`prepare` checks every field against the model and the registries and returns a
+:class:`PreparedRequest`, or raises a typed :class:`~blt_decode.errors.BLTDecodeError` whose message names
+the field and what is allowed. :func:`blt_decode.generate`, :func:`blt_decode.stream` and the batched
+:class:`~blt_decode.engine.Engine` all go through :func:`prepare`, so they accept and refuse the same things.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Mapping, Sequence
+
+import attrs
+
+from blt_decode import options as options_mod
+from blt_decode import plugins, tokenizer
+from blt_decode.errors import InvalidRequestError, PromptTooLongError
+
+#: new bytes generated when a caller does not say
+DEFAULT_MAX_NEW_BYTES = 256
+#: seeds accepted by torch.Generator.manual_seed
+MAX_SEED = 2**64 - 1
+
+
+@attrs.frozen
+class Request:
+    """One generation: ``prompt`` (str as UTF-8, or raw bytes), a strategy by name with its options,
+    ``max_new_bytes``, stop sequences (a str/bytes is *one* stop sequence) and a seed for sampling
+    strategies (None draws one from a private source; the seed used is in the statistics)."""
+
+    prompt: str | bytes
+    strategy: str = "autoregressive"
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    max_new_bytes: int = DEFAULT_MAX_NEW_BYTES
+    stop: str | bytes | Sequence[str | bytes] = ()
+    seed: int | None = None
+
+
+@attrs.frozen
+class PreparedRequest:
+    """A validated request: the strategy object, its Options instance, the prompt's bytes and ids."""
+
+    strategy: Any
+    options: Any
+    prompt: bytes
+    prompt_ids: tuple[int, ...]
+    max_new_bytes: int
+    stops: tuple[bytes, ...]
+    seed: int
+
+    @property
+    def capacity(self) -> int:
+        """Session positions the request may use: BOS + prompt + new bytes + the strategy's scratch room."""
+        return len(self.prompt_ids) + self.max_new_bytes + self.strategy.lookahead(self.options) + 1
+
+
+def prompt_bytes(prompt: Any) -> bytes:
+    """A prompt as bytes (str as UTF-8), or :class:`InvalidRequestError`."""
+    if isinstance(prompt, str):
+        try:
+            return prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"prompt is a str that is not valid Unicode ({exc.reason} at index {exc.start}); pass the raw bytes instead"
+            ) from None
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        return bytes(prompt)
+    raise InvalidRequestError(f"prompt must be str or bytes, got {type(prompt).__name__}")
+
+
+def stop_sequences(stop: Any) -> tuple[bytes, ...]:
+    """Stop sequences as bytes: a single str/bytes is one sequence, a list/tuple holds several."""
+    if isinstance(stop, (str, bytes, bytearray)):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise InvalidRequestError(f"stop must be a str, bytes, or a list of them, got {type(stop).__name__}")
+    out = []
+    for s in stop:
+        if not isinstance(s, (str, bytes, bytearray)):
+            raise InvalidRequestError(f"each stop sequence must be str or bytes, got {type(s).__name__}: {s!r}")
+        data = prompt_bytes(s)
+        if not data:
+            raise InvalidRequestError("stop sequences must not be empty")
+        out.append(data)
+    return tuple(out)
+
+
+def check_max_new_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"max_new_bytes must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_seed(value: Any) -> int:
+    """The seed to use: ``value`` when given (an integer in 0..2**64-1), else one drawn from the operating
+    system's random source (never from, and never touching, torch's or Python's global random state)."""
+    if value is None:
+        return secrets.randbits(31)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {value!r}")
+    return value
+
+
+def prepare(request: Request, max_seqlen: int) -> PreparedRequest:
+    """Validate ``request`` for a model whose longest sequence is ``max_seqlen`` positions."""
+    strategy = plugins.get_strategy(request.strategy)
+    if not isinstance(request.options, Mapping):
+        raise InvalidRequestError(f"options must be a mapping of option names to values, got {type(request.options).__name__}")
+    opts = options_mod.make_options(strategy, dict(request.options))
+    prompt = prompt_bytes(request.prompt)
+    max_new = check_max_new_bytes(request.max_new_bytes)
+    if len(prompt) + 1 + max_new > max_seqlen:
+        raise PromptTooLongError(
+            f"prompt of {len(prompt)} bytes + BOS + max_new_bytes={max_new} exceeds the model's limit of "
+            f"{max_seqlen} positions (at most {max(max_seqlen - 1 - max_new, 0)} prompt bytes with this max_new_bytes)"
+        )
+    return PreparedRequest(
+        strategy=strategy, options=opts, prompt=prompt, prompt_ids=tuple(tokenizer.encode(prompt)),
+        max_new_bytes=max_new, stops=stop_sequences(request.stop), seed=check_seed(request.seed),
+    )
