@@ -10,7 +10,6 @@ bits-per-byte of the continuation under the model's own autoregressive distribut
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import tempfile
 import time
@@ -21,63 +20,12 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from blt_decode import api, plugins, tokenizer
-from blt_decode.cli import parse_option_value
+from blt_decode import api, options, plugins, tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig, ffn_dim_for
-from blt_decode.corpus import HELDOUT_CODE, HELDOUT_PLAYS, plays_dir, stdlib_dir
 from blt_decode.errors import BLTDecodeError
 from blt_decode.model import BLTModel, ParamCounts
-from blt_decode.stats import ForwardPasses, bandwidth_gb
-
-#: bump when the prompt selection below changes
-PROMPT_SET_VERSION = "heldout-v1"
-
-
-# -- workload ---------------------------------------------------------------------------------------
-@attrs.frozen
-class Prompt:
-    source: str  #: "code:<file>" or "plays:<stem>"
-    prompt: bytes
-    reference: bytes  #: the held-out text that really follows the prompt
-
-
-def _cuts(data: bytes, pattern: bytes) -> list[int]:
-    return [m.end() for m in re.finditer(pattern, data, flags=re.M)]
-
-
-def prompt_set(count: int = 8, *, prompt_bytes: int = 256, reference_bytes: int = 256) -> list[Prompt]:
-    """``count`` prompts from the held-out split of :mod:`blt_decode.corpus`, alternating stdlib code
-    (cut after a ``def ...:`` line) and Shakespeare (cut after a speaker's line), with the true
-    continuation as reference. Deterministic; versioned by :data:`PROMPT_SET_VERSION`."""
-    pools: list[list[Prompt]] = []
-    for rel in HELDOUT_CODE:
-        data = (stdlib_dir() / rel).read_bytes()
-        cuts = _cuts(data, rb"^[ \t]*def [^\n]*:\n")
-        pools.append([Prompt(f"code:{rel}", data[max(0, c - prompt_bytes):c], data[c:c + reference_bytes]) for c in cuts])
-    for stem in HELDOUT_PLAYS:
-        path = next(plays_dir().rglob(f"{stem}.md"), None)
-        if path is None:
-            continue
-        data = path.read_bytes()
-        cuts = [c for c in _cuts(data, rb"^[A-Z][A-Z ]+\.?\n") if c > prompt_bytes]
-        pools.append([Prompt(f"plays:{stem}", data[c - prompt_bytes:c], data[c:c + reference_bytes]) for c in cuts[::25]])
-    prompts: list[Prompt] = []
-    code, plays = [p for p in pools if p and p[0].source.startswith("code")], [p for p in pools if p and p[0].source.startswith("plays")]
-    order = [pool for pair in zip(code, plays) for pool in pair] + code[len(plays):] + plays[len(code):]
-    depth = 0
-    while len(prompts) < count and any(depth < len(p) for p in order):
-        for pool in order:
-            if depth < len(pool) and len(prompts) < count:
-                prompts.append(pool[(len(pool) // 2 + depth) % len(pool)])
-        depth += 1
-    return prompts
-
-
-def prompts_from_file(path: str | Path) -> list[Prompt]:
-    """A user prompt file: prompts separated by lines holding only ``---``; no references (no chrF)."""
-    text = Path(path).read_bytes()
-    parts = [p.strip(b"\n") for p in re.split(rb"^---$", text, flags=re.M)]
-    return [Prompt(f"file:{path}#{i}", p, b"") for i, p in enumerate(parts) if p]
+from blt_decode.prompt_sets import Prompt
+from blt_decode.stats import DecodeStats, ForwardPasses, bandwidth_gb
 
 
 # -- what runs --------------------------------------------------------------------------------------
@@ -89,19 +37,15 @@ class StrategySpec:
 
 
 def parse_strategies(text: str) -> list[StrategySpec]:
-    """``ar,blt-s:k=4,blt-d:block_size=8+rule=entropy`` → specs (options joined with ``+``)."""
+    """``ar,blt-s:k=4,blt-d:block_size=8+rule=entropy`` → specs (options joined with ``+``, each value
+    parsed by the option's declared type). Unknown strategies and bad options fail here, before any work."""
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, opts = item.partition(":")
-        options = {}
-        for pair in filter(None, opts.split("+")):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise BLTDecodeError(f"bad strategy option {pair!r} in {item!r}: expected key=value")
-            options[key] = parse_option_value(value)
-        strategy = plugins.get_strategy(name)  # unknown names fail here, listing the registered ones
-        plugins.make_options(strategy, options)  # and bad options too, before any work
-        specs.append(StrategySpec(item, strategy.name, options))
+        strategy = plugins.get_strategy(name.strip())  # unknown names fail here, listing the registered ones
+        parsed = options.parse_option_strings(strategy, [p for p in opts.split("+") if p])
+        options.make_options(strategy, parsed)
+        specs.append(StrategySpec(item, strategy.name, parsed))
     return specs
 
 
@@ -141,12 +85,23 @@ class BenchRow:
     bandwidth_gb: float
     bandwidth_vs_ar: float
     projected_vs_ar: dict[str, float]
+    #: new bytes over the wall time of all prompts (median of the repeats)
     bytes_per_second: float
+    #: median over prompts of the time to the first committed byte (prefill + first round), last repeat
+    time_to_first_byte_s: float | None
+    #: new bytes after each prompt's first chunk over the time after it, summed over prompts (last repeat)
+    decode_bytes_per_second: float | None
+    #: wall seconds of one pass over all prompts (median of the repeats)
+    wall_s: float
     acceptance_rate: float | None
     exact_match_vs_ar: float
+    #: mean share of AR's continuation reproduced before the first difference
+    matching_prefix_vs_ar: float
     chrf: float | None
     bits_per_byte_under_ar: float
     denoise_passes_per_block: float | None
+    #: committed bytes per block (BLT-D/BLT-DV; BLT-DV: the exact first byte + the accepted draft)
+    bytes_per_block: float | None
 
 
 @attrs.frozen
@@ -213,17 +168,30 @@ def _hf_speed(model: BLTModel, prompts: list[Prompt], max_new_bytes: int) -> tup
     return total / (time.perf_counter() - start), None
 
 
-def run_bench(model_spec: str, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
+def _matching_prefix(output: bytes, reference: bytes) -> float:
+    common = next((j for j, (a, b) in enumerate(zip(output, reference)) if a != b), min(len(output), len(reference)))
+    return common / max(len(reference), 1)
+
+
+def _sum_passes(stats: Sequence[DecodeStats]) -> ForwardPasses:
+    return ForwardPasses(*(sum(getattr(s.passes, f) for s in stats) for f in ("patcher", "encoder", "global_", "decoder")))
+
+
+def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
               max_new_bytes: int = 256, repeats: int = 3, threads: int = 1, compare_hf: bool = False,
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, prompt_set: str = "custom", dtype: torch.dtype | None = None,
+              device: str | None = None) -> BenchResult:
     """Run every strategy spec on every backend over ``prompts``; ratios are against the first
-    ``autoregressive`` greedy spec on the same backend (one is added if none is given)."""
+    ``autoregressive`` greedy spec on the same backend (one is added if none is given). ``prompt_set``
+    labels the prompts in the result (a built-in set's version, or the user's file)."""
     if not any(s.strategy == "autoregressive" and not s.options.get("temperature") for s in specs):
         specs = [StrategySpec("ar", "autoregressive", {}), *specs]
     for name in backends:
         plugins.get_backend(name)
+    if repeats < 1:
+        raise BLTDecodeError(f"repeats must be >= 1, got {repeats}")
     torch.set_num_threads(threads)
-    model = api.load_model(model_spec)
+    model = api.load_model(model_spec, dtype=dtype, device=device)
     released = released_param_counts()
     warmup: dict[str, float] = {}
     rows: list[BenchRow] = []
@@ -235,7 +203,7 @@ def run_bench(model_spec: str, specs: Sequence[StrategySpec], backends: Sequence
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
         for spec in specs:
-            rates, outputs, stats = [], [], []
+            walls, outputs, stats = [], [], []
             for _ in tqdm(range(repeats), desc=f"{spec.label} on {backend}", disable=not progress, leave=False):
                 outputs, stats, t0 = [], [], time.perf_counter()
                 for p in prompts:
@@ -243,8 +211,8 @@ def run_bench(model_spec: str, specs: Sequence[StrategySpec], backends: Sequence
                                      max_new_bytes=max_new_bytes, seed=0, **spec.options)
                     outputs.append(g.output)
                     stats.append(g.stats)
-                rates.append(sum(s.new_bytes for s in stats) / (time.perf_counter() - t0))
-            passes = ForwardPasses(*(sum(getattr(s.passes, f) for s in stats) for f in ("patcher", "encoder", "global_", "decoder")))
+                walls.append(time.perf_counter() - t0)
+            passes = _sum_passes(stats)
             gb = sum(s.bandwidth_gb for s in stats)
             if backend not in ar_cost:  # the first spec is AR greedy
                 ar_cost[backend] = (passes, gb)
@@ -253,37 +221,54 @@ def run_bench(model_spec: str, specs: Sequence[StrategySpec], backends: Sequence
             drafted = sum(s.drafted_bytes for s in stats)
             blocks = sum(s.blocks for s in stats)
             denoise = sum(s.denoise_passes for s in stats)
+            new_bytes = sum(s.new_bytes for s in stats)
             bits = [continuation_bits(model, p.prompt, o) for p, o in zip(prompts, outputs)]
+            ttfb = [s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None]
+            decode_time = sum(s.wall_time_s - s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None)
+            decode_bytes = sum(s.decode_bytes_per_second * (s.wall_time_s - s.time_to_first_byte_s)
+                               for s in stats if s.decode_bytes_per_second is not None)
+            wall = statistics.median(walls)
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
-                new_bytes=sum(s.new_bytes for s in stats), bandwidth_gb=gb, bandwidth_vs_ar=gb / ar_gb,
+                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=gb / ar_gb,
                 projected_vs_ar={k: bandwidth_gb(passes, pc) / bandwidth_gb(ar_passes, pc) for k, pc in released.items()},
-                bytes_per_second=statistics.median(rates),
+                bytes_per_second=new_bytes / wall,
+                time_to_first_byte_s=statistics.median(ttfb) if ttfb else None,
+                decode_bytes_per_second=decode_bytes / decode_time if decode_time > 0 else None,
+                wall_s=wall,
                 acceptance_rate=sum(s.accepted_bytes for s in stats) / drafted if drafted else None,
                 exact_match_vs_ar=sum(o == r for o, r in zip(outputs, reference_outputs[backend])) / len(prompts),
+                matching_prefix_vs_ar=statistics.mean(_matching_prefix(o, r) for o, r in zip(outputs, reference_outputs[backend])),
                 chrf=_chrf(outputs, [p.reference for p in prompts]),
                 bits_per_byte_under_ar=sum(b for b, _ in bits) / max(sum(n for _, n in bits), 1),
                 denoise_passes_per_block=denoise / blocks if blocks else None,
+                bytes_per_block=new_bytes / blocks if blocks else None,
             ))
     hf_rate, hf_note = _hf_speed(model, list(prompts), max_new_bytes) if compare_hf else (None, None)
-    return BenchResult(str(model_spec), PROMPT_SET_VERSION, len(prompts), max_new_bytes, repeats, threads, warmup,
-                       rows, hf_rate, hf_note)
+    label = model_spec if isinstance(model_spec, str) else "(model object)"
+    return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note)
 
 
 # -- output -----------------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(result: BenchResult) -> str:
     proj = list(result.rows[0].projected_vs_ar) if result.rows else []
     head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
-            + " | bytes/s | acceptance | exact = AR | chrF | bits/byte under AR |")
+            + " | bytes/s | decode bytes/s | first byte ms | acceptance | bytes/block | denoise passes/block "
+              "| exact = AR | prefix = AR | chrF | bits/byte under AR |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result.rows:
-        acc = f"{r.acceptance_rate:.3f}" if r.acceptance_rate is not None else "-"
-        chrf = f"{r.chrf:.1f}" if r.chrf is not None else "-"
+        ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
         lines.append(
             f"| {r.label} | {r.backend} | {r.passes.patcher} | {r.passes.encoder} | {r.passes.global_} | {r.passes.decoder} | "
             f"{r.bandwidth_gb:.4g} | {r.bandwidth_vs_ar:.3f} | " + " | ".join(f"{r.projected_vs_ar[p]:.3f}" for p in proj)
-            + f" | {r.bytes_per_second:.1f} | {acc} | {r.exact_match_vs_ar:.2f} | {chrf} | {r.bits_per_byte_under_ar:.3f} |"
+            + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
+              f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
+              f"| {r.exact_match_vs_ar:.2f} | {r.matching_prefix_vs_ar:.2f} | {_fmt(r.chrf, '.1f')} | {r.bits_per_byte_under_ar:.3f} |"
         )
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
@@ -296,15 +281,22 @@ def markdown(result: BenchResult) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def require_matplotlib() -> None:
+    """Fail with one clear line when matplotlib (the ``bench`` extra) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BLTDecodeError("--plot needs matplotlib: pip install 'blt-decode[bench]'")
+
+
 def plot(result: BenchResult, path: str | Path) -> None:
     """Bandwidth ratio vs quality (chrF when references exist, else bits/byte under AR), the frontier drawn."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BLTDecodeError("--plot needs matplotlib: pip install 'blt-decode[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = [r for r in result.rows if r.backend == result.rows[0].backend]
     use_chrf = all(r.chrf is not None for r in rows)
     quality = [r.chrf if use_chrf else -r.bits_per_byte_under_ar for r in rows]

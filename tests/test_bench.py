@@ -4,18 +4,54 @@ import sys
 
 import pytest
 
-from blt_decode import bench
+from blt_decode import bench, prompt_sets
 from blt_decode.errors import InvalidOptionsError, UnknownStrategyError
 
 
-def test_prompt_set_is_deterministic_and_held_out():
-    a, b = bench.prompt_set(6), bench.prompt_set(6)
-    assert a == b and len(a) == 6
-    assert {p.source.split(":")[0] for p in a} == {"code", "plays"}
-    assert all(p.prompt and p.reference for p in a)
+def test_prompt_sets_ship_as_package_data_and_are_held_out():
     from blt_decode.corpus import HELDOUT_CODE, HELDOUT_PLAYS
 
-    assert all(p.source.split(":", 1)[1] in HELDOUT_CODE + HELDOUT_PLAYS for p in a)
+    a, b = prompt_sets.load("heldout", 6), prompt_sets.load("heldout", 64)
+    assert a == b[:6] and len(b) == 64
+    assert {p.source.split(":")[0] for p in a} == {"code", "plays"}
+    assert all(p.prompt and p.reference for p in b)
+    assert all(p.source.split(":", 1)[1] in HELDOUT_CODE + HELDOUT_PLAYS for p in b)
+    code = prompt_sets.load("heldout-code", 20)
+    assert all(p.prompt.endswith(b":\n") and b"def " in p.prompt.splitlines()[-1] for p in code)
+    with pytest.raises(prompt_sets.PromptSetError, match="holds 64 prompts"):
+        prompt_sets.load("heldout", 65)
+    with pytest.raises(prompt_sets.PromptSetError, match="built-in sets"):
+        prompt_sets.load("nope")
+
+
+def test_prompt_sets_load_without_the_corpus():
+    # a plain install has no play texts: loading the shipped sets must not touch the corpus module
+    code = ("import sys; sys.modules['blt_decode.corpus'] = None\n"
+            "from blt_decode import prompt_sets\n"
+            "print(len(prompt_sets.load('heldout', 64)), len(prompt_sets.load('heldout-code', 64)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["64", "64"], out.stderr
+
+
+def test_shipped_code_prompts_are_reproduced_from_the_stdlib():
+    assert prompt_sets.build("heldout-code") == prompt_sets.load("heldout-code", 64)
+
+
+def test_shipped_heldout_prompts_are_reproduced_from_the_corpus():
+    from blt_decode import corpus
+
+    try:
+        corpus.plays_dir()
+    except corpus.CorpusError as exc:
+        pytest.skip(f"play texts not available: {exc}")
+    assert prompt_sets.build("heldout") == prompt_sets.load("heldout", 64)
+
+
+def test_user_prompt_files():
+    prompts = prompt_sets.from_bytes(b"one\n---\n\xff two\n---\n", "mine.txt")
+    assert [p.prompt for p in prompts] == [b"one", b"\xff two"] and prompts[0].source == "file:mine.txt#0"
+    with pytest.raises(prompt_sets.PromptSetError):
+        prompt_sets.from_bytes(b"---\n", "empty.txt")
 
 
 def test_strategy_specs_parse_and_validate():
@@ -50,3 +86,18 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     assert rows["blt-s:k=4"]["acceptance_rate"] is not None
     assert set(rows["ar"]["projected_vs_ar"]) == {"BLT-1B", "BLT-3B (est.)"}
     assert "| ar | eager |" in run.stdout
+    assert data["prompt_set"] == f"your file {prompts}"
+    assert rows["ar"]["time_to_first_byte_s"] > 0 and rows["ar"]["decode_bytes_per_second"] > 0
+    assert rows["blt-s:k=4"]["matching_prefix_vs_ar"] == 1.0
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(tmp_path):
+    # matplotlib hidden: the error must come at once, before any benchmarking
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, importlib.util as u; f = u.find_spec; "
+         "u.find_spec = lambda n, *a: None if n == 'matplotlib' else f(n, *a); "
+         "from blt_decode.cli import main; sys.exit(main(sys.argv[1:]))",
+         "bench", "--model", "random:tiny", "--prompts", "1", "--repeats", "1", "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2 and "needs matplotlib" in run.stderr and "|" not in run.stdout, run.stderr
