@@ -1,51 +1,86 @@
-"""The ``blt-decode`` command line. Thin: parses arguments, calls the API, prints."""
+"""The ``blt-decode`` command line. Thin: parses arguments, calls the API, prints.
+
+Every user error (a bad flag, option, prompt, file or checkpoint) prints one line
+``blt-decode: error: ...`` on stderr and exits with status 2, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import attrs
 import torch
 
-from blt_decode import api, formats, plugins, tokenizer
+import blt_decode
+from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
 from blt_decode.errors import BLTDecodeError
 
-
-def parse_option_value(text: str) -> Any:
-    """``--option key=value`` values: ints, floats, true/false, none, else the string itself."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+PROG = "blt-decode"
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise BLTDecodeError(f"--option expects key=value, got {pair!r}")
-        options[key.strip().replace("-", "_")] = parse_option_value(value.strip())
-    return options
+class CLIError(BLTDecodeError):
+    """A command-line argument that the API never sees is wrong (a file, a flag combination)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the message and where to get help), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def strategy_options(strategy_name: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """``-o KEY=VALUE`` pairs as the strategy's options, each value parsed by the option's declared type."""
+    return options.parse_option_strings(plugins.get_strategy(strategy_name), pairs)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    """A file's raw bytes (``-`` = standard input), or one clear error."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+
+
+def prompt_from_args(args: argparse.Namespace) -> bytes:
+    """The prompt as raw bytes: the argument as the OS gave it (so a non-UTF-8 argument loses nothing),
+    or ``--prompt-file`` (``-`` for stdin)."""
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise CLIError("give the prompt either as an argument or with --prompt-file, not both")
+        return _read_file(args.prompt_file, "prompt file")
+    if args.prompt is None:
+        raise CLIError("no prompt: give it as an argument or with --prompt-file PATH (- for stdin)")
+    return os.fsencode(args.prompt)
+
+
+def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_decode.BLTModel:
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    return api.load_model(spec or args.model, dtype=dtype, device=getattr(args, "device", None))
+
+
+def _compile_note(backend: str) -> None:
+    if backend == "compiled":
+        print(f"{PROG}: compiling the model's stacks with torch.compile; the first generation is slow "
+              "(25-150 s on a CPU), later ones are not", file=sys.stderr, flush=True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    options = parse_options(args.option)
+    prompt = prompt_from_args(args)
+    model = model_from_args(args)
     stream = api.stream(
-        args.model, args.prompt, strategy=args.strategy, backend=args.backend, max_new_bytes=args.max_new_bytes,
-        stop=args.stop, seed=args.seed, **options,
+        model, prompt, strategy=args.strategy, backend=args.backend, max_new_bytes=args.max_new_bytes,
+        stop=[os.fsencode(s) for s in args.stop], seed=args.seed, **strategy_options(args.strategy, args.option),
     )
+    _compile_note(args.backend)
     if args.json:
         output = b"".join(stream)
         assert stream.stats is not None
@@ -59,11 +94,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "stats": stream.stats.to_dict(),
         }, indent=2))
         return 0
+    # UTF-8 whatever the locale; whole characters only, printed as the strategy commits them
     out = sys.stdout.buffer
-    out.write(stream.prompt)
+    out.write(tokenizer.display(stream.prompt).encode())
     out.flush()
-    for chunk in stream:  # printed as the strategy commits it
-        out.write(chunk)
+    for text in stream.text():
+        out.write(text.encode())
         out.flush()
     out.write(b"\n")
     out.flush()
@@ -164,12 +200,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_exactness(args: argparse.Namespace) -> int:
     from blt_decode import exactness
 
-    options = parse_options(args.option)
+    opts = strategy_options(args.strategy, args.option)
     prompts = exactness.stdlib_snippets(args.prompts)
     rows = []
     for dtype_name in args.dtype or ["float32", "bfloat16"]:
-        model = api.load_model(args.model, dtype=getattr(torch, dtype_name))
-        rows.append(exactness.measure_flips(model, args.strategy, options, prompts=prompts,
+        model = api.load_model(args.model, dtype=getattr(torch, dtype_name), device=args.device)
+        rows.append(exactness.measure_flips(model, args.strategy, opts, prompts=prompts,
                                             max_new_bytes=args.max_new_bytes))
     print(f"{'strategy':<10} {'dtype':<9} {'bytes':>7} {'flips':>6} {'flips/10k':>10} {'near-ties/10k':>14} {'accept':>7}")
     for r in rows:
@@ -179,16 +215,13 @@ def _cmd_exactness(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPES = ("bfloat16", "float16", "float32")
-
-
 def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
-        raise BLTDecodeError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
-    src_format = formats.detect_format(args.src)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = formats.load_checkpoint(args.src, dtype=dtype)
+        raise CLIError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
+    path = Path(args.src)
+    src_format = formats.detect_format(path) if path.is_dir() else args.src
+    model = api.load_model(args.src, dtype=getattr(torch, args.dtype) if args.dtype else None)
     formats.save_checkpoint(model, dst, args.to)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
@@ -198,10 +231,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_trace(args: argparse.Namespace) -> int:
     from blt_decode import render
 
-    traced = render.trace_generation(args.model, args.prompt, strategy=args.strategy,
-                                     max_new_bytes=args.max_new_bytes, **parse_options(args.option))
+    if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+    traced = render.trace_generation(model_from_args(args), prompt_from_args(args), strategy=args.strategy,
+                                     max_new_bytes=args.max_new_bytes, **strategy_options(args.strategy, args.option))
     if args.format == "terminal":
-        print(render.to_terminal(traced))
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        sys.stdout.buffer.write(render.to_terminal(traced, colour=colour).encode() + b"\n")
     if args.html:
         Path(args.html).write_text(render.to_html(traced), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
@@ -211,14 +247,23 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from blt_decode import bench
 
+    if args.plot:
+        bench.require_matplotlib()  # before minutes of benchmarking, not after
     model = args.model
     if model is None:  # the shipped model when there is one, else a random model of BLT-1B proportions
         model = "default" if api.default_model_available() else "random:small"
-    prompts = bench.prompts_from_file(args.prompt_file) if args.prompt_file else bench.prompt_set(args.prompts)
+    if args.prompt_file:
+        prompts = prompt_sets.from_bytes(_read_file(args.prompt_file, "prompt file"), args.prompt_file)
+        prompt_set = f"your file {args.prompt_file}"
+    else:
+        prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
     specs = bench.parse_strategies(args.strategies)
-    result = bench.run_bench(model, specs, [b.strip() for b in args.backends.split(",") if b.strip()], prompts,
-                             max_new_bytes=args.max_new_bytes, repeats=args.repeats, threads=args.threads or 1,
-                             compare_hf=args.compare_hf)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if "compiled" in backends:
+        _compile_note("compiled")
+    result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
+                             threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
+                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
     print(bench.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
@@ -229,44 +274,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads", type=_non_negative_int, default=1,
         help="torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny "
              "matrix products: extra OpenMP threads only add synchronisation, which on a busy machine can make "
              "each step many times slower. Raise it for large models.",
     )
 
 
+MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "default", *, dtype: bool = True) -> None:
+    parser.add_argument("--model", default=default, help=f"{MODEL_HELP} (default: %(default)s)")
+    if dtype:
+        parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                            help="run the model in this dtype (default: float32; bfloat16/float16 for GPUs)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="prompt text (taken as the raw bytes of the argument; see --prompt-file for files)")
+    parser.add_argument("--prompt-file", metavar="PATH", default=None,
+                        help="read the prompt's raw bytes from a file (- for stdin) instead of the argument")
+
+
+def _add_strategy_arguments(parser: argparse.ArgumentParser, default: str = "autoregressive") -> None:
+    parser.add_argument("--strategy", default=default, help="decoding strategy (see 'blt-decode strategies') (default: %(default)s)")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="strategy option (repeatable); the value is parsed by the option's declared type")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blt-decode", description="Fast decoding of Byte Latent Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog=PROG, description="Fast decoding of Byte Latent Transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {blt_decode.__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate bytes after a prompt")
-    gen.add_argument("prompt", help="prompt text (UTF-8)")
-    gen.add_argument("--model", default="default", help="checkpoint directory, 'default', or random:PRESET[:SEED] (default: %(default)s)")
-    gen.add_argument("--strategy", default="autoregressive", help="decoding strategy (see 'blt-decode strategies')")
-    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends')")
-    gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES)
-    gen.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
+    _add_prompt_arguments(gen)
+    _add_model_arguments(gen)
+    _add_strategy_arguments(gen)
+    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends') (default: %(default)s)")
+    gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES,
+                     help="most bytes to generate (default: %(default)s)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
-    ex.add_argument("--model", default="random:small")
-    ex.add_argument("--strategy", default="blt-s")
-    ex.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
-    ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None)
-    ex.add_argument("--prompts", type=int, default=20, help="number of stdlib prompts")
-    ex.add_argument("--max-new-bytes", type=int, default=256)
+    _add_model_arguments(ex, dtype=False)
+    _add_strategy_arguments(ex, default="blt-s")
+    ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None,
+                    help="dtype to measure (repeatable; default: float32 and bfloat16)")
+    ex.add_argument("--prompts", type=_non_negative_int, default=20, help="number of stdlib prompts (default: %(default)s)")
+    ex.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
+    _add_threads_argument(ex)
     ex.set_defaults(func=_cmd_exactness)
 
     conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
-    conv.add_argument("src", help="checkpoint directory (any layout blt-decode reads; recognised by its files)")
+    conv.add_argument("src", help=f"the model to convert: {MODEL_HELP}")
     conv.add_argument("dst", help="output directory")
     conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
     conv.add_argument("--dtype", choices=_DTYPES, default=None,
@@ -275,26 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_cmd_convert)
 
     tr = sub.add_parser("trace", help="show how a strategy decoded: patches, entropies, drafts, diffusion passes")
-    tr.add_argument("prompt")
-    tr.add_argument("--model", default="default")
-    tr.add_argument("--strategy", default="autoregressive")
-    tr.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE")
-    tr.add_argument("--max-new-bytes", type=int, default=128)
+    _add_prompt_arguments(tr)
+    _add_model_arguments(tr)
+    _add_strategy_arguments(tr)
+    tr.add_argument("--max-new-bytes", type=int, default=128, help="(default: %(default)s)")
     tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
     tr.add_argument("--format", choices=("terminal", "none"), default=None,
-                    help="print a coloured terminal view (default: terminal unless --html is given)")
+                    help="print a text view (default: terminal unless --html is given); coloured only on a "
+                         "terminal and never when NO_COLOR is set")
     _add_threads_argument(tr)
     tr.set_defaults(func=_cmd_trace)
 
     be = sub.add_parser("bench", help="benchmark strategies x backends side by side on one model")
-    be.add_argument("--model", default=None, help="default: the shipped model, else random:small")
+    _add_model_arguments(be, default=None)
     be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
                     help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
     be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
-    be.add_argument("--prompts", type=int, default=8, help="prompts from the held-out split (default: %(default)s)")
-    be.add_argument("--prompt-file", default=None, help="your own prompts, separated by lines holding only ---")
-    be.add_argument("--max-new-bytes", type=int, default=256)
-    be.add_argument("--repeats", type=int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--prompt-set", default="heldout", choices=prompt_sets.PROMPT_SETS,
+                    help="built-in prompt set (versioned package data) (default: %(default)s)")
+    be.add_argument("--prompts", type=_non_negative_int, default=8, help="prompts from the prompt set (default: %(default)s)")
+    be.add_argument("--prompt-file", default=None, metavar="PATH",
+                    help="your own prompts instead, separated by lines holding only --- (- for stdin)")
+    be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
+    be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
     be.add_argument("--json", metavar="PATH", help="write every row as JSON")
     be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
     be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
@@ -306,21 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    text = str(exc).strip()
+    return " ".join(text.split("\n")) if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `blt-decode`: say what there is
+        parser.print_help()
+        return 0
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "trace" and args.format is None:
         args.format = "none" if args.html else "terminal"
     try:
         return args.func(args)
-    except (BLTDecodeError, KeyError) as exc:
-        message = str(exc) if isinstance(exc, BLTDecodeError) else exc.args[0] if exc.args else repr(exc)
-        print(f"blt-decode: error: {message}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return 0
+    except (BLTDecodeError, OSError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

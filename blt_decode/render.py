@@ -166,27 +166,32 @@ _RESET, _GREEN, _RED, _DIM = "\x1b[0m", "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m"
 _PATCH_COLOURS = ("\x1b[48;5;153m", "\x1b[48;5;223m")
 
 
-def to_terminal(t: TracedGeneration) -> str:
-    """ANSI-coloured text: patches on alternating backgrounds, then one line per BLT-S round."""
+def to_terminal(t: TracedGeneration, *, colour: bool = True) -> str:
+    """Text view: patches on alternating backgrounds (``colour``) or separated by ``|`` (without colour),
+    then one line per BLT-S/BLT-DV round (accepted/rejected drafts) or diffusion pass."""
     g, events = t.generation, t.generation.trace.events
+    reset, green, red, dim = (_RESET, _GREEN, _RED, _DIM) if colour else ("", "", "", "")
     patches = [e for e in events if isinstance(e, PatchClosed)]
     out = []
-    colour = 0
+    shade = 0
     boundaries = {p.start for p in patches}
     for pos, token in enumerate(t.ids):
-        if pos in boundaries:
-            colour ^= 1
         label = _byte_label(token)
-        out.append(f"{_PATCH_COLOURS[colour]}{label}{_RESET}")
+        if pos in boundaries:
+            shade ^= 1
+            if not colour and pos:
+                out.append("|")
+        out.append(f"{_PATCH_COLOURS[shade]}{label}{_RESET}" if colour else label)
     lines = ["".join(out)]
     for e in events:
         if isinstance(e, Verified):
             acc = "".join(_byte_label(i) for i in e.drafted[: e.accepted])
             rej = "".join(_byte_label(i) for i in e.drafted[e.accepted :])
-            lines.append(f"{_DIM}@{e.position:<5}{_RESET} {_GREEN}{acc}{_RESET}{_RED}{rej}{_RESET}")
+            marks = "" if colour else f" (accepted {e.accepted} of {len(e.drafted)})"
+            lines.append(f"{dim}@{e.position:<5}{reset} {green}{acc}{reset}{red}{rej}{reset}{marks}")
         elif isinstance(e, Unmasked):
             shown = " ".join(f"{p}:{_byte_label(i)}" for p, i in zip(e.positions, e.ids))
-            lines.append(f"{_DIM}block@{e.block_start} pass {e.step}{_RESET} {shown}")
+            lines.append(f"{dim}block@{e.block_start} pass {e.step}{reset} {shown}")
     s = g.stats
-    lines.append(f"{_DIM}{s.new_bytes} bytes, {s.patches} patches, passes: global {s.passes.global_}, decoder {s.passes.decoder}{_RESET}")
+    lines.append(f"{dim}{s.new_bytes} bytes, {s.patches} patches, passes: global {s.passes.global_}, decoder {s.passes.decoder}{reset}")
     return "\n".join(lines)

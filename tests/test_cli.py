@@ -1,52 +1,169 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
 import blt_decode as bd
-from blt_decode.cli import main, parse_option_value
+from blt_decode import tokenizer
+from blt_decode.cli import main
+
+TINY = ("--model", "random:tiny")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, text=True)
+def run_cli(*args, input=None, env=None):
+    return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, input=input,
+                          env={**os.environ, **(env or {})})
 
 
 def test_generate_json_prints_output_and_stats():
-    out = run_cli("generate", "--model", "random:tiny", "--json", "--max-new-bytes", "12", "hello")
+    out = run_cli("generate", *TINY, "--json", "--max-new-bytes", "12", "hello")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     expected = bd.generate("random:tiny", "hello", max_new_bytes=12)
     assert bytes.fromhex(data["output_bytes_hex"]) == expected.output
     assert data["stats"]["passes"]["decoder"] == expected.stats.passes.decoder
     assert data["stats"]["bandwidth_gb"] > 0
+    assert data["stats"]["time_to_first_byte_s"] > 0
     assert data["strategy"] == "autoregressive" and data["backend"] == "eager"
 
 
-def test_generate_streams_prompt_and_output(capsysbinary):
-    assert main(["generate", "--model", "random:tiny", "--max-new-bytes", "8", "abc"]) == 0
+def test_generate_streams_whole_characters(capsysbinary):
+    assert main(["generate", *TINY, "--max-new-bytes", "8", "abc"]) == 0
     printed = capsysbinary.readouterr().out
     expected = bd.generate("random:tiny", "abc", max_new_bytes=8).output
-    assert printed == b"abc" + expected + b"\n"
+    # the text view: invalid UTF-8 shown as U+FFFD, exactly as Generation.text
+    assert printed == ("abc" + tokenizer.display(expected) + "\n").encode()
 
 
-def test_listings():
+def test_listings_version_and_bare_help():
     strategies = run_cli("strategies")
-    assert strategies.returncode == 0 and "autoregressive" in strategies.stdout and "alias: ar" in strategies.stdout
-    backends = run_cli("backends")
-    assert backends.returncode == 0 and "eager" in backends.stdout
+    assert strategies.returncode == 0 and b"autoregressive" in strategies.stdout and b"alias: ar" in strategies.stdout
+    assert run_cli("backends").returncode == 0
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.decode().strip() == f"blt-decode {bd.__version__}"
+    bare = run_cli()
+    assert bare.returncode == 0 and b"generate" in bare.stdout and b"usage:" in bare.stdout
 
 
-def test_errors_exit_2_with_a_message():
-    out = run_cli("generate", "--model", "random:tiny", "--strategy", "nope", "x")
-    assert out.returncode == 2 and "registered strategies" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("generate", "--model", "random:huge", "x")
-    assert out.returncode == 2 and "random:PRESET" in out.stderr
-    out = run_cli("generate", "--model", "random:tiny", "-o", "temperature", "x")
-    assert out.returncode == 2 and "key=value" in out.stderr
+@pytest.fixture(scope="module")
+def non_utf8_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    bd.save_model(bd.random_model("tiny"), path)
+    (path / "config.json").write_bytes(b'{"format": "blt-decode", "note": "\xff\xfe"}')
+    return path
 
 
-def test_option_values_are_typed():
-    assert parse_option_value("8") == 8
-    assert parse_option_value("0.7") == 0.7
-    assert parse_option_value("true") is True
-    assert parse_option_value("none") is None
-    assert parse_option_value("kv") == "kv"
+BAD = {
+    "negative max-new-bytes": (["generate", *TINY, "--max-new-bytes", "-5", "x"], "max_new_bytes"),
+    "empty stop": (["generate", *TINY, "--stop", "", "x"], "stop"),
+    "infinite temperature": (["generate", *TINY, "-o", "temperature=inf", "x"], "temperature"),
+    "bool for int option": (["generate", *TINY, "--strategy", "blt-s", "-o", "k=true", "x"], "'k'"),
+    "unparsable option": (["generate", *TINY, "--strategy", "blt-s", "-o", "k=eight", "x"], "'k'"),
+    "option without value": (["generate", *TINY, "-o", "temperature", "x"], "key=value"),
+    "unknown option": (["generate", *TINY, "-o", "beam=3", "x"], "valid options"),
+    "unknown strategy": (["generate", *TINY, "--strategy", "nope", "x"], "registered strategies"),
+    "seed expression": (["generate", *TINY, "--seed", "2**70", "x"], "--seed"),
+    "seed too large": (["generate", *TINY, "--seed", str(2**70), "x"], "seed"),
+    "negative threads": (["generate", *TINY, "--threads", "-1", "x"], "--threads"),
+    "bad random spec": (["generate", "--model", "random:huge", "x"], "random:PRESET"),
+    "missing model dir": (["generate", "--model", "/nonexistent/model", "x"], "neither a directory"),
+    "bad device": (["generate", *TINY, "--device", "gpu", "x"], "device"),
+    "missing prompt file": (["generate", *TINY, "--prompt-file", "/nonexistent/p.txt"], "prompt file"),
+    "prompt twice": (["generate", *TINY, "--prompt-file", "-", "x"], "not both"),
+    "no prompt": (["generate", *TINY], "no prompt"),
+    "bench missing prompt file": (["bench", *TINY, "--prompt-file", "missing.txt", "--repeats", "1"], "missing.txt"),
+    "bench unknown prompt set": (["bench", *TINY, "--prompt-set", "nope"], "--prompt-set"),
+    "bench too many prompts": (["bench", *TINY, "--prompts", "1000", "--repeats", "1"], "holds 64 prompts"),
+    "convert into non-empty dir": (["convert", "random:tiny", ".", "--to", "native"], "--overwrite"),
+    "unknown command": (["frobnicate"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_invocations_print_one_line_and_exit_2(case):
+    argv, expected = BAD[case]
+    out = run_cli(*argv)
+    err = out.stderr.decode()
+    assert out.returncode == 2, (case, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blt-decode: error:"), err
+    assert expected in lines[0], lines[0]
+
+
+def test_non_utf8_config_is_one_line(non_utf8_config):
+    out = run_cli("generate", "--model", str(non_utf8_config), "x")
+    err = out.stderr.decode().strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1 and "config.json" in err and "Traceback" not in err
+
+
+def test_option_strings_follow_the_declared_type():
+    # cache is Literal["kv", "none"]: "none" stays the string, it is not Python None
+    out = run_cli("generate", *TINY, "-o", "cache=none", "--json", "--max-new-bytes", "6", "ab")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["options"]["cache"] == "none"
+    assert bytes.fromhex(data["output_bytes_hex"]) == bd.generate("random:tiny", "ab", cache="none", max_new_bytes=6).output
+    out = run_cli("generate", *TINY, "-o", "top_k=none", "-o", "temperature=0.5", "--seed", "3", "--json", "ab")
+    assert out.returncode == 0 and json.loads(out.stdout)["options"]["top_k"] is None
+
+
+def test_prompt_as_raw_bytes_from_a_file_and_stdin(tmp_path):
+    raw = b"caf\xe9 \xff\x00 bytes"  # not UTF-8
+    expected = bd.generate("random:tiny", raw, max_new_bytes=8).output
+    (tmp_path / "p.bin").write_bytes(raw)
+    for args, stdin in ((["--prompt-file", str(tmp_path / "p.bin")], None), (["--prompt-file", "-"], raw)):
+        out = run_cli("generate", *TINY, "--max-new-bytes", "8", "--json", *args, input=stdin)
+        assert out.returncode == 0, out.stderr
+        assert bytes.fromhex(json.loads(out.stdout)["output_bytes_hex"]) == expected
+
+
+def test_non_utf8_argument_is_taken_as_its_bytes():
+    raw = b"\xff\xfeabc"
+    out = subprocess.run([sys.executable.encode(), b"-m", b"blt_decode.cli", b"generate", b"--model", b"random:tiny",
+                          b"--json", b"--max-new-bytes", b"6", raw], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert bytes.fromhex(json.loads(out.stdout)["output_bytes_hex"]) == bd.generate("random:tiny", raw, max_new_bytes=6).output
+
+
+def test_dtype_and_device_flags():
+    out = run_cli("generate", *TINY, "--dtype", "float64", "--device", "cpu", "--json", "--max-new-bytes", "6", "ab")
+    assert out.returncode == 0, out.stderr
+    model = bd.load_model("random:tiny", dtype=__import__("torch").float64)
+    assert bytes.fromhex(json.loads(out.stdout)["output_bytes_hex"]) == bd.generate(model, "ab", max_new_bytes=6).output
+
+
+def test_convert_reads_every_model_spec(tmp_path):
+    out = run_cli("convert", "random:tiny:3", str(tmp_path / "out"), "--to", "native")
+    assert out.returncode == 0, out.stderr
+    loaded = bd.load_model(tmp_path / "out")
+    assert bd.generate(loaded, "x", max_new_bytes=8).output == bd.generate("random:tiny:3", "x", max_new_bytes=8).output
+
+
+def test_trace_colours_only_on_a_terminal_and_never_with_no_color():
+    piped = run_cli("trace", *TINY, "--max-new-bytes", "8", "ab")
+    assert piped.returncode == 0 and b"\x1b[" not in piped.stdout and b"|" in piped.stdout
+    script = ("import pty, os, sys\n"
+              "pid, fd = pty.fork()\n"
+              "if pid == 0:\n"
+              "    os.execvp(sys.executable, [sys.executable, '-m', 'blt_decode.cli', 'trace', '--model', 'random:tiny', "
+              "'--max-new-bytes', '8', 'ab'])\n"
+              "out = b''\n"
+              "while True:\n"
+              "    try:\n        data = os.read(fd, 4096)\n    except OSError:\n        break\n"
+              "    if not data:\n        break\n    out += data\n"
+              "os.waitpid(pid, 0)\n"
+              "sys.stdout.write(str(b'\\x1b[' in out))\n")
+    tty = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert tty.stdout == "True", tty.stderr
+    no_color = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "NO_COLOR": "1"})
+    assert no_color.stdout == "False", no_color.stderr
+
+
+def test_compiled_backend_says_it_is_warming_up():
+    out = run_cli("generate", *TINY, "--backend", "compiled", "--max-new-bytes", "0", "x")
+    assert out.returncode == 0, out.stderr
+    assert b"compiling" in out.stderr
