@@ -4,8 +4,9 @@ Decoding strategies (autoregressive, BLT-S, BLT-D, BLT-DV, and yours) are pluggy
 compute backends. Start with :func:`generate`.
 """
 
-from blt_decode.api import Generation, Score, Stream, generate, load_model, random_model, score, stream
+from blt_decode.api import Generation, Score, Stream, generate, generate_many, load_model, random_model, score, stream
 from blt_decode.checkpoint import save_model
+from blt_decode.engine import Engine, EngineStats, EngineStream
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.errors import (
     BLTDecodeError,
@@ -13,7 +14,10 @@ from blt_decode.errors import (
     ConfigError,
     DuplicateNameError,
     InvalidOptionsError,
+    InvalidRequestError,
+    NonFiniteError,
     PromptTooLongError,
+    StrategyError,
     UnknownBackendError,
     UnknownModelError,
     UnknownStrategyError,
@@ -22,6 +26,7 @@ from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
 from blt_decode.plugins import backend_names, strategy_names
 from blt_decode.protocol import DecodeContext
+from blt_decode.request import Request
 from blt_decode.session import DecodeSession
 from blt_decode.stats import DecodeStats, ForwardPasses
 
@@ -29,8 +34,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLTConfig", "BLTDecodeError", "BLTModel", "CheckpointError", "ConfigError", "DecodeContext", "DecodeSession",
-    "DecodeStats", "DuplicateNameError", "ForwardPasses", "Generation", "InvalidOptionsError", "PromptTooLongError",
-    "Score", "Stream", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
-    "backend_names", "generate", "hookimpl", "load_model", "random_model", "save_model", "score", "strategy_names",
-    "stream",
+    "DecodeStats", "DuplicateNameError", "Engine", "EngineStats", "EngineStream", "ForwardPasses", "Generation",
+    "InvalidOptionsError", "InvalidRequestError", "NonFiniteError", "PromptTooLongError", "Request", "Score", "Stream",
+    "StrategyError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
+    "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score",
+    "strategy_names", "stream",
 ]

@@ -36,15 +36,20 @@ def prime_powers(prime: int, group_size: int) -> list[int]:
     return [_wrap_int64(pow(prime, j, 1 << 64)) for j in range(group_size)]
 
 
+def hash_windows(windows: torch.Tensor, prime: int, buckets: int) -> torch.Tensor:
+    """Bucket ids of n-gram windows ``windows`` ([..., n], oldest id first): ``sum_j w_j * prime**j`` in
+    wrapping int64 arithmetic, reduced with a non-negative remainder."""
+    powers = torch.tensor(prime_powers(prime, windows.shape[-1]), dtype=torch.int64, device=windows.device)
+    # int64 multiply and add wrap on overflow, as in the reference implementation
+    return torch.remainder((windows.to(torch.int64) * powers).sum(dim=-1), buckets)
+
+
 def ngram_hash_ids(ids: torch.Tensor, group_size: int, prime: int, buckets: int) -> torch.Tensor:
     """Bucket ids, shape like ``ids`` ([..., T]), of the n-gram ending at each position."""
     ids = ids.to(torch.int64)
     pad = torch.zeros(*ids.shape[:-1], group_size - 1, dtype=torch.int64, device=ids.device)
     windows = torch.cat([pad, ids], dim=-1).unfold(-1, group_size, 1)  # [..., T, n]
-    powers = torch.tensor(prime_powers(prime, group_size), dtype=torch.int64, device=ids.device)
-    # int64 multiply and add wrap on overflow, as in the reference implementation
-    hashes = (windows * powers).sum(dim=-1)
-    return torch.remainder(hashes, buckets)
+    return hash_windows(windows, prime, buckets)
 
 
 def hash_table_ids(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functions: int, buckets: int) -> list[torch.Tensor]:
@@ -54,4 +59,17 @@ def hash_table_ids(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functions:
         prime = HASH_PRIMES[f % len(HASH_PRIMES)]
         for n in group_sizes:
             out.append(ngram_hash_ids(ids, n, prime, buckets))
+    return out
+
+
+def hash_table_ids_of_windows(windows: torch.Tensor, group_sizes: tuple[int, ...], n_functions: int,
+                              buckets: int) -> list[torch.Tensor]:
+    """Like :func:`hash_table_ids` for the n-grams ending at chosen positions: ``windows`` [..., m] holds
+    the m >= max(group_sizes) ids up to and including each position, oldest first (zeros before the
+    sequence start, as the reference pads)."""
+    out = []
+    for f in range(n_functions):
+        prime = HASH_PRIMES[f % len(HASH_PRIMES)]
+        for n in group_sizes:
+            out.append(hash_windows(windows[..., windows.shape[-1] - n:], prime, buckets))
     return out

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blt_decode.cache import KVCache
+from blt_decode.cache import KVCache, RowLayout
 from blt_decode.config import TransformerConfig
 
 
@@ -62,14 +62,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, rows: RowLayout | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.write(layer, start, k, v)
+            assert rows is not None, "a cached call needs the rows' layout"
+            k, v = cache.write(layer, rows, k, v)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -98,8 +99,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, cache=None, layer=0, start=0):
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, layer, start)
+    def forward(self, x, rope, mask, cache=None, layer=0, rows=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, layer, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -111,35 +112,37 @@ class TransformerStack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
 
-    def new_cache(self, capacity: int, *, dtype: torch.dtype, device: torch.device) -> KVCache:
-        return KVCache(self.cfg.n_layers, self.cfg.kv_heads, self.cfg.head_dim, capacity, dtype=dtype, device=device)
+    def new_cache(self, capacity: int, *, slots: int = 1, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(self.cfg.n_layers, self.cfg.kv_heads, self.cfg.head_dim, capacity, slots=slots, dtype=dtype,
+                       device=device)
 
-    def run_layers(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, between=None, *,
+    def run_layers(self, x: torch.Tensor, between=None, *, rows: RowLayout | None = None, cache: KVCache | None = None,
                    mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run every block over x ([B, T, dim]).
 
-        With a cache, keys/values are written at cache slots ``start..start+T-1`` and attention sees the
-        cached prefix; without one, ``start`` must be 0 and attention is over x alone. By default x holds
-        positions ``start..start+T-1`` under a causal (sliding-window) mask; ``positions`` (rotary
-        positions, [T]) and ``mask`` (bool [T, start+T], True = may attend) override that, for the
-        block-diffusion layouts where a block sees itself bidirectionally. ``between(i, h)`` runs before
-        block i (the decoder's cross-attention uses it).
+        Without ``rows``: the full-sequence forward, x holding positions 0..T-1 under a causal
+        (sliding-window) mask; ``positions`` (rotary positions, [T] or [B, T]) and ``mask`` (bool [T, T] or
+        [B, T, T], True = may attend) override that for the block-diffusion training layouts. With ``rows``
+        and ``cache``: each row is a chunk of its own sequence; keys/values go to the row's cache slot and
+        attention reads that slot under ``rows.mask`` (see :class:`~blt_decode.cache.RowLayout`).
+        ``between(i, h)`` runs before block i (the decoder's cross-attention uses it).
         """
-        t = x.shape[1]
-        kv_len = start + t
-        if cache is None and start != 0:
-            raise ValueError("an uncached forward starts at position 0")
+        b, t = x.shape[:2]
+        if rows is not None:
+            mask, positions = rows.mask, rows.positions
         if mask is None:
-            mask = causal_mask(start, t, kv_len, self.cfg.sliding_window, x.device)
+            mask = causal_mask(0, t, t, self.cfg.sliding_window, x.device)
         if positions is None:
-            positions = torch.arange(start, start + t, device=x.device)
-        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            positions = torch.arange(t, device=x.device)
+        cos, sin = rope_tables(positions.reshape(-1), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if positions.dim() == 2:  # per-row positions: [B, 1, T, head_dim/2], broadcast over heads
+            cos, sin = cos.view(b, 1, t, -1), sin.view(b, 1, t, -1)
+        if mask.dim() == 3:
+            mask = mask[:, None]
         for i, layer in enumerate(self.layers):
             if between is not None:
                 x = between(i, x)
-            x = layer(x, rope, mask, cache, i, start)
-        if cache is not None:
-            cache.length = kv_len
+            x = layer(x, (cos, sin), mask, cache, i, rows)
         return x
 
 

@@ -1,8 +1,9 @@
 """The BLT model: hash embeddings, local encoder, patch summary, global transformer, local decoder and
 the entropy model that patches the bytes.
 
-Every stack takes ``(x, start, cache)``: without a cache it is the full-sequence reference forward; with
-one it processes the chunk at positions ``start..`` against the cached prefix. The reference forward
+Every stack takes ``(x, rows, cache)``: without them it is the full-sequence reference forward; with them
+each row of x is a chunk of its own sequence, run against that sequence's cached prefix (see
+:class:`~blt_decode.cache.RowLayout`; a lone session is a batch of one). The reference forward
 (:meth:`BLTModel.forward`) and the incremental session (:mod:`blt_decode.session`) call the same module
 methods, so the two paths share every numeric kernel.
 """
@@ -16,9 +17,9 @@ import attrs
 import torch
 from torch import nn
 
-from blt_decode.cache import KVCache
+from blt_decode.cache import KVCache, RowLayout
 from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.hashing import hash_table_ids
+from blt_decode.hashing import hash_table_ids, hash_table_ids_of_windows
 from blt_decode.layers import CrossAttention, RMSNorm, TransformerStack, apply_rope, causal_mask, rope_tables
 from blt_decode.patcher import Patcher, entropy_of_logits
 from blt_decode.tokenizer import BOE_ID, PAD_ID
@@ -36,8 +37,8 @@ class EntropyModel(TransformerStack):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        h = self.run_layers(self.tok_embeddings(ids), start, cache)
+    def forward(self, ids: torch.Tensor, rows: RowLayout | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.run_layers(self.tok_embeddings(ids), rows=rows, cache=cache)
         return self.output(self.norm(h))
 
 
@@ -51,8 +52,8 @@ class LocalEncoder(TransformerStack):
         self.patch_embedding_projection = nn.Linear(cfg.dim, cfg.dim * self.k, bias=False)
         self.cross_attn_layers = nn.ModuleList([CrossAttention(cfg.dim, config.cross_heads, cfg.norm_eps)])
 
-    def forward(self, embeds: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        return self.run_layers(embeds, start, cache)
+    def forward(self, embeds: torch.Tensor, rows: RowLayout | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.run_layers(embeds, rows=rows, cache=cache)
 
     def summarize(self, patch_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Patch vectors [N, k*dim] from the byte states of N patches ([N, L, dim], padded; mask [N, L]).
@@ -75,11 +76,11 @@ class GlobalTransformer(TransformerStack):
         super().__init__(cfg)
         self.token_embedding_projection = nn.Linear(input_dim, cfg.dim, bias=False) if input_dim != cfg.dim else None
 
-    def forward(self, patch_vectors: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, patch_vectors: torch.Tensor, rows: RowLayout | None = None, cache: KVCache | None = None) -> torch.Tensor:
         h = patch_vectors
         if self.token_embedding_projection is not None:
             h = self.token_embedding_projection(h)
-        return self.run_layers(h, start, cache)
+        return self.run_layers(h, rows=rows, cache=cache)
 
 
 class LocalDecoder(TransformerStack):
@@ -94,8 +95,9 @@ class LocalDecoder(TransformerStack):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, config.vocab_size, bias=False)
 
-    def forward(self, byte_states: torch.Tensor, latents: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                *, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, byte_states: torch.Tensor, latents: torch.Tensor, rows: RowLayout | None = None,
+                cache: KVCache | None = None, *, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """byte_states [B, T, dim]; latents [B, T, global_dim], the latent each position reads.
         ``mask``/``positions`` override the causal layout (see :meth:`TransformerStack.run_layers`)."""
         b, t, dim = byte_states.shape
@@ -107,7 +109,7 @@ class LocalDecoder(TransformerStack):
             out = self.cross_attn_layers[i](h.reshape(b * t, 1, dim), slots).view(b, t, dim)
             return h + out
 
-        h = self.run_layers(byte_states, start, cache, between=cross, mask=mask, positions=positions)
+        h = self.run_layers(byte_states, cross, rows=rows, cache=cache, mask=mask, positions=positions)
         return self.output(self.norm(h))
 
 
@@ -178,14 +180,34 @@ class BLTModel(nn.Module):
             h = h + table(bucket_ids[:, -n_last:])
         return h
 
+    def embed_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Byte + hash n-gram embeddings [B, T, dim] of the bytes at ``positions`` ([B, T]) of the sequences
+        ``ids`` ([B, C]); positions before 0 read as id 0, as the reference pads (the decode session's way:
+        each row of a batch is a chunk of its own sequence)."""
+        context = self.hash_context
+        offsets = torch.arange(-context, 1, device=positions.device)
+        where = positions[..., None] + offsets  # [B, T, context + 1], oldest first
+        b, t, m = where.shape
+        # padding positions of a ragged batch may point past a row's capacity: clamp (never read back)
+        windows = ids.gather(1, where.clamp(0, ids.shape[1] - 1).view(b, t * m)).view(b, t, m).masked_fill(where < 0, 0)
+        h = self.local_encoder.tok_embeddings(windows[..., -1])
+        tables = hash_table_ids_of_windows(
+            windows, self.config.encoder_hash_byte_group_size, self.config.encoder_hash_byte_group_nb_functions,
+            self.config.encoder_hash_byte_group_vocab,
+        )
+        for table, bucket_ids in zip(self.encoder_hash_tok_embedding, tables):
+            h = h + table(bucket_ids)
+        return h
+
     @property
     def hash_context(self) -> int:
         """How many earlier positions a new position's hash n-grams reach back."""
         return max(self.config.encoder_hash_byte_group_size, default=1) - 1
 
-    def entropies(self, ids: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def entropies(self, ids: torch.Tensor) -> torch.Tensor:
+        """Entropy (nats) of the entropy model's next-byte prediction at every position of ``ids`` [B, T]."""
         assert self.entropy_model is not None
-        return entropy_of_logits(self.entropy_model(ids, start, cache))
+        return entropy_of_logits(self.entropy_model(ids))
 
     def summarize_patches(self, byte_states: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Patch vectors [len(spans), k*dim] for patches [s, e) of one sequence's byte states ([T, dim])."""

@@ -14,8 +14,10 @@ A **strategy** decides *which* bytes to emit. It is an object with
 A strategy touches the model only through the :class:`~blt_decode.session.DecodeSession` primitives and
 never imports another strategy.
 
-A **backend** decides *how* the model runs. It has ``name``, ``description`` and
-``open_session(model, capacity) -> DecodeSession``.
+A **backend** decides *how* the model runs. It has ``name``, ``description``,
+``open_session(model, capacity) -> DecodeSession`` (one sequence) and, to run under the batched
+:class:`~blt_decode.engine.Engine`, ``runners(model) -> StackRunners`` (the callables the stacks run with;
+a session of any batch size uses them).
 """
 
 from __future__ import annotations
@@ -57,3 +59,5 @@ class Backend(Protocol):
     description: ClassVar[str]
 
     def open_session(self, model: "BLTModel", capacity: int) -> "DecodeSession": ...
+
+    # optional: ``runners(model) -> StackRunners`` lets the batched engine use the backend

@@ -1,36 +1,48 @@
-"""The decode session: incremental BLT decoding with KV caches and rollback.
+"""The decode session: incremental BLT decoding with KV caches and rollback, one sequence at a time or many.
 
-A session owns the decode state of one sequence: the ids so far, their entropies and patch starts, the
-encoder's byte states, the latents of closed patches, the logits at every position, and one
-:class:`~blt_decode.cache.KVCache` per module (entropy model, encoder, global model, decoder).
+A :class:`DecodeSession` is one sequence: its ids so far, their entropies and patch starts, and its slot
+in a :class:`DecodeState`, which holds the tensors of one or more sequences (ids, the encoder's byte
+states, the latents of closed patches, the logits at every position, and one
+:class:`~blt_decode.cache.KVCache` per module: entropy model, encoder, global model, decoder). A session
+made on its own gets a state of one slot; the batched :class:`~blt_decode.engine.Engine` gives many
+sessions slots of one shared state.
 
-Strategies touch the model only through its primitives:
+Strategies touch the model only through the session's primitives:
 
-- :meth:`prefill` / :meth:`append` process new ids (one forward pass per module over the chunk) and
-  return their next-byte logits. The global model runs only when the chunk closes patches.
-- :meth:`truncate` rolls everything back to a shorter length (set lengths back; nothing is recomputed).
-- :meth:`draft` runs encoder + decoder only on ids past the committed length, reusing the last available
-  latent (BLT-S drafting). Drafts are scratch: the next append or truncate discards them.
-- :meth:`verify` is :meth:`append` counted as a verification pass.
-- :meth:`denoise` runs the decoder only over a (partly) masked block placed right after the committed
-  sequence (BLT-D): the block sees the committed bytes and itself, reads the latent of the patch before
-  its start, and its logits predict the byte AT each block position. Scratch, like drafts.
-- :meth:`reference_logits` runs the full uncached forward (the public reference generator's way).
+- :meth:`~DecodeSession.prefill` / :meth:`~DecodeSession.append` process new ids (one forward pass per
+  module over the chunk) and return their next-byte logits. The global model runs only when the chunk
+  closes patches.
+- :meth:`~DecodeSession.truncate` rolls everything back to a shorter length (set lengths back; nothing is
+  recomputed).
+- :meth:`~DecodeSession.draft` runs encoder + decoder only on ids past the committed length, reusing the
+  last available latent (BLT-S drafting). Drafts are scratch: the next append or truncate discards them.
+- :meth:`~DecodeSession.verify` is :meth:`~DecodeSession.append` counted as a verification pass.
+- :meth:`~DecodeSession.denoise` runs the decoder only over a (partly) masked block placed right after the
+  committed sequence (BLT-D): the block sees the committed bytes and itself, reads the latent of the
+  patch before its start, and its logits predict the byte AT each block position. Scratch, like drafts.
+- :meth:`~DecodeSession.reference_logits` runs the full uncached forward (the public reference
+  generator's way).
 
-Every primitive counts its forward passes into :attr:`stats`; nobody else counts.
+A primitive hands its call to the session's *executor*. A lone session runs it at once
+(:func:`run_calls` with one call); under the engine the call waits until every live request has its next
+call ready, and :func:`run_calls` then runs them all as one forward pass per stack: ragged lengths,
+per-row positions and patch boundaries, the global model only for rows whose patch closed. The logic
+below is written once, for a batch; a lone session is a batch of one. Every primitive counts its forward
+passes into its session's :attr:`~DecodeSession.stats`; nobody else counts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import attrs
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from blt_decode.cache import KVCache
+from blt_decode.cache import KVCache, RowLayout
 from blt_decode.errors import NonFiniteError
-from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
+from blt_decode.model import BLTModel, block_latent_index, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
@@ -38,7 +50,9 @@ from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
 
 @attrs.frozen
 class StackRunners:
-    """The callables a session runs the four transformer stacks with, each ``(x, start, cache) -> out``.
+    """The callables a session runs the four transformer stacks with: ``entropy(ids, rows, cache)``,
+    ``encoder(embeds, rows, cache)``, ``global_(patch_vectors, rows, cache)`` and
+    ``decoder(byte_states, latents, rows, cache)`` (see :class:`~blt_decode.cache.RowLayout`).
 
     The eager backend uses the model's modules themselves; the compiled backend swaps in compiled
     versions. The session's decoding logic (what runs when) is the same for every backend."""
@@ -53,29 +67,87 @@ class StackRunners:
         return cls(model.entropy_model, model.local_encoder, model.global_transformer, model.local_decoder)
 
 
-class DecodeSession:
-    def __init__(self, model: BLTModel, capacity: int, runners: StackRunners | None = None):
+class DecodeState:
+    """The tensors of up to ``slots`` sequences of ``capacity`` positions each, and the stacks' KV caches.
+
+    Allocated once (per lone session, or per engine) and reused: a slot is given to one sequence at a
+    time; what a previous sequence left in it is overwritten as the new one grows."""
+
+    def __init__(self, model: BLTModel, slots: int, capacity: int, runners: StackRunners | None = None):
         cfg = model.config
         self.model = model
-        self.run = runners or StackRunners.eager(model)
-        self.capacity = capacity
+        self.slots, self.capacity = slots, capacity
+        self.runners = runners or StackRunners.eager(model)
         dtype, device = model.dtype, model.device
-        self.ids = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.byte_states = torch.zeros(capacity, cfg.encoder.dim, dtype=dtype, device=device)
-        self.latents = torch.zeros(capacity, cfg.global_.dim, dtype=dtype, device=device)
-        self.logits = torch.zeros(capacity, cfg.vocab_size, dtype=dtype, device=device)
+        self.ids = torch.zeros(slots, capacity, dtype=torch.long, device=device)
+        self.byte_states = torch.zeros(slots, capacity, cfg.encoder.dim, dtype=dtype, device=device)
+        self.latents = torch.zeros(slots, capacity, cfg.global_.dim, dtype=dtype, device=device)
+        self.logits = torch.zeros(slots, capacity, cfg.vocab_size, dtype=dtype, device=device)
+
+        def cache(stack) -> KVCache:
+            return stack.new_cache(capacity, slots=slots, dtype=dtype, device=device)
+
+        self.entropy_cache = cache(model.entropy_model) if model.entropy_model is not None else None
+        self.encoder_cache = cache(model.local_encoder)
+        self.global_cache = cache(model.global_transformer)
+        self.decoder_cache = cache(model.local_decoder)
+
+
+# -- calls ---------------------------------------------------------------------------------------------
+@attrs.frozen
+class Append:
+    """Commit ``ids`` after the sequence (prefill, append, verify)."""
+
+    ids: tuple[int, ...]
+
+
+@attrs.frozen
+class Draft:
+    """Decoder-only logits for ``ids`` after the committed sequence and earlier drafts (stale latent)."""
+
+    ids: tuple[int, ...]
+
+
+@attrs.frozen
+class Denoise:
+    """Decoder-only logits of a masked block right after the committed sequence."""
+
+    block: tuple[int, ...]
+
+
+Call = Union[Append, Draft, Denoise]
+Executor = Callable[["DecodeSession", Call], torch.Tensor]
+
+
+def _run_now(session: "DecodeSession", call: Call) -> torch.Tensor:
+    result = run_calls(session.state, [(session, call)])[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+class DecodeSession:
+    """One sequence's decode state and the primitives strategies decode with (see the module docstring).
+
+    ``DecodeSession(model, capacity)`` is a lone session (its own one-slot :class:`DecodeState`); the
+    engine passes ``state``, ``slot`` and an ``executor`` that batches the primitives' calls."""
+
+    def __init__(self, model: BLTModel, capacity: int, runners: StackRunners | None = None, *,
+                 state: DecodeState | None = None, slot: int = 0, executor: Executor | None = None):
+        if state is None:
+            state = DecodeState(model, 1, capacity, runners)
+        if capacity > state.capacity or not 0 <= slot < state.slots:
+            raise ValueError(f"slot {slot} with capacity {capacity} does not fit a state of {state.slots} slots x {state.capacity}")
+        self.model = model
+        self.state, self.slot = state, slot
+        self.capacity = capacity
+        self.executor = executor or _run_now
         self.entropies: list[float] = []
         self.starts: list[int] = []
         self.length = 0
         self._draft_length = 0
         self.stats = StatsRecorder()
         self.trace: Trace | None = None  # attached by generate(..., trace=True)
-        self.entropy_cache: KVCache | None = (
-            model.entropy_model.new_cache(capacity, dtype=dtype, device=device) if model.entropy_model is not None else None
-        )
-        self.encoder_cache = model.local_encoder.new_cache(capacity, dtype=dtype, device=device)
-        self.global_cache = model.global_transformer.new_cache(capacity, dtype=dtype, device=device)
-        self.decoder_cache = model.local_decoder.new_cache(capacity, dtype=dtype, device=device)
 
     def emit(self, event: object) -> None:
         """Record a trace event (a no-op unless tracing is on)."""
@@ -92,10 +164,15 @@ class DecodeSession:
         """Logits for the byte after the committed sequence."""
         if self.length == 0:
             raise RuntimeError("the session is empty: prefill it first")
-        return self.logits[self.length - 1]
+        return self.state.logits[self.slot, self.length - 1]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """This sequence's id buffer (``capacity`` positions; committed ids, then drafts, then stale ones)."""
+        return self.state.ids[self.slot]
 
     def token_ids(self) -> list[int]:
-        return self.ids[: self.length].tolist()
+        return self.state.ids[self.slot, : self.length].tolist()
 
     def _check_room(self, end: int) -> None:
         if end > self.capacity:
@@ -112,51 +189,11 @@ class DecodeSession:
     @torch.no_grad()
     def append(self, ids: Sequence[int]) -> torch.Tensor:
         """Commit ``ids`` after the current sequence; returns their next-byte logits [len(ids), vocab]."""
-        model, n, t = self.model, self.length, len(ids)
-        if t == 0:
+        ids = tuple(int(i) for i in ids)
+        if not ids:
             raise ValueError("append needs at least one id")
-        self._check_room(n + t)
-        self._draft_length = 0
-        self.ids[n : n + t] = torch.as_tensor(list(ids), dtype=torch.long)
-        window = self.ids[None, : n + t]
-
-        entropies = None
-        if model.patcher.uses_entropy:
-            entropies = entropy_of_logits(self.run.entropy(window[:, n:], n, self.entropy_cache))[0].tolist()
-            self.stats.add(patcher=1)
-            if not all(map(math.isfinite, entropies)):
-                raise self._non_finite("entropy model (patcher)", n, n + t)
-        del self.entropies[n:]
-        self.entropies.extend(entropies or [])
-        if n == 0:
-            self.starts = [0]
-        closed_before = self.closed_patches
-        model.patcher.extend_starts(self.starts, n, entropies, n + t)
-
-        lo = max(0, n - model.hash_context)
-        states = self.run.encoder(model.embed(window[:, lo:], n_last=t), n, self.encoder_cache)[0]
-        self.stats.add(encoder=1)
-        self.byte_states[n : n + t] = states
-
-        closed = self.closed_patches
-        if closed > closed_before:
-            spans = list(zip(self.starts[closed_before:closed], self.starts[closed_before + 1 : closed + 1]))
-            vectors = model.summarize_patches(self.byte_states, spans)
-            self.latents[closed_before:closed] = self.run.global_(vectors[None], closed_before, self.global_cache)[0]
-            self.stats.add(global_=1)
-            if self.trace is not None:
-                for s, e in spans:
-                    by_entropy = entropies is not None and e >= 2 and self.entropies[e - 1] > model.patcher.threshold
-                    self.emit(PatchClosed(s, e, self.entropies[e - 1] if by_entropy else None))
-                self.emit(GlobalPass(closed_before, closed - closed_before))
-
-        index = torch.tensor([latent_index(self.starts, p) for p in range(n, n + t)], device=self.latents.device)
-        logits = self.run.decoder(states[None], self.latents[index][None], n, self.decoder_cache)[0]
-        self.stats.add(decoder=1)
-        self._check_finite(logits, states, self.latents[index], n, t)
-        self.logits[n : n + t] = logits
-        self.length = n + t
-        return logits
+        self._check_room(self.length + len(ids))
+        return self.executor(self, Append(ids))
 
     @torch.no_grad()
     def verify(self, ids: Sequence[int]) -> torch.Tensor:
@@ -169,71 +206,33 @@ class DecodeSession:
     def draft(self, ids: Sequence[int]) -> torch.Tensor:
         """Decoder-only logits for ids placed after the committed sequence and earlier drafts, reading
         the last available latent (no patcher, no global model). Returns logits [len(ids), vocab]."""
-        model, t = self.model, len(ids)
+        ids = tuple(int(i) for i in ids)
+        if not ids:
+            raise ValueError("draft needs at least one id")
         if self.closed_patches == 0:
             raise RuntimeError("draft needs at least one closed patch: prefill first")
-        pos = self.length + self._draft_length
-        self._check_room(pos + t)
-        self.ids[pos : pos + t] = torch.as_tensor(list(ids), dtype=torch.long)
-        lo = max(0, pos - model.hash_context)
-        states = self.run.encoder(model.embed(self.ids[None, lo : pos + t], n_last=t), pos, self.encoder_cache)
-        self.stats.add(encoder=1)
-        latent = self.latents[self.closed_patches - 1].expand(1, t, -1)
-        logits = self.run.decoder(states, latent, pos, self.decoder_cache)[0]
-        self.stats.add(decoder=1)
-        self._check_finite(logits, states, latent, pos, t)
-        self.emit(Drafted(pos, tuple(int(i) for i in ids)))
-        self._draft_length += t
-        return logits
+        self._check_room(self.length + self._draft_length + len(ids))
+        return self.executor(self, Draft(ids))
 
     @torch.no_grad()
     def denoise(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Decoder-only logits [B, vocab] for a block of ids (:data:`~blt_decode.model.MASK_ID` where unknown) at positions
-        length..length+B-1: logits row i predicts the byte AT position length+i (masked diffusion).
+        """Decoder-only logits [B, vocab] for a block of ids (:data:`~blt_decode.model.MASK_ID` where unknown)
+        at positions length..length+B-1: logits row i predicts the byte AT position length+i (masked
+        diffusion).
 
         The block enters through the encoder's byte embedding only, attends to the committed bytes
         (sliding window) and bidirectionally to itself, and cross-attends to the latent clean position
         length-1 reads. Its keys go to scratch cache slots past the committed length, which the next
         append overwrites. Counts one decoder pass."""
-        model, b, n = self.model, len(block_ids), self.length
-        if b == 0:
+        block = tuple(int(i) for i in block_ids)
+        if not block:
             raise ValueError("denoise needs at least one block position")
-        if n == 0:
+        if self.length == 0:
             raise RuntimeError("denoise needs a committed prefix: prefill first")
-        self._check_room(n + b)
-        index = block_latent_index(self.starts, n)
-        if index < 0:
+        self._check_room(self.length + len(block))
+        if block_latent_index(self.starts, self.length) < 0:
             raise RuntimeError("denoise needs at least one closed patch: prefill first")
-        ids = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.ids.device)
-        x = model.local_encoder.tok_embeddings(ids)[None]
-        latent = self.latents[index].expand(1, b, -1)
-        mask = block_rows_mask(n, b, n, model.config.decoder.sliding_window, device=x.device)
-        positions = torch.arange(n, n + b, device=x.device)
-        logits = self.run.decoder(x, latent, n, self.decoder_cache, mask=mask, positions=positions)[0]
-        self.decoder_cache.length = n  # the block's keys are scratch, never part of the committed state
-        self._draft_length = 0
-        self.stats.add(decoder=1, denoise_passes=1)
-        self._check_finite(logits, x, latent, n, b)
-        return logits
-
-    # -- numerical health ---------------------------------------------------------------------------
-    @staticmethod
-    def _non_finite(module: str, start: int, end: int) -> NonFiniteError:
-        return NonFiniteError(
-            f"the {module} produced NaN or infinite values at positions {start}..{end - 1}: the model's weights "
-            "or inputs are broken (in float16 or bfloat16, activations may also overflow)"
-        )
-
-    def _check_finite(self, logits: torch.Tensor, inputs: torch.Tensor, latents: torch.Tensor, start: int, t: int) -> None:
-        """Raise, naming the first module that went non-finite, when a decoder pass gave NaN/inf logits.
-        One check per pass; the inputs are only looked at to name the culprit."""
-        if bool(torch.isfinite(logits).all()):
-            return
-        if not bool(torch.isfinite(inputs).all()):
-            raise self._non_finite("local encoder", start, start + t)
-        if not bool(torch.isfinite(latents).all()):
-            raise self._non_finite("global transformer", start, start + t)
-        raise self._non_finite("local decoder", start, start + t)
+        return self.executor(self, Denoise(block))
 
     def truncate(self, length: int) -> None:
         """Roll the session back to its first ``length`` ids (drafts are discarded too)."""
@@ -243,23 +242,246 @@ class DecodeSession:
         self._draft_length = 0
         del self.entropies[length:]
         self.starts = [s for s in self.starts if s <= length] if length else []
-        for cache in (self.entropy_cache, self.encoder_cache, self.decoder_cache):
-            if cache is not None:
-                cache.truncate(length)
-        self.global_cache.truncate(self.closed_patches)
 
     @torch.no_grad()
     def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] from the full uncached forward over ``ids``; leaves the session's
-        caches alone but records the patch layout so statistics stay meaningful."""
+        caches alone but records the patch layout so statistics stay meaningful. Runs at once, unbatched
+        (it exists to compare against the public reference generator)."""
         model = self.model
         batch = torch.as_tensor([list(ids)], dtype=torch.long, device=model.device)
         layout = model.patch_layout(batch)
         if layout.entropies is not None and not torch.isfinite(layout.entropies).all():
-            raise self._non_finite("entropy model (patcher)", 0, len(ids))
+            raise non_finite("entropy model (patcher)", 0, len(ids))
         logits = model(batch, layout)[0]
         self.stats.add(patcher=1 if model.patcher.uses_entropy else 0, encoder=1, global_=1, decoder=1)
         if not torch.isfinite(logits).all():
-            raise self._non_finite("model (full forward)", 0, len(ids))
+            raise non_finite("model (full forward)", 0, len(ids))
         self.starts = list(layout.starts[0])
         return logits
+
+
+# -- running calls -------------------------------------------------------------------------------------
+def non_finite(module: str, start: int, end: int) -> NonFiniteError:
+    return NonFiniteError(
+        f"the {module} produced NaN or infinite values at positions {start}..{end - 1}: the model's weights "
+        "or inputs are broken (in float16 or bfloat16, activations may also overflow)"
+    )
+
+
+def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int], window: int | None,
+               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None) -> RowLayout:
+    """The :class:`RowLayout` of a stack call whose row b is ``lengths[b]`` positions of the sequence in
+    cache slot ``slots[b]``, starting at ``starts[b]``.
+
+    Query position q of a row attends to the row's keys j with j <= q and q - j < ``window``; a row
+    with ``bidirectional_from[b] = s`` also attends to every key j >= s of the chunk (a diffusion block
+    sees itself both ways). Padding queries (beyond a row's length) attend to key 0 only; their outputs
+    are never read and their keys never written."""
+    b, t = len(slots), max(lengths)
+    start_t = torch.tensor(starts, device=device)
+    length_t = torch.tensor(lengths, device=device)
+    offsets = torch.arange(t, device=device)
+    positions = start_t[:, None] + offsets[None, :]
+    valid = offsets[None, :] < length_t[:, None]
+    kv_len = max(s + n for s, n in zip(starts, lengths))
+    keys = torch.arange(kv_len, device=device)[None, None, :]
+    q = positions[:, :, None]
+    mask = keys <= q
+    if window is not None:
+        mask &= (q - keys) < window
+    if bidirectional_from is not None and any(s is not None for s in bidirectional_from):
+        frm = torch.tensor([kv_len if s is None else s for s in bidirectional_from], device=device)
+        mask |= keys >= frm[:, None, None]
+    mask &= keys < (start_t + length_t)[:, None, None]
+    all_valid = all(n == t for n in lengths)
+    if not all_valid:
+        mask |= ~valid[:, :, None] & (keys == 0)
+    write_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], device=device)
+    write_positions = positions[valid] if not all_valid else positions.reshape(-1)
+    real = None if all_valid else torch.nonzero(valid.reshape(-1))[:, 0]
+    read_slots = None if list(slots) == list(range(b)) else torch.tensor(slots, device=device)
+    return RowLayout(positions, mask[:, None], write_slots, write_positions, real, read_slots)
+
+
+def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -> list[torch.Tensor | BaseException]:
+    """Run the calls of several sessions of ``state`` (at most one call per session) as one forward pass
+    per stack. Returns, per call, its logits or the exception that failed it (a failure of one row, such
+    as non-finite values, fails only that row)."""
+    model, runners, device = state.model, state.runners, state.model.device
+    out: list[torch.Tensor | BaseException | None] = [None] * len(items)
+    appends = [i for i, (_, c) in enumerate(items) if isinstance(c, Append)]
+    drafts = [i for i, (_, c) in enumerate(items) if isinstance(c, Draft)]
+    denoises = [i for i, (_, c) in enumerate(items) if isinstance(c, Denoise)]
+    # where each call writes: appends at the committed length, drafts after earlier drafts
+    where = {i: items[i][0].length + (items[i][0]._draft_length if i in drafts else 0) for i in appends + drafts}
+    for i in appends + drafts:
+        s, c = items[i]
+        state.ids[s.slot, where[i] : where[i] + len(c.ids)] = torch.tensor(c.ids, device=device)
+
+    # 1. patcher: entropies of the new positions decide which patches close
+    closed_before = {i: items[i][0].closed_patches for i in appends}
+    new_entropies: dict[int, list[float]] = {}
+    if appends and model.patcher.uses_entropy:
+        slots, starts, lengths = _rows(items, appends, where)
+        chunk = state.ids[_gather_rows(state, slots)].gather(1, _positions(starts, lengths, device).clamp_max(state.capacity - 1))
+        logits = runners.entropy(chunk, row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device),
+                                 state.entropy_cache)
+        rows = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
+        for b, i in enumerate(appends):
+            new_entropies[i] = rows[b][: lengths[b]]
+            items[i][0].stats.add(patcher=1)
+            if not all(map(math.isfinite, new_entropies[i])):
+                out[i] = non_finite("entropy model (patcher)", starts[b], starts[b] + lengths[b])
+    for i in appends:
+        s, c = items[i]
+        n, t = s.length, len(c.ids)
+        del s.entropies[n:]
+        s.entropies.extend(new_entropies.get(i, ()))
+        if n == 0:
+            s.starts = [0]
+        model.patcher.extend_starts(s.starts, n, new_entropies.get(i), n + t)
+
+    # 2. encoder over committed and drafted bytes
+    encoded = [i for i in appends + drafts if out[i] is None]
+    states = None
+    if encoded:
+        slots, starts, lengths = _rows(items, encoded, where)
+        positions = _positions(starts, lengths, device)
+        embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
+        states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device),
+                                 state.encoder_cache)
+        for b, i in enumerate(encoded):
+            items[i][0].stats.add(encoder=1)
+            if i in closed_before:
+                state.byte_states[items[i][0].slot, starts[b] : starts[b] + lengths[b]] = states[b, : lengths[b]]
+
+    # 3. global model for the rows whose chunk closed patches
+    closing = [i for i in appends if out[i] is None and items[i][0].closed_patches > closed_before[i]]
+    if closing:
+        _global_pass(state, items, closing, closed_before, new_entropies)
+
+    # 4. decoder over every live row: appends and drafts (from the encoder's states), denoised blocks
+    decoded = [i for i in encoded] + [i for i in denoises]
+    if decoded:
+        _decoder_pass(state, items, encoded, denoises, states, where, out)
+    return out  # type: ignore[return-value]
+
+
+def _rows(items, indices, where) -> tuple[list[int], list[int], list[int]]:
+    slots = [items[i][0].slot for i in indices]
+    starts = [where[i] for i in indices]
+    lengths = [len(items[i][1].ids) for i in indices]
+    return slots, starts, lengths
+
+
+def _positions(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    t = max(lengths)
+    return torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)[None, :]
+
+
+def _gather_rows(state: DecodeState, slots: Sequence[int]) -> slice | torch.Tensor:
+    """Index of the state rows of ``slots``: a slice (a view, no copy) when they are 0..B-1."""
+    if list(slots) == list(range(len(slots))):
+        return slice(0, len(slots))
+    return torch.tensor(slots, device=state.ids.device)
+
+
+def _global_pass(state: DecodeState, items, closing: list[int], closed_before: dict[int, int],
+                 new_entropies: dict[int, list[float]]) -> None:
+    model, device = state.model, state.model.device
+    spans = [(b, items[i][0].slot, s, e) for b, i in enumerate(closing)
+             for s, e in zip(items[i][0].starts[closed_before[i]:], items[i][0].starts[closed_before[i] + 1:])]
+    longest = max(e - s for _, _, s, e in spans)
+    offsets = torch.arange(longest, device=device)
+    span_start = torch.tensor([s for _, _, s, _ in spans], device=device)
+    span_len = torch.tensor([e - s for _, _, s, e in spans], device=device)
+    mask = offsets[None, :] < span_len[:, None]
+    slot_index = torch.tensor([slot for _, slot, _, _ in spans], device=device)[:, None].expand(-1, longest)
+    position_index = torch.where(mask, span_start[:, None] + offsets[None, :], 0)
+    vectors = model.local_encoder.summarize(state.byte_states[slot_index, position_index], mask)
+    counts = [items[i][0].closed_patches - closed_before[i] for i in closing]
+    per_row = pad_sequence(list(vectors.split(counts)), batch_first=True)
+    slots = [items[i][0].slot for i in closing]
+    starts = [closed_before[i] for i in closing]
+    latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device),
+                                    state.global_cache)
+    for b, i in enumerate(closing):
+        s = items[i][0]
+        first, count = closed_before[i], counts[b]
+        state.latents[s.slot, first : first + count] = latents[b, :count]
+        s.stats.add(global_=1)
+        if s.trace is not None:
+            entropies = s.entropies
+            for start, end in zip(s.starts[first:], s.starts[first + 1 : first + count + 1]):
+                by_entropy = new_entropies.get(i) is not None and end >= 2 and entropies[end - 1] > model.patcher.threshold
+                s.emit(PatchClosed(start, end, entropies[end - 1] if by_entropy else None))
+            s.emit(GlobalPass(first, count))
+
+
+def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[int], states: torch.Tensor | None,
+                  where: dict[int, int], out: list) -> None:
+    model, device = state.model, state.model.device
+    order = encoded + denoises
+    slots = [items[i][0].slot for i in order]
+    starts, lengths, latent_rows, bidirectional = [], [], [], []
+    for i in encoded:
+        s, c = items[i]
+        starts.append(where[i])
+        lengths.append(len(c.ids))
+        if isinstance(c, Append):  # each position reads the latent of the patch before its next byte's patch
+            latent_rows.append([latent_index(s.starts, p) for p in range(where[i], where[i] + len(c.ids))])
+        else:  # drafts read the last available latent, wherever a patch would close
+            latent_rows.append([s.closed_patches - 1] * len(c.ids))
+        bidirectional.append(None)
+    for i in denoises:
+        s, c = items[i]
+        starts.append(s.length)
+        lengths.append(len(c.block))
+        latent_rows.append([block_latent_index(s.starts, s.length)] * len(c.block))
+        bidirectional.append(s.length)
+    t = max(lengths)
+    inputs = []
+    if encoded:
+        inputs.append(states if states.shape[1] == t else torch.nn.functional.pad(states, (0, 0, 0, t - states.shape[1])))
+    if denoises:
+        blocks = pad_sequence([torch.tensor(items[i][1].block, device=device) for i in denoises], batch_first=True)
+        embedded = model.local_encoder.tok_embeddings(blocks)
+        inputs.append(embedded if embedded.shape[1] == t else torch.nn.functional.pad(embedded, (0, 0, 0, t - embedded.shape[1])))
+    x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+    latent_index_t = torch.tensor([row + [0] * (t - len(row)) for row in latent_rows], device=device)
+    slot_t = torch.tensor(slots, device=device)[:, None].expand(-1, t)
+    latents = state.latents[slot_t, latent_index_t]
+    layout = row_layout(slots, starts, lengths, model.config.decoder.sliding_window, device,
+                        bidirectional_from=bidirectional if denoises else None)
+    logits = state.runners.decoder(x, latents, layout, state.decoder_cache)
+    real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    finite = (torch.isfinite(logits).all(-1) | ~real).all(1).tolist()  # one host sync for every row
+    for b, i in enumerate(order):
+        s, c = items[i]
+        n = lengths[b]
+        row = logits[b, :n]
+        s.stats.add(decoder=1)
+        if not finite[b]:
+            out[i] = _diagnose(s, x[b, :n], latents[b, :n], starts[b], n)
+            continue
+        if isinstance(c, Append):
+            state.logits[s.slot, where[i] : where[i] + n] = row
+            s.length = where[i] + n
+            s._draft_length = 0
+        elif isinstance(c, Draft):
+            s._draft_length += n
+            s.emit(Drafted(where[i], c.ids))
+        else:
+            s._draft_length = 0
+            s.stats.add(denoise_passes=1)
+        out[i] = row
+
+
+def _diagnose(session: DecodeSession, inputs: torch.Tensor, latents: torch.Tensor, start: int, n: int) -> NonFiniteError:
+    """Name the first module that went non-finite when a row's decoder logits are NaN/inf."""
+    if not bool(torch.isfinite(inputs).all()):
+        return non_finite("local encoder", start, start + n)
+    if not bool(torch.isfinite(latents).all()):
+        return non_finite("global transformer", start, start + n)
+    return non_finite("local decoder", start, start + n)

@@ -1,0 +1,452 @@
+"""The batched decoding engine: many requests at once, each decoded by an unchanged single-sequence strategy.
+
+Strategies are written for one sequence: ``decode(session, context, options)`` calls the session's
+primitives (append, draft, verify, denoise, ...) and yields committed ids. The engine runs every live
+request's strategy in its own *greenlet* (a coroutine that can pause inside any call, even deep in a
+strategy's helper functions). A session primitive, instead of running the model, hands its call to the
+engine and pauses; when every live request has paused on its next call, the engine runs all of them with
+:func:`~blt_decode.session.run_calls` — one forward pass per stack over the batch (ragged lengths,
+per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
+resumes each request with its own result. Strategy authors see none of this.
+
+One engine step::
+
+    admit waiting requests into free slots (continuous batching)
+    resume every request with its last result ─▶ each runs until its next primitive call, or ends
+    run_calls(all paused calls) ──▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
+    hand each request its logits; retire finished requests and free their slots
+
+A request's output and statistics are exactly those of decoding it alone (same primitives, same
+counts); only the arithmetic is batched. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import attrs
+import greenlet
+import torch
+
+from blt_decode import plugins
+from blt_decode.decoding import Committer, utf8_text
+from blt_decode.errors import BLTDecodeError
+from blt_decode.model import BLTModel
+from blt_decode.protocol import DecodeContext
+from blt_decode.request import PreparedRequest, Request, prepare
+from blt_decode.session import Call, DecodeSession, DecodeState, StackRunners, run_calls
+from blt_decode.stats import DecodeStats
+from blt_decode.trace import Trace
+
+#: the state's room per slot grows in steps of this many positions (fewer reallocations)
+CAPACITY_STEP = 256
+
+
+class EngineError(BLTDecodeError):
+    """The engine cannot take a request (a backend that cannot batch, a bad setting)."""
+
+
+class CancelledError(BLTDecodeError):
+    """The request was cancelled before it finished."""
+
+
+@attrs.frozen
+class EngineStats:
+    """What the engine did as a whole (per-request figures are in each request's DecodeStats)."""
+
+    steps: int  #: engine steps (one batched call per stack at most)
+    requests: int  #: requests finished (successfully or not)
+    new_bytes: int  #: bytes committed over all requests
+    wall_time_s: float  #: time spent stepping
+    #: batched calls per stack ("entropy", "encoder", "global", "decoder")
+    stack_calls: dict[str, int]
+    #: rows per batched call of each stack, on average (how full the batches were)
+    rows_per_call: dict[str, float]
+    #: live requests per step, on average (batch occupancy), and the engine's slot count
+    mean_live: float
+    max_batch: int
+
+    @property
+    def occupancy(self) -> float:
+        """Mean share of the slots in use per step."""
+        return self.mean_live / self.max_batch if self.max_batch else 0.0
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.new_bytes / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        d.update(occupancy=self.occupancy, bytes_per_second=self.bytes_per_second)
+        return d
+
+
+class _Counter:
+    """Wraps a stack runner to count its batched calls and rows."""
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], tally: dict[str, list[int]]):
+        self.name, self.fn, self.tally = name, fn, tally
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls_rows = self.tally[self.name]
+        calls_rows[0] += 1
+        calls_rows[1] += x.shape[0]
+        return self.fn(x, *args, **kwargs)
+
+
+class EngineStream:
+    """One submitted request: iterate for byte chunks as they are committed (``.text()`` for whole
+    characters); ``output`` and ``stats`` are set when it ends. Iterating drives the engine when no
+    background thread does (:meth:`Engine.start`). A request that failed raises its error here."""
+
+    def __init__(self, engine: "Engine", request: PreparedRequest, trace: bool):
+        self.engine = engine
+        self.request = request
+        self.prompt = request.prompt
+        self.strategy, self.options = request.strategy, request.options
+        self.trace: Trace | None = Trace() if trace else None
+        self.output: bytes | None = None
+        self.stats: DecodeStats | None = None
+        self.error: BaseException | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._done = False
+        self._cancelled = False
+        self.committer = Committer(request)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop this request at the engine's next step (its slot is freed; others are undisturbed)."""
+        with self.engine._lock:
+            self._cancelled = True
+            self.engine._wake.notify_all()
+
+    def _next_chunk(self) -> bytes | None:
+        """The next chunk, or None when the request has ended (raising its error, if any)."""
+        engine = self.engine
+        while True:
+            with engine._lock:
+                if self._chunks:
+                    return self._chunks.popleft()
+                if self._done:
+                    if self.error is not None:
+                        raise self.error
+                    return None
+                if engine._thread is not None:
+                    engine._wake.wait()
+                    continue
+            engine.step()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (chunk := self._next_chunk()) is not None:
+            yield chunk
+
+    def text(self) -> Iterator[str]:
+        return utf8_text(iter(self))
+
+    def result(self) -> "Generation":
+        """Wait for the whole output (driving the engine if needed) and return it as a Generation."""
+        from blt_decode.api import Generation
+
+        for _ in self:
+            pass
+        assert self.stats is not None and self.output is not None
+        return Generation(output=self.output, stats=self.stats, prompt=self.prompt, trace=self.trace)
+
+
+class _Live:
+    """A request holding a slot: its session, its greenlet, and what it waits for."""
+
+    def __init__(self, stream: EngineStream, session: DecodeSession, glet: greenlet.greenlet):
+        self.stream, self.session, self.glet = stream, session, glet
+        self.call: Call | None = None  # the primitive call it is paused on
+        self.result: Any = None  # what to resume it with (logits or an exception)
+        self.started = False
+        self.finished = False
+
+
+class Engine:
+    """Runs many requests at once with continuous batching.
+
+    ``Engine(model, backend="eager", max_batch=16)``; :meth:`submit` returns an :class:`EngineStream`.
+    Requests join as soon as a slot is free, leave at EOS, a stop sequence, ``max_new_bytes``, an error
+    or cancellation, and their slot is reused. Requests in one batch may use different strategies and
+    options. Without :meth:`start`, the engine advances whenever a stream is iterated; with it, a
+    background thread steps the engine while there is work (for servers)."""
+
+    def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
+                 max_capacity: int | None = None):
+        from blt_decode.api import load_model
+
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model = load_model(model)
+        self.backend = plugins.get_backend(backend)
+        if not callable(getattr(self.backend, "runners", None)):
+            raise EngineError(
+                f"backend {self.backend.name!r} cannot run batched: it has no runners(model) method "
+                "(see docs/plugins.md); use it with generate() one sequence at a time"
+            )
+        self._tally: dict[str, list[int]] = {k: [0, 0] for k in ("entropy", "encoder", "global", "decoder")}
+        base: StackRunners = self.backend.runners(self.model)
+        self.runners = StackRunners(
+            entropy=_Counter("entropy", base.entropy, self._tally) if base.entropy is not None else None,
+            encoder=_Counter("encoder", base.encoder, self._tally),
+            global_=_Counter("global", base.global_, self._tally),
+            decoder=_Counter("decoder", base.decoder, self._tally),
+        )
+        self.max_batch = max_batch
+        lookahead_room = 2 * 64 + 2  # the built-in strategies' largest scratch room, for the default cap
+        self.max_capacity = max_capacity or self.model.config.max_seqlen + lookahead_room
+        self.state: DecodeState | None = None
+        self._waiting: collections.deque[EngineStream] = collections.deque()
+        self._live: dict[int, _Live] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._steps = 0
+        self._finished = 0
+        self._new_bytes = 0
+        self._live_sum = 0
+        self._wall = 0.0
+
+    # -- submitting -----------------------------------------------------------------------------------
+    def submit(self, prompt: str | bytes, *, strategy: str = "autoregressive", max_new_bytes: int | None = None,
+               stop: str | bytes | Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False,
+               **options: Any) -> EngineStream:
+        """Queue one request (validated now: a bad one raises here and nothing is queued)."""
+        from blt_decode.request import DEFAULT_MAX_NEW_BYTES
+
+        request = Request(prompt, strategy=strategy, options=options,
+                          max_new_bytes=DEFAULT_MAX_NEW_BYTES if max_new_bytes is None else max_new_bytes,
+                          stop=stop, seed=seed)
+        return self.submit_request(request, trace=trace)
+
+    def submit_request(self, request: Request, *, trace: bool = False) -> EngineStream:
+        """Queue a :class:`~blt_decode.request.Request`."""
+        prepared = prepare(request, self.model.config.max_seqlen)
+        if prepared.capacity > self.max_capacity:
+            raise EngineError(f"the request needs {prepared.capacity} positions; this engine allows {self.max_capacity}")
+        stream = EngineStream(self, prepared, trace)
+        with self._lock:
+            self._waiting.append(stream)
+            self._wake.notify_all()
+        return stream
+
+    # -- stepping -------------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._live
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def step(self) -> None:
+        """One engine step: admit, advance every live request to its next primitive call, run the calls
+        batched, retire finished requests."""
+        with self._lock:
+            started = time.perf_counter()
+            grad = torch.is_grad_enabled()
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    self._advance()
+                    self._run_pending()
+            finally:
+                # strategies enter and leave no_grad inside greenlets, interleaved: restore the caller's mode
+                torch.set_grad_enabled(grad)
+            self._steps += 1
+            self._live_sum += len(self._live)
+            self._wall += time.perf_counter() - started
+            self._retire_done()
+            self._wake.notify_all()
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted request has ended (driving the engine in this thread)."""
+        while not self.idle:
+            self.step()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._live) < self.max_batch:
+            stream = self._waiting.popleft()
+            if stream._cancelled:
+                self._finish(stream, None, CancelledError("request cancelled before it started"))
+                continue
+            slot = min(set(range(self.max_batch)) - set(self._live))
+            self._ensure_capacity(stream.request.capacity)
+            assert self.state is not None
+            session = DecodeSession(self.model, stream.request.capacity, state=self.state, slot=slot,
+                                    executor=self._pause)
+            session.trace = stream.trace
+            live = _Live(stream, session, greenlet.greenlet(self._drive))
+            self._live[slot] = live
+
+    def _ensure_capacity(self, need: int) -> None:
+        """Allocate the slots' state on first use, and grow it (copying live slots) when a request needs
+        more room than any before it."""
+        if self.state is not None and self.state.capacity >= need:
+            return
+        capacity = min(self.max_capacity, -(-need // CAPACITY_STEP) * CAPACITY_STEP)
+        new = DecodeState(self.model, self.max_batch, capacity, self.runners)
+        old = self.state
+        if old is not None:
+            keep = old.capacity
+            for name in ("ids", "byte_states", "latents", "logits"):
+                getattr(new, name)[:, :keep] = getattr(old, name)
+            for name in ("entropy_cache", "encoder_cache", "global_cache", "decoder_cache"):
+                src, dst = getattr(old, name), getattr(new, name)
+                if src is not None:
+                    dst.keys[..., :keep, :] = src.keys
+                    dst.values[..., :keep, :] = src.values
+            for live in self._live.values():
+                live.session.state = new
+        self.state = new
+
+    def _pause(self, session: DecodeSession, call: Call) -> torch.Tensor:
+        """The executor of engine sessions: pause this request's greenlet until the batch has run."""
+        result = greenlet.getcurrent().parent.switch(call)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _drive(self, live: _Live) -> None:
+        """A request's greenlet: the framework's loop of Stream.__iter__, with chunks pushed to the stream."""
+        stream, session = live.stream, live.session
+        request, committer = stream.request, stream.committer
+        context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
+        decoder = None
+        error: BaseException | None = None
+        try:
+            if not committer.done:
+                decoder = request.strategy.decode(session, context, request.options)
+            while not committer.done:
+                try:
+                    chunk = next(decoder)
+                except StopIteration:
+                    committer.exhausted()
+                    break
+                fresh, event = committer.commit(chunk)
+                session.emit(event)
+                if fresh:
+                    with self._lock:
+                        stream._chunks.append(fresh)
+                        self._new_bytes += len(fresh)
+        except greenlet.GreenletExit:
+            error = CancelledError("request cancelled")
+        except BaseException as exc:  # a strategy's failure fails only its own request
+            error = exc
+        finally:
+            if decoder is not None:
+                try:
+                    decoder.close()
+                except BaseException as exc:  # noqa: BLE001 - a strategy failing to close still ends
+                    error = error or exc
+        self._finish(stream, session, error)
+        live.finished = True
+
+    def _finish(self, stream: EngineStream, session: DecodeSession | None, error: BaseException | None) -> None:
+        with self._lock:
+            stream.output = bytes(stream.committer.out)
+            if session is not None:
+                stream.stats = stream.committer.stats(session.stats, self.model.param_counts(), session.closed_patches)
+            stream.error = error
+            stream._done = True
+            self._finished += 1
+            self._wake.notify_all()
+
+    def _advance(self) -> None:
+        """Resume every live request until it pauses on its next call or ends."""
+        hub = greenlet.getcurrent()
+        for live in list(self._live.values()):
+            if live.glet.parent is not hub:
+                raise EngineError("an engine must be stepped from one thread; use Engine.start() when several "
+                                  "threads consume its streams")
+            if live.stream._cancelled and not live.finished:
+                if live.started:
+                    live.call = None
+                    live.glet.throw(greenlet.GreenletExit)  # _drive ends the request as cancelled
+                else:
+                    self._finish(live.stream, live.session, CancelledError("request cancelled before it started"))
+                    live.finished = True
+                continue
+            if live.call is not None or live.finished:
+                continue
+            value = live.glet.switch(live) if not live.started else live.glet.switch(live.result)
+            live.started = True
+            live.result = None
+            live.call = None if live.finished else value
+
+    def _run_pending(self) -> None:
+        paused = sorted((slot, live) for slot, live in self._live.items() if live.call is not None)
+        if not paused:
+            return
+        items = [(live.session, live.call) for _, live in paused]
+        try:
+            results = run_calls(self.state, items)
+        except Exception as exc:  # a failure of the batched pass itself: every row in it gets the error
+            results = [exc] * len(items)
+        for (_, live), result in zip(paused, results):
+            live.call = None
+            live.result = result
+
+    def _retire_done(self) -> None:
+        for slot in [s for s, live in self._live.items() if live.finished]:
+            del self._live[slot]
+
+    # -- statistics -----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        with self._lock:
+            calls = {k: v[0] for k, v in self._tally.items()}
+            rows = {k: (v[1] / v[0] if v[0] else 0.0) for k, v in self._tally.items()}
+            return EngineStats(self._steps, self._finished, self._new_bytes, self._wall, calls, rows,
+                               self._live_sum / self._steps if self._steps else 0.0, self.max_batch)
+
+    # -- background stepping (servers) -----------------------------------------------------------------
+    def start(self) -> "Engine":
+        """Step in a background thread while there is work; streams then wait instead of stepping."""
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="blt-decode-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background thread (requests still queued stay queued)."""
+        with self._lock:
+            thread, self._stopping = self._thread, True
+            self._wake.notify_all()
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._live:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
