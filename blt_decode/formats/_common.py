@@ -202,9 +202,24 @@ def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: 
             raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
     target_dtype = dtype or torch.float32
     target_device = torch.device(device) if device is not None else torch.device("cpu")
-    state = {k: v.to(dtype=target_dtype, device=target_device) for k, v in tensors.items()}
+    state = {k: owned_copy(v, target_dtype, target_device) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tensor`` in a fresh contiguous allocation of ``dtype`` on ``device``.
+
+    Tensors read from a file are views into its buffer (the safetensors mmap, or one fused table) at
+    whatever byte offset the file put them, often not 16-byte aligned. Kernels then take slower paths and
+    round differently (an HF checkpoint's logits differed from the same weights' by ~1e-6), and the view
+    keeps the whole file buffer alive. ``Tensor.to`` returns its input unchanged when dtype and device
+    already match, so the copy is made explicitly; a fresh allocation is aligned by the allocator (64 bytes
+    on the CPU).
+    """
+    out = torch.empty(tensor.shape, dtype=dtype, device=device)
+    out.copy_(tensor)
+    return out
 
 
 def cpu_state_dict(model: BLTModel) -> dict[str, torch.Tensor]:

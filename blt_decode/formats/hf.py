@@ -313,7 +313,9 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: BLTConfig, sour
     fused = tensors[FUSED_HASH]
     vocab = config.encoder_hash_byte_group_vocab
     for i in range(config.n_hash_tables):
-        out[f"encoder_hash_tok_embedding.{i}.weight"] = fused[i * vocab : (i + 1) * vocab].clone()
+        # views: build_model copies every tensor into its own aligned allocation (a clone here would copy
+        # the largest tensor of the model twice)
+        out[f"encoder_hash_tok_embedding.{i}.weight"] = fused[i * vocab : (i + 1) * vocab]
     return out
 
 
