@@ -99,12 +99,15 @@ def test_loaded_parameters_own_aligned_contiguous_storage(fmt, saved):
     on misaligned data are slower and round differently (the [hf] round trip above differed by ~1e-6).
     Every parameter must own a fresh, contiguous, 64-byte aligned allocation."""
     loaded = formats.load_checkpoint(saved(fmt))
+    storages = set()
     for name, p in loaded.named_parameters():
         nbytes = p.numel() * p.element_size()
         assert p.is_contiguous(), name
         assert p.storage_offset() == 0, (name, p.storage_offset())
         assert p.untyped_storage().nbytes() == nbytes, (name, p.untyped_storage().nbytes(), nbytes)
         assert p.data_ptr() % 64 == 0, (name, p.data_ptr() % 64)
+        storages.add(p.untyped_storage().data_ptr())
+    assert len(storages) == len(list(loaded.parameters()))  # no two parameters share memory
 
 
 def test_files_of_each_layout(saved):

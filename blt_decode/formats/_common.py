@@ -279,11 +279,21 @@ def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -
     round differently (an HF checkpoint's logits differed from the same weights' by ~1e-6), and the view
     keeps the whole file buffer alive. ``Tensor.to`` returns its input unchanged when dtype and device
     already match, so the copy is made explicitly; a fresh allocation is aligned by the allocator (64 bytes
-    on the CPU).
+    on the CPU). A tensor that already is such an allocation (what ``torch.load`` gives for a tensor saved on
+    its own) is used as is, so loading does not hold two copies of it.
     """
+    if owns_aligned_storage(tensor) and tensor.dtype == dtype and tensor.device == device:
+        return tensor
     out = torch.empty(tensor.shape, dtype=dtype, device=device)
     out.copy_(tensor)
     return out
+
+
+def owns_aligned_storage(tensor: torch.Tensor, alignment: int = 64) -> bool:
+    """Is ``tensor`` contiguous, the whole of its storage, and at an ``alignment``-byte aligned address?"""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            and tensor.data_ptr() % alignment == 0)
 
 
 def cpu_state_dict(model: BLTModel) -> dict[str, torch.Tensor]:
