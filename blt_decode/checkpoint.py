@@ -23,12 +23,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def is_native_checkpoint(path: Path) -> bool:
-    config = path / CONFIG_FILE
-    if not (config.is_file() and (path / WEIGHTS_FILE).is_file()):
+    """Does ``path`` hold a native checkpoint? A predicate: a config.json that cannot be read or parsed
+    (not UTF-8, not JSON, not an object) answers False; :func:`load_native` says what is wrong with it."""
+    # imported here: blt_decode.formats imports this module to load native checkpoints
+    from blt_decode.formats._common import read_json
+
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT_NAME
-    except (json.JSONDecodeError, AttributeError):
+        return read_json(path / CONFIG_FILE).get("format") == FORMAT_NAME
+    except CheckpointError:
         return False
 
 
@@ -46,18 +50,25 @@ def save_model(model: BLTModel, path: str | Path, *, metadata: dict | None = Non
 
 
 def read_config(path: Path) -> BLTConfig:
-    try:
-        payload = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
+    """The :class:`BLTConfig` of the native checkpoint directory ``path``; any problem with config.json is a
+    CheckpointError naming the file and the field."""
+    from blt_decode.formats._common import expected_shapes, read_json
+
+    config_path = path / CONFIG_FILE
+    payload = read_json(config_path)
     if payload.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / CONFIG_FILE}: unsupported format version {payload.get('version')!r}")
+        raise CheckpointError(f"{config_path}: unsupported format version {payload.get('version')!r} "
+                              f"(this blt-decode reads version {FORMAT_VERSION})")
+    if "config" not in payload:
+        raise CheckpointError(f"{config_path} has no 'config' entry")
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{config_path}: 'config' must be an object, got {type(payload['config']).__name__}")
     try:
-        return BLTConfig.from_dict(payload["config"])
-    except KeyError:
-        raise CheckpointError(f"{path / CONFIG_FILE} has no 'config' entry") from None
+        config = BLTConfig.from_dict(payload["config"])
     except ConfigError as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {exc}") from None
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    expected_shapes(config, str(config_path))  # sizes torch cannot represent are the config's fault
+    return config
 
 
 def load_native(path: str | Path, *, dtype: torch.dtype | None = None,

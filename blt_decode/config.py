@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import numbers
+from typing import Any, Callable, Literal, Mapping
 
 import attrs
 
@@ -16,29 +17,120 @@ def ffn_dim_for(dim: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(int(8 * dim / 3) / multiple_of)
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value}")
+# -- field checks ------------------------------------------------------------------------------------
+# Every field is checked at construction, so a config read from a file cannot carry a wrong type into the
+# model (a string threshold used to load and fail only at generation). The checks raise ConfigError with one
+# line naming the field, the allowed values and what was given; attrs' own validators would put a repr of
+# the whole ``Attribute(...)`` into the message.
+def _int(value: Any) -> Any:
+    """Converter: integer types (numpy's too) to int; anything else is left for the validator to refuse."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
-def _positive_or_none(instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"{attribute.name} must be positive or None, got {value}")
+def _float(value: Any) -> Any:
+    """Converter: real numbers (ints included: JSON writes 10000.0 as 10000) to float, bools excluded."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range: left as is, refused as not finite
+            return value
+    return value
+
+
+def _int_tuple(value: Any) -> Any:
+    """Converter: a list or tuple to a tuple of converted ints; anything else is left for the validator."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_int(v) for v in value)
+    return value
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that a refused value cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def is_int(value: Any) -> bool:
+    """A genuine integer: ``True``/``False`` are not sizes."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(minimum: int, *, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: an int (not a bool) >= ``minimum``; ``None`` too when ``optional``."""
+    allowed = f"an integer >= {minimum}" + (" or None (null)" if optional else "")
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not is_int(value) or value < minimum:
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+
+    return check
+
+
+def finite(*, positive: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: a finite float (``positive``: > 0)."""
+    allowed = "a finite number" + (" > 0" if positive else "")
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, float) or not math.isfinite(value) or (positive and value <= 0):
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+
+    return check
+
+
+def boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be True or False (true or false in JSON), got {_show(value)}")
+
+
+def one_of(*options: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: one of the strings ``options``."""
+    allowed = ", ".join(repr(o) for o in options)
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, str) or value not in options:
+            raise ConfigError(f"{attribute.name} must be one of {allowed}, got {_show(value)}")
+
+    return check
+
+
+def _group_sizes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: a tuple of ints >= 1 (the converter has made a list a tuple)."""
+    if not isinstance(value, tuple) or not all(is_int(n) and n >= 1 for n in value):
+        shown = list(value) if isinstance(value, tuple) else value  # as the JSON file spells it
+        raise ConfigError(f"{attribute.name} must be a list of integers >= 1, got {_show(shown)}")
+
+
+def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: a :class:`TransformerConfig` (``None`` too when ``optional``)."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, TransformerConfig):
+            allowed = "a TransformerConfig" + (" or None" if optional else "")
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+
+    return check
 
 
 @attrs.frozen
 class TransformerConfig:
     """One stack of Llama-style blocks (the encoder, global model, decoder or entropy model)."""
 
-    dim: int = attrs.field(validator=_positive)
-    n_layers: int = attrs.field(validator=attrs.validators.ge(0))
-    n_heads: int = attrs.field(validator=_positive)
-    ffn_dim: int = attrs.field(validator=_positive)
-    n_kv_heads: int | None = attrs.field(default=None, validator=_positive_or_none)
+    dim: int = attrs.field(converter=_int, validator=integer(1))
+    n_layers: int = attrs.field(converter=_int, validator=integer(0))
+    n_heads: int = attrs.field(converter=_int, validator=integer(1))
+    ffn_dim: int = attrs.field(converter=_int, validator=integer(1))
+    n_kv_heads: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
     #: sliding attention window in positions (None = full causal attention)
-    sliding_window: int | None = attrs.field(default=None, validator=_positive_or_none)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    sliding_window: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
+    rope_theta: float = attrs.field(default=10000.0, converter=_float, validator=finite(positive=True))
+    norm_eps: float = attrs.field(default=1e-5, converter=_float, validator=finite(positive=True))
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -64,35 +156,34 @@ PatchingMode = Literal["entropy", "static"]
 class BLTConfig:
     """A whole BLT: hash embeddings, local encoder, global transformer, local decoder and patcher."""
 
-    encoder: TransformerConfig
-    global_: TransformerConfig
-    decoder: TransformerConfig
+    encoder: TransformerConfig = attrs.field(validator=_stack())
+    global_: TransformerConfig = attrs.field(validator=_stack())
+    decoder: TransformerConfig = attrs.field(validator=_stack())
     #: the entropy model that drives patching (None for static patching)
-    entropy_model: TransformerConfig | None = None
-    vocab_size: int = VOCAB_SIZE
+    entropy_model: TransformerConfig | None = attrs.field(default=None, validator=_stack(optional=True))
+    vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=_int, validator=integer(1))
     #: cross-attention slots per patch ("k" in the paper; 2 in the released models)
-    cross_attn_k: int = attrs.field(default=2, validator=_positive)
-    cross_attn_nheads: int | None = attrs.field(default=None, validator=_positive_or_none)
+    cross_attn_k: int = attrs.field(default=2, converter=_int, validator=integer(1))
+    cross_attn_nheads: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
     #: decoder cross-attention before every layer (released) or only the first
-    cross_attn_all_layers_decoder: bool = True
-    encoder_hash_byte_group_size: tuple[int, ...] = attrs.field(default=(3, 4, 5, 6, 7, 8), converter=tuple)
-    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, validator=_positive)
-    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    patching_mode: PatchingMode = attrs.field(default="entropy", validator=attrs.validators.in_(("entropy", "static")))
+    cross_attn_all_layers_decoder: bool = attrs.field(default=True, validator=boolean)
+    encoder_hash_byte_group_size: tuple[int, ...] = attrs.field(
+        default=(3, 4, 5, 6, 7, 8), converter=_int_tuple, validator=_group_sizes)
+    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=_int, validator=integer(1))
+    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=_int, validator=integer(0))
+    patching_mode: PatchingMode = attrs.field(default="entropy", validator=one_of("entropy", "static"))
     #: entropy threshold θ: byte t+1 starts a patch when H(t) > θ
-    patching_threshold: float = 1.335442066192627
+    patching_threshold: float = attrs.field(default=1.335442066192627, converter=_float, validator=finite())
     #: forced boundary after this many bytes in a patch (None = no limit); the patch size in static mode
-    max_patch_length: int | None = attrs.field(default=None, validator=_positive_or_none)
+    max_patch_length: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
     #: the longest sequence (BOS + prompt + generated bytes) the model accepts
-    max_seqlen: int = attrs.field(default=4096, validator=_positive)
+    max_seqlen: int = attrs.field(default=4096, converter=_int, validator=integer(1))
 
     def __attrs_post_init__(self) -> None:
         if self.patching_mode == "entropy" and self.entropy_model is None:
             raise ConfigError("patching_mode='entropy' needs an entropy_model config")
         if self.patching_mode == "static" and self.max_patch_length is None:
             raise ConfigError("patching_mode='static' needs max_patch_length (the fixed patch size)")
-        if any(n < 1 for n in self.encoder_hash_byte_group_size):
-            raise ConfigError(f"hash group sizes must be >= 1, got {self.encoder_hash_byte_group_size}")
         if self.encoder.dim % self.cross_heads or self.decoder.dim % self.cross_heads:
             raise ConfigError(f"cross_attn_nheads {self.cross_heads} must divide the encoder and decoder dims")
         if self.encoder.dim != self.decoder.dim:
@@ -116,27 +207,54 @@ class BLTConfig:
         return attrs.asdict(self, recurse=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BLTConfig":
+    def from_dict(cls, data: Any) -> "BLTConfig":
+        """The config from :meth:`to_dict`'s form (as read from a native ``config.json``).
+
+        Every problem is a :class:`ConfigError` naming the field: unknown or missing fields, a sub-config
+        that is not an object, and any value the field checks refuse (prefixed with the sub-config's name).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the config must be an object, got {_kind(data)}")
         data = dict(data)
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        for key in ("encoder", "global_", "decoder", "entropy_model"):
-            if key in data and isinstance(data[key], dict):
-                sub = data[key]
-                sub_known = {f.name for f in attrs.fields(TransformerConfig)}
-                bad = sorted(set(sub) - sub_known)
-                if bad:
-                    raise ConfigError(f"unknown field(s) in {key}: {', '.join(bad)}")
-                try:
-                    data[key] = TransformerConfig(**sub)
-                except TypeError as exc:
-                    raise ConfigError(f"config field {key}: {exc}") from None
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"config: {exc}") from None
+        _check_names(cls, data, "")
+        for key in _STACK_FIELDS:
+            sub = data.get(key)
+            if isinstance(sub, TransformerConfig) or (key == "entropy_model" and sub is None):
+                continue  # already built; None: static patching
+            if not isinstance(sub, Mapping):
+                if key not in data:
+                    continue  # reported as a missing field below
+                allowed = " or null (static patching)" if key == "entropy_model" else ""
+                raise ConfigError(f"{key} must be an object with the TransformerConfig fields{allowed}, got {_kind(sub)}")
+            _check_names(TransformerConfig, sub, f"{key}.")
+            try:
+                data[key] = TransformerConfig(**sub)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+        return cls(**data)
+
+
+_STACK_FIELDS = ("encoder", "global_", "decoder", "entropy_model")
+
+
+def _kind(value: Any) -> str:
+    """A short description of a wrong value: its JSON spelling for scalars, the type for containers."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _check_names(cls: type, data: Mapping[str, Any], prefix: str) -> None:
+    """Fail on field names ``cls`` does not have and on required ones ``data`` lacks (instead of
+    the TypeError of ``cls(**data)``)."""
+    fields = attrs.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if unknown:
+        where = f" in {prefix.rstrip('.')}" if prefix else ""
+        raise ConfigError(f"unknown config field(s){where}: {', '.join(map(str, unknown))}")
+    missing = [f.name for f in fields if f.default is attrs.NOTHING and f.name not in data]
+    if missing:
+        raise ConfigError(f"missing config field(s): {', '.join(prefix + m for m in missing)}")
 
 
 def stack_config(dim: int, n_layers: int, n_heads: int, window: int | None, multiple_of: int = 32) -> TransformerConfig:

@@ -10,14 +10,16 @@ import shutil
 from pathlib import Path
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import blt_decode
+from blt_decode import checkpoint as native
 from blt_decode import cli, formats
 from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.errors import CheckpointError, ConfigError, UnknownModelError
+from blt_decode.errors import BLTDecodeError, CheckpointError, ConfigError, UnknownModelError
 from blt_decode.formats import hf, original
 from blt_decode.model import BLTModel, init_weights
 
@@ -89,6 +91,23 @@ def test_detect_and_round_trip_bit_identical(fmt, saved, model):
     assert tensors_equal(loaded, model)
     with torch.no_grad():
         assert torch.equal(loaded(IDS), model(IDS))
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf", "original", "original-train"])
+def test_loaded_parameters_own_aligned_contiguous_storage(fmt, saved):
+    """Weights read from a file are views into its buffer (safetensors) at arbitrary byte offsets; kernels
+    on misaligned data are slower and round differently (the [hf] round trip above differed by ~1e-6).
+    Every parameter must own a fresh, contiguous, 64-byte aligned allocation."""
+    loaded = formats.load_checkpoint(saved(fmt))
+    storages = set()
+    for name, p in loaded.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        assert p.is_contiguous(), name
+        assert p.storage_offset() == 0, (name, p.storage_offset())
+        assert p.untyped_storage().nbytes() == nbytes, (name, p.untyped_storage().nbytes(), nbytes)
+        assert p.data_ptr() % 64 == 0, (name, p.data_ptr() % 64)
+        storages.add(p.untyped_storage().data_ptr())
+    assert len(storages) == len(list(loaded.parameters()))  # no two parameters share memory
 
 
 def test_files_of_each_layout(saved):
@@ -341,6 +360,188 @@ def test_pickled_code_is_refused_not_executed(saved, tmp_path):
     with pytest.raises(CheckpointError, match="refusing to execute pickled code"):
         formats.load_checkpoint(path)
     assert not (tmp_path / "side_effect").exists()
+
+
+# -- corrupted checkpoints: one typed line naming the file and the field ----------------------------------
+def _json(file: str, edit):
+    """A corruption that edits the JSON object in ``file``."""
+    return lambda path: _edit_json(path / file, edit)
+
+
+def _raw(file: str, data: bytes):
+    """A corruption that replaces ``file`` with ``data``."""
+    return lambda path: (path / file).write_bytes(data)
+
+
+def _tensor(file: str, name: str, tensor: torch.Tensor):
+    """A corruption that replaces one tensor of a safetensors or .pth file."""
+    return lambda path: (_edit_pth if file.endswith(".pth") else _edit_safetensors)(
+        path / file, lambda t: t.__setitem__(name, tensor))
+
+
+def _sharded(entry):
+    """Turn an HF checkpoint into a one-shard index whose first weight_map entry is ``entry(path)``."""
+
+    def corrupt(path: Path) -> None:
+        (path / "model.safetensors").rename(path / "shard.safetensors")
+        names = sorted(load_file(str(path / "shard.safetensors")))
+        weight_map = {n: "shard.safetensors" for n in names}
+        weight_map[names[0]] = entry(path)
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    return corrupt
+
+
+def _outside(path: Path) -> Path:
+    """A complete, loadable shard outside the checkpoint directory (what a traversal would read)."""
+    other = path.parent / "other"
+    other.mkdir(exist_ok=True)
+    shutil.copy(path / "shard.safetensors", other / "model.safetensors")
+    return other / "model.safetensors"
+
+
+def _dotdot_outside(path: Path) -> str:
+    _outside(path)
+    return "../other/model.safetensors"
+
+
+def _symlink_outside(path: Path) -> str:
+    (path / "link.safetensors").symlink_to(_outside(path))
+    return "link.safetensors"
+
+
+NOT_UTF8 = b'{"format": "blt-decode", "model_type": "blt", "note": "caf\xe9"}'
+
+CORRUPT = [
+    # native config.json: every field type-checked, sub-configs must be objects
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("encoder", None)), ("config.json", "encoder", "object", "None")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("decoder", [32, 2])), ("config.json", "decoder", "object")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("entropy_model", "small")), ("config.json", "entropy_model", "object", "or null")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("patching_threshold", "high")), ("config.json", "patching_threshold", "finite number", "'high'")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("patching_threshold", float("nan"))), ("config.json", "patching_threshold", "finite number")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("patching_mode", "space")), ("config.json", "patching_mode", "'entropy'", "'static'", "'space'")),
+    ("native", _json("config.json", lambda d: d["config"]["encoder"].__setitem__("n_layers", True)), ("config.json", "encoder", "n_layers", "integer", "True")),
+    ("native", _json("config.json", lambda d: d["config"]["global_"].__setitem__("dim", 48.0)), ("config.json", "global_", "dim", "integer")),
+    ("native", _json("config.json", lambda d: d["config"]["decoder"].__setitem__("rope_theta", -1.0)), ("config.json", "decoder", "rope_theta", "> 0")),
+    ("native", _json("config.json", lambda d: d["config"]["decoder"].__setitem__("norm_eps", "1e-5")), ("config.json", "norm_eps", "finite number")),
+    ("native", _json("config.json", lambda d: d["config"]["encoder"].__setitem__("sliding_window", "16")), ("config.json", "sliding_window", "integer", "null")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("encoder_hash_byte_group_size", "34")), ("config.json", "encoder_hash_byte_group_size", "list of integers")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("encoder_hash_byte_group_size", None)), ("config.json", "encoder_hash_byte_group_size", "list of integers")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("encoder_hash_byte_group_size", [3, 0])), ("config.json", "encoder_hash_byte_group_size", ">= 1")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("cross_attn_all_layers_decoder", "yes")), ("config.json", "cross_attn_all_layers_decoder", "true or false")),
+    ("native", _json("config.json", lambda d: d["config"].__setitem__("max_patch_length", 2.5)), ("config.json", "max_patch_length", "integer")),
+    ("native", _json("config.json", lambda d: d["config"]["encoder"].pop("dim")), ("config.json", "encoder", "missing", "dim")),
+    ("native", _json("config.json", lambda d: d["config"].pop("decoder")), ("config.json", "missing", "decoder")),
+    ("native", _json("config.json", lambda d: d.__setitem__("config", [1])), ("config.json", "'config'", "object")),
+    ("native", _raw("config.json", NOT_UTF8), ("config.json", "UTF-8")),
+    ("native", _raw("config.json", b'{"format": "blt-decode", "version": ' + b"9" * 5000 + b"}"), ("config.json", "JSON")),
+    ("native", _raw("config.json", b"[" * 100_000 + b"]" * 100_000), ("config.json", "JSON")),
+    ("native", _tensor("model.safetensors", "local_decoder.norm.weight", torch.ones(32, dtype=torch.int64)), ("model.safetensors", "'local_decoder.norm.weight'", "int64", "floating")),
+    ("native", _tensor("model.safetensors", "local_decoder.norm.weight", torch.ones(32).to(torch.float8_e4m3fn)), ("model.safetensors", "'local_decoder.norm.weight'", "float8")),
+    # Hugging Face: config.json and the shard index
+    ("hf", _raw("config.json", NOT_UTF8), ("config.json", "UTF-8")),
+    ("hf", _json("config.json", lambda d: d["global_config"].__setitem__("rope_parameters", [1])), ("config.json", "'global_config.rope_parameters'", "object")),
+    ("hf", _json("config.json", lambda d: d.__setitem__("encoder_hash_byte_group_vocab", 2**62)), ("config.json", "too large")),
+    ("hf", _json("config.json", lambda d: d["global_config"].__setitem__("rms_norm_eps", 10**400)), ("config.json", "'global_config.rms_norm_eps'", "finite number")),
+    ("hf", _sharded(_dotdot_outside), ("model.safetensors.index.json", "'../other/model.safetensors'", "outside the checkpoint directory")),
+    ("hf", _sharded(lambda p: str(_outside(p).resolve())), ("model.safetensors.index.json", "other/model.safetensors'", "outside the checkpoint directory")),
+    ("hf", _sharded(_symlink_outside), ("model.safetensors.index.json", "'link.safetensors'", "outside the checkpoint directory")),
+    ("hf", _sharded(lambda p: 5), ("model.safetensors.index.json", "weight_map", "5", "file name")),
+    ("hf", _sharded(lambda p: ["a"]), ("model.safetensors.index.json", "weight_map", "file name")),
+    # original, as released
+    ("original", _raw("entropy_model/params.json", NOT_UTF8), ("params.json", "UTF-8")),
+    ("original", _json("config.json", lambda d: d["args"].__setitem__("ffn_dim_multiplier", 1e308)), ("config.json", "ffn_dim_multiplier")),
+    ("original", _json("config.json", lambda d: d["args"].__setitem__("dim_global", 2**70)), ("config.json", "too large")),
+    ("original", _json("config.json", lambda d: d["args"].__setitem__("encoder_hash_byte_group_size", [3, 0])), ("config.json", "encoder_hash_byte_group_size", ">= 1")),
+    ("original", _json("entropy_model/params.json", lambda d: d["data"].__setitem__("patcher_args", [1])), ("params.json", "'data.patcher_args'", "object")),
+    ("original", _json("entropy_model/params.json", lambda d: d.__setitem__("data", "x")), ("params.json", "'data'", "object")),
+    # original training checkpoint
+    ("original-train", _raw("params.json", NOT_UTF8), ("params.json", "UTF-8")),
+    ("original-train", _raw("consolidated.pth", b"this is not a torch file"), ("consolidated.pth", "corrupt")),
+    ("original-train", _tensor("consolidated.pth", 3, torch.zeros(1)), ("consolidated.pth", "tensor names must be strings", "3")),
+    ("original-train", _tensor("consolidated.pth", "local_decoder.norm.weight", torch.ones(32, dtype=torch.complex64)), ("consolidated.pth", "'local_decoder.norm.weight'", "complex64")),
+]
+
+
+@pytest.mark.parametrize("fmt,corrupt,needles", CORRUPT, ids=[f"{c[0]}-{i}" for i, c in enumerate(CORRUPT)])
+def test_corrupt_checkpoint_fails_with_one_typed_line(fmt, corrupt, needles, saved):
+    path = saved(fmt)
+    corrupt(path)
+    with pytest.raises(BLTDecodeError) as err:
+        formats.load_checkpoint(path)
+    assert isinstance(err.value, (CheckpointError, ConfigError)), repr(err.value)
+    message = str(err.value)
+    assert "\n" not in message and "Attribute(" not in message, message
+    assert message.count(str(path)) == 1, message  # the file is named once, not once per wrapping layer
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_native_readers_refuse_non_utf8_config(saved):
+    """The native readers used outside detection (the shipped default model) fail the same way."""
+    path = saved("native")
+    (path / "config.json").write_bytes(NOT_UTF8)
+    with pytest.raises(CheckpointError, match=r"config\.json is not UTF-8"):
+        native.load_native(path)
+    assert native.is_native_checkpoint(path) is False  # a predicate: unreadable means "not native"
+
+
+def test_shards_inside_the_checkpoint_directory_still_load(saved, model):
+    """Subdirectories and symlinks that stay inside the directory are fine; so is the Hugging Face hub
+    cache, whose snapshot files are symlinks to ../../blobs/<hash>."""
+    path = saved("hf")
+    _sharded(lambda p: "sub/../shard.safetensors")(path)
+    (path / "sub").mkdir()
+    assert tensors_equal(formats.load_checkpoint(path), model)
+
+    repo = path.parent / "models--facebook--blt-tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    (snapshot / "sub").mkdir(parents=True)
+    for file in path.iterdir():
+        if file.is_file():
+            blob = repo / "blobs" / f"blob-{file.name}"
+            shutil.copy(file, blob)
+            (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    assert tensors_equal(formats.load_checkpoint(snapshot), model)
+
+
+@pytest.mark.parametrize("cls,field,value,needles", [
+    (TransformerConfig, "dim", "32", ("dim", "integer", "'32'")),
+    (TransformerConfig, "n_layers", False, ("n_layers", "integer", "False")),
+    (TransformerConfig, "n_layers", -1, ("n_layers", ">= 0", "-1")),
+    (TransformerConfig, "n_kv_heads", 1.0, ("n_kv_heads", "integer", "None")),
+    (TransformerConfig, "rope_theta", float("inf"), ("rope_theta", "finite number")),
+    (TransformerConfig, "norm_eps", 0.0, ("norm_eps", "> 0")),
+    (BLTConfig, "encoder", None, ("encoder", "TransformerConfig")),
+    (BLTConfig, "entropy_model", {"dim": 32}, ("entropy_model", "TransformerConfig", "None")),
+    (BLTConfig, "vocab_size", "260", ("vocab_size", "integer")),
+    (BLTConfig, "cross_attn_k", True, ("cross_attn_k", "integer")),
+    (BLTConfig, "cross_attn_all_layers_decoder", 1, ("cross_attn_all_layers_decoder", "True or False")),
+    (BLTConfig, "encoder_hash_byte_group_size", (3, "4"), ("encoder_hash_byte_group_size", "integers")),
+    (BLTConfig, "encoder_hash_byte_group_size", "345", ("encoder_hash_byte_group_size", "integers")),
+    (BLTConfig, "patching_mode", "bpe", ("patching_mode", "'entropy'", "'static'")),
+    (BLTConfig, "patching_threshold", "high", ("patching_threshold", "finite number")),
+    (BLTConfig, "max_seqlen", 0, ("max_seqlen", ">= 1")),
+])
+def test_config_fields_are_type_checked_at_construction(cls, field, value, needles):
+    base = CONFIG if cls is BLTConfig else CONFIG.encoder
+    with pytest.raises(ConfigError) as err:
+        attrs.evolve(base, **{field: value})
+    message = str(err.value)
+    assert "\n" not in message and "Attribute(" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_config_numbers_are_normalised():
+    """Integers are accepted where a float is expected (JSON writes 10000 for 10000.0) and stored as float;
+    numpy integers become ints, so the config still writes as JSON."""
+    stack = TransformerConfig(dim=np.int64(32), n_layers=1, n_heads=2, ffn_dim=96, rope_theta=10000)
+    assert type(stack.dim) is int and type(stack.rope_theta) is float and stack.rope_theta == 10000.0
+    config = attrs.evolve(CONFIG, encoder_hash_byte_group_size=[3, 4], patching_threshold=2)
+    assert config.encoder_hash_byte_group_size == (3, 4) and type(config.patching_threshold) is float
+    assert BLTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 # -- writing what a format cannot express -----------------------------------------------------------------

@@ -26,15 +26,29 @@ _MISSING = object()
 
 # -- files ------------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing, unreadable, truncated or non-object file is a CheckpointError."""
+    """A JSON object from ``path``; a missing, unreadable, non-UTF-8, truncated or non-object file is a
+    CheckpointError naming the file.
+
+    The bytes are decoded as UTF-8 whatever the locale (JSON files are UTF-8, RFC 8259 §8.1; the
+    locale's default encoding would misread or reject them differently per machine).
+    """
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(
+            f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); JSON files must be UTF-8"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: an integer literal longer than Python's digit limit; RecursionError: absurd nesting
+        raise CheckpointError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -58,12 +72,22 @@ def read_torch_weights(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refuses any global that is not a tensor type or a plain container
-        raise CheckpointError(
-            f"{path} holds more than plain tensors (refusing to execute pickled code): {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from None
+        message = str(exc)
+        if "Weights only load failed" in message or "Unsupported global" in message:
+            # weights_only refuses any global that is not a tensor type or a plain container
+            raise CheckpointError(
+                f"{path} holds more than plain tensors (refusing to execute pickled code): {_first_line(message)}"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or not a torch file: {_first_line(message)}") from None
+    except Exception as exc:  # noqa: BLE001 - a file parser's failure on arbitrary bytes, reported against the file
+        # torch's readers raise RuntimeError, EOFError, KeyError, ... on bytes that are not a torch file
+        raise CheckpointError(f"{path} is corrupt or truncated: {_first_line(str(exc)) or type(exc).__name__}") from None
+
+
+def _first_line(message: str) -> str:
+    """torch appends multi-line explanations and C++ stack traces; the first line says what failed."""
+    lines = message.strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def state_dict_from_pth(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -73,6 +97,9 @@ def state_dict_from_pth(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict: expected {{'model': {{name: tensor}}}}")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: tensor names must be strings, found {bad[0]!r}")
     return dict(obj)
 
 
@@ -124,8 +151,8 @@ class FieldReader:
         value = self.raw(key, default)
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(key, f"must be a finite number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise self.fail(key, f"must be a finite number, got {_short(value)}")
         if positive and value <= 0:
             raise self.fail(key, f"is out of range: must be > 0, got {value}")
         return float(value)
@@ -151,12 +178,28 @@ class FieldReader:
             raise self.fail(key, f"is {value!r}; blt-decode supports only {expected!r}" + (f" ({why})" if why else ""))
 
 
-def build_config(source: str, **kwargs: Any) -> BLTConfig:
-    """A BLTConfig, with any validation failure reported against the checkpoint file."""
+def _finite(value: int | float) -> bool:
     try:
-        return BLTConfig(**kwargs)
-    except (ConfigError, ValueError, TypeError) as exc:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 5000-digit number need not be quoted in full)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def build_config(source: str, **kwargs: Any) -> BLTConfig:
+    """A BLTConfig, with any validation failure reported against the checkpoint file; a config whose
+    tensors cannot even be described (sizes beyond 64 bits) is refused here too."""
+    try:
+        config = BLTConfig(**kwargs)
+    except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
+    expected_shapes(config, source)
+    return config
 
 
 # -- tensors ----------------------------------------------------------------------------------------
@@ -180,11 +223,29 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, t
             )
 
 
-def expected_shapes(config: BLTConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of a model with ``config`` (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        model = BLTModel(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def meta_model(config: BLTConfig, source: str = "config") -> BLTModel:
+    """A model with ``config`` on the meta device (no memory, no initialisation).
+
+    Sizes that pass the config's checks can still describe a tensor torch cannot represent (a hash table of
+    2**62 rows of 32 values overflows the byte count); that is reported against ``source``.
+    """
+    try:
+        with torch.device("meta"):
+            return BLTModel(config)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(
+            f"{source}: the config describes tensors too large to build ({_first_line(str(exc))})"
+        ) from None
+
+
+def expected_shapes(config: BLTConfig, source: str = "config") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a model with ``config``."""
+    return {k: tuple(v.shape) for k, v in meta_model(config, source).state_dict().items()}
+
+
+#: dtypes a checkpoint's weights may have; anything else (integers, complex, float8 without its scales)
+#: would be converted silently into different weights, so it is refused
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: str, *,
@@ -194,17 +255,45 @@ def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: 
     The model is built on the meta device and the tensors are assigned, so nothing is randomly
     initialised and a tensor the checkpoint lacks cannot go unnoticed. ``dtype`` defaults to float32.
     """
-    with torch.device("meta"):
-        model = BLTModel(config)
+    model = meta_model(config, source)
     check_tensors({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, source)
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                  f"weights must be floating point ({allowed})")
+        if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
     target_dtype = dtype or torch.float32
     target_device = torch.device(device) if device is not None else torch.device("cpu")
-    state = {k: v.to(dtype=target_dtype, device=target_device) for k, v in tensors.items()}
+    state = {k: owned_copy(v, target_dtype, target_device) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``tensor`` in a fresh contiguous allocation of ``dtype`` on ``device``.
+
+    Tensors read from a file are views into its buffer (the safetensors mmap, or one fused table) at
+    whatever byte offset the file put them, often not 16-byte aligned. Kernels then take slower paths and
+    round differently (an HF checkpoint's logits differed from the same weights' by ~1e-6), and the view
+    keeps the whole file buffer alive. ``Tensor.to`` returns its input unchanged when dtype and device
+    already match, so the copy is made explicitly; a fresh allocation is aligned by the allocator (64 bytes
+    on the CPU). A tensor that already is such an allocation (what ``torch.load`` gives for a tensor saved on
+    its own) is used as is, so loading does not hold two copies of it.
+    """
+    if owns_aligned_storage(tensor) and tensor.dtype == dtype and tensor.device == device:
+        return tensor
+    out = torch.empty(tensor.shape, dtype=dtype, device=device)
+    out.copy_(tensor)
+    return out
+
+
+def owns_aligned_storage(tensor: torch.Tensor, alignment: int = 64) -> bool:
+    """Is ``tensor`` contiguous, the whole of its storage, and at an ``alignment``-byte aligned address?"""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+            and tensor.data_ptr() % alignment == 0)
 
 
 def cpu_state_dict(model: BLTModel) -> dict[str, torch.Tensor]:

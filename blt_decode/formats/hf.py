@@ -131,19 +131,22 @@ def _stack(sub: FieldReader, theta_default: float, window: int | None) -> Transf
     sub.require("hidden_act", "silu", "silu")
     heads = sub.int("num_attention_heads", minimum=1)
     kv = sub.int("num_key_value_heads", None, minimum=1, optional=True)
+    # the fields are read (and their errors raised, naming file and field) before the constructor runs, so
+    # that only the constructor's cross-field checks get the sub-config's name put in front
+    fields = dict(
+        dim=sub.int("hidden_size", minimum=1),
+        n_layers=sub.int("num_hidden_layers", minimum=0),
+        n_heads=heads,
+        ffn_dim=sub.int("intermediate_size", minimum=1),
+        # canonical form: None when every head has its own keys/values
+        n_kv_heads=None if kv in (None, heads) else kv,
+        sliding_window=window,
+        rope_theta=_theta(sub, theta_default),
+        norm_eps=_norm_eps(sub),
+    )
     try:
-        return TransformerConfig(
-            dim=sub.int("hidden_size", minimum=1),
-            n_layers=sub.int("num_hidden_layers", minimum=0),
-            n_heads=heads,
-            ffn_dim=sub.int("intermediate_size", minimum=1),
-            # canonical form: None when every head has its own keys/values
-            n_kv_heads=None if kv in (None, heads) else kv,
-            sliding_window=window,
-            rope_theta=_theta(sub, theta_default),
-            norm_eps=_norm_eps(sub),
-        )
-    except (ConfigError, ValueError) as exc:
+        return TransformerConfig(**fields)
+    except ConfigError as exc:
         raise CheckpointError(f"{sub.source}: {sub.prefix.rstrip('.')}: {exc}") from None
 
 
@@ -313,7 +316,9 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: BLTConfig, sour
     fused = tensors[FUSED_HASH]
     vocab = config.encoder_hash_byte_group_vocab
     for i in range(config.n_hash_tables):
-        out[f"encoder_hash_tok_embedding.{i}.weight"] = fused[i * vocab : (i + 1) * vocab].clone()
+        # views: build_model copies every tensor into its own aligned allocation (a clone here would copy
+        # the largest tensor of the model twice)
+        out[f"encoder_hash_tok_embedding.{i}.weight"] = fused[i * vocab : (i + 1) * vocab]
     return out
 
 
@@ -325,6 +330,37 @@ def is_hf_checkpoint(path: Path, config: dict[str, Any] | None) -> bool:
     return has_weights and (config.get("model_type") == "blt" or any(k in config for k in SUB_CONFIGS))
 
 
+def _hub_blobs(path: Path) -> Path | None:
+    """The ``blobs`` directory of a Hugging Face hub cache entry when ``path`` is one of its snapshots.
+
+    The hub cache keeps ``models--org--name/snapshots/<revision>/<file>`` as symlinks to
+    ``models--org--name/blobs/<hash>``: a snapshot's shards legitimately resolve outside the snapshot.
+    """
+    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+        return path.parent.parent / "blobs"
+    return None
+
+
+def shard_path(path: Path, index_path: Path, tensor: str, shard: Any) -> Path:
+    """The file a ``weight_map`` entry names, which must be a relative file name inside the checkpoint.
+
+    The index is data from the checkpoint: an entry such as ``../other/model.safetensors``, an absolute path
+    or a symlink that resolves elsewhere would make loading read a file the checkpoint does not hold. The
+    one exception is the hub cache layout (see :func:`_hub_blobs`).
+    """
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index_path}: weight_map entry {tensor!r} must be a shard file name, got {shard!r}")
+    root = path.resolve()
+    target = (path / shard).resolve()
+    allowed = [root] + [blobs for blobs in [_hub_blobs(root)] if blobs is not None]
+    if Path(shard).is_absolute() or not any(target.is_relative_to(a) for a in allowed):
+        raise CheckpointError(
+            f"{index_path}: weight_map entry {tensor!r} names {shard!r}, outside the checkpoint directory "
+            f"(resolves to {target}); shards must be files inside the directory"
+        )
+    return path / shard
+
+
 def read_hf_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of a transformers checkpoint directory (single file or sharded with an index)."""
     if (path / WEIGHTS_FILE).is_file():
@@ -333,11 +369,15 @@ def read_hf_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     index = read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path} has no 'weight_map'")
+        raise CheckpointError(f"{index_path} has no 'weight_map' object")
+    # every entry is checked before any shard is read
+    shards: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        shard_path(path, index_path, tensor, shard)
+        shards.setdefault(shard, set()).add(tensor)
     tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard, listed in sorted(shards.items()):
         part = read_safetensors(path / shard)
-        listed = {k for k, v in weight_map.items() if v == shard}
         absent = sorted(listed - set(part))
         if absent:
             raise CheckpointError(f"{path / shard}: missing tensor {absent[0]!r} (listed in {index_path.name})")

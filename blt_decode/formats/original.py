@@ -71,6 +71,15 @@ def ffn_dim(dim: int, multiple_of: int, multiplier: float | None) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def _ffn_dim(reader: FieldReader, dim_key: str, dim: int, multiple_of: int, multiplier: float | None) -> int:
+    """:func:`ffn_dim` for a config file: a width too large to compute is the config's error."""
+    try:
+        return ffn_dim(dim, multiple_of, multiplier)
+    except OverflowError:
+        raise reader.fail("ffn_dim_multiplier", f"is {multiplier!r}: with {dim_key} = {dim} the FFN width "
+                          "overflows") from None
+
+
 # -- reading configs ----------------------------------------------------------------------------------
 def _hash_sizes(args: FieldReader) -> tuple[int, ...]:
     value = args.raw("encoder_hash_byte_group_size")
@@ -107,7 +116,8 @@ def entropy_config(params: FieldReader) -> TransformerConfig:
     if head_dim is not None and head_dim * heads != dim:
         raise em.fail("head_dim", f"is {head_dim}; blt-decode needs dim / n_heads = {dim // heads}")
     # multiple_of and n_kv_heads decide tensor shapes, so a loadable checkpoint agrees with params.json on them
-    width = ffn_dim(dim, em.int("multiple_of", 256, minimum=1), em.float("ffn_dim_multiplier", None, positive=True, optional=True))
+    width = _ffn_dim(em, "dim", dim, em.int("multiple_of", 256, minimum=1),
+                     em.float("ffn_dim_multiplier", None, positive=True, optional=True))
     return _transformer(
         params, "entropy model",
         dim=dim, n_layers=em.int("n_layers", minimum=0), n_heads=heads, ffn_dim=width,
@@ -149,7 +159,7 @@ def config_from_original(args: FieldReader, patching: "PatchingFields", entropy:
             raise args.fail("head_dim", f"is {head_dim}; blt-decode needs {dim_key} / {heads_key} = {dim // heads}")
         return _transformer(
             args, dim_key, dim=dim, n_layers=args.int(layers_key, minimum=0), n_heads=heads,
-            ffn_dim=ffn_dim(dim, multiple_of, multiplier), n_kv_heads=_kv(kv, heads), sliding_window=win,
+            ffn_dim=_ffn_dim(args, dim_key, dim, multiple_of, multiplier), n_kv_heads=_kv(kv, heads), sliding_window=win,
             rope_theta=theta, norm_eps=eps,
         )
 
@@ -206,9 +216,12 @@ class PatchingFields:
 
     @classmethod
     def find(cls, params: dict[str, Any] | None, source: str, fallback: FieldReader) -> "PatchingFields":
-        data = (params or {}).get("data")
-        if isinstance(data, dict) and isinstance(data.get("patcher_args"), dict):
-            return cls(FieldReader(data["patcher_args"], source, "data.patcher_args."), cls.PATCHER_ARGS)
+        reader = FieldReader(params or {}, source)
+        # present but malformed is an error, not a silent fall back to other settings
+        if reader.has("data"):
+            data = reader.sub("data")
+            if data.has("patcher_args"):
+                return cls(data.sub("patcher_args"), cls.PATCHER_ARGS)
         return cls(fallback, cls.BLT_ARGS)
 
     def key(self, name: str) -> str:
