@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import plugins, tokenizer
-from blt_decode.checkpoint import is_native_checkpoint, load_native
+from blt_decode.checkpoint import load_native
 from blt_decode.config import PRESETS, BLTConfig
 from blt_decode.decoding import Committer, utf8_text
 from blt_decode.errors import InvalidRequestError, UnknownModelError
@@ -61,7 +61,7 @@ def with_config(model: BLTModel, config: BLTConfig) -> BLTModel:
 
 def default_model_available() -> bool:
     """Is a trained default model shipped in this installation?"""
-    return is_native_checkpoint(DEFAULT_MODEL_DIR)
+    return (DEFAULT_MODEL_DIR / "config.json").is_file()
 
 
 def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
@@ -84,7 +84,8 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
                 )
             model = random_model(parts[1], int(parts[2]) if len(parts) == 3 else 0)
         elif spec_str == "default":
-            if not is_native_checkpoint(DEFAULT_MODEL_DIR):
+            # a shipped but unreadable model must say what is wrong with it, not that none is shipped
+            if not (DEFAULT_MODEL_DIR / "config.json").is_file():
                 raise UnknownModelError(
                     "no trained default model is shipped in this installation yet; use --model random:tiny "
                     "or a checkpoint directory"

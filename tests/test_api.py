@@ -217,3 +217,17 @@ def test_load_model_never_converts_a_model_in_place(tiny):
 def test_bad_devices(device):
     with pytest.raises(InvalidRequestError, match="device"):
         bd.load_model("random:tiny", device=device)
+
+
+def test_a_broken_default_model_says_what_is_wrong(monkeypatch, tmp_path):
+    from blt_decode import api
+    from blt_decode.errors import CheckpointError
+
+    bd.save_model(bd.random_model("tiny"), tmp_path)
+    (tmp_path / "config.json").write_text('{"format": "blt-decode", "version": 1, "config": {"encoder": null}}')
+    monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(CheckpointError, match="encoder"):
+        bd.load_model("default")
+    monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(bd.UnknownModelError, match="no trained default model"):
+        bd.load_model("default")
