@@ -226,7 +226,7 @@ def test_a_broken_default_model_says_what_is_wrong(monkeypatch, tmp_path):
     bd.save_model(bd.random_model("tiny"), tmp_path)
     (tmp_path / "config.json").write_text('{"format": "blt-decode", "version": 1, "config": {"encoder": null}}')
     monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path)
-    with pytest.raises(CheckpointError, match="encoder"):
+    with pytest.raises(CheckpointError, match="config.json: missing config field"):
         bd.load_model("default")
     monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(bd.UnknownModelError, match="no trained default model"):
