@@ -1,5 +1,5 @@
-"""A kit for strategy authors: hypothesis strategies for tiny BLT models and prompts, and an assertion
-that two decoding strategies produce the same bytes.
+"""A kit for strategy authors: hypothesis strategies for tiny BLT models and prompts, an assertion that
+two decoding strategies produce the same bytes, and one that a strategy decodes the same batched as alone.
 
     from hypothesis import given
     from blt_decode import testing
@@ -8,13 +8,17 @@ that two decoding strategies produce the same bytes.
     def test_mine_is_greedy(model, prompt):
         testing.assert_same_output(model, prompt, "autoregressive", ("my-strategy", {"k": 4}))
 
+    @given(model=testing.tiny_models(), prompts=st.lists(testing.prompts(), min_size=1, max_size=6))
+    def test_mine_batches(model, prompts):
+        testing.assert_batched_equals_alone(model, [Request(p, strategy="my-strategy") for p in prompts])
+
 Models are float64 so that exact-equivalence claims are tested without floating-point near-ties.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import attrs
 import torch
@@ -23,6 +27,7 @@ from hypothesis import strategies as st
 from blt_decode.api import Generation, generate, random_model
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.model import BLTModel
+from blt_decode.request import Request
 from blt_decode.tokenizer import EOS_ID, OFFSET
 
 StrategySpec = str | tuple[str, dict[str, Any]]
@@ -112,6 +117,49 @@ def assert_same_output(model: BLTModel, prompt: bytes | str, a: StrategySpec, b:
             f"lengths {len(ga.output)} vs {len(gb.output)}; stop reasons {ga.stats.stop_reason} vs {gb.stats.stop_reason})"
         )
     return ga, gb
+
+
+#: what "the same as decoding it alone" compares, besides the output bytes
+_SAME_STATS = ("passes", "new_tokens", "patches", "stop_reason", "seed", "drafted_bytes", "accepted_bytes",
+               "verify_passes", "blocks", "denoise_passes")
+
+
+def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *, batch_size: int = 4,
+                                backend: str = "eager", join_after: int = 2) -> list[Generation]:
+    """Decode ``requests`` together with the batched :class:`~blt_decode.engine.Engine` and each alone with
+    :func:`~blt_decode.api.generate`, and fail, naming the request and the first differing byte or
+    statistic, unless every request gets the same bytes and the same per-request statistics (forward
+    passes per module, drafts, verifications, blocks, stop reason).
+
+    Half of the requests are submitted first; the rest join after ``join_after`` engine steps, while the
+    first ones are mid-generation. With more requests than ``batch_size``, later ones also wait for a
+    slot and take the slot of a finished one. Requests without a seed get seed = their index, so that
+    sampling strategies are compared on equal terms. Returns the batched generations."""
+    from blt_decode.engine import Engine
+
+    requests = [r if r.seed is not None else attrs.evolve(r, seed=i) for i, r in enumerate(requests)]
+    engine = Engine(model, backend=backend, max_batch=batch_size)
+    first = (len(requests) + 1) // 2
+    streams = [engine.submit_request(r) for r in requests[:first]]
+    for _ in range(join_after):
+        if not engine.idle:
+            engine.step()
+    streams += [engine.submit_request(r) for r in requests[first:]]
+    engine.run_until_idle()
+    batched = [s.result() for s in streams]
+    for i, (r, g) in enumerate(zip(requests, batched)):
+        alone = generate(model, r.prompt, strategy=r.strategy, backend=backend, max_new_bytes=r.max_new_bytes,
+                         stop=r.stop, seed=r.seed, **dict(r.options))
+        where = f"request {i} ({r.strategy} {dict(r.options)}, prompt {r.prompt!r})"
+        if g.output != alone.output:
+            j = next((k for k, (x, y) in enumerate(zip(g.output, alone.output)) if x != y), min(len(g.output), len(alone.output)))
+            raise AssertionError(f"{where}: batched output differs from decoding it alone at byte {j}: "
+                                 f"{g.output[j:j + 8]!r} vs {alone.output[j:j + 8]!r} (lengths {len(g.output)} vs {len(alone.output)})")
+        for name in _SAME_STATS:
+            a, b = getattr(g.stats, name), getattr(alone.stats, name)
+            if a != b:
+                raise AssertionError(f"{where}: batched {name} = {a!r}, alone {name} = {b!r}")
+    return batched
 
 
 def config_summary(model: BLTModel) -> str:

@@ -1,0 +1,214 @@
+"""The batched engine: every request decodes exactly as it would alone, whatever else is in the batch."""
+
+import re
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import blt_decode as bd
+from blt_decode import plugins, testing
+from blt_decode.engine import CancelledError, Engine, EngineError
+from blt_decode.errors import InvalidOptionsError, PromptTooLongError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+#: the requests a mixed batch draws from: every built-in strategy, greedy and seeded sampling
+MIXED = [
+    ("autoregressive", {}), ("autoregressive", {"temperature": 0.9}), ("autoregressive", {"temperature": 0.7, "top_k": 5}),
+    ("blt-s", {"k": 1}), ("blt-s", {"k": 4}), ("blt-s", {"k": 9}),
+    ("blt-d", {"block_size": 4}), ("blt-d", {"block_size": 3, "rule": "entropy"}),
+    ("blt-dv", {"block_size": 4}), ("blt-dv", {"block_size": 3, "alpha": None}),
+]
+
+
+@st.composite
+def requests(draw, *, strategies=MIXED):
+    prompt = draw(testing.prompts(max_size=20))
+    name, options = draw(st.sampled_from(strategies))
+    stop = draw(st.one_of(st.just(()), st.binary(min_size=1, max_size=2)))
+    return bd.Request(prompt, strategy=name, options=options, max_new_bytes=draw(st.integers(0, 24)), stop=stop,
+                      seed=draw(st.integers(0, 1000)))
+
+
+@given(model=testing.tiny_models(), batch=st.lists(requests(), min_size=1, max_size=7), batch_size=st.integers(1, 4))
+def test_batched_equals_alone(model, batch, batch_size):
+    testing.assert_batched_equals_alone(model, batch, batch_size=batch_size)
+
+
+def test_empty_and_non_utf8_prompts_in_one_batch():
+    model = bd.random_model("tiny", 5, dtype=torch.float64)
+    prompts = [b"", b"\xff\xfe\x00", "naïve café".encode(), b"x" * 40, b""]
+    testing.assert_batched_equals_alone(model, [bd.Request(p, max_new_bytes=30) for p in prompts], batch_size=3)
+
+
+def test_requests_end_early_in_every_way():
+    model = testing.with_eos_for_byte(bd.random_model("tiny", 2, dtype=torch.float64), ord("e"))
+    free = bd.generate(model, b"abc", max_new_bytes=40)
+    reqs = [
+        bd.Request(b"abc", max_new_bytes=40),  # EOS (or the limit)
+        bd.Request(b"abc", max_new_bytes=3),  # max_new_bytes
+        bd.Request(b"abc", max_new_bytes=40, stop=free.output[2:4] or b"z"),  # a stop sequence
+        bd.Request(b"abc", max_new_bytes=0),
+        bd.Request(b"zz", strategy="blt-s", options={"k": 5}, max_new_bytes=40),
+    ]
+    out = testing.assert_batched_equals_alone(model, reqs, batch_size=2)
+    assert {g.stats.stop_reason for g in out} >= {"max_new_bytes", "stop_sequence"}
+
+
+def test_no_leakage_between_requests():
+    model = bd.random_model("tiny", 3, dtype=torch.float64)
+    others = [b"first prompt", b"second", b"\x00\x01\x02"]
+    base = bd.generate_many(model, [b"watched", *others], max_new_bytes=32, batch_size=4)
+    changed = bd.generate_many(model, [b"watched", *[o[::-1] + b"!" for o in others]], max_new_bytes=32, batch_size=4)
+    assert base[0].output == changed[0].output and base[0].stats.passes == changed[0].stats.passes
+    for prompt in (b"watched but different", b""):
+        swapped = bd.generate_many(model, [prompt, *others], max_new_bytes=32, batch_size=4)
+        assert [g.output for g in swapped[1:]] == [g.output for g in base[1:]]
+
+
+def test_generate_many_keeps_input_order_and_options():
+    model = bd.random_model("tiny", 1)
+    prompts = [f"prompt {i}".encode() for i in range(9)]
+    many = bd.generate_many(model, prompts, strategy="blt-s", k=3, max_new_bytes=12, batch_size=4)
+    for p, g in zip(prompts, many):
+        assert g.prompt == p and g.output == bd.generate(model, p, strategy="blt-s", k=3, max_new_bytes=12).output
+
+
+def test_bad_requests_fail_before_anything_runs():
+    model = bd.random_model("tiny")
+    with pytest.raises(InvalidOptionsError):
+        bd.generate_many(model, [b"ok", bd.Request(b"bad", strategy="blt-s", options={"k": 0})])
+    with pytest.raises(PromptTooLongError):
+        bd.generate_many(model, [b"x" * model.config.max_seqlen])
+    with pytest.raises(EngineError, match="max_batch"):
+        Engine(model, max_batch=0)
+
+
+# -- failures stay with their request ------------------------------------------------------------------
+@attrs.frozen
+class _FailOpts:
+    after: int = 3
+
+
+class _FailingStrategy:
+    name, description, aliases, Options = "fails-midway", "test double: raises after a few bytes", (), _FailOpts
+
+    def lookahead(self, options):
+        return 0
+
+    def decode(self, session, context, options):
+        logits = session.prefill(context.prompt_ids)[-1]
+        for _ in range(options.after):
+            token = int(logits.argmax())
+            yield [token]
+            logits = session.append([token])[-1]
+        raise RuntimeError("this strategy broke on purpose")
+
+
+@pytest.fixture
+def failing_strategy():
+    class Plugin:
+        @bd.hookimpl
+        def register_strategies(self, register):
+            register(_FailingStrategy())
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(Plugin(), name="fails-midway-plugin")
+    yield "fails-midway"
+    plugins.reset()
+
+
+def test_a_raising_strategy_fails_only_its_own_request(failing_strategy):
+    model = bd.random_model("tiny", 4, dtype=torch.float64)
+    engine = Engine(model, max_batch=3)
+    good = [engine.submit(p, max_new_bytes=20) for p in (b"one", b"two")]
+    bad = engine.submit(b"three", strategy=failing_strategy)
+    late = engine.submit(b"four", strategy="blt-s", k=3, max_new_bytes=20)
+    engine.run_until_idle()
+    with pytest.raises(RuntimeError, match="broke on purpose"):
+        bad.result()
+    assert bad.output is not None and len(bad.output) == 3  # what it committed before failing is kept
+    for s, p in zip(good + [late], (b"one", b"two", b"four")):
+        opts = {"strategy": "blt-s", "k": 3} if p == b"four" else {}
+        assert s.result().output == bd.generate(model, p, max_new_bytes=20, **opts).output
+
+
+def test_non_finite_rows_fail_alone():
+    nan_model = bd.random_model("tiny")
+    with torch.no_grad():
+        nan_model.local_decoder.layers[0].attention.wq.weight.fill_(float("nan"))
+    engine = Engine(nan_model, max_batch=2)
+    streams = [engine.submit(b"a", max_new_bytes=4), engine.submit(b"b", max_new_bytes=4)]
+    engine.run_until_idle()
+    for s in streams:
+        with pytest.raises(bd.NonFiniteError, match="local decoder"):
+            s.result()
+
+
+def test_cancel_frees_the_slot_and_others_finish():
+    model = bd.random_model("tiny", 6)
+    engine = Engine(model, max_batch=1)
+    first = engine.submit(b"long one", max_new_bytes=200)
+    waiting = engine.submit(b"short", max_new_bytes=10)
+    for _ in range(5):
+        engine.step()
+    first.cancel()
+    engine.run_until_idle()
+    with pytest.raises(CancelledError):
+        first.result()
+    assert first.stats.stop_reason == "interrupted" and 0 < len(first.output) < 200
+    assert waiting.result().output == bd.generate(model, b"short", max_new_bytes=10).output
+
+
+def test_streaming_and_background_thread():
+    model = bd.random_model("tiny", 7)
+    with Engine(model, max_batch=4).start() as engine:
+        streams = [engine.submit(f"p{i}".encode(), max_new_bytes=16) for i in range(6)]
+        chunks = [list(s) for s in streams]
+    for i, (s, c) in enumerate(zip(streams, chunks)):
+        assert b"".join(c) == s.output == bd.generate(model, f"p{i}".encode(), max_new_bytes=16).output
+
+
+def test_engine_statistics():
+    model = bd.random_model("tiny", 8)
+    engine = Engine(model, max_batch=4)
+    streams = [engine.submit(f"q{i}".encode(), max_new_bytes=10) for i in range(8)]
+    engine.run_until_idle()
+    stats = engine.stats()
+    assert stats.requests == 8 and stats.new_bytes == sum(len(s.output) for s in streams)
+    assert 1.0 < stats.mean_live <= 4 and stats.rows_per_call["decoder"] > 1.0
+    assert stats.stack_calls["decoder"] <= stats.steps
+    assert stats.to_dict()["occupancy"] == pytest.approx(stats.mean_live / 4)
+
+
+def test_grad_mode_is_left_as_it_was():
+    model = bd.random_model("tiny", 9)
+    assert torch.is_grad_enabled()
+    bd.generate_many(model, [b"a", b"b", b"c"], strategy="blt-s", max_new_bytes=12, batch_size=2)
+    assert torch.is_grad_enabled()
+
+
+def test_tutorial_strategy_batches_unchanged():
+    """The tutorial's third-party strategy, as written in docs/tutorial.md, decodes batched as alone."""
+    code = next(c for lang, c in re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
+                if c.startswith("# file: blt_rep_penalty.py"))
+    namespace: dict = {}
+    exec(compile(code, "tutorial.md", "exec"), namespace)
+
+    class Plugin:
+        register_strategies = staticmethod(namespace["register_strategies"])
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(Plugin(), name="tutorial-rep-penalty")
+    try:
+        model = bd.random_model("tiny", 10, dtype=torch.float64)
+        reqs = [bd.Request(p, strategy="rep-penalty", options={"penalty": 2.0}, max_new_bytes=24)
+                for p in (b"aaaa", b"def f():", b"")]
+        reqs.append(bd.Request(b"mixed", strategy="blt-s", options={"k": 4}, max_new_bytes=24))
+        testing.assert_batched_equals_alone(model, reqs, batch_size=2)
+    finally:
+        plugins.reset()
