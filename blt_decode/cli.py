@@ -73,7 +73,31 @@ def _compile_note(backend: str) -> None:
               "(25-150 s on a CPU), later ones are not", file=sys.stderr, flush=True)
 
 
+def _cmd_generate_file(args: argparse.Namespace) -> int:
+    """``generate --input FILE --output FILE``: a resumable batch job on the engine."""
+    from blt_decode import jobs
+    from blt_decode.request import prepare
+
+    if args.prompt is not None or args.prompt_file is not None:
+        raise CLIError("--input takes the prompts from the file: give no prompt argument or --prompt-file")
+    if args.output is None:
+        raise CLIError("--input needs --output (the JSONL file results are appended to)")
+    if args.json:
+        raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
+    model = model_from_args(args)
+    defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
+                "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
+    items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
+    _compile_note(args.backend)
+    summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
+    print(f"{summary.done} requests done ({summary.new_bytes} new bytes), {summary.skipped} already in {args.output}"
+          + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.input is not None:
+        return _cmd_generate_file(args)
     prompt = prompt_from_args(args)
     model = model_from_args(args)
     stream = api.stream(
@@ -284,6 +308,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=_non_negative_int, default=1,
@@ -332,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    gen.add_argument("--input", metavar="JSONL", default=None,
+                     help="batch job: one JSON request per line (prompt, optional id, strategy, options, max_new_bytes, "
+                          "seed, stop); the flags above are the defaults (see docs/engine.md)")
+    gen.add_argument("--output", metavar="JSONL", default=None,
+                     help="batch job results, one JSON line per request; an existing file's ids are skipped (resume)")
+    gen.add_argument("--batch-size", type=_positive_int, default=16,
+                     help="requests decoded at once by the batched engine (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -1,0 +1,184 @@
+"""Batch generation jobs: requests from a JSONL file, results to a JSONL file, resumable.
+
+Input: one JSON object per line with ``prompt`` (text; or ``prompt_hex`` for raw bytes) and optional
+``id``, ``strategy``, ``options`` (an object), ``max_new_bytes``, ``seed`` and ``stop`` (a string or a
+list of strings); fields a line leaves out take the job's defaults. Ids default to the line number
+(counting from 0) and must be unique.
+
+Output: one JSON object per finished request with ``id``, ``output`` (the text; invalid UTF-8 replaced
+as in :attr:`Generation.text`), ``output_bytes_hex`` and ``stats`` (:meth:`DecodeStats.to_dict`); a
+request that failed gets ``error`` instead. Lines are written as requests finish, so an interrupted job
+loses at most the requests in flight: run it again with the same output file and the ids already there
+are skipped (a torn last line is dropped first). The single-machine path (:func:`run_job`, on the batched
+engine) and the Ray Data path write the same records (:func:`result_record`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import attrs
+from tqdm import tqdm
+
+from blt_decode import tokenizer
+from blt_decode.errors import BLTDecodeError
+from blt_decode.request import Request
+
+#: the fields an input line may hold
+FIELDS = ("id", "prompt", "prompt_hex", "strategy", "options", "max_new_bytes", "seed", "stop")
+
+
+class JobError(BLTDecodeError):
+    """A malformed input line or output file; the message names the file and the line."""
+
+
+@attrs.frozen
+class JobItem:
+    id: str
+    request: Request
+
+
+def _item(line: str, number: int, source: str, defaults: Mapping[str, Any]) -> JobItem:
+    where = f"{source}:{number + 1}"
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise JobError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{where}: each line must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise JobError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)}")
+    if ("prompt" in data) == ("prompt_hex" in data):
+        raise JobError(f"{where}: give exactly one of 'prompt' (text) and 'prompt_hex' (raw bytes)")
+    if "prompt" in data:
+        if not isinstance(data["prompt"], str):
+            raise JobError(f"{where}: 'prompt' must be a string, got {type(data['prompt']).__name__}")
+        prompt: str | bytes = data["prompt"]
+    else:
+        try:
+            prompt = bytes.fromhex(data["prompt_hex"])
+        except (TypeError, ValueError):
+            raise JobError(f"{where}: 'prompt_hex' must be a string of hex digits") from None
+    ident = data.get("id", number)
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise JobError(f"{where}: 'id' must be a string or an integer, got {ident!r}")
+    options = data.get("options", defaults.get("options", {}))
+    if not isinstance(options, dict):
+        raise JobError(f"{where}: 'options' must be an object, got {type(options).__name__}")
+    request = Request(
+        prompt, strategy=data.get("strategy", defaults.get("strategy", "autoregressive")), options=options,
+        max_new_bytes=data.get("max_new_bytes", defaults.get("max_new_bytes", 256)),
+        stop=data.get("stop", defaults.get("stop", ())), seed=data.get("seed", defaults.get("seed")),
+    )
+    return JobItem(str(ident), request)
+
+
+def read_requests(path: str | Path, defaults: Mapping[str, Any] | None = None,
+                  check: Callable[[Request], Any] | None = None) -> list[JobItem]:
+    """Every request of a JSONL input file (blank lines skipped). ``check`` validates each request (the
+    API's :func:`~blt_decode.request.prepare`), so a bad line fails before any decoding, naming its line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise JobError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise JobError(f"{path} is not UTF-8 text (put raw prompt bytes in 'prompt_hex')") from None
+    items, seen = [], set()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        item = _item(line, number, str(path), defaults or {})
+        if item.id in seen:
+            raise JobError(f"{path}:{number + 1}: duplicate id {item.id!r}")
+        seen.add(item.id)
+        if check is not None:
+            try:
+                check(item.request)
+            except BLTDecodeError as exc:
+                raise JobError(f"{path}:{number + 1}: {exc}") from None
+        items.append(item)
+    if not items:
+        raise JobError(f"{path} holds no request")
+    return items
+
+
+def finished_ids(path: str | Path) -> set[str]:
+    """Ids already in an output file. A torn last line (an interrupted write) is removed from the file."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    ids: set[str] = set()
+    keep = 0
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            keep += len(raw) + 1
+            continue
+        try:
+            record = json.loads(raw)
+            ids.add(str(record["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            if index == len(lines) - 1 or all(not rest.strip() for rest in lines[index + 1:]):
+                with path.open("r+b") as fh:  # a torn final line: drop it, the request runs again
+                    fh.truncate(keep)
+                break
+            raise JobError(f"{path}:{index + 1}: not a result line; refusing to append to this file") from None
+        keep += len(raw) + 1
+    return ids
+
+
+def result_record(ident: str, output: bytes | None, stats: Any, error: BaseException | None) -> dict[str, Any]:
+    """One output line (shared by every path that runs jobs)."""
+    if error is not None:
+        record: dict[str, Any] = {"id": ident, "error": f"{type(error).__name__}: {error}"}
+        if output:
+            record["partial_output_bytes_hex"] = output.hex()
+        return record
+    assert output is not None
+    return {"id": ident, "output": tokenizer.display(output), "output_bytes_hex": output.hex(), "stats": stats.to_dict()}
+
+
+def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    with Path(path).open("a", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+
+
+@attrs.frozen
+class JobSummary:
+    total: int  #: requests in the input
+    skipped: int  #: already in the output file
+    done: int  #: finished now
+    failed: int  #: finished with an error
+    new_bytes: int
+
+
+def run_job(model: Any, items: list[JobItem], output: str | Path, *, batch_size: int = 16, backend: str = "eager",
+            progress: bool = True) -> JobSummary:
+    """Run the items not yet in ``output`` with the batched engine, appending a line per finished request."""
+    from blt_decode.engine import Engine
+
+    done_before = finished_ids(output)
+    todo = [item for item in items if item.id not in done_before]
+    engine = Engine(model, backend=backend, max_batch=batch_size)
+    streams = [(item, engine.submit_request(item.request)) for item in todo]
+    pending = list(streams)
+    failed = new_bytes = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="req", disable=not progress) as bar:
+        while pending:
+            engine.step()
+            finished = [(item, s) for item, s in pending if s.done]
+            if not finished:
+                continue
+            pending = [(item, s) for item, s in pending if not s.done]
+            append_records(output, (result_record(item.id, s.output, s.stats, s.error) for item, s in finished))
+            failed += sum(s.error is not None for _, s in finished)
+            new_bytes += sum(len(s.output or b"") for _, s in finished)
+            bar.update(len(finished))
+    return JobSummary(len(items), len(items) - len(todo), len(todo), failed, new_bytes)

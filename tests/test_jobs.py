@@ -1,0 +1,108 @@
+"""Batch jobs: JSONL in, JSONL out, equal to generate() per request, resumable, bad lines refused up front."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import blt_decode as bd
+from blt_decode import jobs
+
+LINES = [
+    {"prompt": "hello"},
+    {"id": "raw", "prompt_hex": "fffe00", "strategy": "blt-s", "options": {"k": 4}},
+    {"prompt": "sampled", "max_new_bytes": 7, "seed": 5, "options": {"temperature": 0.9}},
+    {"id": 42, "prompt": "diffusion", "strategy": "blt-d", "options": {"block_size": 4}, "stop": ["\n"]},
+    {"prompt": "", "strategy": "blt-dv", "options": {"block_size": 3}},
+]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def expected(line: dict, default_max: int) -> bytes:
+    prompt = bytes.fromhex(line["prompt_hex"]) if "prompt_hex" in line else line["prompt"]
+    return bd.generate("random:tiny", prompt, strategy=line.get("strategy", "autoregressive"),
+                       max_new_bytes=line.get("max_new_bytes", default_max), seed=line.get("seed"),
+                       stop=line.get("stop", ()), **line.get("options", {})).output
+
+
+@pytest.fixture
+def job(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(line) for line in LINES) + "\n\n")
+    return src, tmp_path / "out.jsonl"
+
+
+def test_results_equal_generate_and_resume_skips_finished(job):
+    src, out = job
+    run = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out),
+                  "--max-new-bytes", "12", "--batch-size", "2")
+    assert run.returncode == 0, run.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    ids = ["0", "raw", "2", "42", "4"]
+    assert sorted(records) == sorted(ids)
+    for ident, line in zip(ids, LINES):
+        if line.get("seed") is None and line.get("options", {}).get("temperature"):
+            continue
+        assert bytes.fromhex(records[ident]["output_bytes_hex"]) == expected(line, 12), ident
+        assert records[ident]["output"] == bd.tokenizer.display(bytes.fromhex(records[ident]["output_bytes_hex"]))
+        assert records[ident]["stats"]["new_bytes"] == len(bytes.fromhex(records[ident]["output_bytes_hex"]))
+
+    # an interrupted run: two results written, the third torn mid-line
+    text = out.read_text().splitlines()
+    out.write_text(text[0] + "\n" + text[1] + "\n" + text[2][: len(text[2]) // 2])
+    again = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out),
+                    "--max-new-bytes", "12")
+    assert again.returncode == 0, again.stderr
+    assert "2 already in" in again.stderr and "3 requests done" in again.stderr
+    resumed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in resumed) == sorted(ids)  # nothing lost, nothing twice
+    assert {r["id"]: r["output_bytes_hex"] for r in resumed} == {i: records[i]["output_bytes_hex"] for i in ids}
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"prompt": 5}', "'prompt' must be a string"),
+    ('{"prompt": "a", "prompt_hex": "00"}', "exactly one of"),
+    ('{"prompt_hex": "zz"}', "hex digits"),
+    ('{"prompt": "a", "colour": "red"}', "unknown field"),
+    ('{"prompt": "a", "options": {"k": 0}, "strategy": "blt-s"}', "option 'k'"),
+    ('{"prompt": "a", "strategy": "nope"}', "registered strategies"),
+    ('{"prompt": "a", "max_new_bytes": -1}', "max_new_bytes"),
+    ('{"prompt": "a", "id": true}', "'id'"),
+])
+def test_bad_lines_fail_before_decoding_with_one_line(tmp_path, line, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "fine"}\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    run = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out))
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1 and message in err[0] and "in.jsonl:2" in err[0], run.stderr
+    assert not out.exists()
+
+
+def test_duplicate_ids_and_flag_conflicts(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    with pytest.raises(jobs.JobError, match="duplicate id 'a'"):
+        jobs.read_requests(src)
+    for extra in (["prompt"], ["--json"], []):
+        args = ["generate", "--model", "random:tiny", "--input", str(src), *extra]
+        if extra != []:
+            args += ["--output", str(tmp_path / "o.jsonl")]
+        run = run_cli(*args)
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_an_output_file_that_is_not_ours_is_left_alone(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("some notes\nmore notes\n")
+    with pytest.raises(jobs.JobError, match="refusing to append"):
+        jobs.finished_ids(out)
+    assert out.read_text() == "some notes\nmore notes\n"
