@@ -116,6 +116,31 @@ class BenchResult:
     rows: list[BenchRow]
     hf_bytes_per_second: float | None = None
     hf_note: str | None = None
+    #: batched-engine throughput rows (``--batch-sizes``); empty when not asked for
+    throughput: list["ThroughputRow"] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class ThroughputRow:
+    """New bytes/s over all requests with the batched engine at one batch size (generate_many)."""
+
+    label: str
+    strategy: str
+    options: dict[str, Any]
+    backend: str
+    batch_size: int
+    requests: int
+    new_bytes: int
+    #: median over the repeats of one generate_many over every prompt
+    wall_s: float
+    bytes_per_second: float
+    #: bytes/s divided by the same strategy's bytes/s at the smallest batch size measured
+    speedup: float
+    #: share of the engine's slots in use per step, and rows per batched decoder call
+    occupancy: float
+    rows_per_decoder_call: float
+    #: share of requests whose output equals the smallest batch size's (1.0: batching changed nothing)
+    same_as_smallest_batch: float
 
 
 @torch.no_grad()
@@ -180,7 +205,7 @@ def _sum_passes(stats: Sequence[DecodeStats]) -> ForwardPasses:
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
               max_new_bytes: int = 256, repeats: int = 3, threads: int = 1, compare_hf: bool = False,
               progress: bool = True, prompt_set: str = "custom", dtype: torch.dtype | None = None,
-              device: str | None = None) -> BenchResult:
+              device: str | None = None, batch_sizes: Sequence[int] = ()) -> BenchResult:
     """Run every strategy spec on every backend over ``prompts``; ratios are against the first
     ``autoregressive`` greedy spec on the same backend (one is added if none is given). ``prompt_set``
     labels the prompts in the result (a built-in set's version, or the user's file)."""
@@ -245,8 +270,49 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                 bytes_per_block=new_bytes / blocks if blocks else None,
             ))
     hf_rate, hf_note = _hf_speed(model, list(prompts), max_new_bytes) if compare_hf else (None, None)
+    throughput = run_throughput(model, specs, backends, prompts, batch_sizes, max_new_bytes=max_new_bytes,
+                                progress=progress) if batch_sizes else []
     label = model_spec if isinstance(model_spec, str) else "(model object)"
-    return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note)
+    return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note,
+                       throughput)
+
+
+def run_throughput(model: BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt],
+                   batch_sizes: Sequence[int], *, max_new_bytes: int = 256, repeats: int = 1,
+                   progress: bool = True) -> list[ThroughputRow]:
+    """For every backend, strategy spec and batch size: decode every prompt with the batched engine
+    (:func:`blt_decode.generate_many`) and time it; speed-ups are against the smallest batch size, measured
+    in the same run."""
+    from blt_decode.engine import Engine
+
+    rows: list[ThroughputRow] = []
+    sizes = sorted(set(batch_sizes))
+    for backend in backends:
+        for spec in specs:
+            base_rate, base_outputs = None, None
+            for size in sizes:
+                walls = []
+                for _ in tqdm(range(repeats), desc=f"{spec.label} batch {size} on {backend}", disable=not progress, leave=False):
+                    engine = Engine(model, backend=backend, max_batch=size)
+                    streams = [engine.submit(p.prompt, strategy=spec.strategy, max_new_bytes=max_new_bytes, seed=i,
+                                             **spec.options) for i, p in enumerate(prompts)]
+                    t0 = time.perf_counter()
+                    engine.run_until_idle()
+                    walls.append(time.perf_counter() - t0)
+                outputs = [s.result().output for s in streams]
+                new_bytes = sum(len(o) for o in outputs)
+                wall = statistics.median(walls)
+                rate = new_bytes / wall
+                if base_rate is None:
+                    base_rate, base_outputs = rate, outputs
+                stats = engine.stats()
+                rows.append(ThroughputRow(
+                    label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, batch_size=size,
+                    requests=len(prompts), new_bytes=new_bytes, wall_s=wall, bytes_per_second=rate,
+                    speedup=rate / base_rate, occupancy=stats.occupancy, rows_per_decoder_call=stats.rows_per_call["decoder"],
+                    same_as_smallest_batch=sum(a == b for a, b in zip(outputs, base_outputs)) / len(prompts),
+                ))
+    return rows
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -278,7 +344,21 @@ def markdown(result: BenchResult) -> str:
         notes.append(f"transformers greedy generate: {result.hf_bytes_per_second:.1f} bytes/s; blt-decode AR eager / transformers = {ours / result.hf_bytes_per_second:.2f}")
     elif result.hf_note:
         notes.append(f"transformers comparison not run: {result.hf_note}")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    if result.throughput:
+        text += "\n" + throughput_markdown(result.throughput)
+    return text
+
+
+def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
+    head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch | occupancy "
+            "| rows / decoder call | same output |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.backend} | {r.batch_size} | {r.requests} | {r.new_bytes} | {r.wall_s:.2f} "
+                     f"| {r.bytes_per_second:.1f} | {r.speedup:.2f} | {r.occupancy:.2f} | {r.rows_per_decoder_call:.1f} "
+                     f"| {r.same_as_smallest_batch:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def require_matplotlib() -> None:

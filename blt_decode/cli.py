@@ -287,7 +287,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _compile_note("compiled")
     result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+                             batch_sizes=args.batch_sizes)
     print(bench.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
@@ -306,6 +307,16 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return sizes
 
 
 def _positive_int(text: str) -> int:
@@ -420,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", metavar="PATH", help="write every row as JSON")
     be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
     be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
+    be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
+                    help="also measure the batched engine's throughput (new bytes/s over all prompts) at these batch "
+                         "sizes, e.g. 1,4,16,64 (use --prompts at least as large as the largest)")
     _add_threads_argument(be)
     be.set_defaults(func=_cmd_bench)
 

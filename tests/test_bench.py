@@ -101,3 +101,21 @@ def test_bench_plot_without_matplotlib_fails_before_running(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 2 and "needs matplotlib" in run.stderr and "|" not in run.stdout, run.stderr
+
+
+def test_bench_throughput_at_batch_sizes(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-d:block_size=4",
+         "--prompts", "4", "--max-new-bytes", "12", "--repeats", "1", "--batch-sizes", "1,4", "--json", str(out)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["throughput"]
+    assert [(r["label"], r["batch_size"]) for r in rows] == [("ar", 1), ("ar", 4), ("blt-d:block_size=4", 1), ("blt-d:block_size=4", 4)]
+    for r in rows:
+        assert r["same_as_smallest_batch"] == 1.0 and r["new_bytes"] > 0 and r["bytes_per_second"] > 0
+        assert r["rows_per_decoder_call"] == pytest.approx(1.0) if r["batch_size"] == 1 else r["rows_per_decoder_call"] > 1
+    assert rows[0]["speedup"] == 1.0 and "| batch |" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "blt_decode.cli", "bench", "--batch-sizes", "0,4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--batch-sizes" in bad.stderr
