@@ -315,9 +315,11 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     denoises = [i for i, (_, c) in enumerate(items) if isinstance(c, Denoise)]
     # where each call writes: appends at the committed length, drafts after earlier drafts
     where = {i: items[i][0].length + (items[i][0]._draft_length if i in drafts else 0) for i in appends + drafts}
-    for i in appends + drafts:
-        s, c = items[i]
-        state.ids[s.slot, where[i] : where[i] + len(c.ids)] = torch.tensor(c.ids, device=device)
+    written = appends + drafts
+    if written:  # every row's new ids in one write
+        slots, starts, lengths = _rows(items, written, where)
+        flat_slots, flat_positions = _flat_index(slots, starts, lengths, device)
+        state.ids[flat_slots, flat_positions] = torch.tensor([i for r in written for i in items[r][1].ids], device=device)
 
     # 1. patcher: entropies of the new positions decide which patches close
     closed_before = {i: items[i][0].closed_patches for i in appends}
@@ -351,10 +353,12 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
         states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device),
                                  state.encoder_cache)
-        for b, i in enumerate(encoded):
+        for i in encoded:
             items[i][0].stats.add(encoder=1)
-            if i in closed_before:
-                state.byte_states[items[i][0].slot, starts[b] : starts[b] + lengths[b]] = states[b, : lengths[b]]
+        kept = [b for b, i in enumerate(encoded) if i in closed_before]  # drafts' states are scratch
+        if kept:
+            _scatter(state.byte_states, states, [slots[b] for b in kept], [starts[b] for b in kept],
+                     [lengths[b] for b in kept], kept)
 
     # 3. global model for the rows whose chunk closed patches
     closing = [i for i in appends if out[i] is None and items[i][0].closed_patches > closed_before[i]]
@@ -373,6 +377,27 @@ def _rows(items, indices, where) -> tuple[list[int], list[int], list[int]]:
     starts = [where[i] for i in indices]
     lengths = [len(items[i][1].ids) for i in indices]
     return slots, starts, lengths
+
+
+def _flat_index(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot, position) of every real position of ragged rows, flattened row by row."""
+    return (torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], device=device),
+            torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)], device=device))
+
+
+def _scatter(buffer: torch.Tensor, rows: torch.Tensor, slots: Sequence[int], starts: Sequence[int],
+             lengths: Sequence[int], which: Sequence[int]) -> None:
+    """Write rows ``which`` of a padded batch ``rows`` [B, T, ...] (their first ``lengths`` positions) into
+    ``buffer`` [slots, capacity, ...] at ``starts`` of their ``slots``: one indexed write for all rows."""
+    which = list(which)
+    t = rows.shape[1]
+    if len(which) == 1:  # a lone row: a plain slice copy
+        buffer[slots[0], starts[0] : starts[0] + lengths[0]] = rows[which[0], : lengths[0]]
+        return
+    flat_slots, flat_positions = _flat_index(slots, starts, lengths, buffer.device)
+    source = torch.tensor([b * t + j for b, n in zip(which, lengths) for j in range(n)], device=buffer.device)
+    buffer[flat_slots, flat_positions] = rows.reshape(-1, *rows.shape[2:]).index_select(0, source)
 
 
 def _positions(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -406,10 +431,10 @@ def _global_pass(state: DecodeState, items, closing: list[int], closed_before: d
     starts = [closed_before[i] for i in closing]
     latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device),
                                     state.global_cache)
+    _scatter(state.latents, latents, slots, starts, counts, range(len(closing)))
     for b, i in enumerate(closing):
         s = items[i][0]
         first, count = closed_before[i], counts[b]
-        state.latents[s.slot, first : first + count] = latents[b, :count]
         s.stats.add(global_=1)
         if s.trace is not None:
             entropies = s.entropies
@@ -457,6 +482,10 @@ def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[
     logits = state.runners.decoder(x, latents, layout, state.decoder_cache)
     real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     finite = (torch.isfinite(logits).all(-1) | ~real).all(1).tolist()  # one host sync for every row
+    committed = [b for b, i in enumerate(order) if isinstance(items[i][1], Append) and finite[b]]
+    if committed:
+        _scatter(state.logits, logits, [slots[b] for b in committed], [starts[b] for b in committed],
+                 [lengths[b] for b in committed], committed)
     for b, i in enumerate(order):
         s, c = items[i]
         n = lengths[b]
@@ -466,7 +495,6 @@ def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[
             out[i] = _diagnose(s, x[b, :n], latents[b, :n], starts[b], n)
             continue
         if isinstance(c, Append):
-            state.logits[s.slot, where[i] : where[i] + n] = row
             s.length = where[i] + n
             s._draft_length = 0
         elif isinstance(c, Draft):
