@@ -146,3 +146,16 @@ def test_tutorial_as_a_user_runs_it(tmp_path):
 
     tests = _run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], package, env)
     assert re.search(r"\b2 passed\b", tests), tests[-3000:]
+
+
+#: pages whose Python examples run as written (tiny random models; no files, no network)
+EXAMPLE_PAGES = ("engine.md", "../README.md")
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
+def test_python_examples_in_docs_run(page, capsys):
+    blocks = [code for lang, code in BLOCK.findall((DOCS / page).read_text()) if lang == "python"]
+    assert blocks, f"{page} has no python example"
+    namespace: dict = {}
+    for code in blocks:  # blocks of a page build on each other, as a reader runs them
+        exec(compile(code, page, "exec"), namespace)
