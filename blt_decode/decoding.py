@@ -13,11 +13,26 @@ import operator
 import time
 from typing import Any, Iterable, Iterator
 
+import attrs
+
 from blt_decode import tokenizer
 from blt_decode.errors import StrategyError
 from blt_decode.request import PreparedRequest
 from blt_decode.stats import DecodeStats, StatsRecorder
-from blt_decode.trace import Committed
+from blt_decode.trace import Committed, Trace
+
+@attrs.frozen
+class Generation:
+    output: bytes
+    stats: DecodeStats
+    prompt: bytes
+    trace: Trace | None = None  #: decoding events, with generate(..., trace=True)
+
+    @property
+    def text(self) -> str:
+        """The output decoded leniently for display (invalid UTF-8 becomes U+FFFD)."""
+        return tokenizer.display(self.output)
+
 
 #: a strategy that yields this many empty chunks in a row is stopped: it is not making progress
 MAX_EMPTY_CHUNKS = 64

@@ -33,8 +33,9 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.decoding import Committer, utf8_text
+from blt_decode.decoding import Committer, Generation, utf8_text
 from blt_decode.errors import BLTDecodeError
+from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.protocol import DecodeContext
 from blt_decode.request import PreparedRequest, Request, prepare
@@ -150,10 +151,8 @@ class EngineStream:
     def text(self) -> Iterator[str]:
         return utf8_text(iter(self))
 
-    def result(self) -> "Generation":
+    def result(self) -> Generation:
         """Wait for the whole output (driving the engine if needed) and return it as a Generation."""
-        from blt_decode.api import Generation
-
         for _ in self:
             pass
         assert self.stats is not None and self.output is not None
@@ -182,8 +181,6 @@ class Engine:
 
     def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
                  max_capacity: int | None = None):
-        from blt_decode.api import load_model
-
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = load_model(model)
