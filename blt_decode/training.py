@@ -44,7 +44,13 @@ from blt_decode.tokenizer import PAD_ID, VOCAB_SIZE
 
 ModelKind = Literal["entropy", "blt", "bytelm"]
 BYTE_LM_FORMAT = "blt-decode-byte-lm"
-TRAINER_STATE = "trainer_state.pt"
+#: trainer state of a checkpoint: JSON (step, options, optimizer hyper-parameters) + safetensors
+#: (optimizer moments, RNG state); nothing is pickled
+TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_STATE_FORMAT = "blt-decode-trainer-state"
+#: what earlier versions wrote: a pickle, never read (unpickling a crafted file runs code)
+LEGACY_TRAINER_STATE = "trainer_state.pt"
 TRAINING_JSON = "training.json"
 
 
@@ -328,15 +334,61 @@ def build_model(config: TrainConfig) -> BLTModel | EntropyModel:
     return module
 
 
-def _trainable(model: BLTModel | EntropyModel) -> list[torch.nn.Parameter]:
+def _trainable_named(model: BLTModel | EntropyModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what the optimizer trains: all but the frozen entropy model of a BLT."""
     if isinstance(model, BLTModel):
         # the entropy model is trained first and frozen
-        return [p for name, p in model.named_parameters() if not name.startswith("entropy_model.")]
-    return list(model.parameters())
+        return [(name, p) for name, p in model.named_parameters() if not name.startswith("entropy_model.")]
+    return list(model.named_parameters())
 
 
-def _save(model: BLTModel | EntropyModel, directory: Path, optimizer: torch.optim.Optimizer, step: int,
-          config: TrainConfig, extra: dict[str, Any]) -> None:
+def trainer_state_files(optimizer: torch.optim.Optimizer, names: Sequence[str], step: int, config: TrainConfig,
+                        extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The trainer state as (JSON-able dict, named tensors): the optimizer state keyed by parameter name,
+    its hyper-parameters, the step, the options and the global RNG state. ``names[i]`` names the i-th
+    parameter the optimizer holds."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{names[index]}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    payload = {"format": TRAINER_STATE_FORMAT, "version": 1, "step": step, "config": config.to_dict(),
+               "extra": extra, "param_groups": groups, "scalar_state": scalars}
+    return payload, tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Sequence[str], payload: dict[str, Any],
+                         tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Restore what :func:`trainer_state_files` saved into ``optimizer`` (whose i-th parameter is named
+    ``names[i]``); a :class:`TrainingError` when the parameters do not match."""
+    saved = [n for g in payload["param_groups"] for n in g["params"]]
+    if saved != list(names):
+        missing = sorted(set(names) ^ set(saved))[:3]
+        raise TrainingError(f"{source}: the optimizer state is for other parameters ({missing or 'order differs'})")
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            name, _, field = key.removeprefix("optimizer/").rpartition("/")
+            state.setdefault(index[name], {})[field] = value
+    for name, fields in payload.get("scalar_state", {}).items():
+        state.setdefault(index[name], {}).update(fields)
+    groups = []
+    for group in payload["param_groups"]:
+        # betas were a tuple: restore it so the optimizer sees exactly what it saved
+        restored = {k: (tuple(v) if k == "betas" else v) for k, v in group.items() if k != "params"}
+        groups.append(restored | {"params": [index[n] for n in group["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save(model: BLTModel | EntropyModel, directory: Path, optimizer: torch.optim.Optimizer, names: Sequence[str],
+          step: int, config: TrainConfig, extra: dict[str, Any]) -> None:
     """Write a checkpoint atomically: to a temporary directory, then renamed over the old one."""
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -346,18 +398,43 @@ def _save(model: BLTModel | EntropyModel, directory: Path, optimizer: torch.opti
         save_model(model, tmp, metadata=meta)
     else:
         save_byte_lm(model, tmp, metadata=meta)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config.to_dict(), "extra": extra},
-               tmp / TRAINER_STATE)
+    payload, tensors = trainer_state_files(optimizer, names, step, config, extra)
+    (tmp / TRAINER_STATE).write_text(json.dumps(payload, indent=1) + "\n")
+    save_file(tensors, str(tmp / TRAINER_TENSORS))
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
 
 
-def _load_for_resume(directory: Path, config: TrainConfig) -> tuple[BLTModel | EntropyModel, dict[str, Any]]:
-    state_path = directory / TRAINER_STATE
+def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON and tensors of a checkpoint's trainer state. Never unpickles: a legacy
+    ``trainer_state.pt`` (a pickle) is refused with a :class:`TrainingError`, not read."""
+    state_path, tensor_path = directory / TRAINER_STATE, directory / TRAINER_TENSORS
     if not state_path.is_file():
+        if (directory / LEGACY_TRAINER_STATE).exists():
+            raise TrainingError(
+                f"{directory / LEGACY_TRAINER_STATE} is a pickle (written by an older blt-decode or planted); it is "
+                f"never loaded because unpickling can run code: resume needs {TRAINER_STATE} + {TRAINER_TENSORS}, "
+                f"so start the run again")
         raise TrainingError(f"{directory} holds no {TRAINER_STATE}: not a training checkpoint")
-    state = torch.load(state_path, weights_only=False)
+    try:
+        payload = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"{state_path} is not readable JSON ({exc})") from None
+    if payload.get("format") != TRAINER_STATE_FORMAT or payload.get("version") != 1:
+        raise TrainingError(f"{state_path} is not a version-1 {TRAINER_STATE_FORMAT} file")
+    if not tensor_path.is_file():
+        raise TrainingError(f"{directory} holds {TRAINER_STATE} but no {TRAINER_TENSORS}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise TrainingError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
+    return payload, tensors
+
+
+def _load_for_resume(directory: Path, config: TrainConfig) -> tuple[BLTModel | EntropyModel, dict[str, Any],
+                                                                    dict[str, torch.Tensor]]:
+    state, tensors = read_trainer_state(directory)
     saved = dict(state["config"])
     mine = config.to_dict()
     differ = sorted(k for k in mine if k not in ("time_budget_s", "out_dir", "threads") and
@@ -365,7 +442,7 @@ def _load_for_resume(directory: Path, config: TrainConfig) -> tuple[BLTModel | E
     if differ:
         raise TrainingError(f"cannot resume: options differ from the checkpoint's: {', '.join(differ)}")
     model = load_native(directory) if config.kind == "blt" else load_byte_lm(directory)
-    return model, state
+    return model, state, tensors
 
 
 def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = False,
@@ -378,6 +455,8 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = F
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
+    if resume:  # checked first: a bad checkpoint fails before the corpus is read
+        model, state, state_tensors = _load_for_resume(ckpt_dir, config)
     corpus = corpus or build_corpus()
     stream = corpus.train_stream
     sampler = BatchSampler(stream, config.seq_len, config.batch_size, config.seed)
@@ -385,8 +464,8 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = F
 
     step, extra = 0, {}
     if resume:
-        model, state = _load_for_resume(ckpt_dir, config)
         step, extra = state["step"], dict(state["extra"])
+        torch.set_rng_state(state_tensors["rng/torch_cpu"])
     else:
         model = build_model(config)
         if isinstance(model, BLTModel):
@@ -402,10 +481,11 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = F
     if isinstance(model, BLTModel):
         model.entropy_model.eval()
         model.entropy_model.requires_grad_(False)
-    params = _trainable(model)
+    named = _trainable_named(model)
+    names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, names, state, state_tensors, str(ckpt_dir))
     n_params = sum(p.numel() for p in params)
     log(f"training {config.kind} ({n_params / 1e6:.2f}M trainable parameters), corpus {corpus.version}, "
         f"from step {step} to {config.steps}")
@@ -468,11 +548,11 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = F
             fh.write(json.dumps(record) + "\n")
         if step % config.checkpoint_every == 0:
             extra.update(bytes_seen=bytes_seen, wall_time_s=elapsed_before + time.perf_counter() - started)
-            _save(model, ckpt_dir, optimizer, step, config, extra)
+            _save(model, ckpt_dir, optimizer, names, step, config, extra)
     bar.close()
     wall = elapsed_before + time.perf_counter() - started
     extra.update(bytes_seen=bytes_seen, wall_time_s=wall)
-    _save(model, ckpt_dir, optimizer, step, config, extra)
+    _save(model, ckpt_dir, optimizer, names, step, config, extra)
     if stopped_early and stop_after is None:
         log(f"time budget of {config.time_budget_s:.0f}s reached at step {step}")
     final_eval = evaluate(model, corpus, config.eval_bytes_final, config.seq_len)
