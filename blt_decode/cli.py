@@ -100,7 +100,7 @@ Three paths (docs/training.md has the full recipe, and its commands run in the t
 From a released checkpoint (the main path: no public BLT-D checkpoint exists, so continue a BLT with
 the block-diffusion objective). --init reads any layout load_model reads (native, Hugging Face,
 original as released), keeps its entropy model and patching, and trains next-byte + block diffusion:
-  blt-decode train blt --init blt-1b --data my_code/ --include "*.py" --out runs/blt-d \
+  blt-decode train blt --init blt-1b --data my_code/ --include "*.py" --out runs/blt-d \\
       --device cuda --batch-size 64 --seq-len 4096 --lr 1e-4 --steps 20000 --grad-accum 4
 
 On your data: --data takes files, directories (filtered by --include PATTERN ...), JSONL files with

@@ -89,3 +89,12 @@ def test_docs_commands_run_at_tiny_scale(tmp_path):
         assert (tmp_path / "runs" / run / "final" / "config.json").is_file(), run
     assert blt_decode.load_model(tmp_path / "runs" / "fsdp" / "final").config.patching_threshold == \
         blt_decode.load_model(tmp_path / "blt-1b").config.patching_threshold
+
+
+def test_train_help_describes_the_three_paths():
+    out = subprocess.run([sys.executable, "-m", "blt_decode", "train", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for needle in ("From a released checkpoint", "--init blt-1b", "On your data", "--data", "From scratch",
+                   "--entropy-model", "torchrun --nproc_per_node", "--parallel fsdp", "train plot"):
+        assert needle in out.stdout, needle
