@@ -215,7 +215,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                     help="under torchrun: ddp (replicas) or fsdp (sharded weights and optimizer state) (default: %(default)s)")
     tr.add_argument("--synthetic-data", action="store_true",
-                    help="train on one fixed in-memory batch: measures what the data pipeline costs")
+                    help="train on the run's first 64 batches made in memory before the clock starts (cycled): "
+                         "the same compute without the data pipeline, to measure what it costs")
     tr.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead by the loader thread (default: %(default)s)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")

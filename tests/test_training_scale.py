@@ -199,6 +199,8 @@ def test_grad_accum_checkpointing_and_synthetic_data(tmp_path, data_dir, entropy
     assert accum.final_loss == pytest.approx(base.final_loss, rel=1e-5) and ckpt.bytes_seen == base.bytes_seen
     synthetic = train(blt_config(tmp_path / "synthetic", data_dir, entropy_dir, synthetic_data=True), **QUIET)
     assert synthetic.bytes_per_s > 0 and synthetic.bytes_seen == base.bytes_seen
+    # the same batches, made in memory up front: the same losses, without the data pipeline
+    assert losses(tmp_path / "synthetic") == reference
     # the plot of the runs' curves
     out = run(CLI + ["train", "plot", str(tmp_path / "base"), str(tmp_path / "accum"), "--png", str(tmp_path / "c.png")])
     assert out.returncode == 0, out.stderr

@@ -40,6 +40,8 @@ from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"
 BUILTIN_SOURCES = ("builtin", "stdlib", "plays")
+#: batches made in memory ahead of a --synthetic-data run (cycled when the run is longer)
+SYNTHETIC_BATCHES = 64
 
 
 def _hash_fraction(name: str) -> float:
@@ -169,14 +171,15 @@ class BatchLoader:
 
     ``rows`` is the slice of the global batch this process trains on; batches come out as int64 tensors
     on ``device`` (pinned and copied asynchronously on CUDA), in step order from ``start``. With
-    ``synthetic`` the batch of step ``start`` is made once, kept on the device and returned every step:
-    the reference for measuring what the data pipeline costs."""
+    ``synthetic`` the same batches (the run's first :data:`SYNTHETIC_BATCHES`, cycled) are made before
+    training starts and kept on the device: the same compute without the data pipeline, the reference
+    for measuring what the pipeline costs."""
 
     def __init__(self, sampler: BatchSampler, rows: slice, device: torch.device, start: int, stop: int,
                  *, prefetch: int = 2, synthetic: bool = False):
         self.sampler, self.rows, self.device = sampler, rows, device
         self.start, self.stop, self.synthetic = start, stop, synthetic
-        self._fixed = self._make(start) if synthetic else None
+        self._fixed = [self._make(s) for s in range(start, min(stop, start + SYNTHETIC_BATCHES))] if synthetic else None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._closed = threading.Event()
         self._thread = None
@@ -211,7 +214,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for step in range(self.start, self.stop):
             if self._fixed is not None:
-                yield step, self._fixed
+                yield step, self._fixed[(step - self.start) % len(self._fixed)]
             elif self._thread is None:
                 yield step, self._make(step)
             else:

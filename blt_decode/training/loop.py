@@ -116,7 +116,8 @@ class TrainConfig:
     include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: share of the documents of each user data source held out for evaluation (by name hash)
     heldout_fraction: float = 0.01
-    #: train on one fixed in-memory batch (measures what the data pipeline costs; not for real runs)
+    #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
+    #: without the data pipeline, to measure what the pipeline costs; not for real runs
     synthetic_data: bool = False
     # -- execution -----------------------------------------------------------------------------
     device: str = "cpu"
