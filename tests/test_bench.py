@@ -119,3 +119,31 @@ def test_bench_throughput_at_batch_sizes(tmp_path):
     assert rows[0]["speedup"] == 1.0 and "| batch |" in run.stdout
     bad = subprocess.run([sys.executable, "-m", "blt_decode.cli", "bench", "--batch-sizes", "0,4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--batch-sizes" in bad.stderr
+
+
+def test_bench_does_not_import_the_cli():
+    # option parsing lives with the options (blt_decode.options), not in the CLI: no cli <-> bench cycle
+    code = "import sys, blt_decode.bench; print('blt_decode.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_the_diffusion_table_is_a_bench_command(tmp_path):
+    """docs/diffusion.md's measurement is reproduced by `blt-decode bench` (run here at tiny scale)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "diffusion.md").read_text()
+    commands = [c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "blt-decode bench" in c]
+    assert commands, "docs/diffusion.md shows no blt-decode bench command"
+    argv = shlex.split(commands[0].strip().replace("\\\n", " "))[1:]
+    for flag, value in (("--model", "random:tiny"), ("--prompts", "2"), ("--max-new-bytes", "8"), ("--json", str(tmp_path / "d.json"))):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert {r["strategy"] for r in rows} >= {"autoregressive", "blt-d", "blt-dv"}
