@@ -23,7 +23,8 @@ class RowLayout(NamedTuple):
 
     #: [B, T] rotary position of each query
     positions: torch.Tensor
-    #: [B, 1, T, L] bool: query (b, t) may attend to cache position j < L of its own slot
+    #: [B, 1, T, L] additive attention mask in the model's dtype: 0 where query (b, t) may attend to cache
+    #: position j < L of its own slot, -inf elsewhere (built once per stack call, not once per layer)
     mask: torch.Tensor
     #: [N] slot and [N] cache position where the keys/values of the N real positions go
     write_slots: torch.Tensor

@@ -270,7 +270,8 @@ def non_finite(module: str, start: int, end: int) -> NonFiniteError:
 
 
 def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int], window: int | None,
-               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None) -> RowLayout:
+               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None,
+               dtype: torch.dtype = torch.float32) -> RowLayout:
     """The :class:`RowLayout` of a stack call whose row b is ``lengths[b]`` positions of the sequence in
     cache slot ``slots[b]``, starting at ``starts[b]``.
 
@@ -301,7 +302,9 @@ def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[in
     write_positions = positions[valid] if not all_valid else positions.reshape(-1)
     real = None if all_valid else torch.nonzero(valid.reshape(-1))[:, 0]
     read_slots = None if list(slots) == list(range(b)) else torch.tensor(slots, device=device)
-    return RowLayout(positions, mask[:, None], write_slots, write_positions, real, read_slots)
+    # additive, in the model's dtype: attention would otherwise convert a boolean mask in every layer
+    additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    return RowLayout(positions, additive[:, None], write_slots, write_positions, real, read_slots)
 
 
 def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -> list[torch.Tensor | BaseException]:
@@ -327,7 +330,7 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     if appends and model.patcher.uses_entropy:
         slots, starts, lengths = _rows(items, appends, where)
         chunk = state.ids[_gather_rows(state, slots)].gather(1, _positions(starts, lengths, device).clamp_max(state.capacity - 1))
-        logits = runners.entropy(chunk, row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device),
+        logits = runners.entropy(chunk, row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device, dtype=model.dtype),
                                  state.entropy_cache)
         rows = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
         for b, i in enumerate(appends):
@@ -351,7 +354,7 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         slots, starts, lengths = _rows(items, encoded, where)
         positions = _positions(starts, lengths, device)
         embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
-        states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device),
+        states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device, dtype=model.dtype),
                                  state.encoder_cache)
         for i in encoded:
             items[i][0].stats.add(encoder=1)
@@ -429,7 +432,7 @@ def _global_pass(state: DecodeState, items, closing: list[int], closed_before: d
     per_row = pad_sequence(list(vectors.split(counts)), batch_first=True)
     slots = [items[i][0].slot for i in closing]
     starts = [closed_before[i] for i in closing]
-    latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device),
+    latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device, dtype=model.dtype),
                                     state.global_cache)
     _scatter(state.latents, latents, slots, starts, counts, range(len(closing)))
     for b, i in enumerate(closing):
@@ -478,7 +481,7 @@ def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[
     slot_t = torch.tensor(slots, device=device)[:, None].expand(-1, t)
     latents = state.latents[slot_t, latent_index_t]
     layout = row_layout(slots, starts, lengths, model.config.decoder.sliding_window, device,
-                        bidirectional_from=bidirectional if denoises else None)
+                        bidirectional_from=bidirectional if denoises else None, dtype=model.dtype)
     logits = state.runners.decoder(x, latents, layout, state.decoder_cache)
     real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     finite = (torch.isfinite(logits).all(-1) | ~real).all(1).tolist()  # one host sync for every row
