@@ -317,7 +317,8 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     drafts = [i for i, (_, c) in enumerate(items) if isinstance(c, Draft)]
     denoises = [i for i, (_, c) in enumerate(items) if isinstance(c, Denoise)]
     # where each call writes: appends at the committed length, drafts after earlier drafts
-    where = {i: items[i][0].length + (items[i][0]._draft_length if i in drafts else 0) for i in appends + drafts}
+    where = {i: items[i][0].length for i in appends}
+    where.update({i: items[i][0].length + items[i][0]._draft_length for i in drafts})
     written = appends + drafts
     if written:  # every row's new ids in one write
         slots, starts, lengths = _rows(items, written, where)
@@ -329,9 +330,10 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     new_entropies: dict[int, list[float]] = {}
     if appends and model.patcher.uses_entropy:
         slots, starts, lengths = _rows(items, appends, where)
-        chunk = state.ids[_gather_rows(state, slots)].gather(1, _positions(starts, lengths, device).clamp_max(state.capacity - 1))
-        logits = runners.entropy(chunk, row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device, dtype=model.dtype),
-                                 state.entropy_cache)
+        positions = _positions(starts, lengths, device).clamp_max(state.capacity - 1)  # padding stays in range
+        chunk = state.ids[_gather_rows(state, slots)].gather(1, positions)
+        layout = row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device, dtype=model.dtype)
+        logits = runners.entropy(chunk, layout, state.entropy_cache)
         rows = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
         for b, i in enumerate(appends):
             new_entropies[i] = rows[b][: lengths[b]]
@@ -354,8 +356,8 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         slots, starts, lengths = _rows(items, encoded, where)
         positions = _positions(starts, lengths, device)
         embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
-        states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device, dtype=model.dtype),
-                                 state.encoder_cache)
+        layout = row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device, dtype=model.dtype)
+        states = runners.encoder(embeds, layout, state.encoder_cache)
         for i in encoded:
             items[i][0].stats.add(encoder=1)
         kept = [b for b, i in enumerate(encoded) if i in closed_before]  # drafts' states are scratch
@@ -369,8 +371,7 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         _global_pass(state, items, closing, closed_before, new_entropies)
 
     # 4. decoder over every live row: appends and drafts (from the encoder's states), denoised blocks
-    decoded = [i for i in encoded] + [i for i in denoises]
-    if decoded:
+    if encoded or denoises:
         _decoder_pass(state, items, encoded, denoises, states, where, out)
     return out  # type: ignore[return-value]
 
@@ -432,8 +433,8 @@ def _global_pass(state: DecodeState, items, closing: list[int], closed_before: d
     per_row = pad_sequence(list(vectors.split(counts)), batch_first=True)
     slots = [items[i][0].slot for i in closing]
     starts = [closed_before[i] for i in closing]
-    latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device, dtype=model.dtype),
-                                    state.global_cache)
+    layout = row_layout(slots, starts, counts, model.config.global_.sliding_window, device, dtype=model.dtype)
+    latents = state.runners.global_(per_row, layout, state.global_cache)
     _scatter(state.latents, latents, slots, starts, counts, range(len(closing)))
     for b, i in enumerate(closing):
         s = items[i][0]
