@@ -59,4 +59,6 @@ class KVCache:
         length = rows.mask.shape[-1]
         if rows.read_slots is None:
             return self.keys[layer, :b, :, :length], self.values[layer, :b, :, :length]
-        return self.keys[layer][rows.read_slots, :, :length], self.values[layer][rows.read_slots, :, :length]
+        # slice to the keys in use first: an index with a trailing slice would gather the whole capacity
+        return (self.keys[layer, :, :, :length].index_select(0, rows.read_slots),
+                self.values[layer, :, :, :length].index_select(0, rows.read_slots))
