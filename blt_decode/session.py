@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from blt_decode.cache import KVCache
-from blt_decode.model import BLTModel, block_latent_index, block_rows_mask, latent_index
+from blt_decode.model import BLTModel, ParamCounts, block_latent_index, block_rows_mask, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
@@ -66,6 +66,7 @@ class DecodeSession:
         self.starts: list[int] = []
         self.length = 0
         self._draft_length = 0
+        self._param_counts: ParamCounts | None = None
         self.stats = StatsRecorder()
         self.trace: Trace | None = None  # attached by generate(..., trace=True)
         self.entropy_cache: KVCache | None = (
@@ -91,6 +92,14 @@ class DecodeSession:
         if self.length == 0:
             raise RuntimeError("the session is empty: prefill it first")
         return self.logits[self.length - 1]
+
+    @property
+    def param_counts(self) -> ParamCounts:
+        """Parameters read per forward pass of each module (what Eq. 8 weighs passes by): lets a strategy
+        plan its passes' cost without touching the model."""
+        if self._param_counts is None:
+            self._param_counts = self.model.param_counts()
+        return self._param_counts
 
     def token_ids(self) -> list[int]:
         return self.ids[: self.length].tolist()

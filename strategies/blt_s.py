@@ -1,70 +1,129 @@
-"""BLT-S: self-speculative decoding, exactly greedy.
+"""BLT-S: self-speculative decoding, exactly greedy, or exactly distributed as AR sampling.
 
-Each round starts from exact next-byte logits. The first byte is their greedy choice (exact). The decoder
-then drafts ``k`` more bytes greedily with ``session.draft``: encoder + decoder only, reading the last
-available latent, i.e. skipping the patcher and the global model even where a patch would close. One
-``session.verify`` pass runs the patcher, encoder, global model and decoder over the whole draft,
-reusing the caches of the accepted prefix. The longest prefix on which the draft matches the verified
-greedy choice is kept and every cache is rolled back to it; the verified logits after it give the next
-round's first byte (the corrected byte, or the free byte when all ``k`` matched).
+Each round starts from the exact distribution of the next byte. The first byte is drawn from it (its
+greedy choice at temperature 0). The decoder then drafts ``k`` more bytes with ``session.draft``:
+encoder + decoder only, reading the last available latent, i.e. skipping the patcher and the global model
+even where a patch would close. One ``session.verify`` pass runs the patcher, encoder, global model and
+decoder over the whole draft, reusing the caches of the accepted prefix. The accept rule of
+:mod:`blt_decode.speculation` keeps a prefix and rolls every cache back to it; it returns the next
+round's first-byte distribution (greedy: the corrected byte, or the free byte when all ``k`` matched).
 
-With causal patching (a boundary depends only on earlier bytes) the verified logits are exactly the
-autoregressive ones, so the output equals greedy autoregressive decoding; savings come from running the
-global model (and patcher) once per round instead of once per patch.
+Greedy (``temperature=0``, the default): drafts are the stale-latent greedy choices and a drafted byte is
+kept iff it equals the verified greedy choice. With causal patching (a boundary depends only on earlier
+bytes) the verified logits are exactly the autoregressive ones, so the output equals greedy
+autoregressive decoding.
+
+Sampling (``temperature > 0``, with optional ``top_k``/``top_p``): drafts are drawn from the stale-latent
+distribution q and checked by speculative sampling against the verified distribution p (both through
+the same :func:`blt_decode.sampling.probabilities` transform). The output is then distributed exactly as
+autoregressive sampling with the same options (not byte-identical for the same seed: the random draws
+differ).
+
+``k="auto"`` chooses each round's draft length in 1..64 from the running acceptance and the model's
+per-module parameter counts (:class:`blt_decode.speculation.DraftLengthController`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import attrs
+import torch
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.protocol import DecodeContext
-from blt_decode.sampling import greedy_id
+from blt_decode.sampling import Sampler, draw
 from blt_decode.session import DecodeSession
-from blt_decode.speculation import verify_draft
+from blt_decode.speculation import DraftLengthController, verify_draft
 from blt_decode.tokenizer import EOS_ID
 
 MAX_K = 64
 
 
+def _draft_length(instance, attribute, value):
+    if value == "auto" and isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
+        raise ValueError(f"option 'k' must be an integer in 1..{MAX_K} or 'auto', got {value!r}")
+
+
+def _to_float(value):
+    # ints become floats; bools, strings and None pass through unchanged for the validator to reject
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _temperature(instance, attribute, value):
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"option 'temperature' must be a finite number >= 0 (0 = greedy), got {value!r}")
+
+
+def _top_k(instance, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"option 'top_k' must be a positive integer or None, got {value!r}")
+
+
+def _top_p(instance, attribute, value):
+    if value is not None and (not isinstance(value, float) or not 0.0 < value <= 1.0):
+        raise ValueError(f"option 'top_p' must be a number in (0, 1] or None, got {value!r}")
+
+
 @attrs.frozen
 class BLTSOptions:
-    #: bytes drafted per round past the exact first byte (1..64)
-    k: int = attrs.field(default=8, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1),
-                                                attrs.validators.le(MAX_K)])
+    #: bytes drafted per round past the exact first byte (1..64), or "auto" (chosen per round)
+    k: int | str = attrs.field(default=8, validator=_draft_length)
+    #: 0 = greedy; otherwise softmax temperature for (exact speculative) sampling
+    temperature: float = attrs.field(default=0.0, converter=_to_float, validator=_temperature)
+    top_k: int | None = attrs.field(default=None, validator=_top_k)
+    top_p: float | None = attrs.field(default=None, converter=_to_float, validator=_top_p)
 
 
 class SelfSpeculative:
     name = "blt-s"
     aliases = ("blt_s",)
-    description = "self-speculative: the decoder drafts k bytes past patch boundaries, one full pass verifies; exactly greedy"
+    description = ("self-speculative: the decoder drafts k bytes past patch boundaries, one full pass verifies; "
+                   "exactly greedy, or exactly AR-distributed when sampling; k=auto adapts k per round")
     Options = BLTSOptions
 
     def lookahead(self, options: BLTSOptions) -> int:
-        return options.k + 1
+        return (MAX_K if options.k == "auto" else options.k) + 1
 
     def decode(self, session: DecodeSession, context: DecodeContext, options: BLTSOptions) -> Iterator[list[int]]:
-        logits = session.prefill(context.prompt_ids)[-1]
+        sampler = Sampler(options.temperature, options.top_k, options.top_p)
+        rng = context.generator
+        following = sampler.probabilities(session.prefill(context.prompt_ids)[-1])
+        controller = None
+        if options.k == "auto":
+            params = session.param_counts
+            controller = DraftLengthController(params, draft_pass_params=params.encoder + params.decoder, hi=MAX_K)
+            controller.start(patches=session.closed_patches, length=session.length)
         produced = 0
         while True:
-            first = greedy_id(logits)
+            first = draw(following, rng)
             # never draft bytes that max_new_bytes would cut off anyway
-            k = min(options.k, context.max_new_bytes - produced - 1)
+            remaining = context.max_new_bytes - produced - 1
+            k = controller.choose(remaining) if controller is not None else min(options.k, remaining)
             if first == EOS_ID or k <= 0:
                 yield [first]
                 return
-            draft = [first]
+            draft, drawn_from = [first], []
             draft_logits = session.draft([first])[-1]
             while True:
-                guess = greedy_id(draft_logits)
+                q = sampler.probabilities(draft_logits)
+                guess = draw(q, rng)
                 draft.append(guess)
+                drawn_from.append(q)
                 if guess == EOS_ID or len(draft) == k + 1:
                     break
                 draft_logits = session.draft([guess])[-1]
 
-            accepted, logits = verify_draft(session, draft)
+            # greedy drafts are deterministic (a point mass at each guess): no proposal rows needed
+            proposals = None if sampler.is_greedy else torch.stack(drawn_from)
+            result = verify_draft(session, draft, sampler=sampler, proposals=proposals, generator=rng, k=k)
+            accepted, following = result.accepted, result.following
+            if controller is not None:
+                controller.observe(accepted=accepted - 1, rejected=accepted < len(draft), drafted=len(draft) - 1,
+                                   first_boundary=result.first_boundary, boundaries=result.boundaries)
             produced += accepted
             yield draft[:accepted]
 
