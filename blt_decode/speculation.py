@@ -150,9 +150,11 @@ class DraftLengthController:
     passes_per_byte: float | None = 1.0
     #: Beta prior of each acceptance as (mean, pseudo-count weight). The stale prior is optimistic on
     #: purpose: a wrong guess is corrected by the first rejections, while a pessimistic one keeps drafts
-    #: short, so stale bytes are rarely seen and the guess is never corrected
+    #: short, so stale bytes are rarely seen and the guess is never corrected. Its weight (10 bytes) keeps
+    #: a run of accepted bytes from pushing the estimate to ~1 and k to the cap, where one rejection
+    #: wastes dozens of drafted bytes (docs/blt-s.md: how it was chosen)
     fresh_prior: tuple[float, float] = (0.999, 10.0)
-    stale_prior: tuple[float, float] = (0.97, 3.0)
+    stale_prior: tuple[float, float] = (0.97, 10.0)
     #: per-position discount of the boundary-rate counts (memory of about 20 positions)
     boundary_decay: float = 0.95
     #: accepted bytes and rejections seen, before and after the draft's first boundary
