@@ -15,9 +15,9 @@ accepted iff it equals the verified greedy choice, the replacement is that greed
 byte), and no random number is drawn. The same code runs both, so greedy speculative decoding stays
 byte-identical to greedy autoregressive decoding.
 
-**The draft length** (:class:`DraftLengthController`) is chosen per round to minimise the expected Eq. 8
-bandwidth per committed byte, from the running acceptance and the model's per-module parameter counts;
-docs/blt-s.md derives the cost model.
+**The draft length** (:class:`DraftLengthController`) is chosen per round to minimise the expected weight
+traffic per committed byte (Eq. 8, plus the entropy model), from the running acceptance and the model's
+per-module parameter counts; docs/blt-s.md derives the cost model.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def verify_draft(session: DecodeSession, draft: Sequence[int], *, sampler: Sampl
     (drawn from the exact distribution, or the previous round's replacement), the others are guesses.
 
     ``proposals`` [len(draft) - 1, vocab] holds the distribution each guess was drawn from (row j for
-    ``draft[j + 1]``); None means a deterministic drafter (a point mass at each drafted id, as greedy
-    drafting is). ``sampler`` turns the verified logits into the target distribution ``p``. Keeps the
-    prefix the speculative-sampling rule accepts, rolls every cache back to it, counts drafted/accepted
-    bytes, and emits a :class:`~blt_decode.trace.Verified` event (``k``: the draft length the round
-    chose, default ``len(draft) - 1``). For greedy the following distribution is one-hot at the
-    corrected or free byte."""
+    ``draft[j + 1]``, which must give it positive probability); None means a deterministic drafter (a
+    point mass at each drafted id, as greedy drafting is). ``sampler`` turns the verified logits into
+    the target distribution ``p``. Keeps the prefix the speculative-sampling rule accepts, rolls every
+    cache back to it, counts drafted/accepted bytes, and emits a :class:`~blt_decode.trace.Verified`
+    event (``k``: the draft length the round chose, default ``len(draft) - 1``). For greedy the
+    following distribution is one-hot at the corrected or free byte."""
     start, guesses = session.length, len(draft) - 1
     verified = session.verify(draft)
     boundaries = [s - start for s in session.starts if start < s <= start + guesses + 1]
@@ -93,8 +93,8 @@ def verify_draft(session: DecodeSession, draft: Sequence[int], *, sampler: Sampl
         following = target[-1]
     session.stats.add(drafted_bytes=guesses, accepted_bytes=accepted - 1)
     session.emit(Verified(start, tuple(int(i) for i in draft), accepted, guesses if k is None else k))
-    return Verification(accepted, following, min(boundaries) if boundaries and min(boundaries) <= guesses else None,
-                        len(boundaries))
+    first_boundary = min(boundaries) if boundaries and min(boundaries) <= guesses else None
+    return Verification(accepted, following, first_boundary, len(boundaries))
 
 
 def expected_bytes_per_round(k: int, *, fresh: float, stale: float, boundary_rate: float) -> list[float]:
@@ -119,10 +119,10 @@ def expected_bytes_per_round(k: int, *, fresh: float, stale: float, boundary_rat
 @attrs.define
 class DraftLengthController:
     """Chooses each round's draft length ``k`` (drafted bytes past the exact first byte) so that the
-    expected Eq. 8 weight traffic per committed byte is minimal:
+    expected weight traffic per committed byte (Eq. 8 plus the entropy model) is minimal:
 
         cost(k)  = P_draft·(1 + ρ·(k - 1))              draft passes (BLT-S: ρ = 1, one pass per byte)
-                 + P_enc + P_dec                         the verification pass ...
+                 + P_patcher + P_enc + P_dec             the verification pass ...
                  + P_glob·(1 - (1 - b)^(k + 1))          ... and its global pass, if a patch closes
         bytes(k) = expected_bytes_per_round(k)           (exact first byte + expected accepted run)
         k*       = argmin over lo..hi of cost(k) / bytes(k)
@@ -196,7 +196,8 @@ class DraftLengthController:
         return self.extra_passes / self.extra_bytes
 
     def costs_per_byte(self, hi: int) -> list[float]:
-        """Expected Eq. 8 parameters read per committed byte for draft lengths 0..``hi`` (index = k)."""
+        """Expected parameters read (Eq. 8 plus the entropy model) per committed byte, for draft lengths
+        0..``hi`` (index = k)."""
         p, b, rho = self.params, self.boundary_rate, self.draft_passes_per_byte
         per_round = expected_bytes_per_round(hi, fresh=self.fresh_acceptance, stale=self.stale_acceptance,
                                              boundary_rate=b)

@@ -28,7 +28,8 @@ def test_probabilities_is_one_transform_for_rows_and_batches(seed, temperature, 
         if top_k is not None:  # random logits have no ties: at most top_k ids keep mass
             assert int((probs > 0).sum()) <= top_k
     if temperature == 0:
-        assert torch.equal(batch.argmax(-1), sampling.greedy(logits)) and torch.equal(batch.max(-1).values, torch.ones(5, dtype=torch.float64))
+        assert torch.equal(batch.argmax(-1), sampling.greedy(logits))
+        assert torch.equal(batch.max(-1).values, torch.ones(5, dtype=torch.float64))
 
 
 def test_sample_id_draws_from_probabilities(monkeypatch):
