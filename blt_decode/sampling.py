@@ -78,7 +78,11 @@ class Sampler:
 
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One id drawn from the 1-D distribution ``probs`` with ``generator`` (the only categorical draw)."""
+    """One id drawn from the 1-D distribution ``probs`` with ``generator`` (the only categorical draw).
+    The draw happens on the generator's device (the request's generator is a CPU one), so a model on a
+    GPU samples too, with the same draws as on the CPU."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
