@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from blt_decode.cache import KVCache, RowLayout
 from blt_decode.errors import NonFiniteError
-from blt_decode.model import BLTModel, block_latent_index, latent_index
+from blt_decode.model import BLTModel, ParamCounts, block_latent_index, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
@@ -146,6 +146,7 @@ class DecodeSession:
         self.starts: list[int] = []
         self.length = 0
         self._draft_length = 0
+        self._param_counts: ParamCounts | None = None
         self.stats = StatsRecorder()
         self.trace: Trace | None = None  # attached by generate(..., trace=True)
 
@@ -170,6 +171,14 @@ class DecodeSession:
     def ids(self) -> torch.Tensor:
         """This sequence's id buffer (``capacity`` positions; committed ids, then drafts, then stale ones)."""
         return self.state.ids[self.slot]
+
+    @property
+    def param_counts(self) -> ParamCounts:
+        """Parameters read per forward pass of each module (what Eq. 8 weighs passes by): lets a strategy
+        plan its passes' cost without touching the model."""
+        if self._param_counts is None:
+            self._param_counts = self.model.param_counts()
+        return self._param_counts
 
     def token_ids(self) -> list[int]:
         return self.state.ids[self.slot, : self.length].tolist()

@@ -63,6 +63,17 @@ def test_strategy_specs_parse_and_validate():
         bench.parse_strategies("blt-s:k=0")
 
 
+def test_sampled_rows_get_an_ar_sampling_reference():
+    specs = bench.with_ar_references(bench.parse_strategies(
+        "blt-s:k=4,blt-s:k=8+temperature=0.7,blt-dv:block_size=4+temperature=0.7,ar:temperature=1.0+top_p=0.9,"
+        "blt-s:k=auto+temperature=1.0+top_p=0.9"))
+    assert [s.label for s in specs] == [
+        "ar", "blt-s:k=4", "ar:temperature=0.7", "blt-s:k=8+temperature=0.7", "blt-dv:block_size=4+temperature=0.7",
+        "ar:temperature=1.0+top_p=0.9", "blt-s:k=auto+temperature=1.0+top_p=0.9"]
+    assert specs[2].options == {"temperature": 0.7}
+    assert bench.sampling_key({"temperature": 0, "top_k": 5}) == bench.GREEDY_KEY
+
+
 def test_released_projection_counts_follow_blt_1b():
     counts = bench.released_param_counts()["BLT-1B"]
     assert 0.9e9 < counts.global_ < 1.4e9  # "about 1B of the 1B model's parameters" sit in the global model
@@ -74,7 +85,8 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n---\nTo be, or not")
     run = subprocess.run(
-        [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-s:k=4",
+        [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies",
+         "ar,blt-s:k=4,blt-s:k=auto+temperature=0.8",
          "--prompt-file", str(prompts), "--max-new-bytes", "16", "--repeats", "1", "--json", str(out)],
         capture_output=True, text=True,
     )
@@ -89,6 +101,10 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     assert data["prompt_set"] == f"your file {prompts}"
     assert rows["ar"]["time_to_first_byte_s"] > 0 and rows["ar"]["decode_bytes_per_second"] > 0
     assert rows["blt-s:k=4"]["matching_prefix_vs_ar"] == 1.0
+    sampled = rows["blt-s:k=auto+temperature=0.8"]
+    assert sampled["matching_prefix_vs_ar"] is None
+    assert sampled["reference"] == "ar:temperature=0.8" and sampled["exact_match_vs_ar"] is None
+    assert rows["ar:temperature=0.8"]["bandwidth_vs_ar"] == 1.0 and rows["blt-s:k=4"]["reference"] == "ar"
 
 
 def test_bench_plot_without_matplotlib_fails_before_running(tmp_path):

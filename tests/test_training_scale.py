@@ -19,7 +19,7 @@ import torch
 import blt_decode
 from blt_decode import formats
 from blt_decode.config import PRESETS, stack_config
-from blt_decode.training import BLT_PRESETS, TrainConfig, TrainingError, global_share, train
+from blt_decode.training import BLT_PRESETS, TrainConfig, global_share, train
 from blt_decode.training.data import load_data
 
 CLI = [sys.executable, "-m", "blt_decode"]
