@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -145,10 +146,13 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
     @app.get("/health")
     def health() -> JSONResponse:
-        """200 while the engine's thread runs (no API key needed: for load balancers)."""
+        """200 while the engine's thread runs (no API key needed: for load balancers), with the engine's
+        load; the process id tells replicas apart behind a proxy (Ray Serve). A plain ``def``: reading
+        the engine may wait for a step, so FastAPI runs it in a worker thread."""
         alive = engine._thread is not None and engine._thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": config.model_name},
-                            status_code=200 if alive else 503)
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": config.model_name,
+                             "pid": os.getpid(), "live_requests": engine.live_requests,
+                             "queue_depth": engine.queue_depth}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     def list_models(request: Request) -> dict[str, Any]:
