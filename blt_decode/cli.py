@@ -170,12 +170,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from blt_decode.serving import ray_serve
         from blt_decode.serving.ray_data import connect
 
-        connect(args.ray or None)
+        started = connect(args.ray or None)
+        import ray
+
+        # one CPU per replica, or a share of a smaller cluster (else replicas would wait for CPUs forever)
+        cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.replicas)
         print(f"{PROG}: serving {name!r} on {args.replicas} Ray Serve replica(s) at {where} (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
-        ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
-                      backend=args.backend, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                      threads=args.threads, dtype=args.dtype, device=args.device)
+        try:
+            ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
+                          backend=args.backend, model_name=name, api_key=args.api_key,
+                          max_body_bytes=args.max_body_bytes, threads=args.threads, dtype=args.dtype,
+                          device=args.device, num_cpus=cpus)
+        finally:
+            if started:
+                ray.shutdown()
         return 0
     from blt_decode.serving.app import build_app, serve
 

@@ -266,10 +266,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             process.wait(timeout=30)
     if args.ray_replicas:
         result["ray_serve"] = _measure_ray(args, measure)
+    result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return result
 
 
 def _measure_ray(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
+    from blt_decode.serving import require
+
+    require("ray", "serve-loadtest --ray-replicas")
     import ray
     from ray import serve
 

@@ -60,5 +60,11 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int 
     """Start Ray Serve's proxy on ``host:port`` and deploy the app (in the Ray session already initialised
     by the caller, see :func:`blt_decode.serving.ray_data.connect`); with ``blocking``, until interrupted."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(model, replicas=replicas, **settings), name=APP_NAME, route_prefix="/",
-              blocking=blocking)
+    try:
+        serve.run(application(model, replicas=replicas, **settings), name=APP_NAME, route_prefix="/",
+                  blocking=blocking)
+    except KeyboardInterrupt:  # Ctrl-C while blocking: a normal end
+        pass
+    finally:
+        if blocking:
+            serve.shutdown()
