@@ -329,7 +329,8 @@ def test_serve_command_with_api_key(model):
                 model=MODEL, prompt="a", max_tokens=4)
         unauthenticated = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "a"})
         assert unauthenticated.status_code == 401 and unauthenticated.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(f"{url}/metrics").status_code == 401
+        for path in ("/metrics", "/v1/models", "/openapi.json", "/no/such/route"):  # guarded before routing
+            assert httpx.get(f"{url}{path}").status_code == 401, path
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model=MODEL, prompt="a", max_tokens=12).choices[0].text == direct(model, "a", 12).text
     finally:
@@ -365,3 +366,15 @@ def test_without_the_serving_extra_the_cli_says_what_to_install():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 2, run.stderr
     assert "pip install 'blt-decode[serve]'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_the_load_test_runs_small_and_finds_every_response_equal_to_the_direct_api(tmp_path):
+    """`blt-decode serve-loadtest`, bounded to a few requests (docs/serving.md measures the full one)."""
+    out = tmp_path / "load.json"
+    run = run_cli("serve-loadtest", "--model", MODEL, "--requests", "6", "--concurrency", "3", "--max-tokens", "16",
+                  "--max-batch", "4", "--json", str(out), timeout=TIMEOUT_S * 2)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["server"]["errors"] == 0 and result["server"]["mismatches"] == 0
+    assert result["server"]["requests"] == 6 and result["server"]["new_bytes"] == result["baseline"]["new_bytes"]
+    assert "| blt-decode serve (max-batch 4) | 6 | 3 | 0 | 0 |" in run.stdout

@@ -105,11 +105,12 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
     app = FastAPI(title="blt-decode", version=blt_decode.__version__, lifespan=lifespan,
                   description="OpenAI-compatible completions over a Byte Latent Transformer (docs/serving.md)")
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key, metrics=metrics)
 
     def error_response(error: APIError) -> JSONResponse:
         metrics.error(error.status, error.code)
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -130,14 +131,6 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         logger.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
     def model_card() -> dict[str, Any]:
         return {"id": config.model_name, "object": "model", "created": created, "owned_by": "blt-decode",
                 "blt_decode": {"backend": config.backend, "max_batch": engine.max_batch,
@@ -155,28 +148,24 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
                              "queue_depth": engine.queue_depth}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
-    def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
-    def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
+    def get_model(model_id: str) -> dict[str, Any]:
         if model_id != config.model_name:
             raise _unknown_model(model_id, config.model_name)
         return model_card()
 
     @app.get("/metrics")
-    def prometheus(request: Request) -> Response:
+    def prometheus() -> Response:
         # a plain `def`: FastAPI runs it in a worker thread, so reading the engine never blocks the loop
-        authorize(request)
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        authorize(request)
         body = parse_request(await _read_body(request, config.max_body_bytes))
         if body.model != config.model_name:
             raise _unknown_model(body.model, config.model_name)
@@ -199,6 +188,33 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         return JSONResponse(_finite(await completion.whole(request)))
 
     return app
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request but ``GET /health`` needs ``Authorization: Bearer <api_key>``,
+    else 401 (before routing, so unknown routes and the OpenAPI pages are guarded too). Pure ASGI rather
+    than Starlette's BaseHTTPMiddleware, which would sit between streaming responses and disconnects."""
+
+    def __init__(self, app: Any, api_key: str, metrics: ServerMetrics | None = None):
+        self.app, self.key, self.metrics = app, api_key.encode(), metrics
+
+    def _allowed(self, scope: dict[str, Any]) -> bool:
+        if scope["path"] == "/health":
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if self.metrics is not None:
+            self.metrics.error(error.status, error.code)
+        await JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
 def _strategy_card(name: str) -> dict[str, Any]:

@@ -201,6 +201,10 @@ def summarize(outcomes: list[Outcome], wall_s: float, expected: list[bytes] | No
     }
 
 
+def _quantiles(summary: dict[str, Any], name: str) -> str:
+    return "/".join("-" if summary[f"{name}_p{q}_s"] is None else f"{summary[f'{name}_p{q}_s']:.2f}" for q in (50, 95, 99))
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = [("setup", "req", "conc.", "errors", "≠ direct API", "req/s", "new B/s", "TTFB p50/p95/p99 (s)",
              "latency p50/p95/p99 (s)")]
@@ -208,10 +212,9 @@ def markdown(result: dict[str, Any]) -> str:
         r = result.get(name)
         if r is None:
             continue
-        fmt = lambda k: "/".join(f"{r[f'{k}_p{q}_s']:.2f}" if r[f"{k}_p{q}_s"] is not None else "-" for q in (50, 95, 99))
         rows.append((r["label"], str(r["requests"]), str(result["concurrency"]), str(r["errors"]),
                      "-" if r["mismatches"] is None else str(r["mismatches"]), f"{r['requests_per_s']:.2f}",
-                     f"{r['new_bytes_per_s']:.0f}", fmt("ttfb"), fmt("latency")))
+                     f"{r['new_bytes_per_s']:.0f}", _quantiles(r, "ttfb"), _quantiles(r, "latency")))
     b = result.get("baseline")
     if b is not None:
         rows.append(("batch-1 generate loop", str(result["requests"]), "1", "0", "-", f"{b['requests_per_s']:.2f}",
