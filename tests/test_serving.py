@@ -378,3 +378,19 @@ def test_the_load_test_runs_small_and_finds_every_response_equal_to_the_direct_a
     assert result["server"]["errors"] == 0 and result["server"]["mismatches"] == 0
     assert result["server"]["requests"] == 6 and result["server"]["new_bytes"] == result["baseline"]["new_bytes"]
     assert "| blt-decode serve (max-batch 4) | 6 | 3 | 0 | 0 |" in run.stdout
+
+
+def test_a_stopped_engine_fails_waiting_requests_instead_of_hanging(model, monkeypatch):
+    from blt_decode.serving import bridge
+
+    monkeypatch.setattr(bridge, "ENGINE_CHECK_S", 0.2)  # check often, so that the test is quick
+    engine = Engine(model, max_batch=2)
+    with ServerThread(create_app(engine, model_name="tiny")) as srv:
+        engine.stop()  # as if the engine's thread had died
+        assert httpx.get(f"{srv.url}/health").status_code == 503
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 8}
+        whole = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=TIMEOUT_S)
+        assert whole.status_code == 500 and "engine has stopped" in whole.json()["error"]["message"]
+        streamed = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT_S)
+        events = [line for line in streamed.text.splitlines() if line]
+        assert "engine has stopped" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"

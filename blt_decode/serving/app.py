@@ -357,6 +357,12 @@ class _Completion:
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 yield _sse({**self._head(), "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"
+        except Exception as exc:  # the headers are sent: the failure can only be an event (not a disconnect:
+            # that cancels this generator with CancelledError/GeneratorExit, which are not Exceptions)
+            error = APIError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="server_error")
+            self.metrics.error(error.status, error.code)
+            yield _sse(error.body())
+            yield "data: [DONE]\n\n"
         finally:
             # the client disconnected (the task is cancelled or the generator closed): free the slots
             self._abandoned()

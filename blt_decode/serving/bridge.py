@@ -20,8 +20,15 @@ import collections
 import threading
 from typing import AsyncIterator, Callable, Sequence
 
-from blt_decode.engine import Engine, EngineStream
+from blt_decode.engine import Engine, EngineError, EngineStream
 from blt_decode.request import Request
+
+#: how often a request with nothing new checks that the engine's thread still runs (seconds)
+ENGINE_CHECK_S = 5.0
+
+
+class EngineStoppedError(EngineError):
+    """The engine's background thread is not running, so a waiting request would never end."""
 
 
 class ChoiceText:
@@ -130,7 +137,14 @@ class RequestStreams:
                         self.finished[index] = True
                     yield index, chunk
             if not all(self.finished):
-                await self._event.wait()
+                try:
+                    await asyncio.wait_for(self._event.wait(), ENGINE_CHECK_S)
+                except asyncio.TimeoutError:
+                    # a request may wait long for a slot; but if the engine's thread died (a failure
+                    # outside any one request), nothing will ever come: fail instead of hanging
+                    thread = self.engine._thread
+                    if thread is None or not thread.is_alive():
+                        raise EngineStoppedError("the engine has stopped; no more output will come") from None
 
     def cancel_unfinished(self) -> None:
         """Cancel the requests that have not ended (a client that left). Never awaits, so that it can run
