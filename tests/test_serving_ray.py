@@ -40,6 +40,7 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # loopback only: no usage report sent out
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     try:

@@ -282,6 +282,7 @@ def _measure_ray(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
 
     from blt_decode.serving import ray_serve
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # loopback only: nothing is reported out
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()

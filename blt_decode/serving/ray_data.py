@@ -19,6 +19,7 @@ no prompt and duplicates none (tests/test_serving_ray.py kills one mid-run).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,6 +74,8 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
+        # a cluster of this machine only: no dashboard, and no usage report sent out (unless asked for)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
