@@ -137,8 +137,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _run_job_on_ray(args: argparse.Namespace, items: list) -> Any:
     """``generate --input ... --ray [ADDRESS]``: the batch job as Ray Data map_batches over an actor pool."""
-    from blt_decode.serving import require
+    from blt_decode.serving import local_ray_environment, require
 
+    if not args.ray:
+        local_ray_environment()  # before Ray is imported: a local cluster listens on loopback only
     require("ray", "generate --ray")
     from blt_decode.serving.ray_data import run_job_ray
 
@@ -166,6 +168,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     where = f"http://{args.host}:{args.port}/v1"
     if args.ray is not None:
+        if not args.ray:
+            from blt_decode.serving import local_ray_environment
+
+            local_ray_environment()  # before Ray is imported: a local cluster listens on loopback only
         require("ray", "blt-decode serve --ray")
         from blt_decode.serving import ray_serve
         from blt_decode.serving.ray_data import connect

@@ -24,6 +24,9 @@ import pytest
 import blt_decode as bd
 from blt_decode import jobs
 
+from blt_decode.serving import local_ray_environment
+
+local_ray_environment()  # before Ray is imported: every Ray process of these tests listens on loopback only
 ray = pytest.importorskip("ray")  # the test extra installs it; a partial environment skips, not fails
 with warnings.catch_warnings():  # Ray's own modules warn of their deprecations on import: not ours to fix
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -40,9 +43,8 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # loopback only: no usage report sent out
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    assert context.address_info["gcs_address"].startswith("127.0.0.1:"), "Ray was imported before its settings"
     try:
         yield
     finally:

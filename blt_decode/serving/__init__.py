@@ -19,6 +19,7 @@ Modules (each imported only when used, so a plain install without the ``serve``/
 from __future__ import annotations
 
 import importlib
+import os
 
 from blt_decode.errors import MissingExtraError
 
@@ -39,3 +40,12 @@ def require(extra: str, what: str) -> None:
                 f"{what} needs the '{extra}' extra ({exc.name or module} is not installed): "
                 f"pip install 'blt-decode[{extra}]'"
             ) from None
+
+
+def local_ray_environment() -> None:
+    """Settings for a Ray cluster of this machine only; they must be set before Ray is imported. Ray then
+    listens on loopback alone (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's switch for a one-machine
+    cluster: its node address becomes 127.0.0.1 instead of the machine's network address) and sends no
+    usage statistics out. Values already in the environment win."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

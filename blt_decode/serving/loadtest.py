@@ -274,15 +274,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure_ray(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
-    from blt_decode.serving import require
+    from blt_decode.serving import local_ray_environment, require
 
+    local_ray_environment()  # a cluster of this machine, on loopback
     require("ray", "serve-loadtest --ray-replicas")
     import ray
     from ray import serve
 
     from blt_decode.serving import ray_serve
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # loopback only: nothing is reported out
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()

@@ -19,7 +19,6 @@ no prompt and duplicates none (tests/test_serving_ray.py kills one mid-run).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from blt_decode import jobs
 from blt_decode.model import BLTModel
-from blt_decode.serving import require
+from blt_decode.serving import local_ray_environment, require
 
 class GenerateActor:
     """One actor of the pool: a model and a batched engine, decoding the batches Ray Data hands it."""
@@ -67,15 +66,15 @@ class GenerateActor:
 
 
 def connect(address: str | None) -> bool:
-    """Join the cluster at ``address``, or start a local one (``None`` or "local"); True when this call
-    started Ray (so the caller shuts it down). A session already initialised is used as it is."""
+    """Join the cluster at ``address``, or start a local one (``None``, "" or "local": this machine only,
+    on loopback, see :func:`~blt_decode.serving.local_ray_environment`); True when this call started Ray
+    (so the caller shuts it down). A session already initialised is used as it is."""
     import ray
 
     if ray.is_initialized():
         return False
     if address in (None, "", "local"):
-        # a cluster of this machine only: no dashboard, and no usage report sent out (unless asked for)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        local_ray_environment()  # effective only if Ray was not imported yet: callers set it first
         ray.init(include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
@@ -88,6 +87,8 @@ def run_job_ray(model: str | Path | BLTModel, items: Sequence[jobs.JobItem], out
                 progress: bool = True) -> jobs.JobSummary:
     """Run the items not yet in ``output`` on Ray Data, ``actors`` actors with one model each, appending a
     line per finished request (the records of :func:`blt_decode.jobs.run_job`)."""
+    if address in (None, "", "local"):
+        local_ray_environment()
     require("ray", "generate --ray")
     import ray
     import ray.data
