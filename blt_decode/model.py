@@ -15,6 +15,7 @@ from typing import Sequence
 
 import attrs
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from blt_decode.cache import KVCache, RowLayout
@@ -412,7 +413,8 @@ def block_input_ids(block_starts: Sequence[int], block_size: int, ids: Sequence[
 
 
 def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence[Sequence[int]], block_size: int,
-                      block_ids: torch.Tensor, layout: PatchLayout | None = None) -> DiffusionOutput:
+                      block_ids: torch.Tensor, layout: PatchLayout | None = None, *,
+                      checkpoint_decoder: bool = False) -> DiffusionOutput:
     """The BLT-D training forward over a batch: the clean sequence ``ids`` ([N, T], BOS first) through
     encoder, global model and decoder, plus corrupted blocks through the decoder only.
 
@@ -421,6 +423,8 @@ def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence
     ids one block after another (rows with fewer blocks are padded with whole PAD blocks, which attend
     only to themselves). The layout (patch starts) is computed if not given. The attention pattern is
     :func:`block_attention_mask`'s; it is evaluated blockwise instead of as one [L, L] mask.
+    ``checkpoint_decoder`` recomputes each decoder layer in the backward pass instead of keeping its
+    activations (training memory; the decoder runs over the clean bytes *and* the blocks).
     """
     n, t = ids.shape
     device = ids.device
@@ -481,9 +485,15 @@ def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence
     slots = decoder.patch_embedding_projection(latents).view(n, latents.shape[1], decoder.k, dim)
     cos, sin = rope_tables(positions.reshape(-1), decoder.cfg.head_dim, decoder.cfg.rope_theta, h.dtype)
     rope = (cos.view(n, 1, length, -1), sin.view(n, 1, length, -1))
-    for i, layer in enumerate(decoder.layers):
+    def decoder_layer(i: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if i < len(decoder.cross_attn_layers):
             h = h + _latent_cross_attention(decoder.cross_attn_layers[i], h, slots, lat_index)
-        h = _block_layer(layer, h, t, block_size, rope, clean_mask, block_clean_mask)
+        return _block_layer(decoder.layers[i], h, t, block_size, rope, clean_mask, block_clean_mask)
+
+    for i in range(len(decoder.layers)):
+        if checkpoint_decoder and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(decoder_layer, i, h, slots, use_reentrant=False)
+        else:
+            h = decoder_layer(i, h, slots)
     logits = decoder.output(decoder.norm(h))
     return DiffusionOutput(logits[:, :t], logits[:, t:], layout)

@@ -67,6 +67,18 @@ def _unmask_steps(events: Sequence[Any]) -> dict[int, int]:
     return steps
 
 
+def _k_label(e: Verified) -> str:
+    return f"k={e.k if e.k is not None else len(e.drafted) - 1}"
+
+
+def _k_summary(events: Sequence[Any]) -> str:
+    ks = [e.k if e.k is not None else len(e.drafted) - 1 for e in events if isinstance(e, Verified)]
+    if not ks:
+        return "-"
+    ordered = sorted(ks)
+    return f"min {ordered[0]}, median {ordered[len(ordered) // 2]}, max {ordered[-1]} over {len(ks)} rounds"
+
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px}
@@ -80,6 +92,7 @@ h1{font-size:20px} h2{font-size:16px;margin-top:28px}
 .strip div{width:6px;background:#9bb7d4}
 .strip div.hot{background:#d9534f}
 .round{font-family:ui-monospace,Menlo,monospace;margin:2px 0}
+.k{color:#777;font-size:12px}
 .acc{background:#c8efc8} .rej{background:#f6c6c6;text-decoration:line-through}
 .legend span{margin-right:14px}
 """
@@ -120,8 +133,11 @@ def to_html(t: TracedGeneration) -> str:
         if isinstance(e, Verified):
             acc = "".join(html.escape(_byte_label(i)) for i in e.drafted[: e.accepted])
             rej = "".join(html.escape(_byte_label(i)) for i in e.drafted[e.accepted :])
-            rounds.append(f'<div class="round draft">@{e.position}: <span class="acc">{acc}</span><span class="rej">{rej}</span></div>')
-    drafts = f"<h2>Drafts ({len(rounds)} verification passes)</h2>{''.join(rounds)}" if rounds else ""
+            rounds.append(f'<div class="round draft">@{e.position} <span class="k">{_k_label(e)}</span>: '
+                          f'<span class="acc">{acc}</span><span class="rej">{rej}</span></div>')
+    drafts = (f"<h2>Drafts ({len(rounds)} verification passes)</h2><p>k = the draft length the round chose "
+              f"(it changes per round with <code>k=auto</code> / <code>block_size=auto</code>).</p>{''.join(rounds)}"
+              if rounds else "")
 
     blocks: dict[int, list[Unmasked]] = {}
     for e in events:
@@ -145,6 +161,7 @@ def to_html(t: TracedGeneration) -> str:
         ("forward passes", f"patcher {s.passes.patcher}, encoder {s.passes.encoder}, global {s.passes.global_}, decoder {s.passes.decoder}"),
         ("global passes", len([e for e in events if isinstance(e, GlobalPass)])),
         ("acceptance", "-" if s.acceptance_rate is None else f"{s.acceptance_rate:.3f}"),
+        ("draft length k per round", _k_summary(events)),
         ("bandwidth (Eq. 8)", f"{s.bandwidth_gb:.4g} GB"), ("stop", s.stop_reason),
     ])
     return f"""<!DOCTYPE html>
@@ -188,7 +205,7 @@ def to_terminal(t: TracedGeneration, *, colour: bool = True) -> str:
             acc = "".join(_byte_label(i) for i in e.drafted[: e.accepted])
             rej = "".join(_byte_label(i) for i in e.drafted[e.accepted :])
             marks = "" if colour else f" (accepted {e.accepted} of {len(e.drafted)})"
-            lines.append(f"{dim}@{e.position:<5}{reset} {green}{acc}{reset}{red}{rej}{reset}{marks}")
+            lines.append(f"{dim}@{e.position:<5} {_k_label(e):<5}{reset} {green}{acc}{reset}{red}{rej}{reset}{marks}")
         elif isinstance(e, Unmasked):
             shown = " ".join(f"{p}:{_byte_label(i)}" for p, i in zip(e.positions, e.ids))
             lines.append(f"{dim}block@{e.block_start} pass {e.step}{reset} {shown}")

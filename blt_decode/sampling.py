@@ -1,8 +1,17 @@
 """Choosing a byte from logits: greedy and sampling (temperature, top-k, top-p). One place for both, so
-every strategy breaks ties and masks special ids the same way."""
+every strategy breaks ties, masks special ids and filters the distribution the same way.
+
+:func:`probabilities` is the one transform from logits to the distribution a strategy samples from.
+:func:`sample_id` (autoregressive sampling) and the speculative strategies' target and draft
+distributions (:mod:`blt_decode.speculation`) all go through it, so AR sampling and speculative sampling
+filter identically. Every random draw goes through :func:`categorical` or :func:`bernoulli`, which take
+the request's seeded ``torch.Generator`` and never touch global RNG state (tests replace these two to
+enumerate every random branch of a strategy, see :mod:`blt_decode.testing`).
+"""
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 from blt_decode.tokenizer import BOE_ID, BOS_ID, PAD_ID
@@ -26,20 +35,80 @@ def greedy_id(logits: torch.Tensor) -> int:
     return int(greedy(logits))
 
 
+def probabilities(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The distribution (float64, over the last axis) that sampling with these options draws from.
+
+    Temperature 0 is greedy: a one-hot vector at :func:`greedy`'s choice. Otherwise special ids other
+    than EOS are masked, scores are divided by ``temperature``, then ``top_k`` keeps the k best scores
+    (ties at the k-th score are all kept) and ``top_p`` keeps the smallest set of best-ranked ids whose
+    mass reaches ``top_p`` (an id is dropped when the ids ranked before it already hold ``top_p``).
+    Works on a single row [V] or a batch [..., V]."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(greedy(logits), logits.shape[-1]).to(torch.float64)
+    scores = mask_special(logits.to(torch.float64)) / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
+        # drop a token when the tokens ranked before it already hold top_p of the mass
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+@attrs.frozen
+class Sampler:
+    """Sampling options bundled with the transform they define; ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """:func:`probabilities` with these options."""
+        return probabilities(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One id drawn from the 1-D distribution ``probs`` with ``generator`` (the only categorical draw).
+    The draw happens on the generator's device (the request's generator is a CPU one), so a model on a
+    GPU samples too, with the same draws as on the CPU."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def bernoulli(prob: float, generator: torch.Generator | None) -> bool:
+    """True with probability ``prob`` (the only coin flip).
+
+    With a generator (sampling) one number is always drawn, even when ``prob`` is 0 or 1: how much
+    randomness a decision consumes must never depend on rounding (a ratio p/q of 1 - 1e-16 in one run and
+    1.0 in another would otherwise shift every later draw, and a request batched with others would no
+    longer sample what it samples alone). Without one (greedy), ``prob`` is 0 or 1 and nothing is drawn."""
+    if generator is None:
+        return prob >= 1.0
+    return bool(torch.rand((), generator=generator, dtype=torch.float64) < prob)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An id from the 1-D distribution ``probs``: drawn with ``generator`` when sampling (always one draw,
+    for the reason :func:`bernoulli` gives); without one (greedy), ``probs`` is one-hot and is read off."""
+    if generator is None:
+        return int(probs.argmax())
+    return categorical(probs, generator)
+
+
 def sample_id(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None,
               generator: torch.Generator | None = None) -> int:
     """Sample one id from 1-D ``logits``; temperature 0 means greedy."""
     if temperature == 0:
         return greedy_id(logits)
-    scores = mask_special(logits.to(torch.float64)) / temperature
-    if top_k is not None and top_k < scores.numel():
-        kth = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        # drop a token when the tokens ranked before it already hold top_p of the mass
-        drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= top_p
-        scores[order[drop]] = float("-inf")
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return categorical(probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)

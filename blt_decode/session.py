@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from blt_decode.cache import KVCache, RowLayout
 from blt_decode.errors import NonFiniteError
-from blt_decode.model import BLTModel, block_latent_index, latent_index
+from blt_decode.model import BLTModel, ParamCounts, block_latent_index, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
 from blt_decode.trace import Drafted, GlobalPass, PatchClosed, Trace
@@ -146,6 +146,7 @@ class DecodeSession:
         self.starts: list[int] = []
         self.length = 0
         self._draft_length = 0
+        self._param_counts: ParamCounts | None = None
         self.stats = StatsRecorder()
         self.trace: Trace | None = None  # attached by generate(..., trace=True)
 
@@ -170,6 +171,14 @@ class DecodeSession:
     def ids(self) -> torch.Tensor:
         """This sequence's id buffer (``capacity`` positions; committed ids, then drafts, then stale ones)."""
         return self.state.ids[self.slot]
+
+    @property
+    def param_counts(self) -> ParamCounts:
+        """Parameters read per forward pass of each module (what Eq. 8 weighs passes by): lets a strategy
+        plan its passes' cost without touching the model."""
+        if self._param_counts is None:
+            self._param_counts = self.model.param_counts()
+        return self._param_counts
 
     def token_ids(self) -> list[int]:
         return self.state.ids[self.slot, : self.length].tolist()
@@ -270,7 +279,8 @@ def non_finite(module: str, start: int, end: int) -> NonFiniteError:
 
 
 def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int], window: int | None,
-               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None) -> RowLayout:
+               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None,
+               dtype: torch.dtype = torch.float32) -> RowLayout:
     """The :class:`RowLayout` of a stack call whose row b is ``lengths[b]`` positions of the sequence in
     cache slot ``slots[b]``, starting at ``starts[b]``.
 
@@ -301,7 +311,9 @@ def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[in
     write_positions = positions[valid] if not all_valid else positions.reshape(-1)
     real = None if all_valid else torch.nonzero(valid.reshape(-1))[:, 0]
     read_slots = None if list(slots) == list(range(b)) else torch.tensor(slots, device=device)
-    return RowLayout(positions, mask[:, None], write_slots, write_positions, real, read_slots)
+    # additive, in the model's dtype: attention would otherwise convert a boolean mask in every layer
+    additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    return RowLayout(positions, additive[:, None], write_slots, write_positions, real, read_slots)
 
 
 def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -> list[torch.Tensor | BaseException]:
@@ -314,7 +326,8 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     drafts = [i for i, (_, c) in enumerate(items) if isinstance(c, Draft)]
     denoises = [i for i, (_, c) in enumerate(items) if isinstance(c, Denoise)]
     # where each call writes: appends at the committed length, drafts after earlier drafts
-    where = {i: items[i][0].length + (items[i][0]._draft_length if i in drafts else 0) for i in appends + drafts}
+    where = {i: items[i][0].length for i in appends}
+    where.update({i: items[i][0].length + items[i][0]._draft_length for i in drafts})
     written = appends + drafts
     if written:  # every row's new ids in one write
         slots, starts, lengths = _rows(items, written, where)
@@ -326,9 +339,10 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     new_entropies: dict[int, list[float]] = {}
     if appends and model.patcher.uses_entropy:
         slots, starts, lengths = _rows(items, appends, where)
-        chunk = state.ids[_gather_rows(state, slots)].gather(1, _positions(starts, lengths, device).clamp_max(state.capacity - 1))
-        logits = runners.entropy(chunk, row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device),
-                                 state.entropy_cache)
+        positions = _positions(starts, lengths, device).clamp_max(state.capacity - 1)  # padding stays in range
+        chunk = state.ids[_gather_rows(state, slots)].gather(1, positions)
+        layout = row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device, dtype=model.dtype)
+        logits = runners.entropy(chunk, layout, state.entropy_cache)
         rows = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
         for b, i in enumerate(appends):
             new_entropies[i] = rows[b][: lengths[b]]
@@ -351,8 +365,8 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         slots, starts, lengths = _rows(items, encoded, where)
         positions = _positions(starts, lengths, device)
         embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
-        states = runners.encoder(embeds, row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device),
-                                 state.encoder_cache)
+        layout = row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device, dtype=model.dtype)
+        states = runners.encoder(embeds, layout, state.encoder_cache)
         for i in encoded:
             items[i][0].stats.add(encoder=1)
         kept = [b for b, i in enumerate(encoded) if i in closed_before]  # drafts' states are scratch
@@ -366,8 +380,7 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
         _global_pass(state, items, closing, closed_before, new_entropies)
 
     # 4. decoder over every live row: appends and drafts (from the encoder's states), denoised blocks
-    decoded = [i for i in encoded] + [i for i in denoises]
-    if decoded:
+    if encoded or denoises:
         _decoder_pass(state, items, encoded, denoises, states, where, out)
     return out  # type: ignore[return-value]
 
@@ -429,8 +442,8 @@ def _global_pass(state: DecodeState, items, closing: list[int], closed_before: d
     per_row = pad_sequence(list(vectors.split(counts)), batch_first=True)
     slots = [items[i][0].slot for i in closing]
     starts = [closed_before[i] for i in closing]
-    latents = state.runners.global_(per_row, row_layout(slots, starts, counts, model.config.global_.sliding_window, device),
-                                    state.global_cache)
+    layout = row_layout(slots, starts, counts, model.config.global_.sliding_window, device, dtype=model.dtype)
+    latents = state.runners.global_(per_row, layout, state.global_cache)
     _scatter(state.latents, latents, slots, starts, counts, range(len(closing)))
     for b, i in enumerate(closing):
         s = items[i][0]
@@ -478,7 +491,7 @@ def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[
     slot_t = torch.tensor(slots, device=device)[:, None].expand(-1, t)
     latents = state.latents[slot_t, latent_index_t]
     layout = row_layout(slots, starts, lengths, model.config.decoder.sliding_window, device,
-                        bidirectional_from=bidirectional if denoises else None)
+                        bidirectional_from=bidirectional if denoises else None, dtype=model.dtype)
     logits = state.runners.decoder(x, latents, layout, state.decoder_cache)
     real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     finite = (torch.isfinite(logits).all(-1) | ~real).all(1).tolist()  # one host sync for every row

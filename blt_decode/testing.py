@@ -196,3 +196,181 @@ def registered_backend(backend: Any) -> Iterator[str]:
         yield backend.name
     finally:
         plugins.reset()
+
+
+# -- exact output distributions and goodness of fit -------------------------------------------------
+#: an output of a sampled generation: (bytes, True if it ended with EOS)
+Outcome = tuple[bytes, bool]
+
+
+class _Abandon(Exception):
+    """Every continuation of a replayed branch was pruned."""
+
+
+def output_distribution(model: BLTModel, prompt: bytes | str, strategy: str, max_new_bytes: int, *,
+                        backend: str = "eager", prune: float = 1e-12, **options: Any) -> tuple[dict[Outcome, float], float]:
+    """The exact distribution of a sampling strategy's output, by enumerating every branch of its random
+    draws: ``blt_decode.sampling.categorical`` and ``blt_decode.sampling.bernoulli`` (the only two
+    places randomness enters) are replaced by an oracle that replays a script of choices, and a
+    depth-first search re-runs the generation once per leaf of the decision tree. The probability of an
+    output is the sum over the leaves that produce it of the product of the chosen branches'
+    probabilities, so this is the distribution the *implementation* samples from, computed in closed form.
+
+    Branches whose path probability falls below ``prune`` are not explored; returns (distribution,
+    total pruned probability), so that comparisons can allow for the pruned mass. Keep supports small
+    (``top_k``, or a backend that restricts the logits): the number of leaves grows with support^draws."""
+    from blt_decode import sampling
+
+    dist: dict[Outcome, float] = {}
+    pruned = 0.0
+    stack: list[tuple[int, ...]] = [()]
+    saved = sampling.categorical, sampling.bernoulli
+    while stack:
+        script = stack.pop()
+        path: list[int] = []
+        weight = [1.0]
+
+        def choose(branches: list[tuple[Any, float]]) -> Any:
+            nonlocal pruned
+            depth = len(path)
+            if depth < len(script):
+                value, p = branches[script[depth]]
+            else:  # a new node: explore the first branch now, the others later
+                kept = [i for i, (_, p) in enumerate(branches) if weight[0] * p >= prune]
+                pruned += weight[0] * sum(p for i, (_, p) in enumerate(branches) if i not in kept)
+                if not kept:
+                    raise _Abandon
+                stack.extend(tuple(path) + (i,) for i in kept[1:])
+                value, p = branches[kept[0]]
+                path.append(kept[0])
+                weight[0] *= p
+                return value
+            path.append(script[depth])
+            weight[0] *= p
+            return value
+
+        def categorical(probs: torch.Tensor, generator: Any = None) -> int:
+            values = probs.detach().to(torch.float64).cpu()
+            ids = torch.nonzero(values > 0).flatten().tolist()
+            ids.sort(key=lambda i: -float(values[i]))
+            return choose([(i, float(values[i])) for i in ids])
+
+        def bernoulli(prob: float, generator: Any = None) -> bool:
+            if prob >= 1.0:
+                return True
+            if prob <= 0.0:
+                return False
+            return choose([(True, prob), (False, 1.0 - prob)])
+
+        sampling.categorical, sampling.bernoulli = categorical, bernoulli
+        try:
+            g = generate(model, prompt, strategy=strategy, backend=backend, max_new_bytes=max_new_bytes, seed=0, **options)
+        except _Abandon:
+            continue
+        finally:
+            sampling.categorical, sampling.bernoulli = saved
+        key = (g.output, g.stats.stop_reason == "eos")
+        dist[key] = dist.get(key, 0.0) + weight[0]
+    return dist, pruned
+
+
+@torch.no_grad()
+def ar_output_distribution(model: BLTModel, prompt: bytes | str, max_new_bytes: int, *, temperature: float,
+                           top_k: int | None = None, top_p: float | None = None, logits_transform: Any = None,
+                           prune: float = 0.0) -> dict[Outcome, float]:
+    """The exact distribution of autoregressive sampling's output, from the model's uncached reference
+    forward (one batched forward per output length): P(y) = prod_i p(y_i | prompt, y_<i), with ``p``
+    from :func:`blt_decode.sampling.probabilities`, stopping at EOS or ``max_new_bytes``.
+    ``logits_transform`` is applied to the logits first (to mirror a test backend that restricts them);
+    prefixes below ``prune`` are dropped."""
+    from blt_decode import tokenizer
+    from blt_decode.sampling import probabilities
+
+    base = tokenizer.encode(tokenizer.to_bytes(prompt))
+    frontier: list[tuple[list[int], float]] = [([], 1.0)]
+    dist: dict[Outcome, float] = {}
+    for _ in range(max_new_bytes):
+        if not frontier:
+            break
+        ids = torch.tensor([base + out for out, _ in frontier], device=model.device)
+        logits = model(ids)[:, -1]
+        if logits_transform is not None:
+            logits = logits_transform(logits)
+        probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p).cpu()
+        nxt = []
+        for (out, p), row in zip(frontier, probs):
+            for i in torch.nonzero(row > 0).flatten().tolist():
+                q = p * float(row[i])
+                if q < prune:
+                    continue
+                if i == EOS_ID:
+                    key = (tokenizer.decode(out), True)
+                    dist[key] = dist.get(key, 0.0) + q
+                else:
+                    nxt.append((out + [i], q))
+        frontier = nxt
+    for out, p in frontier:
+        key = (tokenizer.decode(out), False)
+        dist[key] = dist.get(key, 0.0) + p
+    return dist
+
+
+def max_difference(a: dict[Any, float], b: dict[Any, float]) -> float:
+    """The largest absolute difference between two distributions over the union of their keys."""
+    return max((abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b)), default=0.0)
+
+
+def chi2_sf(statistic: float, dof: int) -> float:
+    """P(X >= statistic) for X ~ chi-square with ``dof`` degrees of freedom (the regularized upper
+    incomplete gamma function Q(dof/2, statistic/2); series / continued fraction, as in Numerical Recipes)."""
+    import math
+
+    a, x = dof / 2.0, statistic / 2.0
+    if x <= 0:
+        return 1.0
+    lead = math.exp(-x + a * math.log(x) - math.lgamma(a))
+    if x < a + 1.0:  # series for P, then Q = 1 - P
+        term = total = 1.0 / a
+        n = a
+        for _ in range(10_000):
+            n += 1.0
+            term *= x / n
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * lead)
+    tiny = 1e-300  # Lentz's continued fraction for Q
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return min(1.0, lead * h)
+
+
+def g_test(observed: dict[Any, int], expected: dict[Any, float], *, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """G-test of goodness of fit of ``observed`` counts to the distribution ``expected``: categories
+    whose expected count is below ``min_expected`` are pooled into one (together with observed
+    categories the distribution does not list). Returns (G, degrees of freedom, p-value)."""
+    import math
+
+    n = sum(observed.values())
+    big = {k for k, p in expected.items() if p * n >= min_expected}
+    cells = [(observed.get(k, 0), expected[k] * n) for k in big]
+    rest_expected = n - sum(e for _, e in cells)
+    rest_observed = n - sum(o for o, _ in cells)
+    if rest_expected >= min_expected or rest_observed:
+        cells.append((rest_observed, max(rest_expected, 1e-300)))
+    g = 2.0 * sum(o * math.log(o / e) for o, e in cells if o > 0)
+    dof = max(len(cells) - 1, 1)
+    return g, dof, chi2_sf(g, dof)

@@ -42,11 +42,14 @@ class Drafted:
 
 @attrs.frozen
 class Verified:
-    """A verification pass over ``drafted`` (starting at ``position``) kept the first ``accepted`` ids."""
+    """A verification pass over ``drafted`` (starting at ``position``) kept the first ``accepted`` ids.
+    ``k`` is the draft length the round chose (BLT-S ``k``, BLT-DV ``block_size - 1``; with ``auto`` it
+    changes from round to round); ``drafted`` holds fewer guesses when the draft ended at EOS."""
 
     position: int
     drafted: tuple[int, ...]
     accepted: int
+    k: int | None = None
 
 
 @attrs.frozen

@@ -6,6 +6,11 @@
   summed entropy (nats) stays within γ; at least one.
 
 Each unmasked position takes its greedy byte (special ids other than EOS excluded).
+
+:func:`sample_block` is the sampling counterpart used by BLT-DV with temperature > 0: positions are
+*drawn* from the pass's (temperature/top-k/top-p transformed) distribution and unmasked strictly from
+left to right (the confidence rule applied to the leading masked positions), so that each drafted byte's
+distribution depends only on the bytes before it, which exact speculative sampling needs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Sequence
 import torch
 
 from blt_decode.model import MASK_ID
-from blt_decode.sampling import mask_special
+from blt_decode.sampling import Sampler, draw, mask_special
 from blt_decode.session import DecodeSession
 from blt_decode.trace import Unmasked
 
@@ -27,6 +32,19 @@ def select_confidence(top_probs: Sequence[float], alpha: float) -> list[int]:
         raise ValueError("no masked position to choose from")
     chosen = [i for i, p in enumerate(top_probs) if p > alpha]
     return chosen or [max(range(len(top_probs)), key=lambda i: (top_probs[i], -i))]
+
+
+def select_confidence_prefix(top_probs: Sequence[float], alpha: float | None) -> list[int]:
+    """Indices to unmask under the left-to-right confidence rule: the longest run of leading positions
+    whose top probability exceeds ``alpha``, at least the first one (``alpha=None``: all of them)."""
+    if len(top_probs) == 0:
+        raise ValueError("no masked position to choose from")
+    if alpha is None:
+        return list(range(len(top_probs)))
+    run = 0
+    while run < len(top_probs) and top_probs[run] > alpha:
+        run += 1
+    return list(range(max(run, 1)))
 
 
 def select_entropy(entropies: Sequence[float], gamma: float) -> list[int]:
@@ -82,3 +100,31 @@ def fill_block(session: DecodeSession, block: list[int], *, rule: str = "confide
             session.emit(Unmasked(start, passes, tuple(start + p for p in positions),
                                   tuple(block[p] for p in positions), tuple(confidences)))
     return passes
+
+
+def sample_block(session: DecodeSession, block: list[int], *, sampler: Sampler, generator: torch.Generator | None,
+                 alpha: float | None) -> tuple[int, torch.Tensor]:
+    """Fill the [MASK] positions of ``block`` (in place; they must follow its unmasked prefix) by drawing
+    from ``session.denoise`` passes, left to right: each pass draws the positions
+    :func:`select_confidence_prefix` picks (``alpha=None``: all of them, in one pass) from
+    ``sampler``'s distribution at that pass. Emits one trace event per pass and returns (passes, the
+    distribution each masked position was drawn from, in block order [masked, vocab])."""
+    start, passes = session.length, 0
+    first_masked = block.index(MASK_ID)
+    if any(x != MASK_ID for x in block[first_masked:]):
+        raise ValueError("sample_block needs the masked positions to form a suffix of the block")
+    drawn_from: list[torch.Tensor] = []
+    while len(drawn_from) < len(block) - first_masked:
+        logits = session.denoise(block)
+        passes += 1
+        lo = first_masked + len(drawn_from)
+        probs = sampler.probabilities(logits[lo:])
+        top = probs.max(dim=-1).values.tolist()
+        picked = select_confidence_prefix(top, alpha)
+        for j in picked:
+            block[lo + j] = draw(probs[j], generator)
+            drawn_from.append(probs[j])
+        if session.trace is not None:
+            session.emit(Unmasked(start, passes, tuple(start + lo + j for j in picked),
+                                  tuple(block[lo + j] for j in picked), tuple(top[j] for j in picked)))
+    return passes, torch.stack(drawn_from)

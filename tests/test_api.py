@@ -220,14 +220,14 @@ def test_bad_devices(device):
 
 
 def test_a_broken_default_model_says_what_is_wrong(monkeypatch, tmp_path):
-    from blt_decode import api
+    from blt_decode import loading
     from blt_decode.errors import CheckpointError
 
     bd.save_model(bd.random_model("tiny"), tmp_path)
     (tmp_path / "config.json").write_text('{"format": "blt-decode", "version": 1, "config": {"encoder": null}}')
-    monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path)
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path)
     with pytest.raises(CheckpointError, match="config.json: missing config field"):
         bd.load_model("default")
-    monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(bd.UnknownModelError, match="no trained default model"):
         bd.load_model("default")

@@ -63,6 +63,17 @@ def test_strategy_specs_parse_and_validate():
         bench.parse_strategies("blt-s:k=0")
 
 
+def test_sampled_rows_get_an_ar_sampling_reference():
+    specs = bench.with_ar_references(bench.parse_strategies(
+        "blt-s:k=4,blt-s:k=8+temperature=0.7,blt-dv:block_size=4+temperature=0.7,ar:temperature=1.0+top_p=0.9,"
+        "blt-s:k=auto+temperature=1.0+top_p=0.9"))
+    assert [s.label for s in specs] == [
+        "ar", "blt-s:k=4", "ar:temperature=0.7", "blt-s:k=8+temperature=0.7", "blt-dv:block_size=4+temperature=0.7",
+        "ar:temperature=1.0+top_p=0.9", "blt-s:k=auto+temperature=1.0+top_p=0.9"]
+    assert specs[2].options == {"temperature": 0.7}
+    assert bench.sampling_key({"temperature": 0, "top_k": 5}) == bench.GREEDY_KEY
+
+
 def test_released_projection_counts_follow_blt_1b():
     counts = bench.released_param_counts()["BLT-1B"]
     assert 0.9e9 < counts.global_ < 1.4e9  # "about 1B of the 1B model's parameters" sit in the global model
@@ -74,7 +85,8 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n---\nTo be, or not")
     run = subprocess.run(
-        [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-s:k=4",
+        [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies",
+         "ar,blt-s:k=4,blt-s:k=auto+temperature=0.8",
          "--prompt-file", str(prompts), "--max-new-bytes", "16", "--repeats", "1", "--json", str(out)],
         capture_output=True, text=True,
     )
@@ -89,6 +101,10 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     assert data["prompt_set"] == f"your file {prompts}"
     assert rows["ar"]["time_to_first_byte_s"] > 0 and rows["ar"]["decode_bytes_per_second"] > 0
     assert rows["blt-s:k=4"]["matching_prefix_vs_ar"] == 1.0
+    sampled = rows["blt-s:k=auto+temperature=0.8"]
+    assert sampled["matching_prefix_vs_ar"] is None
+    assert sampled["reference"] == "ar:temperature=0.8" and sampled["exact_match_vs_ar"] is None
+    assert rows["ar:temperature=0.8"]["bandwidth_vs_ar"] == 1.0 and rows["blt-s:k=4"]["reference"] == "ar"
 
 
 def test_bench_plot_without_matplotlib_fails_before_running(tmp_path):
@@ -119,3 +135,31 @@ def test_bench_throughput_at_batch_sizes(tmp_path):
     assert rows[0]["speedup"] == 1.0 and "| batch |" in run.stdout
     bad = subprocess.run([sys.executable, "-m", "blt_decode.cli", "bench", "--batch-sizes", "0,4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--batch-sizes" in bad.stderr
+
+
+def test_bench_does_not_import_the_cli():
+    # option parsing lives with the options (blt_decode.options), not in the CLI: no cli <-> bench cycle
+    code = "import sys, blt_decode.bench; print('blt_decode.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_the_diffusion_table_is_a_bench_command(tmp_path):
+    """docs/diffusion.md's measurement is reproduced by `blt-decode bench` (run here at tiny scale)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "diffusion.md").read_text()
+    commands = [c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "blt-decode bench" in c]
+    assert commands, "docs/diffusion.md shows no blt-decode bench command"
+    argv = shlex.split(commands[0].strip().replace("\\\n", " "))[1:]
+    for flag, value in (("--model", "random:tiny"), ("--prompts", "2"), ("--max-new-bytes", "8"), ("--json", str(tmp_path / "d.json"))):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert {r["strategy"] for r in rows} >= {"autoregressive", "blt-d", "blt-dv"}

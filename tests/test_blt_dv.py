@@ -12,12 +12,13 @@ import blt_decode as bd
 from blt_decode import testing
 from blt_decode.session import DecodeSession
 from blt_decode.tokenizer import EOS_ID, OFFSET
+from blt_decode.trace import Verified
 
 alphas = st.one_of(st.none(), st.floats(0.0, 1.0))
 
 
-@given(model=testing.tiny_models(), prompt=testing.prompts(), block_size=st.integers(2, 16), alpha=alphas,
-       n=st.integers(0, 48))
+@given(model=testing.tiny_models(), prompt=testing.prompts(), block_size=st.one_of(st.integers(2, 16), st.just("auto")),
+       alpha=alphas, n=st.integers(0, 48))
 def test_blt_dv_equals_greedy(model, prompt, block_size, alpha, n):
     testing.assert_same_output(model, prompt, "autoregressive", ("blt-dv", {"block_size": block_size, "alpha": alpha}),
                                max_new_bytes=n)
@@ -101,8 +102,8 @@ def wrong_denoise_backend():
 
 
 @settings(max_examples=max(5, settings.default.max_examples // 3))
-@given(model=testing.tiny_models(), prompt=testing.prompts(max_size=10), block_size=st.integers(2, 8),
-       alpha=alphas, n=st.integers(0, 20))
+@given(model=testing.tiny_models(), prompt=testing.prompts(max_size=10),
+       block_size=st.one_of(st.integers(2, 8), st.just("auto")), alpha=alphas, n=st.integers(0, 20))
 def test_always_wrong_drafts_still_equal_greedy(wrong_denoise_backend, model, prompt, block_size, alpha, n):
     ga = bd.generate(model, prompt, max_new_bytes=n)
     gw = bd.generate(model, prompt, strategy="blt-dv", block_size=block_size, alpha=alpha, max_new_bytes=n,
@@ -111,7 +112,18 @@ def test_always_wrong_drafts_still_equal_greedy(wrong_denoise_backend, model, pr
     assert gw.stats.accepted_bytes == 0
 
 
-@pytest.mark.parametrize("bad", [{"block_size": 1}, {"block_size": 65}, {"alpha": 1.5}, {"alpha": -0.1}])
+@pytest.mark.parametrize("bad", [{"block_size": 1}, {"block_size": 65}, {"block_size": True}, {"block_size": "big"},
+                                 {"alpha": 1.5}, {"alpha": -0.1}, {"alpha": True}, {"alpha": float("nan")},
+                                 {"temperature": -1.0}, {"temperature": float("inf")}, {"top_k": 0}, {"top_p": 2.0}])
 def test_options_are_validated(bad):
-    with pytest.raises(bd.InvalidOptionsError):
+    with pytest.raises(bd.InvalidOptionsError, match=f"'{next(iter(bad))}' must be"):
         bd.generate("random:tiny", "x", strategy="blt-dv", max_new_bytes=1, **bad)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_adaptive_block_grows_when_drafts_are_right(alpha):
+    model = constant_model()
+    ar = bd.generate(model, "always", max_new_bytes=120)
+    g = bd.generate(model, "always", strategy="blt-dv", block_size="auto", alpha=alpha, max_new_bytes=120, trace=True)
+    assert g.output == ar.output and g.stats.acceptance_rate == 1.0
+    assert max(v.k for v in g.trace.of_type(Verified)) > 16  # block_size - 1 drafted bytes per round

@@ -167,3 +167,11 @@ def test_compiled_backend_says_it_is_warming_up():
     out = run_cli("generate", *TINY, "--backend", "compiled", "--max-new-bytes", "0", "x")
     assert out.returncode == 0, out.stderr
     assert b"compiling" in out.stderr
+
+
+def test_every_command_reads_the_same_default_model():
+    from blt_decode.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["exactness"]).model == parser.parse_args(["generate", "x"]).model == "default"
+    assert parser.parse_args(["trace", "x"]).model == "default"

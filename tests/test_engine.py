@@ -19,9 +19,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 #: the requests a mixed batch draws from: every built-in strategy, greedy and seeded sampling
 MIXED = [
     ("autoregressive", {}), ("autoregressive", {"temperature": 0.9}), ("autoregressive", {"temperature": 0.7, "top_k": 5}),
-    ("blt-s", {"k": 1}), ("blt-s", {"k": 4}), ("blt-s", {"k": 9}),
+    ("blt-s", {"k": 1}), ("blt-s", {"k": 4}), ("blt-s", {"k": 9}), ("blt-s", {"k": "auto"}),
+    ("blt-s", {"k": 4, "temperature": 0.8}), ("blt-s", {"k": "auto", "temperature": 1.0, "top_p": 0.9}),
     ("blt-d", {"block_size": 4}), ("blt-d", {"block_size": 3, "rule": "entropy"}),
-    ("blt-dv", {"block_size": 4}), ("blt-dv", {"block_size": 3, "alpha": None}),
+    ("blt-dv", {"block_size": 4}), ("blt-dv", {"block_size": 3, "alpha": None}), ("blt-dv", {"block_size": "auto"}),
+    ("blt-dv", {"block_size": 4, "temperature": 0.7}),
 ]
 
 

@@ -50,6 +50,15 @@ def test_terminal_view(traced):
     assert "patches" in text.splitlines()[-1]
 
 
+def test_per_round_draft_length_is_shown():
+    t = render.trace_generation("random:tiny:1", "def add(a, b):", strategy="blt-s", max_new_bytes=60, k="auto")
+    ks = [e.k for e in t.generation.trace.of_type(Verified)]
+    assert ks and all(1 <= k <= 64 for k in ks)
+    page, text = render.to_html(t), render.to_terminal(t)
+    assert page.count('<span class="k">k=') == len(ks) and "draft length k per round" in page
+    assert [int(k) for k in re.findall(r"k=(\d+)", text)] == ks
+
+
 def test_cli_trace_writes_html(tmp_path):
     out = tmp_path / "t.html"
     subprocess.run([sys.executable, "-m", "blt_decode.cli", "trace", "def add(a, b):", "--model", "random:tiny",

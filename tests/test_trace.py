@@ -15,6 +15,8 @@ def test_trace_events_agree_with_output_and_stats():
     verified = g.trace.of_type(T.Verified)
     assert len(verified) == g.stats.verify_passes
     assert sum(v.accepted - 1 for v in verified) == g.stats.accepted_bytes
+    # the round's draft length: k, or fewer where max_new_bytes cuts the draft; a draft ending in EOS is shorter
+    assert all(len(v.drafted) - 1 <= v.k <= 4 for v in verified) and verified[0].k == 4
 
 
 def test_tracing_is_off_by_default_and_does_not_change_output():

