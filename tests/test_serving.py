@@ -205,7 +205,7 @@ ERRORS = [
      "strategy_options", "'k'"),
     ({"model": "tiny", "prompt": "a", "strategy_options": {"colour": 1}}, 400, "invalid_option", "strategy_options",
      "colour"),
-    ({"model": "tiny", "prompt": "a", "strategy": "blt-s", "temperature": 0.7}, 400, "unsupported_parameter",
+    ({"model": "tiny", "prompt": "a", "strategy": "blt-d", "temperature": 0.7}, 400, "unsupported_parameter",
      "temperature", "autoregressive"),
     ({"model": "tiny", "prompt": "a", "temperature": 0.5, "strategy_options": {"temperature": 0.9}}, 400,
      "invalid_value", "temperature", "contradicts"),
@@ -239,10 +239,14 @@ def test_errors_disturb_nothing_and_neutral_sampling_fields_pass(client, server,
             kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
             httpx.post(f"{server.url}/v1/completions", timeout=TIMEOUT_S, **kwargs)
         assert running.result().choices[0].text == direct(model, "steady", 200).text
-    # temperature 0 and top_p 1 are what a greedy strategy does anyway
+    # temperature 0 and top_p 1 are what a strategy without them (blt-d decodes greedily) does anyway
     resp = client.completions.create(model="tiny", prompt="a", max_tokens=8, temperature=0, top_p=1,
+                                     extra_body={"strategy": "blt-d"})
+    assert resp.choices[0].text == direct(model, "a", 8, strategy="blt-d").text
+    # where a strategy has them they are its options: BLT-S samples (speculative sampling) with a seed
+    resp = client.completions.create(model="tiny", prompt="a", max_tokens=16, temperature=0.9, seed=4,
                                      extra_body={"strategy": "blt-s"})
-    assert resp.choices[0].text == direct(model, "a", 8, strategy="blt-s").text
+    assert resp.choices[0].text == direct(model, "a", 16, strategy="blt-s", seed=4, temperature=0.9).text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="a", max_tokens=1)
     missing = httpx.get(f"{server.url}/v2/nothing")

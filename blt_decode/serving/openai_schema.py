@@ -11,8 +11,8 @@ Mapping (bytes are the tokens here):
   bytes: the way to send a prompt that is not UTF-8) or a list of such lists;
 - ``max_tokens`` = ``max_new_bytes`` (default 256, as :func:`blt_decode.generate`);
 - ``temperature`` / ``top_p`` set the strategy's options of those names where it has them
-  (autoregressive); for a strategy without them only the neutral values (temperature 0, top_p 1) are
-  accepted, anything else is a 400 naming the field;
+  (autoregressive, BLT-S, BLT-DV); for a strategy without them (BLT-D) only the neutral values
+  (temperature 0, top_p 1) are accepted, anything else is a 400 naming the field;
 - ``seed`` = the request's seed; ``stop`` = stop sequences (left out of the returned text, as OpenAI
   does, unless ``include_stop_str_in_output``);
 - extra body fields: ``strategy`` (a registered name or alias) and ``strategy_options`` (an object).
