@@ -89,7 +89,10 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
                 "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
     items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
     _compile_note(args.backend)
-    summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
+    if args.ray is not None:
+        summary = _run_job_on_ray(args, items)
+    else:
+        summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
     print(f"{summary.done} requests done ({summary.new_bytes} new bytes), {summary.skipped} already in {args.output}"
           + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
     return 1 if summary.failed else 0
@@ -98,6 +101,8 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.input is not None:
         return _cmd_generate_file(args)
+    if args.ray is not None:
+        raise CLIError("--ray runs a batch job: give --input and --output")
     prompt = prompt_from_args(args)
     model = model_from_args(args)
     stream = api.stream(
@@ -128,6 +133,120 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out.write(b"\n")
     out.flush()
     return 0
+
+
+def _run_job_on_ray(args: argparse.Namespace, items: list) -> Any:
+    """``generate --input ... --ray [ADDRESS]``: the batch job as Ray Data map_batches over an actor pool."""
+    from blt_decode.serving import local_ray_environment, require
+
+    if not args.ray:
+        local_ray_environment()  # before Ray is imported: a local cluster listens on loopback only
+    require("ray", "generate --ray")
+    from blt_decode.serving.ray_data import run_job_ray
+
+    return run_job_ray(args.model, items, args.output, address=args.ray or None, actors=args.ray_actors,
+                       batch_size=args.batch_size, backend=args.backend, threads=args.threads,
+                       dtype=args.dtype, device=args.device)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: the OpenAI-compatible server, in this process (uvicorn) or on Ray Serve replicas."""
+    import socket
+
+    from blt_decode.serving import require
+
+    require("serve", "blt-decode serve")
+    if args.ray is None and args.replicas != 1:
+        raise CLIError("--replicas needs --ray (replicas are Ray Serve's)")
+    plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
+    name = args.model_name or args.model
+    try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    where = f"http://{args.host}:{args.port}/v1"
+    if args.ray is not None:
+        if not args.ray:
+            from blt_decode.serving import local_ray_environment
+
+            local_ray_environment()  # before Ray is imported: a local cluster listens on loopback only
+        require("ray", "blt-decode serve --ray")
+        from blt_decode.serving import ray_serve
+        from blt_decode.serving.ray_data import connect
+
+        started = connect(args.ray or None)
+        import ray
+
+        # one CPU per replica, or a share of a smaller cluster (else replicas would wait for CPUs forever)
+        cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / args.replicas)
+        print(f"{PROG}: serving {name!r} on {args.replicas} Ray Serve replica(s) at {where} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        try:
+            ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
+                          backend=args.backend, model_name=name, api_key=args.api_key,
+                          max_body_bytes=args.max_body_bytes, threads=args.threads, dtype=args.dtype,
+                          device=args.device, num_cpus=cpus)
+        finally:
+            if started:
+                ray.shutdown()
+        return 0
+    from blt_decode.serving.app import build_app, serve
+
+    app = build_app(model_from_args(args), backend=args.backend, max_batch=args.max_batch, model_name=name,
+                    api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    _compile_note(args.backend)
+    print(f"{PROG}: serving {name!r} at {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _cmd_serve_loadtest(args: argparse.Namespace) -> int:
+    from blt_decode.serving import loadtest, require
+
+    require("serve", "blt-decode serve-loadtest")
+    return loadtest.main(args)
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {value}")
+    return value
+
+
+def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
+                        description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
+                                    "/metrics; needs pip install 'blt-decode[serve]' (see docs/serving.md)")
+    _add_model_arguments(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    sv.add_argument("--max-batch", type=_positive_int, default=16,
+                    help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
+    sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: $BLT_DECODE_API_KEY; none: no authentication)")
+    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                    help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
+    sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
+                    "model and engine (with --ray) (default: %(default)s)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="uvicorn's log level (default: %(default)s)")
+    _add_threads_argument(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+    from blt_decode.serving.loadtest import add_arguments
+
+    lt = sub.add_parser("serve-loadtest", help="a bounded load test of the server on loopback (docs/serving.md)")
+    add_arguments(lt)
+    _add_threads_argument(lt)
+    lt.set_defaults(func=_cmd_serve_loadtest)
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -491,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch job results, one JSON line per request; an existing file's ids are skipped (resume)")
     gen.add_argument("--batch-size", type=_positive_int, default=16,
                      help="requests decoded at once by the batched engine (default: %(default)s)")
+    gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
+                          "local Ray cluster is started, with ADDRESS it is joined (needs 'blt-decode[ray]')")
+    gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -548,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_argument(be)
     be.set_defaults(func=_cmd_bench)
 
+    _add_serve_parsers(sub)
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser

@@ -103,7 +103,8 @@ class EngineStream:
     characters); ``output`` and ``stats`` are set when it ends. Iterating drives the engine when no
     background thread does (:meth:`Engine.start`). A request that failed raises its error here."""
 
-    def __init__(self, engine: "Engine", request: PreparedRequest, trace: bool):
+    def __init__(self, engine: "Engine", request: PreparedRequest, trace: bool,
+                 listener: Callable[[bytes | None], None] | None = None):
         self.engine = engine
         self.request = request
         self.prompt = request.prompt
@@ -115,11 +116,21 @@ class EngineStream:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._done = False
         self._cancelled = False
+        self._listener = listener
         self.committer = Committer(request)
 
     @property
     def done(self) -> bool:
         return self._done
+
+    def _notify(self, chunk: bytes | None) -> None:
+        """Tell the listener (if any) of a new chunk, or (None) that the request has ended. A listener's
+        failure must never break the engine or the other requests, so it is dropped."""
+        if self._listener is not None:
+            try:
+                self._listener(chunk)
+            except Exception:  # noqa: BLE001 - e.g. a closed event loop after its client left
+                self._listener = None
 
     def cancel(self) -> None:
         """Stop this request at the engine's next step (its slot is freed; others are undisturbed)."""
@@ -225,12 +236,19 @@ class Engine:
                           stop=stop, seed=seed)
         return self.submit_request(request, trace=trace)
 
-    def submit_request(self, request: Request, *, trace: bool = False) -> EngineStream:
-        """Queue a :class:`~blt_decode.request.Request`."""
+    def submit_request(self, request: Request, *, trace: bool = False,
+                       listener: Callable[[bytes | None], None] | None = None) -> EngineStream:
+        """Queue a :class:`~blt_decode.request.Request`.
+
+        ``listener``, if given, is called from the thread that steps the engine with each new chunk and
+        with None once the request has ended (``output``, ``stats`` and ``error`` set): async code can
+        follow a stream without waiting on the engine's lock, which a step holds throughout (a server
+        passes ``loop.call_soon_threadsafe``-based callbacks). It must return quickly and not call into
+        the engine; one that raises is dropped. The stream's own chunk queue is filled as usual."""
         prepared = prepare(request, self.model.config.max_seqlen)
         if prepared.capacity > self.max_capacity:
             raise EngineError(f"the request needs {prepared.capacity} positions; this engine allows {self.max_capacity}")
-        stream = EngineStream(self, prepared, trace)
+        stream = EngineStream(self, prepared, trace, listener)
         with self._lock:
             self._waiting.append(stream)
             self._wake.notify_all()
@@ -329,6 +347,7 @@ class Engine:
                 with self._lock:
                     stream._chunks.append(fresh)
                     self._new_bytes += len(fresh)
+                    stream._notify(fresh)
         except greenlet.GreenletExit:
             error = CancelledError("request cancelled")
         except BaseException as exc:  # a strategy's failure fails only its own request
@@ -345,6 +364,7 @@ class Engine:
             stream._done = True
             self._finished += 1
             self._wake.notify_all()
+            stream._notify(None)
 
     def _advance(self) -> None:
         """Resume every live request until it pauses on its next call or ends."""

@@ -70,3 +70,8 @@ class StrategyError(BLTDecodeError, RuntimeError):
 
 class NonFiniteError(BLTDecodeError, FloatingPointError):
     """A module of the model produced NaN or infinite values; the message names the module."""
+
+
+class MissingExtraError(BLTDecodeError, ImportError):
+    """A feature needs packages of an optional extra that is not installed; the message says which
+    ``pip install 'blt-decode[EXTRA]'`` brings them."""

@@ -159,3 +159,34 @@ def test_python_examples_in_docs_run(page, capsys):
     namespace: dict = {}
     for code in blocks:  # blocks of a page build on each other, as a reader runs them
         exec(compile(code, page, "exec"), namespace)
+
+
+def _shell_lines(code: str) -> list[str]:
+    """A bash block's commands, backslash continuations joined, comments and blank lines dropped."""
+    return [line for line in code.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_serving_examples_run_against_a_server_the_test_starts():
+    """docs/serving.md's client examples (Python with the openai client, curl) run as written, against the
+    server the page starts (`blt-decode serve --model default`, here on a free port in a thread)."""
+    import shutil
+
+    from blt_decode.api import default_model_available
+    from blt_decode.serving.app import ServerThread, build_app
+
+    if not default_model_available():
+        pytest.skip("the page's examples use the shipped default model")
+    page = (DOCS / "serving.md").read_text(encoding="utf-8")
+    blocks = BLOCK.findall(page)
+    python = [code for lang, code in blocks if lang == "python"]
+    curls = [line for lang, code in blocks if lang == "bash" for line in _shell_lines(code) if line.startswith("curl ")]
+    assert python and len(curls) >= 3 and "http://127.0.0.1:8000" in page
+    with ServerThread(build_app("default", model_name="default", max_batch=4)) as server:
+        for code in python:
+            exec(compile(code.replace("http://127.0.0.1:8000", server.url), "serving.md", "exec"), {})
+        if shutil.which("curl") is None:
+            pytest.skip("no curl here to run the page's curl examples")
+        for line in curls:
+            run = subprocess.run(["bash", "-o", "pipefail", "-c", line.replace("http://127.0.0.1:8000", server.url)],
+                                 capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert run.returncode == 0 and run.stdout.strip() and '"error"' not in run.stdout, (line, run.stdout, run.stderr)

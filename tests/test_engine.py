@@ -214,3 +214,29 @@ def test_tutorial_strategy_batches_unchanged():
         testing.assert_batched_equals_alone(model, reqs, batch_size=2)
     finally:
         plugins.reset()
+
+
+def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():
+    """``submit_request(..., listener=...)``: the hook a server's async bridge follows streams with."""
+    model = bd.random_model("tiny", 10)
+    seen: list[list[bytes | None]] = [[], []]
+    done_when_told: list[bool] = []
+
+    def listen(i):
+        def listener(chunk):
+            seen[i].append(chunk)
+            if chunk is None:
+                done_when_told.append(streams[i].done and streams[i].stats is not None)
+        return listener
+
+    def broken(chunk):
+        raise RuntimeError("a consumer that went away")
+
+    engine = Engine(model, max_batch=2)
+    streams = [engine.submit_request(bd.Request(f"r{i}", max_new_bytes=12), listener=listen(i)) for i in range(2)]
+    other = engine.submit_request(bd.Request("x", strategy="blt-s", max_new_bytes=12), listener=broken)
+    engine.run_until_idle()
+    for s, got in zip(streams, seen):
+        assert got[-1] is None and None not in got[:-1] and b"".join(got[:-1]) == s.output
+    assert done_when_told == [True, True]
+    assert other.result().output == bd.generate(model, "x", strategy="blt-s", max_new_bytes=12).output

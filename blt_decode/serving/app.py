@@ -1,0 +1,431 @@
+"""The OpenAI-compatible HTTP app over one :class:`~blt_decode.engine.Engine` (FastAPI), and running it
+with uvicorn.
+
+Routes: ``POST /v1/completions`` (streaming with server-sent events ending in ``data: [DONE]``),
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every
+prompt of every request becomes a request of the one engine, which steps in a background thread and
+batches all live requests together (continuous batching); the event loop follows their streams through
+:class:`~blt_decode.serving.bridge.RequestStreams` and never waits on the engine.
+
+Errors are OpenAI-style, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
+or a value the validator refuses (unknown strategy, bad option, prompt over the limit, ...), 401 without
+the API key, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field
+of the wrong type, 500 if decoding itself fails. A client that disconnects has its requests cancelled
+(their slots are freed at the engine's next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import attrs
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import blt_decode
+from blt_decode import plugins
+from blt_decode.engine import Engine, EngineError
+from blt_decode.errors import BLTDecodeError
+from blt_decode.model import BLTModel
+from blt_decode.request import prepare
+from blt_decode.serving.bridge import ChoiceText, RequestStreams
+from blt_decode.serving.metrics import ServerMetrics
+from blt_decode.serving.openai_schema import (
+    APIError,
+    CompletionRequest,
+    api_error,
+    finish_reason,
+    parse_request,
+    to_requests,
+)
+
+#: request bodies larger than this are refused with 413 before they are read whole
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+logger = logging.getLogger("blt_decode.serving")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/nan (Starlette refuses them): statistics that are not finite become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+@attrs.define
+class ServerConfig:
+    """What the app serves and how it guards itself."""
+
+    model_name: str = "default"
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    backend: str = "eager"
+
+
+def create_app(engine: Engine, *, model_name: str = "default", api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, stop_engine: bool = True) -> FastAPI:
+    """The app over ``engine``. The engine's background thread is started when the app starts (ASGI
+    lifespan) and, with ``stop_engine``, stopped when it shuts down. ``api_key``: every route but
+    ``/health`` then needs ``Authorization: Bearer <api_key>``."""
+    config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                          backend=engine.backend.name)
+    metrics = ServerMetrics(engine)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            if stop_engine:
+                await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="blt-decode", version=blt_decode.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible completions over a Byte Latent Transformer (docs/serving.md)")
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key, metrics=metrics)
+
+    def error_response(error: APIError) -> JSONResponse:
+        metrics.error(error.status, error.code)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        return error_response(APIError(exc.status_code, message, code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(APIError(422, str(exc.errors()[0].get("msg", exc)), code="invalid_type"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "blt-decode",
+                "blt_decode": {"backend": config.backend, "max_batch": engine.max_batch,
+                               "max_seqlen": engine.model.config.max_seqlen,
+                               "strategies": {name: _strategy_card(name) for name in plugins.strategy_names()}}}
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        """200 while the engine's thread runs (no API key needed: for load balancers), with the engine's
+        load; the process id tells replicas apart behind a proxy (Ray Serve). A plain ``def``: reading
+        the engine may wait for a step, so FastAPI runs it in a worker thread."""
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": config.model_name,
+                             "pid": os.getpid(), "live_requests": engine.live_requests,
+                             "queue_depth": engine.queue_depth}, status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != config.model_name:
+            raise _unknown_model(model_id, config.model_name)
+        return model_card()
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        # a plain `def`: FastAPI runs it in a worker thread, so reading the engine never blocks the loop
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        body = parse_request(await _read_body(request, config.max_body_bytes))
+        if body.model != config.model_name:
+            raise _unknown_model(body.model, config.model_name)
+        try:
+            requests = to_requests(body)
+            prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]  # all before any is queued
+            for p in prepared:
+                if p.capacity > engine.max_capacity:
+                    raise EngineError(f"the request needs {p.capacity} positions; this server allows {engine.max_capacity}")
+        except BLTDecodeError as exc:
+            raise api_error(exc) from None
+        streams = RequestStreams(engine, requests)
+        strategy = prepared[0].strategy.name
+        for p in prepared:
+            metrics.submitted(strategy, len(p.prompt))
+        completion = _Completion(body, streams, prepared, config, metrics)
+        if body.stream:
+            return StreamingResponse(completion.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(_finite(await completion.whole(request)))
+
+    return app
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request but ``GET /health`` needs ``Authorization: Bearer <api_key>``,
+    else 401 (before routing, so unknown routes and the OpenAPI pages are guarded too). Pure ASGI rather
+    than Starlette's BaseHTTPMiddleware, which would sit between streaming responses and disconnects."""
+
+    def __init__(self, app: Any, api_key: str, metrics: ServerMetrics | None = None):
+        self.app, self.key, self.metrics = app, api_key.encode(), metrics
+
+    def _allowed(self, scope: dict[str, Any]) -> bool:
+        if scope["path"] == "/health":
+            return True
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if self.metrics is not None:
+            self.metrics.error(error.status, error.code)
+        await JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def _strategy_card(name: str) -> dict[str, Any]:
+    strategy = plugins.get_strategy(name)
+    return {"description": strategy.description, "aliases": list(strategy.aliases),
+            "options": {f.name: f.default for f in attrs.fields(strategy.Options)}}
+
+
+def _unknown_model(asked: str, served: str) -> APIError:
+    return APIError(404, f"the model {asked!r} does not exist here; this server serves {served!r}",
+                    param="model", code="model_not_found")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_big = APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+class _Completion:
+    """One ``/v1/completions`` request in flight: its streams, texts and responses."""
+
+    def __init__(self, body: CompletionRequest, streams: RequestStreams, prepared: list[Any],
+                 config: ServerConfig, metrics: ServerMetrics):
+        self.body, self.streams, self.prepared, self.config, self.metrics = body, streams, prepared, config, metrics
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.strategy = prepared[0].strategy.name
+        self.texts = [ChoiceText(p.stops, body.include_stop_str_in_output) for p in prepared]
+        self.ended = [False] * len(prepared)
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.config.model_name}
+
+    def _extra(self, indexes: list[int]) -> dict[str, Any]:
+        """The ``blt_decode`` field: strategy, options, and per choice the raw output and DecodeStats."""
+        p = self.prepared[0]
+        choices = []
+        for i in indexes:
+            stream = self.streams.streams[i]
+            choices.append({"index": i, "output_bytes_hex": (stream.output or b"").hex(),
+                            "stats": stream.stats.to_dict() if stream.stats is not None else None})
+        return {"strategy": self.strategy, "options": attrs.asdict(p.options), "backend": self.config.backend,
+                "choices": choices}
+
+    def _usage(self) -> dict[str, int]:
+        # bytes are the tokens: prompt bytes as sent (BOS not counted), every generated byte (a stop
+        # sequence left out of the text included, EOS not)
+        prompt = sum(len(p.prompt) for p in self.prepared)
+        completion = sum(len(s.output or b"") for s in self.streams.streams)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _ended(self, index: int) -> APIError | None:
+        """Book-keeping when a choice's request ends; its error (as an APIError) if it failed."""
+        self.ended[index] = True
+        stream = self.streams.streams[index]
+        if stream.error is not None:
+            self.metrics.finished(self.strategy, "failed", stream.stats)
+            return APIError(500, f"decoding failed: {type(stream.error).__name__}: {stream.error}",
+                            type="server_error", code="decoding_failed")
+        self.metrics.finished(self.strategy, "finished", stream.stats)
+        return None
+
+    def _abandoned(self) -> None:
+        """The client left (or the response failed): cancel what runs, count it as cancelled."""
+        self.streams.cancel_unfinished()
+        for i, ended in enumerate(self.ended):
+            if not ended:
+                self.ended[i] = True
+                self.metrics.finished(self.strategy, "cancelled", None)
+
+    async def whole(self, request: Request) -> dict[str, Any]:
+        """Wait for every choice; a client that disconnects meanwhile has its requests cancelled."""
+        collect = asyncio.ensure_future(self._collect())
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collect, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not collect.done():
+                collect.cancel()
+                self._abandoned()
+        if collect.cancelled():  # the client is gone; nobody reads this
+            raise APIError(499, "client disconnected", code="client_disconnected")
+        texts = collect.result()  # a failed choice raises its APIError here
+        choices = [{"text": texts[i], "index": i, "logprobs": None,
+                    "finish_reason": finish_reason(self.streams.streams[i].stats.stop_reason)}
+                   for i in range(len(texts))]
+        return {**self._head(), "choices": choices, "usage": self._usage(),
+                "blt_decode": self._extra(list(range(len(texts))))}
+
+    async def _collect(self) -> list[str]:
+        texts = [""] * len(self.prepared)
+        try:
+            await self.streams.submit()
+            async for index, chunk in self.streams.events():
+                if chunk is not None:
+                    self.metrics.generated(self.strategy, len(chunk))
+                    texts[index] += self.texts[index].feed(chunk)
+                    continue
+                error = self._ended(index)
+                if error is not None:
+                    raise error
+                texts[index] += self.texts[index].finish(self.streams.streams[index].stats.stop_reason)
+        finally:
+            self._abandoned()  # a failed choice ends the response: the others are not waited for
+        return texts
+
+    async def sse(self) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason and
+        ``blt_decode`` statistics, usage if asked (``stream_options.include_usage``), then ``[DONE]``."""
+        try:
+            await self.streams.submit()
+            async for index, chunk in self.streams.events():
+                if chunk is not None:
+                    self.metrics.generated(self.strategy, len(chunk))
+                    text = self.texts[index].feed(chunk)
+                    if text:
+                        yield _sse({**self._head(), "choices": [
+                            {"text": text, "index": index, "logprobs": None, "finish_reason": None}]})
+                    continue
+                error = self._ended(index)
+                if error is not None:
+                    self.metrics.error(error.status, error.code)
+                    yield _sse(error.body())
+                    continue
+                stream = self.streams.streams[index]
+                text = self.texts[index].finish(stream.stats.stop_reason)
+                yield _sse({**self._head(), "choices": [
+                    {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason(stream.stats.stop_reason)}],
+                    "blt_decode": self._extra([index])})
+            if self.body.stream_options is not None and self.body.stream_options.include_usage:
+                yield _sse({**self._head(), "choices": [], "usage": self._usage()})
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # the headers are sent: the failure can only be an event (not a disconnect:
+            # that cancels this generator with CancelledError/GeneratorExit, which are not Exceptions)
+            error = APIError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="server_error")
+            self.metrics.error(error.status, error.code)
+            yield _sse(error.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            # the client disconnected (the task is cancelled or the generator closed): free the slots
+            self._abandoned()
+
+
+async def _wait_for_disconnect(request: Request) -> bool:
+    """True once the client has disconnected (the body has been read: only http.disconnect can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return True
+
+
+def build_app(model: str | Path | BLTModel = "default", *, backend: str = "eager", max_batch: int = 16,
+              model_name: str | None = None, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: Any = None, device: Any = None) -> FastAPI:
+    """Load ``model`` (a spec as :func:`blt_decode.load_model` takes, or a model), make its engine and the
+    app over it. ``model_name`` (the ``model`` clients send) defaults to the spec as given."""
+    loaded = blt_decode.load_model(model, dtype=dtype, device=device)
+    engine = Engine(loaded, backend=backend, max_batch=max_batch)
+    name = model_name or (str(model) if not isinstance(model, BLTModel) else "blt")
+    return create_app(engine, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
+
+
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """``with ServerThread(app) as server:`` runs ``app`` with uvicorn in a background thread on a free
+    loopback port (``server.url``, e.g. ``http://127.0.0.1:43121``) and shuts it down (lifespan included)
+    on exit. For tests and the load test: the same server as ``blt-decode serve``, in process."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 start_timeout_s: float = 60.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                                    timeout_graceful_shutdown=5))
+        self.host, self.start_timeout_s = host, start_timeout_s
+        self.thread = threading.Thread(target=self.server.run, name="blt-decode-uvicorn", daemon=True)
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start (see its log)")
+            if time.monotonic() > deadline:
+                self.server.should_exit = True
+                raise TimeoutError(f"the server did not start within {self.start_timeout_s} s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,160 @@
+"""From the engine's thread to an asyncio event loop, and from bytes to the text of a choice.
+
+The engine steps in its own thread (:meth:`Engine.start`) and holds its lock for a whole step, so the
+event loop must never wait on it. :class:`RequestStreams` submits a request's prompts with a *listener*
+(:meth:`Engine.submit_request`): the engine's thread appends each chunk (and None at the end) to a deque
+owned by that request and wakes the loop with ``call_soon_threadsafe``; the loop only reads its deques.
+Submitting and cancelling take the engine's lock, so they run in a worker thread.
+
+:class:`ChoiceText` turns one request's byte chunks into the text a client sees: a UTF-8 character split
+across chunks is held back until it is whole (invalid bytes become U+FFFD, as
+:attr:`Generation.text`), and so are bytes that may be the start of a stop sequence, which OpenAI leaves
+out of the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import threading
+from typing import AsyncIterator, Callable, Sequence
+
+from blt_decode.engine import Engine, EngineError, EngineStream
+from blt_decode.request import Request
+
+#: how often a request with nothing new checks that the engine's thread still runs (seconds)
+ENGINE_CHECK_S = 5.0
+
+
+class EngineStoppedError(EngineError):
+    """The engine's background thread is not running, so a waiting request would never end."""
+
+
+class ChoiceText:
+    """The text of one choice as its bytes arrive (:meth:`feed`), and its end (:meth:`finish`)."""
+
+    def __init__(self, stops: Sequence[bytes], include_stop: bool = False):
+        self.stops = tuple(stops)
+        self.include_stop = include_stop
+        self.out = bytearray()
+        self.released = 0
+        self.end: int | None = None  #: length of the returned bytes, once finished
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _held(self) -> int:
+        """Bytes at the end that begin some stop sequence (which may yet complete it) or are a whole one
+        (which ends the request: :meth:`finish` drops it)."""
+        if self.include_stop:
+            return 0
+        held = 0
+        for stop in self.stops:
+            for n in range(min(len(stop), len(self.out)), held, -1):
+                if self.out.endswith(stop[:n]):
+                    held = n
+                    break
+        return held
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.released:
+            return ""
+        data = bytes(self.out[self.released:upto])
+        self.released = upto
+        return self._decoder.decode(data)
+
+    def feed(self, chunk: bytes) -> str:
+        """Text that can be shown now (possibly empty)."""
+        self.out += chunk
+        return self._release(len(self.out) - self._held())
+
+    def finish(self, stop_reason: str) -> str:
+        """The rest of the text; a stop sequence that ended the request is dropped (the longest one the
+        output ends with) unless ``include_stop``."""
+        end = len(self.out)
+        if stop_reason == "stop_sequence" and not self.include_stop:
+            end -= max((len(s) for s in self.stops if self.out.endswith(s)), default=0)
+        # held-back bytes always cover a stop sequence's start, so nothing shown must be taken back
+        self.end = max(end, self.released)
+        return self._release(self.end) + self._decoder.decode(b"", final=True)
+
+    @property
+    def returned(self) -> bytes:
+        """The bytes whose text was returned (the output less the stop sequence), once finished."""
+        return bytes(self.out[: self.end if self.end is not None else self.released])
+
+
+class RequestStreams:
+    """The engine streams of one HTTP request (one per prompt), followed from the event loop."""
+
+    def __init__(self, engine: Engine, requests: Sequence[Request]):
+        self.engine = engine
+        self.requests = list(requests)
+        self.queues: list[collections.deque[bytes | None]] = [collections.deque() for _ in self.requests]
+        self.streams: list[EngineStream] = []
+        self.finished = [False] * len(self.requests)
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._wake_scheduled = False
+        self._lock = threading.Lock()  # self.streams and self._abandoned, shared with the submitting thread
+        self._abandoned = False
+
+    def _wake(self) -> None:  # on the loop
+        self._wake_scheduled = False
+        self._event.set()
+
+    def _listener(self, index: int) -> Callable[[bytes | None], None]:
+        queue = self.queues[index]
+
+        def listener(chunk: bytes | None) -> None:  # on the engine's thread: append, wake the loop once
+            queue.append(chunk)
+            if not self._wake_scheduled:
+                self._wake_scheduled = True
+                self._loop.call_soon_threadsafe(self._wake)
+
+        return listener
+
+    async def submit(self) -> None:
+        """Queue every prompt (in a worker thread: the engine's lock may be held for a step)."""
+
+        def submit_all() -> None:
+            streams = [self.engine.submit_request(r, listener=self._listener(i)) for i, r in enumerate(self.requests)]
+            with self._lock:
+                self.streams, abandoned = streams, self._abandoned
+            if abandoned:  # the client left while they were being queued
+                for stream in streams:
+                    stream.cancel()
+
+        await asyncio.to_thread(submit_all)
+
+    async def events(self) -> AsyncIterator[tuple[int, bytes | None]]:
+        """``(index, chunk)`` as chunks arrive, ``(index, None)`` when that request has ended."""
+        while not all(self.finished):
+            self._event.clear()  # before draining: a chunk appended after the drain sets it again
+            for index, queue in enumerate(self.queues):
+                while queue and not self.finished[index]:
+                    chunk = queue.popleft()
+                    if chunk is None:
+                        self.finished[index] = True
+                    yield index, chunk
+            if not all(self.finished):
+                try:
+                    await asyncio.wait_for(self._event.wait(), ENGINE_CHECK_S)
+                except asyncio.TimeoutError:
+                    # a request may wait long for a slot; but if the engine's thread died (a failure
+                    # outside any one request), nothing will ever come: fail instead of hanging
+                    thread = self.engine._thread
+                    if thread is None or not thread.is_alive():
+                        raise EngineStoppedError("the engine has stopped; no more output will come") from None
+
+    def cancel_unfinished(self) -> None:
+        """Cancel the requests that have not ended (a client that left). Never awaits, so that it can run
+        in a ``finally`` of a cancelled task; the engine's lock is taken in a worker thread."""
+        with self._lock:
+            self._abandoned = True
+            streams = list(self.streams)
+        for stream, done in zip(streams, self.finished):
+            if not done and not stream.done:
+                try:
+                    self._loop.run_in_executor(None, stream.cancel)
+                except RuntimeError:  # the loop is closing (shutdown): take the lock here
+                    stream.cancel()
