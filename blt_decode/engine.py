@@ -133,10 +133,10 @@ class EngineStream:
                 self._listener = None
 
     def cancel(self) -> None:
-        """Stop this request at the engine's next step (its slot is freed; others are undisturbed)."""
-        with self.engine._lock:
-            self._cancelled = True
-            self.engine._wake.notify_all()
+        """Stop this request at the engine's next step (its slot is freed; others are undisturbed). Never
+        waits for a running step."""
+        self._cancelled = True
+        self.engine._work.set()
 
     def _next_chunk(self) -> bytes | None:
         """The next chunk, or None when the request has ended (raising its error, if any)."""
@@ -214,8 +214,14 @@ class Engine:
         self.state: DecodeState | None = None
         self._waiting: collections.deque[EngineStream] = collections.deque()
         self._live: dict[int, _Live] = {}
+        # _lock: the engine's state, held by a step throughout; _wake: streams waiting for chunks.
+        # _queue_lock: only the waiting queue, held for microseconds, so submitting never waits for a step
+        # (Python locks are not fair: a submit behind a busy stepping thread could wait many steps).
+        # _work: wakes the background thread when a request arrives or is cancelled.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
+        self._queue_lock = threading.Lock()
+        self._work = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._steps = 0
@@ -249,26 +255,32 @@ class Engine:
         if prepared.capacity > self.max_capacity:
             raise EngineError(f"the request needs {prepared.capacity} positions; this engine allows {self.max_capacity}")
         stream = EngineStream(self, prepared, trace, listener)
-        with self._lock:
+        with self._queue_lock:
             self._waiting.append(stream)
-            self._wake.notify_all()
+        self._work.set()
         return stream
 
     # -- stepping -------------------------------------------------------------------------------------
     @property
     def idle(self) -> bool:
-        with self._lock:
-            return not self._waiting and not self._live
+        """No request waiting and none in a slot."""
+        return not self._waiting and not self._live
 
     @property
     def queue_depth(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+        """Requests waiting for a slot."""
+        return len(self._waiting)
 
     @property
     def live_requests(self) -> int:
-        with self._lock:
-            return len(self._live)
+        """Requests holding a slot."""
+        return len(self._live)
+
+    @property
+    def running(self) -> bool:
+        """Is a background thread (:meth:`start`) stepping the engine?"""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def step(self) -> None:
         """One engine step: admit, advance every live request to its next primitive call, run the calls
@@ -297,7 +309,8 @@ class Engine:
 
     def _admit(self) -> None:
         while self._waiting and len(self._live) < self.max_batch:
-            stream = self._waiting.popleft()
+            with self._queue_lock:
+                stream = self._waiting.popleft()
             if stream._cancelled:
                 self._finish(stream, None, CancelledError("request cancelled before it started"))
                 continue
@@ -425,21 +438,21 @@ class Engine:
 
     def stop(self) -> None:
         """Stop the background thread (requests still queued stay queued)."""
-        with self._lock:
-            thread, self._stopping = self._thread, True
-            self._wake.notify_all()
+        thread, self._stopping = self._thread, True
+        self._work.set()
         if thread is not None:
             thread.join()
         with self._lock:
             self._thread = None
+            self._wake.notify_all()
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self._live:
-                    self._wake.wait()
-                if self._stopping:
-                    return
+        while not self._stopping:
+            if self.idle:
+                # a submit between the check and the wait has set the event: the wait returns at once
+                self._work.wait()
+                self._work.clear()
+                continue
             self.step()
 
     def __enter__(self) -> "Engine":

@@ -140,9 +140,8 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
     @app.get("/health")
     def health() -> JSONResponse:
         """200 while the engine's thread runs (no API key needed: for load balancers), with the engine's
-        load; the process id tells replicas apart behind a proxy (Ray Serve). A plain ``def``: reading
-        the engine may wait for a step, so FastAPI runs it in a worker thread."""
-        alive = engine._thread is not None and engine._thread.is_alive()
+        load; the process id tells replicas apart behind a proxy (Ray Serve)."""
+        alive = engine.running
         return JSONResponse({"status": "ok" if alive else "engine stopped", "model": config.model_name,
                              "pid": os.getpid(), "live_requests": engine.live_requests,
                              "queue_depth": engine.queue_depth}, status_code=200 if alive else 503)

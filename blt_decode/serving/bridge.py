@@ -142,19 +142,15 @@ class RequestStreams:
                 except asyncio.TimeoutError:
                     # a request may wait long for a slot; but if the engine's thread died (a failure
                     # outside any one request), nothing will ever come: fail instead of hanging
-                    thread = self.engine._thread
-                    if thread is None or not thread.is_alive():
+                    if not self.engine.running:
                         raise EngineStoppedError("the engine has stopped; no more output will come") from None
 
     def cancel_unfinished(self) -> None:
-        """Cancel the requests that have not ended (a client that left). Never awaits, so that it can run
-        in a ``finally`` of a cancelled task; the engine's lock is taken in a worker thread."""
+        """Cancel the requests that have not ended (a client that left). Never awaits and never waits for
+        the engine (cancelling only sets a flag), so that it can run in a ``finally`` of a cancelled task."""
         with self._lock:
             self._abandoned = True
             streams = list(self.streams)
         for stream, done in zip(streams, self.finished):
             if not done and not stream.done:
-                try:
-                    self._loop.run_in_executor(None, stream.cancel)
-                except RuntimeError:  # the loop is closing (shutdown): take the lock here
-                    stream.cancel()
+                stream.cancel()
