@@ -15,24 +15,40 @@ import torch
 
 
 class RowLayout(NamedTuple):
-    """Where the rows of one batched stack call sit in the cache and in their sequences.
+    """Where the positions of one batched stack call sit in their sequences and in the cache.
 
-    Row b holds ``valid[b].sum()`` real positions (the rest is padding up to T). Built by the session
-    (:func:`blt_decode.session.row_layout`); every layer of the stack uses the same layout.
+    A call carries N positions *packed* one row after another (row b holds ``lengths[b]`` consecutive
+    positions of the sequence in one cache slot): every linear layer runs over the N real positions, with
+    no padding, however ragged the rows are (a 9-byte verification beside one-byte steps). Attention is
+    the one place rows meet their own cache: it unpacks queries into a [B, T] grid (T the longest row),
+    reads each row's keys, and packs the result again. Built by :func:`blt_decode.session.row_layout`;
+    every layer of the stack uses the same layout.
     """
 
-    #: [B, T] rotary position of each query
+    #: [N] cache slot and [N] position (in its sequence: the rotary position and the cache index) of each
+    #: packed position; its keys and values are written there
+    slots: torch.Tensor
     positions: torch.Tensor
     #: [B, 1, T, L] additive attention mask in the model's dtype: 0 where query (b, t) may attend to cache
-    #: position j < L of its own slot, -inf elsewhere (built once per stack call, not once per layer)
+    #: position j < L of its row's slot, -inf elsewhere (built once per stack call, not once per layer)
     mask: torch.Tensor
-    #: [N] slot and [N] cache position where the keys/values of the N real positions go
-    write_slots: torch.Tensor
-    write_positions: torch.Tensor
-    #: [N] indices of the real positions in the flattened [B * T] chunk; None when nothing is padding
-    real: torch.Tensor | None
+    #: [N] index of each packed position in the [B * T] grid; None when every row has T positions
+    grid: torch.Tensor | None
     #: [B] slot each row reads; None when the rows are slots 0..B-1 (read as a view, no gather)
     read_slots: torch.Tensor | None
+
+    def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
+        """[N, ...] packed values as a [B, T, ...] grid (zeros where a row is shorter than T)."""
+        b, t = self.mask.shape[0], self.mask.shape[2]
+        if self.grid is None:
+            return packed.view(b, t, *packed.shape[1:])
+        grid = packed.new_zeros(b * t, *packed.shape[1:]).index_copy_(0, self.grid, packed)
+        return grid.view(b, t, *packed.shape[1:])
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] grid values back to the [N, ...] packed positions."""
+        flat = grid.reshape(-1, *grid.shape[2:])
+        return flat if self.grid is None else flat.index_select(0, self.grid)
 
 
 class KVCache:
@@ -47,16 +63,12 @@ class KVCache:
         self.slots = slots
 
     def write(self, layer: int, rows: RowLayout, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``keys``/``values`` ([B, heads, T, head_dim]) of the rows' real positions and return every
-        row's entries up to the layout's key length L ([B, heads, L, head_dim] each)."""
-        b, heads, t, d = keys.shape
-        for buffer, new in ((self.keys[layer], keys), (self.values[layer], values)):
-            flat = new.transpose(1, 2).reshape(b * t, heads, d)
-            if rows.real is not None:
-                flat = flat.index_select(0, rows.real)
-            # advanced indices on dims 0 and 2 around a slice: the indexed view is [N, heads, head_dim]
-            buffer[rows.write_slots, :, rows.write_positions] = flat
-        length = rows.mask.shape[-1]
+        """Store the packed ``keys``/``values`` ([N, heads, head_dim]) at their rows' slots and positions and
+        return every row's entries up to the layout's key length L ([B, heads, L, head_dim] each)."""
+        # advanced indices on dims 0 and 2 around a slice: the indexed view is [N, heads, head_dim]
+        self.keys[layer][rows.slots, :, rows.positions] = keys
+        self.values[layer][rows.slots, :, rows.positions] = values
+        length, b = rows.mask.shape[-1], rows.mask.shape[0]
         if rows.read_slots is None:
             return self.keys[layer, :b, :, :length], self.values[layer, :b, :, :length]
         # slice to the keys in use first: an index with a trailing slice would gather the whole capacity

@@ -63,19 +63,36 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0, rows: RowLayout | None = None) -> torch.Tensor:
+        """x: [B, T, dim] (full sequences, ``mask`` [T, T] or [B, 1, T, T]), or, with ``rows`` and ``cache``,
+        [N, dim] packed positions of ragged rows attending to their own cached prefixes."""
+        if rows is not None:
+            return self._forward_rows(x, rope, cache, layer, rows)
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            assert rows is not None, "a cached call needs the rows' layout"
-            k, v = cache.write(layer, rows, k, v)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = self._repeat_kv(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _forward_rows(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None,
+                      layer: int, rows: RowLayout) -> torch.Tensor:
+        assert cache is not None, "a call over rows needs their KV cache"
+        n = x.shape[0]
+        q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), *rope)
+        v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+        keys, values = self._repeat_kv(*cache.write(layer, rows, k, v))
+        # only attention needs the rows as a grid; the projections above and below run packed
+        out = F.scaled_dot_product_attention(rows.to_grid(q).transpose(1, 2), keys, values, attn_mask=rows.mask)
+        return self.wo(rows.from_grid(out.transpose(1, 2)).reshape(n, -1))
+
+    def _repeat_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n_kv_heads == self.n_heads:
+            return k, v
+        rep = self.n_heads // self.n_kv_heads
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
 class FeedForward(nn.Module):
@@ -123,26 +140,30 @@ class TransformerStack(nn.Module):
         Without ``rows``: the full-sequence forward, x holding positions 0..T-1 under a causal
         (sliding-window) mask; ``positions`` (rotary positions, [T] or [B, T]) and ``mask`` (bool [T, T] or
         [B, T, T], True = may attend) override that for the block-diffusion training layouts. With ``rows``
-        and ``cache``: each row is a chunk of its own sequence; keys/values go to the row's cache slot and
-        attention reads that slot under ``rows.mask`` (see :class:`~blt_decode.cache.RowLayout`).
+        and ``cache``: x is [N, dim], the packed positions of ragged rows, each row a chunk of its own
+        sequence; keys/values go to the row's cache slot and attention reads that slot under ``rows.mask``
+        (see :class:`~blt_decode.cache.RowLayout`).
         ``between(i, h)`` runs before block i (the decoder's cross-attention uses it).
         """
-        b, t = x.shape[:2]
-        if rows is not None:
-            mask, positions = rows.mask, rows.positions
-        if mask is None:
-            mask = causal_mask(0, t, t, self.cfg.sliding_window, x.device)
-        if positions is None:
-            positions = torch.arange(t, device=x.device)
-        cos, sin = rope_tables(positions.reshape(-1), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        if positions.dim() == 2:  # per-row positions: [B, 1, T, head_dim/2], broadcast over heads
-            cos, sin = cos.view(b, 1, t, -1), sin.view(b, 1, t, -1)
-        if mask.dim() == 3:
-            mask = mask[:, None]
+        if rows is not None:  # packed positions [N, dim]: rotary tables [N, 1, head_dim/2] broadcast over heads
+            cos, sin = rope_tables(rows.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            rope, mask = (cos[:, None], sin[:, None]), rows.mask
+        else:
+            b, t = x.shape[:2]
+            if mask is None:
+                mask = causal_mask(0, t, t, self.cfg.sliding_window, x.device)
+            if positions is None:
+                positions = torch.arange(t, device=x.device)
+            cos, sin = rope_tables(positions.reshape(-1), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            if positions.dim() == 2:  # per-row positions: [B, 1, T, head_dim/2], broadcast over heads
+                cos, sin = cos.view(b, 1, t, -1), sin.view(b, 1, t, -1)
+            rope = (cos, sin)
+            if mask.dim() == 3:
+                mask = mask[:, None]
         for i, layer in enumerate(self.layers):
             if between is not None:
                 x = between(i, x)
-            x = layer(x, (cos, sin), mask, cache, i, rows)
+            x = layer(x, rope, mask, cache, i, rows)
         return x
 
 

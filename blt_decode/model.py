@@ -99,15 +99,17 @@ class LocalDecoder(TransformerStack):
     def forward(self, byte_states: torch.Tensor, latents: torch.Tensor, rows: RowLayout | None = None,
                 cache: KVCache | None = None, *, mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        """byte_states [B, T, dim]; latents [B, T, global_dim], the latent each position reads.
-        ``mask``/``positions`` override the causal layout (see :meth:`TransformerStack.run_layers`)."""
-        b, t, dim = byte_states.shape
-        slots = self.patch_embedding_projection(latents).view(b * t, self.k, dim)
+        """byte_states [B, T, dim] (or [N, dim] packed positions, with ``rows``); latents [..., global_dim],
+        the latent each position reads. ``mask``/``positions`` override the causal layout (see
+        :meth:`TransformerStack.run_layers`)."""
+        dim = byte_states.shape[-1]
+        positions_n = byte_states.numel() // dim
+        slots = self.patch_embedding_projection(latents).view(positions_n, self.k, dim)
 
         def cross(i: int, h: torch.Tensor) -> torch.Tensor:
             if i >= len(self.cross_attn_layers):
                 return h
-            out = self.cross_attn_layers[i](h.reshape(b * t, 1, dim), slots).view(b, t, dim)
+            out = self.cross_attn_layers[i](h.reshape(positions_n, 1, dim), slots).view(h.shape)
             return h + out
 
         h = self.run_layers(byte_states, cross, rows=rows, cache=cache, mask=mask, positions=positions)
@@ -181,17 +183,14 @@ class BLTModel(nn.Module):
             h = h + table(bucket_ids[:, -n_last:])
         return h
 
-    def embed_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Byte + hash n-gram embeddings [B, T, dim] of the bytes at ``positions`` ([B, T]) of the sequences
-        ``ids`` ([B, C]); positions before 0 read as id 0, as the reference pads (the decode session's way:
-        each row of a batch is a chunk of its own sequence)."""
-        context = self.hash_context
-        offsets = torch.arange(-context, 1, device=positions.device)
-        where = positions[..., None] + offsets  # [B, T, context + 1], oldest first
-        b, t, m = where.shape
-        # padding positions of a ragged batch may point past a row's capacity: clamp (never read back)
-        windows = ids.gather(1, where.clamp(0, ids.shape[1] - 1).view(b, t * m)).view(b, t, m).masked_fill(where < 0, 0)
-        h = self.local_encoder.tok_embeddings(windows[..., -1])
+    def embed_at(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Byte + hash n-gram embeddings [N, dim] of the bytes at ``positions`` ([N]) of the sequences in
+        rows ``slots`` ([N]) of ``ids`` ([slots, capacity]); positions before 0 read as id 0, as the
+        reference pads (the decode session's way: packed positions of many sequences at once)."""
+        offsets = torch.arange(-self.hash_context, 1, device=positions.device)
+        where = positions[:, None] + offsets  # [N, context + 1], oldest first
+        windows = ids[slots[:, None], where.clamp_min(0)].masked_fill(where < 0, 0)
+        h = self.local_encoder.tok_embeddings(windows[:, -1])
         tables = hash_table_ids_of_windows(
             windows, self.config.encoder_hash_byte_group_size, self.config.encoder_hash_byte_group_nb_functions,
             self.config.encoder_hash_byte_group_vocab,

@@ -38,7 +38,6 @@ from typing import Callable, Sequence, Union
 
 import attrs
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from blt_decode.cache import KVCache, RowLayout
 from blt_decode.errors import NonFiniteError
@@ -278,25 +277,37 @@ def non_finite(module: str, start: int, end: int) -> NonFiniteError:
     )
 
 
-def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int], window: int | None,
-               device: torch.device, *, bidirectional_from: Sequence[int | None] | None = None,
-               dtype: torch.dtype = torch.float32) -> RowLayout:
-    """The :class:`RowLayout` of a stack call whose row b is ``lengths[b]`` positions of the sequence in
-    cache slot ``slots[b]``, starting at ``starts[b]``.
+class Rows:
+    """Ragged rows of one stack call: row b is ``lengths[b]`` positions of the sequence in cache slot
+    ``slots[b]``, starting at ``starts[b]``; with the packed (slot, position) of every position, row by row."""
+
+    def __init__(self, slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int], device: torch.device):
+        self.slots, self.starts, self.lengths = list(slots), list(starts), list(lengths)
+        self.packed_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], device=device)
+        self.packed_positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)],
+                                             device=device)
+
+    def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's part of packed values [N, ...]."""
+        return packed.split(self.lengths)
+
+
+def row_layout(rows: Rows, window: int | None, device: torch.device, *,
+               bidirectional_from: Sequence[int | None] | None = None, dtype: torch.dtype = torch.float32) -> RowLayout:
+    """The :class:`RowLayout` of a stack call over ``rows``.
 
     Query position q of a row attends to the row's keys j with j <= q and q - j < ``window``; a row
     with ``bidirectional_from[b] = s`` also attends to every key j >= s of the chunk (a diffusion block
-    sees itself both ways). Padding queries (beyond a row's length) attend to key 0 only; their outputs
-    are never read and their keys never written."""
+    sees itself both ways). In the attention grid, the cells past a row's length attend to key 0 only;
+    they are never read."""
+    slots, starts, lengths = rows.slots, rows.starts, rows.lengths
     b, t = len(slots), max(lengths)
     start_t = torch.tensor(starts, device=device)
     length_t = torch.tensor(lengths, device=device)
     offsets = torch.arange(t, device=device)
-    positions = start_t[:, None] + offsets[None, :]
-    valid = offsets[None, :] < length_t[:, None]
+    q = (start_t[:, None] + offsets[None, :])[:, :, None]
     kv_len = max(s + n for s, n in zip(starts, lengths))
     keys = torch.arange(kv_len, device=device)[None, None, :]
-    q = positions[:, :, None]
     mask = keys <= q
     if window is not None:
         mask &= (q - keys) < window
@@ -304,22 +315,20 @@ def row_layout(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[in
         frm = torch.tensor([kv_len if s is None else s for s in bidirectional_from], device=device)
         mask |= keys >= frm[:, None, None]
     mask &= keys < (start_t + length_t)[:, None, None]
-    all_valid = all(n == t for n in lengths)
-    if not all_valid:
-        mask |= ~valid[:, :, None] & (keys == 0)
-    write_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], device=device)
-    write_positions = positions[valid] if not all_valid else positions.reshape(-1)
-    real = None if all_valid else torch.nonzero(valid.reshape(-1))[:, 0]
-    read_slots = None if list(slots) == list(range(b)) else torch.tensor(slots, device=device)
+    grid = None
+    if any(n != t for n in lengths):
+        mask |= (offsets[None, :] >= length_t[:, None])[:, :, None] & (keys == 0)
+        grid = torch.tensor([row * t + j for row, n in enumerate(lengths) for j in range(n)], device=device)
+    read_slots = None if slots == list(range(b)) else torch.tensor(slots, device=device)
     # additive, in the model's dtype: attention would otherwise convert a boolean mask in every layer
     additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-    return RowLayout(positions, additive[:, None], write_slots, write_positions, real, read_slots)
+    return RowLayout(rows.packed_slots, rows.packed_positions, additive[:, None], grid, read_slots)
 
 
 def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -> list[torch.Tensor | BaseException]:
     """Run the calls of several sessions of ``state`` (at most one call per session) as one forward pass
-    per stack. Returns, per call, its logits or the exception that failed it (a failure of one row, such
-    as non-finite values, fails only that row)."""
+    per stack over their packed positions. Returns, per call, its logits or the exception that failed it
+    (a failure of one row, such as non-finite values, fails only that row)."""
     model, runners, device = state.model, state.runners, state.model.device
     out: list[torch.Tensor | BaseException | None] = [None] * len(items)
     appends = [i for i, (_, c) in enumerate(items) if isinstance(c, Append)]
@@ -328,27 +337,26 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     # where each call writes: appends at the committed length, drafts after earlier drafts
     where = {i: items[i][0].length for i in appends}
     where.update({i: items[i][0].length + items[i][0]._draft_length for i in drafts})
-    written = appends + drafts
-    if written:  # every row's new ids in one write
-        slots, starts, lengths = _rows(items, written, where)
-        flat_slots, flat_positions = _flat_index(slots, starts, lengths, device)
-        state.ids[flat_slots, flat_positions] = torch.tensor([i for r in written for i in items[r][1].ids], device=device)
+    if appends or drafts:  # every row's new ids in one write
+        written = _rows(items, appends + drafts, where, device)
+        state.ids[written.packed_slots, written.packed_positions] = torch.tensor(
+            [i for r in appends + drafts for i in items[r][1].ids], device=device)
 
     # 1. patcher: entropies of the new positions decide which patches close
     closed_before = {i: items[i][0].closed_patches for i in appends}
     new_entropies: dict[int, list[float]] = {}
     if appends and model.patcher.uses_entropy:
-        slots, starts, lengths = _rows(items, appends, where)
-        positions = _positions(starts, lengths, device).clamp_max(state.capacity - 1)  # padding stays in range
-        chunk = state.ids[_gather_rows(state, slots)].gather(1, positions)
-        layout = row_layout(slots, starts, lengths, model.config.entropy_model.sliding_window, device, dtype=model.dtype)
-        logits = runners.entropy(chunk, layout, state.entropy_cache)
-        rows = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
-        for b, i in enumerate(appends):
-            new_entropies[i] = rows[b][: lengths[b]]
+        rows = _rows(items, appends, where, device)
+        layout = row_layout(rows, model.config.entropy_model.sliding_window, device, dtype=model.dtype)
+        logits = runners.entropy(state.ids[rows.packed_slots, rows.packed_positions], layout, state.entropy_cache)
+        flat = entropy_of_logits(logits).tolist()  # the one host sync of the patcher, for every row at once
+        offset = 0
+        for i, n in zip(appends, rows.lengths):
+            new_entropies[i] = flat[offset : offset + n]
+            offset += n
             items[i][0].stats.add(patcher=1)
             if not all(map(math.isfinite, new_entropies[i])):
-                out[i] = non_finite("entropy model (patcher)", starts[b], starts[b] + lengths[b])
+                out[i] = non_finite("entropy model (patcher)", where[i], where[i] + n)
     for i in appends:
         s, c = items[i]
         n, t = s.length, len(c.ids)
@@ -358,21 +366,19 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
             s.starts = [0]
         model.patcher.extend_starts(s.starts, n, new_entropies.get(i), n + t)
 
-    # 2. encoder over committed and drafted bytes
+    # 2. encoder over committed and drafted bytes (committed rows first: their states are a prefix)
     encoded = [i for i in appends + drafts if out[i] is None]
     states = None
     if encoded:
-        slots, starts, lengths = _rows(items, encoded, where)
-        positions = _positions(starts, lengths, device)
-        embeds = model.embed_at(state.ids[_gather_rows(state, slots)], positions)
-        layout = row_layout(slots, starts, lengths, model.config.encoder.sliding_window, device, dtype=model.dtype)
+        rows = _rows(items, encoded, where, device)
+        embeds = model.embed_at(state.ids, rows.packed_slots, rows.packed_positions)
+        layout = row_layout(rows, model.config.encoder.sliding_window, device, dtype=model.dtype)
         states = runners.encoder(embeds, layout, state.encoder_cache)
         for i in encoded:
             items[i][0].stats.add(encoder=1)
-        kept = [b for b, i in enumerate(encoded) if i in closed_before]  # drafts' states are scratch
+        kept = sum(n for i, n in zip(encoded, rows.lengths) if i in closed_before)  # drafts' states are scratch
         if kept:
-            _scatter(state.byte_states, states, [slots[b] for b in kept], [starts[b] for b in kept],
-                     [lengths[b] for b in kept], kept)
+            state.byte_states[rows.packed_slots[:kept], rows.packed_positions[:kept]] = states[:kept]
 
     # 3. global model for the rows whose chunk closed patches
     closing = [i for i in appends if out[i] is None and items[i][0].closed_patches > closed_before[i]]
@@ -385,69 +391,33 @@ def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -
     return out  # type: ignore[return-value]
 
 
-def _rows(items, indices, where) -> tuple[list[int], list[int], list[int]]:
-    slots = [items[i][0].slot for i in indices]
-    starts = [where[i] for i in indices]
-    lengths = [len(items[i][1].ids) for i in indices]
-    return slots, starts, lengths
-
-
-def _flat_index(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot, position) of every real position of ragged rows, flattened row by row."""
-    return (torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)], device=device),
-            torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)], device=device))
-
-
-def _scatter(buffer: torch.Tensor, rows: torch.Tensor, slots: Sequence[int], starts: Sequence[int],
-             lengths: Sequence[int], which: Sequence[int]) -> None:
-    """Write rows ``which`` of a padded batch ``rows`` [B, T, ...] (their first ``lengths`` positions) into
-    ``buffer`` [slots, capacity, ...] at ``starts`` of their ``slots``: one indexed write for all rows."""
-    which = list(which)
-    t = rows.shape[1]
-    if len(which) == 1:  # a lone row: a plain slice copy
-        buffer[slots[0], starts[0] : starts[0] + lengths[0]] = rows[which[0], : lengths[0]]
-        return
-    flat_slots, flat_positions = _flat_index(slots, starts, lengths, buffer.device)
-    source = torch.tensor([b * t + j for b, n in zip(which, lengths) for j in range(n)], device=buffer.device)
-    buffer[flat_slots, flat_positions] = rows.reshape(-1, *rows.shape[2:]).index_select(0, source)
-
-
-def _positions(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
-    t = max(lengths)
-    return torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)[None, :]
-
-
-def _gather_rows(state: DecodeState, slots: Sequence[int]) -> slice | torch.Tensor:
-    """Index of the state rows of ``slots``: a slice (a view, no copy) when they are 0..B-1."""
-    if list(slots) == list(range(len(slots))):
-        return slice(0, len(slots))
-    return torch.tensor(slots, device=state.ids.device)
+def _rows(items, indices: Sequence[int], where: dict[int, int], device: torch.device) -> Rows:
+    return Rows([items[i][0].slot for i in indices], [where[i] for i in indices],
+                [len(items[i][1].ids) for i in indices], device)
 
 
 def _global_pass(state: DecodeState, items, closing: list[int], closed_before: dict[int, int],
                  new_entropies: dict[int, list[float]]) -> None:
     model, device = state.model, state.model.device
-    spans = [(b, items[i][0].slot, s, e) for b, i in enumerate(closing)
+    spans = [(items[i][0].slot, s, e) for i in closing
              for s, e in zip(items[i][0].starts[closed_before[i]:], items[i][0].starts[closed_before[i] + 1:])]
-    longest = max(e - s for _, _, s, e in spans)
+    longest = max(e - s for _, s, e in spans)
     offsets = torch.arange(longest, device=device)
-    span_start = torch.tensor([s for _, _, s, _ in spans], device=device)
-    span_len = torch.tensor([e - s for _, _, s, e in spans], device=device)
+    span_start = torch.tensor([s for _, s, _ in spans], device=device)
+    span_len = torch.tensor([e - s for _, s, e in spans], device=device)
     mask = offsets[None, :] < span_len[:, None]
-    slot_index = torch.tensor([slot for _, slot, _, _ in spans], device=device)[:, None].expand(-1, longest)
+    slot_index = torch.tensor([slot for slot, _, _ in spans], device=device)[:, None].expand(-1, longest)
     position_index = torch.where(mask, span_start[:, None] + offsets[None, :], 0)
+    # patch vectors of every closing row, packed row by row (a row's new patches are consecutive spans)
     vectors = model.local_encoder.summarize(state.byte_states[slot_index, position_index], mask)
     counts = [items[i][0].closed_patches - closed_before[i] for i in closing]
-    per_row = pad_sequence(list(vectors.split(counts)), batch_first=True)
-    slots = [items[i][0].slot for i in closing]
-    starts = [closed_before[i] for i in closing]
-    layout = row_layout(slots, starts, counts, model.config.global_.sliding_window, device, dtype=model.dtype)
-    latents = state.runners.global_(per_row, layout, state.global_cache)
-    _scatter(state.latents, latents, slots, starts, counts, range(len(closing)))
-    for b, i in enumerate(closing):
+    rows = Rows([items[i][0].slot for i in closing], [closed_before[i] for i in closing], counts, device)
+    layout = row_layout(rows, model.config.global_.sliding_window, device, dtype=model.dtype)
+    latents = state.runners.global_(vectors, layout, state.global_cache)
+    state.latents[rows.packed_slots, rows.packed_positions] = latents
+    for i, count in zip(closing, counts):
         s = items[i][0]
-        first, count = closed_before[i], counts[b]
+        first = closed_before[i]
         s.stats.add(global_=1)
         if s.trace is not None:
             entropies = s.entropies
@@ -461,51 +431,44 @@ def _decoder_pass(state: DecodeState, items, encoded: list[int], denoises: list[
                   where: dict[int, int], out: list) -> None:
     model, device = state.model, state.model.device
     order = encoded + denoises
-    slots = [items[i][0].slot for i in order]
-    starts, lengths, latent_rows, bidirectional = [], [], [], []
+    starts, lengths, latent_index_flat, bidirectional = [], [], [], []
     for i in encoded:
         s, c = items[i]
         starts.append(where[i])
         lengths.append(len(c.ids))
         if isinstance(c, Append):  # each position reads the latent of the patch before its next byte's patch
-            latent_rows.append([latent_index(s.starts, p) for p in range(where[i], where[i] + len(c.ids))])
+            latent_index_flat += [latent_index(s.starts, p) for p in range(where[i], where[i] + len(c.ids))]
         else:  # drafts read the last available latent, wherever a patch would close
-            latent_rows.append([s.closed_patches - 1] * len(c.ids))
+            latent_index_flat += [s.closed_patches - 1] * len(c.ids)
         bidirectional.append(None)
     for i in denoises:
         s, c = items[i]
         starts.append(s.length)
         lengths.append(len(c.block))
-        latent_rows.append([block_latent_index(s.starts, s.length)] * len(c.block))
+        latent_index_flat += [block_latent_index(s.starts, s.length)] * len(c.block)
         bidirectional.append(s.length)
-    t = max(lengths)
-    inputs = []
-    if encoded:
-        inputs.append(states if states.shape[1] == t else torch.nn.functional.pad(states, (0, 0, 0, t - states.shape[1])))
-    if denoises:
-        blocks = pad_sequence([torch.tensor(items[i][1].block, device=device) for i in denoises], batch_first=True)
-        embedded = model.local_encoder.tok_embeddings(blocks)
-        inputs.append(embedded if embedded.shape[1] == t else torch.nn.functional.pad(embedded, (0, 0, 0, t - embedded.shape[1])))
+    rows = Rows([items[i][0].slot for i in order], starts, lengths, device)
+    inputs = [states] if encoded else []
+    if denoises:  # a block enters through the byte embedding only
+        blocks = torch.tensor([x for i in denoises for x in items[i][1].block], device=device)
+        inputs.append(model.local_encoder.tok_embeddings(blocks))
     x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-    latent_index_t = torch.tensor([row + [0] * (t - len(row)) for row in latent_rows], device=device)
-    slot_t = torch.tensor(slots, device=device)[:, None].expand(-1, t)
-    latents = state.latents[slot_t, latent_index_t]
-    layout = row_layout(slots, starts, lengths, model.config.decoder.sliding_window, device,
+    latents = state.latents[rows.packed_slots, torch.tensor(latent_index_flat, device=device)]
+    layout = row_layout(rows, model.config.decoder.sliding_window, device,
                         bidirectional_from=bidirectional if denoises else None, dtype=model.dtype)
     logits = state.runners.decoder(x, latents, layout, state.decoder_cache)
-    real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    finite = (torch.isfinite(logits).all(-1) | ~real).all(1).tolist()  # one host sync for every row
-    committed = [b for b, i in enumerate(order) if isinstance(items[i][1], Append) and finite[b]]
-    if committed:
-        _scatter(state.logits, logits, [slots[b] for b in committed], [starts[b] for b in committed],
-                 [lengths[b] for b in committed], committed)
-    for b, i in enumerate(order):
+    finite = torch.isfinite(logits).all(-1).tolist()  # one host sync for every row
+    committed = sum(n for i, n in zip(order, lengths) if isinstance(items[i][1], Append))
+    if committed:  # appends come first: their logits are a prefix
+        state.logits[rows.packed_slots[:committed], rows.packed_positions[:committed]] = logits[:committed]
+    offset = 0
+    for i, n, row, x_row, latent_row in zip(order, lengths, rows.split(logits), rows.split(x), rows.split(latents)):
         s, c = items[i]
-        n = lengths[b]
-        row = logits[b, :n]
+        ok = all(finite[offset : offset + n])
+        offset += n
         s.stats.add(decoder=1)
-        if not finite[b]:
-            out[i] = _diagnose(s, x[b, :n], latents[b, :n], starts[b], n)
+        if not ok:
+            out[i] = _diagnose(s, x_row, latent_row, where.get(i, s.length), n)
             continue
         if isinstance(c, Append):
             s.length = where[i] + n
