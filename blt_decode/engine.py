@@ -34,6 +34,7 @@ import torch
 
 from blt_decode import plugins
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
+from blt_decode.cache import RowLayout
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
@@ -92,9 +93,10 @@ class _Counter:
         self.name, self.fn, self.tally = name, fn, tally
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        layout = next(a for a in args if isinstance(a, RowLayout))
         calls_rows = self.tally[self.name]
         calls_rows[0] += 1
-        calls_rows[1] += x.shape[0]
+        calls_rows[1] += layout.mask.shape[0]  # rows (requests), not the packed positions of x
         return self.fn(x, *args, **kwargs)
 
 
