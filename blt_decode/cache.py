@@ -14,31 +14,21 @@ from typing import NamedTuple
 import torch
 
 
-class RowLayout(NamedTuple):
-    """Where the positions of one batched stack call sit in their sequences and in the cache.
+class AttentionGroup(NamedTuple):
+    """Rows of similar length whose attention runs as one [rows, T] grid (see :class:`RowLayout`)."""
 
-    A call carries N positions *packed* one row after another (row b holds ``lengths[b]`` consecutive
-    positions of the sequence in one cache slot): every linear layer runs over the N real positions, with
-    no padding, however ragged the rows are (a 9-byte verification beside one-byte steps). Attention is
-    the one place rows meet their own cache: it unpacks queries into a [B, T] grid (T the longest row),
-    reads each row's keys, and packs the result again. Built by :func:`blt_decode.session.row_layout`;
-    every layer of the stack uses the same layout.
-    """
-
-    #: [N] cache slot and [N] position (in its sequence: the rotary position and the cache index) of each
-    #: packed position; its keys and values are written there
-    slots: torch.Tensor
-    positions: torch.Tensor
+    #: [n] indices of the group's positions among the call's packed positions; None: all of them, in order
+    members: torch.Tensor | None
     #: [B, 1, T, L] additive attention mask in the model's dtype: 0 where query (b, t) may attend to cache
     #: position j < L of its row's slot, -inf elsewhere (built once per stack call, not once per layer)
     mask: torch.Tensor
-    #: [N] index of each packed position in the [B * T] grid; None when every row has T positions
+    #: [n] index of each of the group's positions in its [B * T] grid; None when every row has T positions
     grid: torch.Tensor | None
     #: [B] slot each row reads; None when the rows are slots 0..B-1 (read as a view, no gather)
     read_slots: torch.Tensor | None
 
     def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
-        """[N, ...] packed values as a [B, T, ...] grid (zeros where a row is shorter than T)."""
+        """The group's [n, ...] packed values as a [B, T, ...] grid (zeros where a row is shorter than T)."""
         b, t = self.mask.shape[0], self.mask.shape[2]
         if self.grid is None:
             return packed.view(b, t, *packed.shape[1:])
@@ -46,9 +36,29 @@ class RowLayout(NamedTuple):
         return grid.view(b, t, *packed.shape[1:])
 
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] grid values back to the [N, ...] packed positions."""
+        """[B, T, ...] grid values back to the group's [n, ...] packed positions."""
         flat = grid.reshape(-1, *grid.shape[2:])
         return flat if self.grid is None else flat.index_select(0, self.grid)
+
+
+class RowLayout(NamedTuple):
+    """Where the positions of one batched stack call sit in their sequences and in the cache.
+
+    A call carries N positions *packed* one row after another (row b holds ``lengths[b]`` consecutive
+    positions of the sequence in one cache slot): every linear layer runs over the N real positions, with
+    no padding, however ragged the rows are (a 9-byte verification beside one-byte steps). Attention is
+    the one place rows meet their own cache: it lays each group of rows of similar length out as a grid,
+    reads each row's keys, and packs the result again; grouping keeps a prompt's prefill from padding
+    the attention of one-byte steps to its length. Built by :func:`blt_decode.session.row_layout`; every
+    layer of the stack uses the same layout.
+    """
+
+    #: [N] cache slot and [N] position (in its sequence: the rotary position and the cache index) of each
+    #: packed position; its keys and values are written there
+    slots: torch.Tensor
+    positions: torch.Tensor
+    #: attention groups (one in the common case of rows of similar length)
+    groups: tuple[AttentionGroup, ...]
 
 
 class KVCache:
@@ -62,15 +72,17 @@ class KVCache:
         self.capacity = capacity
         self.slots = slots
 
-    def write(self, layer: int, rows: RowLayout, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the packed ``keys``/``values`` ([N, heads, head_dim]) at their rows' slots and positions and
-        return every row's entries up to the layout's key length L ([B, heads, L, head_dim] each)."""
+    def write(self, layer: int, rows: RowLayout, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the packed ``keys``/``values`` ([N, heads, head_dim]) at their rows' slots and positions."""
         # advanced indices on dims 0 and 2 around a slice: the indexed view is [N, heads, head_dim]
         self.keys[layer][rows.slots, :, rows.positions] = keys
         self.values[layer][rows.slots, :, rows.positions] = values
-        length, b = rows.mask.shape[-1], rows.mask.shape[0]
-        if rows.read_slots is None:
+
+    def read(self, layer: int, group: AttentionGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's entries of a group up to its key length L ([B, heads, L, head_dim] each)."""
+        length, b = group.mask.shape[-1], group.mask.shape[0]
+        if group.read_slots is None:
             return self.keys[layer, :b, :, :length], self.values[layer, :b, :, :length]
         # slice to the keys in use first: an index with a trailing slice would gather the whole capacity
-        return (self.keys[layer, :, :, :length].index_select(0, rows.read_slots),
-                self.values[layer, :, :, :length].index_select(0, rows.read_slots))
+        return (self.keys[layer, :, :, :length].index_select(0, group.read_slots),
+                self.values[layer, :, :, :length].index_select(0, group.read_slots))

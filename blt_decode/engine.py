@@ -96,7 +96,7 @@ class _Counter:
         layout = next(a for a in args if isinstance(a, RowLayout))
         calls_rows = self.tally[self.name]
         calls_rows[0] += 1
-        calls_rows[1] += layout.mask.shape[0]  # rows (requests), not the packed positions of x
+        calls_rows[1] += sum(g.mask.shape[0] for g in layout.groups)  # rows (requests), not x's positions
         return self.fn(x, *args, **kwargs)
 
 

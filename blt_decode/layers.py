@@ -83,10 +83,19 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), *rope)
         k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), *rope)
         v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
-        keys, values = self._repeat_kv(*cache.write(layer, rows, k, v))
-        # only attention needs the rows as a grid; the projections above and below run packed
-        out = F.scaled_dot_product_attention(rows.to_grid(q).transpose(1, 2), keys, values, attn_mask=rows.mask)
-        return self.wo(rows.from_grid(out.transpose(1, 2)).reshape(n, -1))
+        cache.write(layer, rows, k, v)
+        # only attention needs the rows as grids; the projections above and below run packed
+        out = None
+        for group in rows.groups:
+            keys, values = self._repeat_kv(*cache.read(layer, group))
+            grid_q = group.to_grid(q if group.members is None else q.index_select(0, group.members))
+            o = group.from_grid(F.scaled_dot_product_attention(grid_q.transpose(1, 2), keys, values,
+                                                               attn_mask=group.mask).transpose(1, 2))
+            if group.members is None:
+                out = o
+            else:
+                out = (q.new_empty(q.shape) if out is None else out).index_copy_(0, group.members, o)
+        return self.wo(out.reshape(n, -1))
 
     def _repeat_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n_kv_heads == self.n_heads:
@@ -147,7 +156,7 @@ class TransformerStack(nn.Module):
         """
         if rows is not None:  # packed positions [N, dim]: rotary tables [N, 1, head_dim/2] broadcast over heads
             cos, sin = rope_tables(rows.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-            rope, mask = (cos[:, None], sin[:, None]), rows.mask
+            rope, mask = (cos[:, None], sin[:, None]), None  # each attention group carries its own mask
         else:
             b, t = x.shape[:2]
             if mask is None:

@@ -39,7 +39,7 @@ from typing import Callable, Sequence, Union
 import attrs
 import torch
 
-from blt_decode.cache import KVCache, RowLayout
+from blt_decode.cache import AttentionGroup, KVCache, RowLayout
 from blt_decode.errors import NonFiniteError
 from blt_decode.model import BLTModel, ParamCounts, block_latent_index, latent_index
 from blt_decode.patcher import entropy_of_logits
@@ -292,15 +292,38 @@ class Rows:
         return packed.split(self.lengths)
 
 
+#: attention groups by row length: rows of up to 16 positions (steps, drafts, verifications), up to 64
+#: (diffusion blocks, long verifications), and longer ones (prompt prefills)
+GROUP_LIMITS = (16, 64)
+
+
 def row_layout(rows: Rows, window: int | None, device: torch.device, *,
                bidirectional_from: Sequence[int | None] | None = None, dtype: torch.dtype = torch.float32) -> RowLayout:
     """The :class:`RowLayout` of a stack call over ``rows``.
 
     Query position q of a row attends to the row's keys j with j <= q and q - j < ``window``; a row
     with ``bidirectional_from[b] = s`` also attends to every key j >= s of the chunk (a diffusion block
-    sees itself both ways). In the attention grid, the cells past a row's length attend to key 0 only;
-    they are never read."""
-    slots, starts, lengths = rows.slots, rows.starts, rows.lengths
+    sees itself both ways). Rows are grouped by length (:data:`GROUP_LIMITS`) for attention, each group
+    one grid; in a grid, the cells past a row's length attend to key 0 only and are never read."""
+    lengths = rows.lengths
+    bidirectional = list(bidirectional_from) if bidirectional_from is not None else [None] * len(lengths)
+    bucket = [sum(n > limit for limit in GROUP_LIMITS) for n in lengths]
+    first = [sum(lengths[:b]) for b in range(len(lengths))]
+    groups = []
+    for kind in sorted(set(bucket)):
+        members = [b for b in range(len(lengths)) if bucket[b] == kind]
+        group = _attention_group([rows.slots[b] for b in members], [rows.starts[b] for b in members],
+                                 [lengths[b] for b in members], window, [bidirectional[b] for b in members],
+                                 device, dtype)
+        if len(set(bucket)) > 1:
+            packed = torch.tensor([first[b] + j for b in members for j in range(lengths[b])], device=device)
+            group = group._replace(members=packed)
+        groups.append(group)
+    return RowLayout(rows.packed_slots, rows.packed_positions, tuple(groups))
+
+
+def _attention_group(slots: list[int], starts: list[int], lengths: list[int], window: int | None,
+                     bidirectional_from: list[int | None], device: torch.device, dtype: torch.dtype) -> AttentionGroup:
     b, t = len(slots), max(lengths)
     start_t = torch.tensor(starts, device=device)
     length_t = torch.tensor(lengths, device=device)
@@ -311,7 +334,7 @@ def row_layout(rows: Rows, window: int | None, device: torch.device, *,
     mask = keys <= q
     if window is not None:
         mask &= (q - keys) < window
-    if bidirectional_from is not None and any(s is not None for s in bidirectional_from):
+    if any(s is not None for s in bidirectional_from):
         frm = torch.tensor([kv_len if s is None else s for s in bidirectional_from], device=device)
         mask |= keys >= frm[:, None, None]
     mask &= keys < (start_t + length_t)[:, None, None]
@@ -322,7 +345,7 @@ def row_layout(rows: Rows, window: int | None, device: torch.device, *,
     read_slots = None if slots == list(range(b)) else torch.tensor(slots, device=device)
     # additive, in the model's dtype: attention would otherwise convert a boolean mask in every layer
     additive = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-    return RowLayout(rows.packed_slots, rows.packed_positions, additive[:, None], grid, read_slots)
+    return AttentionGroup(None, additive[:, None], grid, read_slots)
 
 
 def run_calls(state: DecodeState, items: Sequence[tuple[DecodeSession, Call]]) -> list[torch.Tensor | BaseException]:
