@@ -33,8 +33,8 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.cache import RowLayout
+from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
@@ -161,6 +161,7 @@ class EngineStream:
             yield chunk
 
     def text(self) -> Iterator[str]:
+        """The output as text, chunk by chunk, never splitting a UTF-8 character (as :meth:`Stream.text`)."""
         return utf8_text(iter(self))
 
     def result(self) -> Generation:
