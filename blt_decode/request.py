@@ -57,17 +57,11 @@ class PreparedRequest:
 
 
 def prompt_bytes(prompt: Any) -> bytes:
-    """A prompt as bytes (str as UTF-8), or :class:`InvalidRequestError`."""
-    if isinstance(prompt, str):
-        try:
-            return prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                f"prompt is a str that is not valid Unicode ({exc.reason} at index {exc.start}); pass the raw bytes instead"
-            ) from None
-    if isinstance(prompt, (bytes, bytearray, memoryview)):
-        return bytes(prompt)
-    raise InvalidRequestError(f"prompt must be str or bytes, got {type(prompt).__name__}")
+    """A prompt as bytes (str as UTF-8), or :class:`InvalidRequestError` naming the prompt."""
+    try:
+        return tokenizer.to_bytes(prompt)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"prompt: {exc}") from None
 
 
 def stop_sequences(stop: Any) -> tuple[bytes, ...]:
@@ -80,7 +74,7 @@ def stop_sequences(stop: Any) -> tuple[bytes, ...]:
     for s in stop:
         if not isinstance(s, (str, bytes, bytearray)):
             raise InvalidRequestError(f"each stop sequence must be str or bytes, got {type(s).__name__}: {s!r}")
-        data = prompt_bytes(s)
+        data = tokenizer.to_bytes(s)
         if not data:
             raise InvalidRequestError("stop sequences must not be empty")
         out.append(data)

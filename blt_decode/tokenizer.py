@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from blt_decode.errors import InvalidRequestError
+
 BOE_ID = 0  #: beginning of entity (unused by generation, kept for checkpoint compatibility)
 BOS_ID = 1  #: beginning of sequence; every sequence the model sees starts with it
 EOS_ID = 2  #: end of sequence; generation stops when it is produced
@@ -18,12 +20,18 @@ SPECIAL_NAMES = {BOE_ID: "<boe>", BOS_ID: "<bos>", EOS_ID: "<eos>", PAD_ID: "<pa
 
 
 def to_bytes(text: str | bytes | bytearray) -> bytes:
-    """A prompt as bytes: ``str`` is encoded as UTF-8, bytes pass through."""
+    """Text as bytes: ``str`` is encoded as UTF-8, bytes pass through; anything else, or a ``str`` that is
+    not valid Unicode (a lone surrogate), is an :class:`~blt_decode.errors.InvalidRequestError`."""
     if isinstance(text, str):
-        return text.encode("utf-8")
-    if isinstance(text, (bytes, bytearray)):
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"a str that is not valid Unicode ({exc.reason} at index {exc.start}); pass the raw bytes instead"
+            ) from None
+    if isinstance(text, (bytes, bytearray, memoryview)):
         return bytes(text)
-    raise TypeError(f"expected str or bytes, got {type(text).__name__}")
+    raise InvalidRequestError(f"expected str or bytes, got {type(text).__name__}")
 
 
 def encode(text: str | bytes | bytearray, *, add_bos: bool = True) -> list[int]:
