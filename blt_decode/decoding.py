@@ -152,6 +152,8 @@ def decode_request(request: PreparedRequest, session: Any, committer: Committer)
     chunk. The strategy's generator is always closed. Used by :class:`blt_decode.Stream` (one sequence)
     and by the engine (each request in its own greenlet)."""
     context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
+    if hasattr(session, "strategy_name"):  # a third-party backend's session may not name strategies
+        session.strategy_name = request.strategy.name
     decoder = None if committer.done else request.strategy.decode(session, context, request.options)
     try:
         while not committer.done:

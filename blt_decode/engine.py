@@ -152,7 +152,10 @@ class EngineStream:
                         raise self.error
                     return None
                 if engine._thread is not None:
-                    engine._wake.wait()
+                    # a timeout, so that a thread that has died unexpectedly is noticed
+                    engine._wake.wait(timeout=1.0)
+                    if engine._thread is not None and not engine._thread.is_alive() and not self._done:
+                        raise EngineError("the engine's background thread is gone; this request cannot finish")
                     continue
             engine.step()
 
@@ -196,6 +199,9 @@ class Engine:
                  max_capacity: int | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if max_capacity is not None and (isinstance(max_capacity, bool) or not isinstance(max_capacity, int)
+                                         or max_capacity < 1):
+            raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
         self.backend = plugins.get_backend(backend)
         if not callable(getattr(self.backend, "runners", None)):
@@ -213,7 +219,7 @@ class Engine:
         )
         self.max_batch = max_batch
         lookahead_room = 2 * 64 + 2  # the built-in strategies' largest scratch room, for the default cap
-        self.max_capacity = max_capacity or self.model.config.max_seqlen + lookahead_room
+        self.max_capacity = self.model.config.max_seqlen + lookahead_room if max_capacity is None else max_capacity
         self.state: DecodeState | None = None
         self._waiting: collections.deque[EngineStream] = collections.deque()
         self._live: dict[int, _Live] = {}
@@ -287,13 +293,24 @@ class Engine:
 
     def step(self) -> None:
         """One engine step: admit, advance every live request to its next primitive call, run the calls
-        batched, retire finished requests."""
+        batched, retire finished requests. Only the background thread steps an engine that was started."""
+        self._check_foreground()
+        self._step(admit=True)
+
+    def _check_foreground(self) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            raise EngineError("this engine is stepped by its background thread (Engine.start()); "
+                              "iterate its streams instead of calling step() or run_until_idle()")
+
+    def _step(self, admit: bool) -> None:
         with self._lock:
             started = time.perf_counter()
             grad = torch.is_grad_enabled()
             try:
                 with torch.no_grad():
-                    self._admit()
+                    if admit:
+                        self._admit()
                     self._advance()
                     self._run_pending()
             finally:
@@ -307,6 +324,7 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Step until every submitted request has ended (driving the engine in this thread)."""
+        self._check_foreground()
         while not self.idle:
             self.step()
 
@@ -366,8 +384,10 @@ class Engine:
                     stream._notify(fresh)
         except greenlet.GreenletExit:
             error = CancelledError("request cancelled")
-        except BaseException as exc:  # a strategy's failure fails only its own request
+        except Exception as exc:  # a strategy's failure fails only its own request
             error = exc
+        # KeyboardInterrupt, SystemExit and the like are not the request's failure: they leave this
+        # greenlet and step() (see _advance), stopping whoever drives the engine
         self._finish(stream, session, error)
         live.finished = True
 
@@ -399,7 +419,12 @@ class Engine:
                 continue
             if live.call is not None or live.finished:
                 continue
-            value = live.glet.switch(live) if not live.started else live.glet.switch(live.result)
+            try:
+                value = live.glet.switch(live) if not live.started else live.glet.switch(live.result)
+            except BaseException as exc:  # an interrupt raised inside a strategy: end its request, pass it on
+                self._finish(live.stream, live.session, exc)
+                live.finished = True
+                raise
             live.started = True
             live.result = None
             live.call = None if live.finished else value
@@ -431,32 +456,61 @@ class Engine:
 
     # -- background stepping (servers) -----------------------------------------------------------------
     def start(self) -> "Engine":
-        """Step in a background thread while there is work; streams then wait instead of stepping."""
+        """Step in a background thread while there is work; streams then wait instead of stepping.
+
+        A request's strategy runs in a greenlet bound to the thread that admitted it, so an engine with
+        requests in its slots (stepped in the foreground) cannot be started: finish them first."""
         with self._lock:
             if self._thread is None:
+                if self._live:
+                    raise EngineError(f"cannot start an engine with {len(self._live)} request(s) in its slots "
+                                      "stepped by this thread; run_until_idle() first, or start() before submitting")
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="blt-decode-engine", daemon=True)
                 self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop the background thread (requests still queued stay queued)."""
+        """Stop the background thread. Requests holding a slot are finished first (their greenlets
+        belong to that thread); requests still waiting for a slot stay queued, and iterating them then
+        drives the engine in the consumer's thread."""
         thread, self._stopping = self._thread, True
         self._work.set()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._lock:
             self._thread = None
             self._wake.notify_all()
 
     def _loop(self) -> None:
-        while not self._stopping:
-            if self.idle:
-                # a submit between the check and the wait has set the event: the wait returns at once
-                self._work.wait()
-                self._work.clear()
-                continue
-            self.step()
+        try:
+            while not (self._stopping and not self._live):
+                if self.idle:
+                    # a submit between the check and the wait has set the event: the wait returns at once
+                    self._work.wait()
+                    self._work.clear()
+                    continue
+                self._step(admit=not self._stopping)
+        except BaseException as exc:  # noqa: BLE001 - the thread must never die leaving streams waiting
+            self._crashed(exc)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """The background thread failed outside any one request: fail every request it held or queued
+        (their waiters wake up with the error) and leave the engine stopped."""
+        error = EngineError(f"the engine's background thread failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        with self._lock:
+            with self._queue_lock:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for stream in waiting:
+                self._finish(stream, None, error)
+            for live in self._live.values():
+                if not live.finished:
+                    self._finish(live.stream, live.session, error)
+                    live.finished = True
+            self._live.clear()
+            self._thread = None
+            self._wake.notify_all()
 
     def __enter__(self) -> "Engine":
         return self

@@ -40,7 +40,7 @@ import attrs
 import torch
 
 from blt_decode.cache import AttentionGroup, KVCache, RowLayout
-from blt_decode.errors import NonFiniteError
+from blt_decode.errors import NonFiniteError, StrategyError
 from blt_decode.model import BLTModel, ParamCounts, block_latent_index, latent_index
 from blt_decode.patcher import entropy_of_logits
 from blt_decode.stats import StatsRecorder
@@ -148,6 +148,8 @@ class DecodeSession:
         self._param_counts: ParamCounts | None = None
         self.stats = StatsRecorder()
         self.trace: Trace | None = None  # attached by generate(..., trace=True)
+        #: the strategy decoding with this session (set by the framework), named in protocol errors
+        self.strategy_name: str | None = None
 
     def emit(self, event: object) -> None:
         """Record a trace event (a no-op unless tracing is on)."""
@@ -182,6 +184,19 @@ class DecodeSession:
     def token_ids(self) -> list[int]:
         return self.state.ids[self.slot, : self.length].tolist()
 
+    def _token_ids(self, ids: Sequence[int], primitive: str) -> tuple[int, ...]:
+        """``ids`` as a tuple of ints in the model's vocabulary. Checked here, before the call joins a
+        batch: an out-of-range id would otherwise fail the batched pass of every request in it."""
+        ids = tuple(int(i) for i in ids)
+        if not ids:
+            raise ValueError(f"{primitive} needs at least one id")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(i for i in ids if not 0 <= i < vocab)
+            who = f"strategy {self.strategy_name!r}" if self.strategy_name else "the caller"
+            raise StrategyError(f"{who} passed id {bad} to session.{primitive}; token ids are 0..{vocab - 1}")
+        return ids
+
     def _check_room(self, end: int) -> None:
         if end > self.capacity:
             raise RuntimeError(f"decode session capacity {self.capacity} exceeded (position {end})")
@@ -197,9 +212,7 @@ class DecodeSession:
     @torch.no_grad()
     def append(self, ids: Sequence[int]) -> torch.Tensor:
         """Commit ``ids`` after the current sequence; returns their next-byte logits [len(ids), vocab]."""
-        ids = tuple(int(i) for i in ids)
-        if not ids:
-            raise ValueError("append needs at least one id")
+        ids = self._token_ids(ids, "append")
         self._check_room(self.length + len(ids))
         return self.executor(self, Append(ids))
 
@@ -214,9 +227,7 @@ class DecodeSession:
     def draft(self, ids: Sequence[int]) -> torch.Tensor:
         """Decoder-only logits for ids placed after the committed sequence and earlier drafts, reading
         the last available latent (no patcher, no global model). Returns logits [len(ids), vocab]."""
-        ids = tuple(int(i) for i in ids)
-        if not ids:
-            raise ValueError("draft needs at least one id")
+        ids = self._token_ids(ids, "draft")
         if self.closed_patches == 0:
             raise RuntimeError("draft needs at least one closed patch: prefill first")
         self._check_room(self.length + self._draft_length + len(ids))
@@ -232,9 +243,7 @@ class DecodeSession:
         (sliding window) and bidirectionally to itself, and cross-attends to the latent clean position
         length-1 reads. Its keys go to scratch cache slots past the committed length, which the next
         append overwrites. Counts one decoder pass."""
-        block = tuple(int(i) for i in block_ids)
-        if not block:
-            raise ValueError("denoise needs at least one block position")
+        block = self._token_ids(block_ids, "denoise")
         if self.length == 0:
             raise RuntimeError("denoise needs a committed prefix: prefill first")
         self._check_room(self.length + len(block))

@@ -88,12 +88,16 @@ def test_bad_requests_fail_before_anything_runs():
         bd.generate_many(model, [b"x" * model.config.max_seqlen])
     with pytest.raises(EngineError, match="max_batch"):
         Engine(model, max_batch=0)
+    for bad in ("big", -1, 0, True):
+        with pytest.raises(EngineError, match="max_capacity must be an integer >= 1"):
+            Engine(model, max_capacity=bad)
 
 
 # -- failures stay with their request ------------------------------------------------------------------
 @attrs.frozen
 class _FailOpts:
     after: int = 3
+    how: str = "raise"  # "raise": a RuntimeError; "bad-id": an out-of-range id; "interrupt": KeyboardInterrupt
 
 
 class _FailingStrategy:
@@ -108,6 +112,10 @@ class _FailingStrategy:
             token = int(logits.argmax())
             yield [token]
             logits = session.append([token])[-1]
+        if options.how == "bad-id":
+            session.append([9999])
+        if options.how == "interrupt":
+            raise KeyboardInterrupt
         raise RuntimeError("this strategy broke on purpose")
 
 
@@ -137,6 +145,69 @@ def test_a_raising_strategy_fails_only_its_own_request(failing_strategy):
     for s, p in zip(good + [late], (b"one", b"two", b"four")):
         opts = {"strategy": "blt-s", "k": 3} if p == b"four" else {}
         assert s.result().output == bd.generate(model, p, max_new_bytes=20, **opts).output
+
+
+def test_an_out_of_range_id_fails_only_the_strategy_that_passed_it(failing_strategy):
+    """Ids are checked before a call joins the batch: the batched pass of the others never sees them."""
+    model = bd.random_model("tiny", 4, dtype=torch.float64)
+    engine = Engine(model, max_batch=3)
+    good = [engine.submit(p, max_new_bytes=20) for p in (b"one", b"two")]
+    bad = engine.submit(b"three", strategy=failing_strategy, how="bad-id")
+    engine.run_until_idle()
+    with pytest.raises(bd.StrategyError, match=r"strategy 'fails-midway' passed id 9999 to session.append; token ids are 0\.\.259"):
+        bad.result()
+    for s, p in zip(good, (b"one", b"two")):
+        assert s.result().output == bd.generate(model, p, max_new_bytes=20).output
+
+
+def test_an_interrupt_inside_a_strategy_stops_the_driver_not_just_its_request(failing_strategy):
+    """Ctrl-C while a strategy's own code runs is the user's, not the request's: it leaves step()."""
+    model = bd.random_model("tiny", 4, dtype=torch.float64)
+    engine = Engine(model, max_batch=2)
+    other = engine.submit(b"one", max_new_bytes=20)
+    hit = engine.submit(b"two", strategy=failing_strategy, how="interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_until_idle()
+    assert hit.done and isinstance(hit.error, KeyboardInterrupt)
+    engine.run_until_idle()  # the engine goes on with the others when driven again
+    assert other.result().output == bd.generate(model, b"one", max_new_bytes=20).output
+
+
+def test_background_thread_misuse_is_refused_and_stop_finishes_live_requests():
+    model = bd.random_model("tiny", 7)
+    engine = Engine(model, max_batch=2).start()
+    stream = engine.submit(b"hello", max_new_bytes=60)
+    chunks = iter(stream)
+    first = next(chunks)
+    with pytest.raises(EngineError, match="stepped by its background thread"):
+        engine.run_until_idle()
+    engine.stop()  # the request holding a slot is finished by the thread that owns its greenlet
+    assert stream.done and engine.live_requests == 0
+    assert first + b"".join(chunks) == bd.generate(model, b"hello", max_new_bytes=60).output
+    engine.submit(b"x", max_new_bytes=5)
+    engine.step()  # stepped in the foreground now: it holds a slot in this thread
+    with pytest.raises(EngineError, match="cannot start an engine"):
+        engine.start()
+    engine.run_until_idle()
+    engine.start()
+    assert engine.submit(b"y", max_new_bytes=5).result().output == bd.generate(model, b"y", max_new_bytes=5).output
+    engine.stop()
+
+
+def test_a_failing_background_thread_fails_every_request_instead_of_hanging(monkeypatch):
+    model = bd.random_model("tiny", 7)
+    engine = Engine(model, max_batch=1)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory in the batched pass")
+
+    streams = [engine.submit(b"a", max_new_bytes=10), engine.submit(b"b", max_new_bytes=10)]
+    monkeypatch.setattr(engine, "_advance", broken)  # a failure outside any one request's strategy
+    engine.start()
+    for s in streams:
+        with pytest.raises(EngineError, match="background thread failed: MemoryError"):
+            s.result()
+    assert not engine.running
 
 
 def test_non_finite_rows_fail_alone():
