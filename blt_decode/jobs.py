@@ -9,7 +9,8 @@ Output: one JSON object per finished request with ``id``, ``output`` (the text; 
 as in :attr:`Generation.text`), ``output_bytes_hex`` and ``stats`` (:meth:`DecodeStats.to_dict`); a
 request that failed gets ``error`` instead. Lines are written as requests finish, so an interrupted job
 loses at most the requests in flight: run it again with the same output file and the ids already there
-are skipped (a torn last line is dropped first). The single-machine path (:func:`run_job`, on the batched
+are skipped (a torn last line is dropped first). A failed request's ``error`` line counts as finished
+(failures such as a broken strategy repeat); delete those lines to run them again. The single-machine path (:func:`run_job`, on the batched
 engine) and the Ray Data path write the same records (:func:`result_record`).
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import attrs
 from tqdm import tqdm
@@ -25,6 +26,9 @@ from tqdm import tqdm
 from blt_decode import tokenizer
 from blt_decode.errors import BLTDecodeError
 from blt_decode.request import Request
+
+if TYPE_CHECKING:
+    from blt_decode.model import BLTModel
 
 #: the fields an input line may hold
 FIELDS = ("id", "prompt", "prompt_hex", "strategy", "options", "max_new_bytes", "seed", "stop")
@@ -36,8 +40,21 @@ class JobError(BLTDecodeError):
 
 @attrs.frozen
 class JobItem:
+    """One input line: its id (a string, as written in the output) and its request."""
+
     id: str
     request: Request
+
+
+def _same_strategy(a: str, b: str) -> bool:
+    """Do two strategy names (or aliases) name the same strategy? Unknown names compare as written."""
+    from blt_decode import plugins
+    from blt_decode.errors import UnknownStrategyError
+
+    try:
+        return plugins.get_strategy(a).name == plugins.get_strategy(b).name
+    except UnknownStrategyError:
+        return a == b
 
 
 def _item(line: str, number: int, source: str, defaults: Mapping[str, Any]) -> JobItem:
@@ -65,11 +82,17 @@ def _item(line: str, number: int, source: str, defaults: Mapping[str, Any]) -> J
     ident = data.get("id", number)
     if isinstance(ident, bool) or not isinstance(ident, (str, int)):
         raise JobError(f"{where}: 'id' must be a string or an integer, got {ident!r}")
-    options = data.get("options", defaults.get("options", {}))
+    default_strategy = defaults.get("strategy", "autoregressive")
+    strategy = data.get("strategy", default_strategy)
+    if not isinstance(strategy, str):
+        raise JobError(f"{where}: 'strategy' must be a string, got {type(strategy).__name__}")
+    # the job's default options belong to its default strategy: a line naming another one starts from none
+    default_options = defaults.get("options", {}) if _same_strategy(strategy, default_strategy) else {}
+    options = data.get("options", default_options)
     if not isinstance(options, dict):
         raise JobError(f"{where}: 'options' must be an object, got {type(options).__name__}")
     request = Request(
-        prompt, strategy=data.get("strategy", defaults.get("strategy", "autoregressive")), options=options,
+        prompt, strategy=strategy, options=options,
         max_new_bytes=data.get("max_new_bytes", defaults.get("max_new_bytes", 256)),
         stop=data.get("stop", defaults.get("stop", ())), seed=data.get("seed", defaults.get("seed")),
     )
@@ -93,7 +116,8 @@ def read_requests(path: str | Path, defaults: Mapping[str, Any] | None = None,
             continue
         item = _item(line, number, str(path), defaults or {})
         if item.id in seen:
-            raise JobError(f"{path}:{number + 1}: duplicate id {item.id!r}")
+            implicit = "" if '"id"' in line else " (this line has no 'id': its id is its line number, counting from 0)"
+            raise JobError(f"{path}:{number + 1}: duplicate id {item.id!r}{implicit}")
         seen.add(item.id)
         if check is not None:
             try:
@@ -107,28 +131,40 @@ def read_requests(path: str | Path, defaults: Mapping[str, Any] | None = None,
 
 
 def finished_ids(path: str | Path) -> set[str]:
-    """Ids already in an output file. A torn last line (an interrupted write) is removed from the file."""
+    """Ids already in an output file. Every complete line (ending in a newline) must be a result record,
+    else the file is refused untouched. An unfinished last line (an interrupted write) is removed if it is
+    not a record, and completed with its newline if it is, so the next append starts a line of its own."""
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
-    lines = data.split(b"\n")
+    lines = data.split(b"\n")  # the last item is what follows the last newline ("" when the file ends in one)
     ids: set[str] = set()
-    keep = 0
-    for index, raw in enumerate(lines):
-        if not raw.strip():
-            keep += len(raw) + 1
-            continue
+
+    def record_id(raw: bytes) -> str | None:
         try:
             record = json.loads(raw)
-            ids.add(str(record["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            if index == len(lines) - 1 or all(not rest.strip() for rest in lines[index + 1:]):
-                with path.open("r+b") as fh:  # a torn final line: drop it, the request runs again
-                    fh.truncate(keep)
-                break
-            raise JobError(f"{path}:{index + 1}: not a result line; refusing to append to this file") from None
-        keep += len(raw) + 1
+            return str(record["id"]) if isinstance(record, dict) and "id" in record else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    for index, raw in enumerate(lines[:-1]):
+        if not raw.strip():
+            continue
+        ident = record_id(raw)
+        if ident is None:
+            raise JobError(f"{path}:{index + 1}: not a result line; refusing to append to this file")
+        ids.add(ident)
+    tail = lines[-1]
+    if tail.strip():
+        ident = record_id(tail)
+        with path.open("r+b") as fh:
+            if ident is None:  # a torn final line: drop it, its request runs again
+                fh.truncate(len(data) - len(tail))
+            else:
+                fh.seek(0, 2)
+                fh.write(b"\n")
+                ids.add(ident)
     return ids
 
 
@@ -144,6 +180,8 @@ def result_record(ident: str, output: bytes | None, stats: Any, error: BaseExcep
 
 
 def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append result records to a JSONL file, a line each, flushed as written (an interrupt loses at
+    most the line being written, which :func:`finished_ids` then drops)."""
     with Path(path).open("a", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -152,6 +190,8 @@ def append_records(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
 
 @attrs.frozen
 class JobSummary:
+    """What :func:`run_job` did."""
+
     total: int  #: requests in the input
     skipped: int  #: already in the output file
     done: int  #: finished now
@@ -159,7 +199,7 @@ class JobSummary:
     new_bytes: int
 
 
-def run_job(model: Any, items: list[JobItem], output: str | Path, *, batch_size: int = 16, backend: str = "eager",
+def run_job(model: "str | Path | BLTModel", items: list[JobItem], output: str | Path, *, batch_size: int = 16, backend: str = "eager",
             progress: bool = True) -> JobSummary:
     """Run the items not yet in ``output`` with the batched engine, appending a line per finished request."""
     from blt_decode.engine import Engine

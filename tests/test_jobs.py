@@ -100,9 +100,35 @@ def test_duplicate_ids_and_flag_conflicts(tmp_path):
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
 
 
-def test_an_output_file_that_is_not_ours_is_left_alone(tmp_path):
+@pytest.mark.parametrize("text", ["some notes\nmore notes\n", "one line of notes\n",
+                                  '{"id": "a", "output": ""}\nnotes\n'])
+def test_an_output_file_that_is_not_ours_is_left_alone(tmp_path, text):
     out = tmp_path / "out.jsonl"
-    out.write_text("some notes\nmore notes\n")
+    out.write_text(text)
     with pytest.raises(jobs.JobError, match="refusing to append"):
         jobs.finished_ids(out)
-    assert out.read_text() == "some notes\nmore notes\n"
+    assert out.read_text() == text
+
+
+def test_an_unfinished_last_line_is_dropped_or_completed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a"}\n{"id": "b", "outp')  # torn mid-write: dropped, "b" runs again
+    assert jobs.finished_ids(out) == {"a"} and out.read_text() == '{"id": "a"}\n'
+    out.write_text('{"id": "a"}\n{"id": "b"}')  # a whole record without its newline: completed
+    assert jobs.finished_ids(out) == {"a", "b"}
+    jobs.append_records(out, [{"id": "c"}])
+    assert out.read_text().splitlines() == ['{"id": "a"}', '{"id": "b"}', '{"id": "c"}']
+
+
+def test_default_options_belong_to_the_default_strategy(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n{"prompt": "b", "strategy": "ar"}\n{"prompt": "c", "strategy": "blt_s"}\n')
+    items = jobs.read_requests(src, {"strategy": "blt-s", "options": {"k": 8}})
+    assert [i.request.options for i in items] == [{"k": 8}, {}, {"k": 8}]  # "blt_s" is an alias of blt-s
+
+
+def test_a_duplicate_implicit_id_says_where_it_comes_from(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "x"}\n{"prompt": "y"}\n')
+    with pytest.raises(jobs.JobError, match=r"in.jsonl:2: duplicate id '1' \(this line has no 'id'"):
+        jobs.read_requests(src)
