@@ -158,6 +158,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     require("serve", "blt-decode serve")
     if args.ray is None and args.replicas != 1:
         raise CLIError("--replicas needs --ray (replicas are Ray Serve's)")
+    if args.api_key == "":
+        raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
     plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
     name = args.model_name or args.model
     try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
@@ -176,6 +178,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from blt_decode.serving import ray_serve
         from blt_decode.serving.ray_data import connect
 
+        model_from_args(args)  # a bad spec, dtype or device is one line here, not a failure in every replica
         started = connect(args.ray or None)
         import ray
 
@@ -210,9 +213,10 @@ def _cmd_serve_loadtest(args: argparse.Namespace) -> int:
 
 
 def _port(text: str) -> int:
+    # not 0 ("any free port"): the server would listen on a port it never tells its clients
     value = _non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {value}")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {value}")
     return value
 
 
@@ -624,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_arguments(ex, default="blt-s")
     ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None,
                     help="dtype to measure (repeatable; default: float32 and bfloat16)")
-    ex.add_argument("--prompts", type=_non_negative_int, default=20, help="number of stdlib prompts (default: %(default)s)")
+    ex.add_argument("--prompts", type=_positive_int, default=20, help="number of stdlib prompts (default: %(default)s)")
     ex.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
     _add_threads_argument(ex)
     ex.set_defaults(func=_cmd_exactness)

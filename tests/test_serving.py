@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import attrs
 import httpx
 import openai
 import pytest
@@ -216,6 +217,9 @@ ERRORS = [
     ({"model": "tiny", "prompt": "a", "n": 2}, 400, "unsupported_parameter", "n", "n=2"),
     ({"model": "tiny", "prompt": "a", "logprobs": 1}, 400, "unsupported_parameter", "logprobs", "logprobs"),
     ({"model": "tiny", "prompt": []}, 422, "invalid_type", "prompt", "empty list"),
+    ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "invalid_value", "temperature", "option 'temperature'"),
+    ({"model": "tiny", "prompt": "a", "stream_options": {"include_usage": True}}, 400, "invalid_value",
+     "stream_options", "only allowed when stream is true"),
     (b'{"model": "tiny", "prompt": "' + b"a" * 70_000 + b'"}', 413, "request_too_large", None, "65536 bytes"),
 ]
 
@@ -277,6 +281,7 @@ def test_client_disconnect_frees_the_slot(client, server, model):
     assert engine.stats().new_bytes - generated < 1900  # both stopped early: together less than one whole
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'blt_decode_requests_total{outcome="cancelled",strategy="autoregressive"} 2.0' in metrics
+    assert 'status="500"' not in metrics  # a client leaving is not a server error
     # and the server goes on serving
     assert client.completions.create(model="tiny", prompt="after", max_tokens=8).choices[0].text == \
         direct(model, "after", 8).text
@@ -344,7 +349,9 @@ def test_serve_command_with_api_key(model):
 
 @pytest.mark.parametrize("args,words", [
     (["serve", "--replicas", "2"], "--replicas needs --ray"),
-    (["serve", "--port", "70000"], "port 0..65535"),
+    (["serve", "--port", "70000"], "port 1..65535"),
+    (["serve", "--port", "0"], "port 1..65535"),
+    (["serve", "--api-key", ""], "--api-key is empty"),
     (["serve", "--backend", "nope"], "unknown backend"),
     (["generate", "x", "--ray"], "--ray runs a batch job"),
 ])
@@ -398,3 +405,19 @@ def test_a_stopped_engine_fails_waiting_requests_instead_of_hanging(model, monke
         streamed = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT_S)
         events = [line for line in streamed.text.splitlines() if line]
         assert "engine has stopped" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
+
+
+def test_model_cards_show_any_plugin_option_default_as_json():
+    """A plugin's option may default to a factory or an arbitrary object: /v1/models still answers JSON."""
+    from blt_decode.serving.app import _json_default
+
+    @attrs.frozen
+    class Options:
+        banned: tuple = attrs.field(factory=tuple)
+        weights: list = attrs.field(factory=lambda: [1.0, 2.0])
+        table: dict = attrs.field(factory=dict)
+        k: int = 4
+
+    defaults = {f.name: _json_default(f.default) for f in attrs.fields(Options)}
+    assert defaults == {"banned": [], "weights": [1.0, 2.0], "table": "{}", "k": 4}
+    json.dumps(defaults)

@@ -175,7 +175,7 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
                 if p.capacity > engine.max_capacity:
                     raise EngineError(f"the request needs {p.capacity} positions; this server allows {engine.max_capacity}")
         except BLTDecodeError as exc:
-            raise api_error(exc) from None
+            raise api_error(exc, body) from None
         streams = RequestStreams(engine, requests)
         strategy = prepared[0].strategy.name
         for p in prepared:
@@ -219,7 +219,23 @@ class BearerAuth:
 def _strategy_card(name: str) -> dict[str, Any]:
     strategy = plugins.get_strategy(name)
     return {"description": strategy.description, "aliases": list(strategy.aliases),
-            "options": {f.name: f.default for f in attrs.fields(strategy.Options)}}
+            "options": {f.name: _json_default(f.default) for f in attrs.fields(strategy.Options)}}
+
+
+def _json_default(default: Any) -> Any:
+    """An option's default as JSON: a factory's value when it takes no arguments; null for none; else
+    its text (a plugin's option may default to anything)."""
+    if default is attrs.NOTHING:
+        return None
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        if default.takes_self:
+            return None
+        default = default.factory()
+    if default is None or isinstance(default, (bool, int, float, str)):
+        return default
+    if isinstance(default, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in default):
+        return list(default)
+    return repr(default)
 
 
 def _unknown_model(asked: str, served: str) -> APIError:
@@ -304,6 +320,8 @@ class _Completion:
             if not collect.done():
                 collect.cancel()
                 self._abandoned()
+                # cancel() only asks: wait until the task has taken it, so it counts as cancelled below
+                await asyncio.gather(collect, return_exceptions=True)
         if collect.cancelled():  # the client is gone; nobody reads this
             raise APIError(499, "client disconnected", code="client_disconnected")
         texts = collect.result()  # a failed choice raises its APIError here

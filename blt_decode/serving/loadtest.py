@@ -26,6 +26,8 @@ from typing import Any
 
 import attrs
 
+from blt_decode.errors import BLTDecodeError
+
 DEFAULT_STRATEGIES = "ar,ar:temperature=0.8+top_p=0.95,blt-s:k=8,blt-d:block_size=8,blt-dv:block_size=8"
 
 
@@ -328,4 +330,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m blt_decode.serving.loadtest", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in the server (default: %(default)s)")
-    sys.exit(main(parser.parse_args()))
+    try:
+        sys.exit(main(parser.parse_args()))
+    except BLTDecodeError as exc:  # one line and exit 2, as from `blt-decode serve-loadtest`
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -186,6 +186,9 @@ def strategy_options(body: CompletionRequest) -> dict[str, Any]:
 def to_requests(body: CompletionRequest) -> list[Request]:
     """One :class:`Request` per prompt (not yet validated against the model: :func:`prepare` does that)."""
     _check_unsupported(body)
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")  # as OpenAI answers
     prompts: list[str | bytes] = body.prompt
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}", param="prompt",
@@ -202,12 +205,17 @@ def _openai_words(message: str) -> str:
     return message.replace("max_new_bytes", "max_tokens")
 
 
-def api_error(exc: BLTDecodeError) -> APIError:
-    """The OpenAI-style error for a typed validation error of blt-decode (all 400s)."""
+def api_error(exc: BLTDecodeError, body: CompletionRequest | None = None) -> APIError:
+    """The OpenAI-style error for a typed validation error of blt-decode (all 400s). With the request's
+    ``body``, a bad sampling option is blamed on the top-level field the client sent it in."""
     if isinstance(exc, UnknownStrategyError):
         return APIError(400, str(exc), param="strategy", code="unknown_strategy")
     if isinstance(exc, InvalidOptionsError):
-        return APIError(400, str(exc), param="strategy_options", code="invalid_option")
+        param = "strategy_options"
+        if body is not None:
+            param = next((name for name in SAMPLING_FIELDS if getattr(body, name) is not None
+                          and name not in body.strategy_options and f"option {name!r}" in str(exc)), param)
+        return APIError(400, str(exc), param=param, code="invalid_value" if param != "strategy_options" else "invalid_option")
     if isinstance(exc, PromptTooLongError):
         return APIError(400, _openai_words(str(exc)), param="prompt", code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):

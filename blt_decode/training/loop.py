@@ -74,10 +74,10 @@ def _block_sizes(value: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def _positive(name: str) -> Callable[[Any, Any, int], None]:
+def _positive(name: str, least: int = 1) -> Callable[[Any, Any, int], None]:
     def check(instance: Any, attribute: Any, value: int) -> None:
-        if value < 1:
-            raise TrainingError(f"{name} must be at least 1, got {value}")
+        if value < least:
+            raise TrainingError(f"{name} must be at least {least}, got {value}")
     return check
 
 
@@ -89,7 +89,7 @@ class TrainConfig:
     out_dir: str
     #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
     preset: str | None = None
-    seq_len: int = attrs.field(default=512, validator=attrs.validators.ge(8))
+    seq_len: int = attrs.field(default=512, validator=_positive("--seq-len", 8))
     #: sequences per optimizer step, over all processes and micro-batches (the global batch)
     batch_size: int = attrs.field(default=8, validator=_positive("--batch-size"))
     steps: int = attrs.field(default=1000, validator=_positive("--steps"))
