@@ -124,8 +124,9 @@ class BenchRow:
     passes: ForwardPasses
     new_bytes: int
     bandwidth_gb: float
-    bandwidth_vs_ar: float
-    projected_vs_ar: dict[str, float]
+    #: Eq. 8 bandwidth per committed byte relative to the reference AR row's (None if either wrote nothing)
+    bandwidth_vs_ar: float | None
+    projected_vs_ar: dict[str, float | None]
     #: new bytes over the wall time of all prompts (median of the repeats)
     bytes_per_second: float
     #: median over prompts of the time to the first committed byte (prefill + first round), last repeat
@@ -265,44 +266,54 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     released = released_param_counts()
     warmup: dict[str, float] = {}
     rows: list[BenchRow] = []
-    # (backend, sampling key) -> the reference AR row's label, passes, bandwidth and outputs
-    references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, list[bytes]]] = {}
+    # (backend, sampling key) -> the reference AR row's label, passes, bandwidth, new bytes and outputs
+    references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, int, list[bytes]]] = {}
     for backend in backends:
         start = time.perf_counter()
         for spec in specs:  # warm-up: compiles every graph on compiled backends, fills caches on eager
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
-        for spec in specs:
-            walls, outputs, stats = [], [], []
-            for _ in tqdm(range(repeats), desc=f"{spec.label} on {backend}", disable=not progress, leave=False):
+        # the repeats go round the rows (row 1, row 2, ..., row 1, ...), so that a slow spell of a noisy
+        # machine touches every row alike: the bytes/s ratios between rows are then side by side
+        walls: dict[int, list[float]] = {i: [] for i in range(len(specs))}
+        runs: dict[int, tuple[list[bytes], list[DecodeStats]]] = {}
+        bar = tqdm(total=repeats * len(specs), desc=f"bench on {backend}", disable=not progress, leave=False)
+        for _ in range(repeats):
+            for index, spec in enumerate(specs):
                 outputs, stats, t0 = [], [], time.perf_counter()
                 for p in prompts:
                     g = api.generate(model, p.prompt, strategy=spec.strategy, backend=backend,
                                      max_new_bytes=max_new_bytes, seed=0, **spec.options)
                     outputs.append(g.output)
                     stats.append(g.stats)
-                walls.append(time.perf_counter() - t0)
+                walls[index].append(time.perf_counter() - t0)
+                runs[index] = (outputs, stats)
+                bar.update()
+        bar.close()
+        for index, spec in enumerate(specs):
+            outputs, stats = runs[index]
             passes = _sum_passes(stats)
             gb = sum(s.bandwidth_gb for s in stats)
             key = (backend, sampling_key(spec.options))
+            new_bytes = sum(s.new_bytes for s in stats)
             if key not in references and _is_ar_reference(spec):  # with_ar_references put it first
-                references[key] = (spec.label, passes, gb, outputs)
-            reference, ar_passes, ar_gb, reference_outputs = references[key]
+                references[key] = (spec.label, passes, gb, new_bytes, outputs)
+            reference, ar_passes, ar_gb, ar_new_bytes, reference_outputs = references[key]
             sampled = key[1] != GREEDY_KEY and spec.label != reference
             drafted = sum(s.drafted_bytes for s in stats)
             blocks = sum(s.blocks for s in stats)
             denoise = sum(s.denoise_passes for s in stats)
-            new_bytes = sum(s.new_bytes for s in stats)
             bits = [continuation_bits(model, p.prompt, o) for p, o in zip(prompts, outputs)]
             ttfb = [s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None]
             decode_time = sum(s.wall_time_s - s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None)
             decode_bytes = sum(s.decode_bytes_per_second * (s.wall_time_s - s.time_to_first_byte_s)
                                for s in stats if s.decode_bytes_per_second is not None)
-            wall = statistics.median(walls)
+            wall = statistics.median(walls[index])
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
-                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=gb / ar_gb,
-                projected_vs_ar={k: bandwidth_gb(passes, pc) / bandwidth_gb(ar_passes, pc) for k, pc in released.items()},
+                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=_per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
+                projected_vs_ar={k: _per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
+                                 for k, pc in released.items()},
                 bytes_per_second=new_bytes / wall,
                 time_to_first_byte_s=statistics.median(ttfb) if ttfb else None,
                 decode_bytes_per_second=decode_bytes / decode_time if decode_time > 0 else None,
@@ -323,6 +334,14 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     label = model_spec if isinstance(model_spec, str) else "(model object)"
     return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note,
                        throughput)
+
+
+def _per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
+    """Cost per committed byte relative to the AR reference's: rows that stop early (EOS, a stop sequence,
+    different sampled text) are not made to look cheaper by writing less. None when either wrote nothing."""
+    if not new_bytes or not ar_new_bytes or not ar_cost:
+        return None
+    return (cost / new_bytes) / (ar_cost / ar_new_bytes)
 
 
 def run_throughput(model: BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt],
@@ -379,7 +398,7 @@ def markdown(result: BenchResult) -> str:
         ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
         lines.append(
             f"| {r.label} | {r.backend} | {r.passes.patcher} | {r.passes.encoder} | {r.passes.global_} | {r.passes.decoder} | "
-            f"{r.bandwidth_gb:.4g} | {r.bandwidth_vs_ar:.3f} | " + " | ".join(f"{r.projected_vs_ar[p]:.3f}" for p in proj)
+            f"{r.bandwidth_gb:.4g} | {_fmt(r.bandwidth_vs_ar, '.3f')} | " + " | ".join(_fmt(r.projected_vs_ar[p], '.3f') for p in proj)
             + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
               f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
               f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
@@ -392,8 +411,12 @@ def markdown(result: BenchResult) -> str:
         notes.append("sampled rows: vs AR = against " + ", ".join(sorted({r.reference for r in result.rows if r.reference != "ar"}))
                      + " (AR sampling with the same options); exact = AR is left out (same distribution, different draws)")
     if result.hf_bytes_per_second is not None:
-        ours = next(r.bytes_per_second for r in result.rows if r.strategy == "autoregressive" and r.backend == "eager")
-        notes.append(f"transformers greedy generate: {result.hf_bytes_per_second:.1f} bytes/s; blt-decode AR eager / transformers = {ours / result.hf_bytes_per_second:.2f}")
+        ours = next((r for r in result.rows if r.strategy == "autoregressive" and r.reference == "ar"
+                     and r.label == "ar"), None)
+        note = f"transformers greedy generate: {result.hf_bytes_per_second:.1f} bytes/s"
+        if ours is not None:
+            note += f"; blt-decode AR {ours.backend} / transformers = {ours.bytes_per_second / result.hf_bytes_per_second:.2f}"
+        notes.append(note)
     elif result.hf_note:
         notes.append(f"transformers comparison not run: {result.hf_note}")
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
@@ -429,7 +452,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if r.backend == result.rows[0].backend]
+    rows = [r for r in result.rows if r.backend == result.rows[0].backend and r.bandwidth_vs_ar is not None]
     use_chrf = all(r.chrf is not None for r in rows)
     quality = [r.chrf if use_chrf else -r.bits_per_byte_under_ar for r in rows]
     x = [r.bandwidth_vs_ar for r in rows]

@@ -163,3 +163,24 @@ def test_the_diffusion_table_is_a_bench_command(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert {r["strategy"] for r in rows} >= {"autoregressive", "blt-d", "blt-dv"}
+
+
+def test_vs_ar_is_per_committed_byte_and_rows_that_write_less_are_not_cheaper():
+    """With EOS in play, sampled rows write different amounts: the ratio divides by what each wrote."""
+    import torch
+
+    import blt_decode as bd
+    from blt_decode import testing
+
+    model = testing.with_eos_for_byte(bd.random_model("tiny", 3, dtype=torch.float64), ord("e"))
+    with torch.no_grad():
+        model.local_decoder.output.weight[bd.tokenizer.EOS_ID] *= 2.0  # EOS likely enough to cut sampled text
+    prompts = [prompt_sets.Prompt(f"file:t#{i}", p, b"") for i, p in enumerate([b"ab", b"cd", b"xyz"])]
+    result = bench.run_bench(model, bench.parse_strategies("ar:temperature=1.0,blt-s:k=4+temperature=1.0"), ["eager"],
+                             prompts, max_new_bytes=40, repeats=2, progress=False)
+    rows = {r.label: r for r in result.rows}
+    ar, spec = rows["ar:temperature=1.0"], rows["blt-s:k=4+temperature=1.0"]
+    assert ar.new_bytes != spec.new_bytes  # the case this is about: different lengths of sampled text
+    per_byte = (spec.bandwidth_gb / spec.new_bytes) / (ar.bandwidth_gb / ar.new_bytes)
+    assert spec.bandwidth_vs_ar == pytest.approx(per_byte, rel=1e-12)
+    assert bench._per_byte_ratio(1.0, 0, 1.0, 5) is None
