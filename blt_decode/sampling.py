@@ -42,16 +42,21 @@ def probabilities(logits: torch.Tensor, *, temperature: float, top_k: int | None
     Temperature 0 is greedy: a one-hot vector at :func:`greedy`'s choice. Otherwise special ids other
     than EOS are masked, scores are divided by ``temperature``, then ``top_k`` keeps the k best scores
     (ties at the k-th score are all kept) and ``top_p`` keeps the smallest set of best-ranked ids whose
-    mass reaches ``top_p`` (an id is dropped when the ids ranked before it already hold ``top_p``).
+    mass reaches ``top_p`` (an id is dropped when the ids ranked before it already hold ``top_p``; among
+    exactly tied scores the lower ids rank first).
     Works on a single row [V] or a batch [..., V]."""
     if temperature == 0:
         return torch.nn.functional.one_hot(greedy(logits), logits.shape[-1]).to(torch.float64)
-    scores = mask_special(logits.to(torch.float64)) / temperature
+    scores = mask_special(logits.to(torch.float64))
+    # shift the best score to 0 before dividing: a tiny temperature then sends the others to -inf, never
+    # the best to inf (softmax is shift-invariant, so nothing else changes)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        # stable: of exactly tied ids, the lower ones rank first (as greedy's ties go to the lowest id)
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
         sorted_probs = torch.softmax(sorted_scores, dim=-1)
         # drop a token when the tokens ranked before it already hold top_p of the mass
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p

@@ -28,6 +28,7 @@ import attrs
 import torch
 
 from blt_decode import sampling
+from blt_decode.errors import StrategyError
 from blt_decode.model import ParamCounts
 from blt_decode.sampling import Sampler
 from blt_decode.session import DecodeSession
@@ -74,6 +75,11 @@ def verify_draft(session: DecodeSession, draft: Sequence[int], *, sampler: Sampl
     rows = torch.arange(guesses, device=target.device)
     p_at = target[rows, ids]
     q_at = torch.ones_like(p_at) if proposals is None else proposals[rows, ids].to(p_at.dtype)
+    if proposals is not None and bool((q_at <= 0).any()):  # p/q would be 0/0 or x/0: no rule applies
+        j = int((q_at <= 0).nonzero()[0])
+        who = f"strategy {session.strategy_name!r}" if session.strategy_name else "the caller"
+        raise StrategyError(f"{who} drafted id {int(ids[j])} at draft position {j + 1}, which its own proposal "
+                            "distribution gives probability 0; a guess must be drawn from its proposal row")
     accepted = 1
     for ratio in (p_at / q_at).tolist():
         if not sampling.bernoulli(min(1.0, ratio), generator):
@@ -116,6 +122,12 @@ def expected_bytes_per_round(k: int, *, fresh: float, stale: float, boundary_rat
     return out
 
 
+def _check_prior(name: str, prior: tuple[float, float]) -> None:
+    mean, weight = prior
+    if not (0.0 <= mean <= 1.0 and weight > 0.0):
+        raise ValueError(f"{name} must be (mean in 0..1, pseudo-count weight > 0), got {prior!r}")
+
+
 @attrs.define
 class DraftLengthController:
     """Chooses each round's draft length ``k`` (drafted bytes past the exact first byte) so that the
@@ -153,8 +165,8 @@ class DraftLengthController:
     #: short, so stale bytes are rarely seen and the guess is never corrected. Its weight (10 bytes) keeps
     #: a run of accepted bytes from pushing the estimate to ~1 and k to the cap, where one rejection
     #: wastes dozens of drafted bytes (docs/blt-s.md: how it was chosen)
-    fresh_prior: tuple[float, float] = (0.999, 10.0)
-    stale_prior: tuple[float, float] = (0.97, 10.0)
+    fresh_prior: tuple[float, float] = attrs.field(default=(0.999, 10.0), validator=lambda i, a, v: _check_prior(a.name, v))
+    stale_prior: tuple[float, float] = attrs.field(default=(0.97, 10.0), validator=lambda i, a, v: _check_prior(a.name, v))
     #: per-position discount of the boundary-rate counts (memory of about 20 positions)
     boundary_decay: float = 0.95
     #: accepted bytes and rejections seen, before and after the draft's first boundary

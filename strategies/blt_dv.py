@@ -112,11 +112,14 @@ class DiffusionVerify:
                 produced += 1
                 continue
             block, proposals, passes = self._draft(session, first, size, options, sampler, rng)
+            if EOS_ID in block[1:]:  # nothing after a drafted EOS can be committed: do not verify it
+                block = block[: block.index(EOS_ID, 1) + 1]
+                proposals = None if proposals is None else proposals[: len(block) - 1]
             result = verify_draft(session, block, sampler=sampler, proposals=proposals, generator=rng, k=size - 1)
             accepted, following = result.accepted, result.following
             session.stats.add(blocks=1)
             if controller is not None:
-                controller.observe(accepted=accepted - 1, rejected=accepted < size, drafted=size - 1,
+                controller.observe(accepted=accepted - 1, rejected=accepted < len(block), drafted=len(block) - 1,
                                    first_boundary=result.first_boundary, boundaries=result.boundaries,
                                    draft_passes=passes)
             produced += accepted

@@ -127,3 +127,22 @@ def test_adaptive_block_grows_when_drafts_are_right(alpha):
     g = bd.generate(model, "always", strategy="blt-dv", block_size="auto", alpha=alpha, max_new_bytes=120, trace=True)
     assert g.output == ar.output and g.stats.acceptance_rate == 1.0
     assert max(v.k for v in g.trace.of_type(Verified)) > 16  # block_size - 1 drafted bytes per round
+
+
+@pytest.mark.parametrize("options", [{"block_size": 8}, {"block_size": 8, "alpha": None},
+                                     {"block_size": 6, "temperature": 1.0}, {"block_size": "auto"}])
+def test_a_drafted_eos_ends_the_draft(options):
+    """Nothing after a drafted EOS could be committed: it is not verified (nor counted as drafted)."""
+    base = bd.random_model("tiny", 4, dtype=torch.float64)
+    with torch.no_grad():  # make EOS likely in the drafts as well as in the exact distribution
+        base.local_decoder.output.weight[EOS_ID] = 3.0 * base.local_decoder.output.weight[ord("e") + OFFSET]
+    seen_eos = 0
+    for prompt in (b"ab", b"hello", b"xyz", b"q"):
+        g = bd.generate(base, prompt, strategy="blt-dv", max_new_bytes=60, seed=1, trace=True, **options)
+        for event in g.trace.events:
+            if isinstance(event, Verified) and EOS_ID in event.drafted[1:]:
+                seen_eos += 1
+                assert event.drafted.index(EOS_ID, 1) == len(event.drafted) - 1, event
+        if "temperature" not in options:
+            assert g.output == bd.generate(base, prompt, max_new_bytes=60).output
+    assert seen_eos, "no draft held an EOS: the test did not test anything"

@@ -112,3 +112,27 @@ def test_observations_split_fresh_and_stale_bytes():
     assert (c.fresh_accepts, c.fresh_rejects) == (3, 1)
     c.observe(accepted=4, rejected=False, drafted=4, first_boundary=1, boundaries=3)
     assert (c.stale_accepts, c.stale_rejects) == (7, 1)
+
+
+def test_a_prior_without_weight_is_refused():
+    for prior in ((0.9, 0.0), (1.5, 10.0), (0.9, -1.0)):
+        with pytest.raises(ValueError, match="fresh_prior must be"):
+            DraftLengthController(PARAMS, PARAMS.encoder + PARAMS.decoder, fresh_prior=prior)
+
+
+def test_a_guess_its_proposal_gives_no_mass_is_a_strategy_error():
+    """p/q with q(x) = 0 is not a probability (0/0 is nan, and min(1, nan) would accept): refused."""
+    import blt_decode as bd
+    from blt_decode.errors import StrategyError
+    from blt_decode.session import DecodeSession
+    from blt_decode.speculation import verify_draft
+
+    model = bd.random_model("tiny", 2, dtype=torch.float64)
+    session = DecodeSession(model, 64)
+    logits = session.prefill([1, 70, 71])[-1]
+    first = int(logits.argmax())
+    proposals = torch.zeros(2, model.config.vocab_size, dtype=torch.float64)
+    proposals[0, 80] = 1.0  # the first guess (80) was drawn from here; the second (81) has no mass
+    with pytest.raises(StrategyError, match="drafted id 81 at draft position 2"):
+        verify_draft(session, [first, 80, 81], sampler=sampling.Sampler(temperature=1.0), proposals=proposals,
+                     generator=torch.Generator().manual_seed(0))
