@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import plugins, tokenizer
+from blt_decode.errors import InvalidRequestError
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's model loading lives there
     DEFAULT_MODEL_DIR,
@@ -131,6 +132,8 @@ def generate_many(model: str | Path | BLTModel, prompts: Sequence[str | bytes | 
 # -- scoring ------------------------------------------------------------------------------------------
 @attrs.frozen
 class Score:
+    """What :func:`score` returns."""
+
     logprobs: np.ndarray  #: natural-log probability of each byte given the bytes before it
     bits_per_byte: float
 
@@ -145,10 +148,10 @@ def score(model: str | Path | BLTModel, data: str | bytes, *, chunk_bytes: int |
     model = load_model(model)
     raw = tokenizer.to_bytes(data)
     if not raw:
-        raise ValueError("score needs at least one byte")
-    chunk = chunk_bytes or model.config.max_seqlen - 1
-    if not 0 < chunk < model.config.max_seqlen:
-        raise ValueError(f"chunk_bytes must be in 1..{model.config.max_seqlen - 1}, got {chunk}")
+        raise InvalidRequestError("score needs at least one byte")
+    chunk = model.config.max_seqlen - 1 if chunk_bytes is None else chunk_bytes
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 < chunk < model.config.max_seqlen:
+        raise InvalidRequestError(f"chunk_bytes must be an integer in 1..{model.config.max_seqlen - 1}, got {chunk!r}")
     parts = []
     for lo in range(0, len(raw), chunk):
         ids = torch.tensor([tokenizer.encode(raw[lo : lo + chunk])], device=model.device)

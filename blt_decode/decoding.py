@@ -25,6 +25,9 @@ from blt_decode.trace import Committed, Trace
 
 @attrs.frozen
 class Generation:
+    """One finished generation: the new bytes (``.text`` for text), its statistics, the prompt, and the
+    trace when asked for."""
+
     output: bytes
     stats: DecodeStats
     prompt: bytes
@@ -86,6 +89,7 @@ class Committer:
 
     @property
     def done(self) -> bool:
+        """Has the request ended (EOS, a stop sequence, max_new_bytes, or the strategy's end)?"""
         return self.reason is not None
 
     def commit(self, chunk: Any) -> tuple[bytes, Committed]:

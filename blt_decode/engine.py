@@ -78,9 +78,11 @@ class EngineStats:
 
     @property
     def bytes_per_second(self) -> float:
+        """New bytes over all requests per second of stepping."""
         return self.new_bytes / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields and the derived figures, for JSON."""
         d = attrs.asdict(self)
         d.update(occupancy=self.occupancy, bytes_per_second=self.bytes_per_second)
         return d
@@ -123,6 +125,7 @@ class EngineStream:
 
     @property
     def done(self) -> bool:
+        """Has the request ended (``output``, ``stats`` and ``error`` are then final)?"""
         return self._done
 
     def _notify(self, chunk: bytes | None) -> None:
@@ -448,6 +451,7 @@ class Engine:
 
     # -- statistics -----------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        """The engine's figures so far (batch occupancy, calls and rows per stack, bytes/s)."""
         with self._lock:
             calls = {k: v[0] for k, v in self._tally.items()}
             rows = {k: (v[1] / v[0] if v[0] else 0.0) for k, v in self._tally.items()}

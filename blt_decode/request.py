@@ -82,6 +82,7 @@ def stop_sequences(stop: Any) -> tuple[bytes, ...]:
 
 
 def check_max_new_bytes(value: Any) -> int:
+    """``value`` if it is a valid ``max_new_bytes`` (an int >= 0, not a bool), else InvalidRequestError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(f"max_new_bytes must be an integer >= 0, got {value!r}")
     return value

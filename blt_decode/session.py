@@ -63,6 +63,7 @@ class StackRunners:
 
     @classmethod
     def eager(cls, model: BLTModel) -> "StackRunners":
+        """The model's own modules, called as they are (the eager backend)."""
         return cls(model.entropy_model, model.local_encoder, model.global_transformer, model.local_decoder)
 
 
@@ -159,6 +160,7 @@ class DecodeSession:
     # -- state ------------------------------------------------------------------------------------
     @property
     def closed_patches(self) -> int:
+        """Patches whose global latent exists (every patch but the one still open)."""
         return max(len(self.starts) - 1, 0)
 
     @property
@@ -182,6 +184,7 @@ class DecodeSession:
         return self._param_counts
 
     def token_ids(self) -> list[int]:
+        """The committed ids (BOS first) as a list."""
         return self.state.ids[self.slot, : self.length].tolist()
 
     def _token_ids(self, ids: Sequence[int], primitive: str) -> tuple[int, ...]:
@@ -280,6 +283,7 @@ class DecodeSession:
 
 # -- running calls -------------------------------------------------------------------------------------
 def non_finite(module: str, start: int, end: int) -> NonFiniteError:
+    """The error for NaN/inf produced by ``module`` at positions ``start..end-1``."""
     return NonFiniteError(
         f"the {module} produced NaN or infinite values at positions {start}..{end - 1}: the model's weights "
         "or inputs are broken (in float16 or bfloat16, activations may also overflow)"

@@ -34,7 +34,10 @@ StrategySpec = str | tuple[str, dict[str, Any]]
 
 
 @st.composite
-def stack_configs(draw: st.DrawFn, *, dims=(8, 16, 24, 32), layers=(1, 2), windows=True) -> TransformerConfig:
+def stack_configs(draw: st.DrawFn, *, dims: Sequence[int] = (8, 16, 24, 32), layers: Sequence[int] = (1, 2),
+                  windows: bool = True) -> TransformerConfig:
+    """A hypothesis strategy of small transformer stacks: widths ``dims``, depths ``layers``, head
+    layouts that divide the width (grouped-query attention included), optional sliding windows."""
     dim = draw(st.sampled_from(dims))
     heads = draw(st.sampled_from([h for h in (1, 2, 4) if dim % h == 0 and (dim // h) % 2 == 0]))
     kv_heads = draw(st.sampled_from([k for k in (None, 1, heads) if k is None or heads % k == 0]))

@@ -173,3 +173,11 @@ def test_sessions_do_not_leak_between_prompts():
     alone = bd.generate(model, "second prompt", max_new_bytes=20).output
     bd.generate(model, "first prompt, long enough to fill caches", max_new_bytes=30)
     assert bd.generate(model, "second prompt", max_new_bytes=20).output == alone
+
+
+@pytest.mark.parametrize("data,chunk,words", [(b"", None, "at least one byte"), (b"abc", 0, "chunk_bytes"),
+                                              (b"abc", True, "chunk_bytes"), (b"abc", 1.5, "chunk_bytes"),
+                                              (b"abc", 10**6, "chunk_bytes")])
+def test_score_rejects_bad_input_with_a_typed_error(data, chunk, words):
+    with pytest.raises(bd.InvalidRequestError, match=words):
+        bd.score(bd.random_model("tiny"), data, chunk_bytes=chunk)
