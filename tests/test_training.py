@@ -466,3 +466,43 @@ def test_cli_resume_from_a_planted_pickle_fails_with_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "never loaded" in out.stderr, out.stderr
     assert not marker.exists()
+
+
+# -- failures reach the training loop ----------------------------------------------------------------------
+class _BrokenSampler:
+    """Makes batch 0, then fails: what a bad seed or a corrupt stream does inside the loader thread."""
+
+    def batch(self, step: int):
+        if step >= 1:
+            raise ValueError(f"cannot make batch {step}")
+        return torch.zeros(2, 8, dtype=torch.int64).numpy()
+
+
+def test_a_failing_loader_thread_raises_in_the_training_loop_instead_of_hanging():
+    import threading
+
+    from blt_decode.training.data import BatchLoader
+
+    loader = BatchLoader(_BrokenSampler(), slice(0, 2), torch.device("cpu"), 0, 4, prefetch=2)
+    outcome: dict = {}
+
+    def consume() -> None:
+        try:
+            outcome["steps"] = [step for step, _ in loader]
+        except ValueError as exc:
+            outcome["error"] = str(exc)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    loader.close()
+    assert not reader.is_alive(), "the training loop hangs waiting for a batch the dead thread never makes"
+    assert outcome == {"error": "cannot make batch 1"}
+
+
+def test_negative_seed_is_refused_before_training(tmp_path):
+    from blt_decode.training import TrainingError
+
+    with pytest.raises(TrainingError, match="--seed") as info:
+        TrainConfig(kind="entropy", out_dir=str(tmp_path), seed=-1)
+    assert "\n" not in str(info.value)

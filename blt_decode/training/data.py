@@ -31,11 +31,13 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import attrs
 import numpy as np
 import torch
 
 from blt_decode import corpus as builtin
 from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document, digest
+from blt_decode.training.presets import TrainingError
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"
@@ -185,17 +187,25 @@ class BatchLoader:
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
+    def _put(self, item: tuple[int, object]) -> bool:
+        """Hand ``item`` to the consumer; False once the loader is closed (nobody reads any more)."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _fill(self) -> None:
-        for step in range(self.start, self.stop):
-            item = (step, self._make(step))
-            while not self._closed.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if self._closed.is_set():
-                return
+        step = self.start
+        try:
+            for step in range(self.start, self.stop):
+                if not self._put((step, self._make(step))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            # a thread that dies silently would leave the training loop waiting forever on the queue
+            self._put((step, _Failed(exc)))
 
     def close(self) -> None:
         """Stop the background thread (a run that ends early leaves batches unread)."""
@@ -210,6 +220,24 @@ class BatchLoader:
             elif self._thread is None:
                 yield step, self._make(step)
             else:
-                got, batch = self._queue.get()
+                got, batch = self._get()
+                if isinstance(batch, _Failed):
+                    raise batch.error
                 assert got == step
                 yield step, batch
+
+    def _get(self) -> tuple[int, object]:
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                # the thread hands on its own failures; this catches one killed without a word
+                if self._thread is not None and not self._thread.is_alive() and self._queue.empty():
+                    raise TrainingError("the batch loader thread stopped without a batch or an error") from None
+
+
+@attrs.frozen
+class _Failed:
+    """What the loader thread puts in the queue instead of a batch when making it raised."""
+
+    error: BaseException

@@ -98,7 +98,8 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    seed: int = 0
+    #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
+    seed: int = attrs.field(default=0, validator=_positive("--seed", 0))
     #: stop (and checkpoint) after this many seconds of training; None = run all steps
     time_budget_s: float | None = None
     eval_every: int = 200
