@@ -42,7 +42,7 @@ from blt_decode.training.presets import TrainingError
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"
 BUILTIN_SOURCES = ("builtin", "stdlib", "plays")
-#: batches made in memory ahead of a --synthetic-data run (cycled when the run is longer)
+#: batches made in memory ahead of a --synthetic-data run: those of steps 0..63, cycled (step s uses s mod 64)
 SYNTHETIC_BATCHES = 64
 
 
@@ -165,15 +165,19 @@ class BatchLoader:
 
     ``rows`` is the slice of the global batch this process trains on; batches come out as int64 tensors
     on ``device`` (pinned and copied asynchronously on CUDA), in step order from ``start``. With
-    ``synthetic`` the same batches (the run's first :data:`SYNTHETIC_BATCHES`, cycled) are made before
-    training starts and kept on the device: the same compute without the data pipeline, the reference
-    for measuring what the pipeline costs."""
+    ``synthetic`` the batches of steps 0 .. :data:`SYNTHETIC_BATCHES` - 1 are made before training starts
+    and kept on the device, step s training on batch s mod SYNTHETIC_BATCHES: the same compute without
+    the data pipeline, the reference for measuring what the pipeline costs."""
 
     def __init__(self, sampler: BatchSampler, rows: slice, device: torch.device, start: int, stop: int,
                  *, prefetch: int = 2, synthetic: bool = False):
         self.sampler, self.rows, self.device = sampler, rows, device
         self.start, self.stop, self.synthetic = start, stop, synthetic
-        self._fixed = [self._make(s) for s in range(start, min(stop, start + SYNTHETIC_BATCHES))] if synthetic else None
+        self._fixed: dict[int, torch.Tensor] | None = None
+        if synthetic:
+            # the cycle is indexed from step 0, not from ``start``: a resumed run then sees the batches an
+            # uninterrupted one would (only the cycle positions this invocation reaches are made)
+            self._fixed = {i: self._make(i) for i in sorted({s % SYNTHETIC_BATCHES for s in range(start, min(stop, start + SYNTHETIC_BATCHES))})}
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._closed = threading.Event()
         self._thread = None
@@ -216,7 +220,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         for step in range(self.start, self.stop):
             if self._fixed is not None:
-                yield step, self._fixed[(step - self.start) % len(self._fixed)]
+                yield step, self._fixed[step % SYNTHETIC_BATCHES]
             elif self._thread is None:
                 yield step, self._make(step)
             else:
