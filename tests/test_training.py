@@ -525,3 +525,28 @@ def test_synthetic_data_resumes_exactly_past_the_cycle(tmp_path, monkeypatch):
     a, b = (load_byte_lm(tmp_path / run / "final").state_dict() for run in ("full", "split"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_another_corpus_and_accepts_an_old_checkpoint_with_a_note(tmp_path):
+    from blt_decode.training import TrainingError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"doc{i}.txt").write_text(f"document {i}: " + "some words of text " * 40)
+    cfg = TrainConfig(kind="entropy", out_dir=str(tmp_path / "run"), preset="tiny", seq_len=32, batch_size=2, steps=4,
+                      eval_every=1000, eval_bytes=64, eval_bytes_final=64, data=(str(data),))
+    train(cfg, progress=False, log=lambda m: None, stop_after=2)
+    (data / "doc1.txt").write_text("the same file name, other text " * 40)  # same --data, other corpus
+    with pytest.raises(TrainingError, match="not the checkpoint's") as info:
+        train(cfg, progress=False, log=lambda m: None, resume=True)
+    assert "\n" not in str(info.value)
+    # a checkpoint written before the corpus was recorded resumes, saying it cannot check
+    state_path = tmp_path / "run" / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["corpus"].startswith("data:data@")
+    del state["corpus"]
+    state_path.write_text(json.dumps(state))
+    said: list[str] = []
+    assert train(cfg, progress=False, log=said.append, resume=True).steps == 4
+    assert any("does not record its corpus" in line for line in said), said

@@ -86,9 +86,10 @@ def save_any(model: BLTModel | EntropyModel, path: Path, metadata: dict[str, Any
 
 # -- the trainer state ---------------------------------------------------------------------------------
 def trainer_state_files(optimizer_state: Mapping[str, Any], names: Sequence[str], step: int, config: dict[str, Any],
-                        extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                        extra: dict[str, Any], corpus: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The trainer state as (JSON-able dict, named tensors). ``optimizer_state`` is an optimizer's
-    ``state_dict()`` with full tensors; ``names[i]`` names the i-th parameter it holds."""
+    ``state_dict()`` with full tensors; ``names[i]`` names the i-th parameter it holds; ``corpus`` is the
+    training corpus's version string (``--resume`` refuses another corpus)."""
     tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, per_param in optimizer_state["state"].items():
@@ -99,7 +100,7 @@ def trainer_state_files(optimizer_state: Mapping[str, Any], names: Sequence[str]
                 scalars.setdefault(names[index], {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               | {"params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]
-    payload = {"format": TRAINER_STATE_FORMAT, "version": 1, "step": step, "config": config,
+    payload = {"format": TRAINER_STATE_FORMAT, "version": 1, "step": step, "config": config, "corpus": corpus,
                "extra": extra, "param_groups": groups, "scalar_state": scalars}
     return payload, tensors
 

@@ -355,6 +355,27 @@ def _eval_copy(model: BLTModel | EntropyModel, state: dict[str, torch.Tensor]) -
     return copy.eval()
 
 
+def _check_corpus(saved: str | None, corpus: Corpus, source: str, say: Callable[[str], None]) -> None:
+    # the checkpoint's step is a position in *its* corpus's batch sequence: on other data (another
+    # version of the files, another Python's stdlib) the same step means other batches and other
+    # held-out sets, so the run would silently stop being the run it claims to continue
+    if saved is None:
+        # written before the corpus was recorded (trainer state without "corpus"): accepted, since
+        # refusing would strand every such run, but it cannot be checked
+        say(f"note: {source} does not record its corpus (an older checkpoint); resuming on corpus {corpus.version} "
+            f"without checking that it is the one the run started on")
+        return
+    if saved != corpus.version:
+        raise TrainingError(f"cannot resume: the training data is not the checkpoint's (checkpoint corpus "
+                            f"{_shorten(saved)}, now {_shorten(corpus.version)}); its step would index other "
+                            f"batches: restore that data or start a new run")
+
+
+def _shorten(version: str, limit: int = 90) -> str:
+    # a built code corpus's version names every distribution; its end (the content digest) tells them apart
+    return version if len(version) <= limit else f"{version[:50]}...{version[-30:]}"
+
+
 def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
     mine = config.to_dict()
 
@@ -411,6 +432,7 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
 
     step, extra = 0, {}
     if resume:
+        _check_corpus(state_json.get("corpus"), corpus, str(ckpt_dir), say)
         step, extra = int(state_json["step"]), dict(state_json["extra"])
         torch.set_rng_state(state_tensors["rng/torch_cpu"])
     elif isinstance(model, BLTModel) and config.init is None and model.patcher.uses_entropy:
@@ -476,7 +498,7 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
         opt_state = distributed.full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
         if main:
             extra.update(bytes_seen=bytes_seen, wall_time_s=elapsed_before + time.perf_counter() - started)
-            payload, tensors = trainer_state_files(opt_state, names, step_now, config.to_dict(), extra)
+            payload, tensors = trainer_state_files(opt_state, names, step_now, config.to_dict(), extra, corpus.version)
             write_checkpoint(model, ckpt_dir, metadata={"training": config.to_dict(), "step": step_now, **extra},
                              trainer_json=payload, trainer_tensors=tensors, state=state)
         distributed.barrier(world)
