@@ -550,3 +550,55 @@ def test_resume_refuses_another_corpus_and_accepts_an_old_checkpoint_with_a_note
     said: list[str] = []
     assert train(cfg, progress=False, log=said.append, resume=True).steps == 4
     assert any("does not record its corpus" in line for line in said), said
+
+
+def test_a_checkpoint_write_interrupted_between_renames_resumes_from_what_it_left(tmp_path, monkeypatch):
+    """The rename that puts a new checkpoint in place fails: the old one is never deleted first, and
+    --resume finds the complete ``checkpoint.tmp`` (or, when that is incomplete, ``checkpoint.old``)."""
+    import shutil
+
+    import attrs
+
+    from blt_decode.training import load_byte_lm
+
+    corpus = _tiny_corpus()
+    common = dict(kind="entropy", preset="tiny", seq_len=32, batch_size=2, steps=4, lr=3e-3, warmup_steps=1,
+                  eval_every=1000, eval_bytes=64, eval_bytes_final=64, checkpoint_every=1000)
+    quiet = dict(corpus=corpus, progress=False, log=lambda m: None)
+    train(TrainConfig(out_dir=str(tmp_path / "full"), **common), **quiet)
+    run = tmp_path / "run"
+    cfg = TrainConfig(out_dir=str(run), **common)
+    train(cfg, stop_after=2, **quiet)  # a checkpoint at step 2
+
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name == "checkpoint.tmp":
+            raise OSError(28, "No space left on device", str(target))
+        return rename(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", failing)
+        with pytest.raises(OSError):
+            train(cfg, resume=True, stop_after=1, **quiet)  # step 3, then its checkpoint write fails
+    assert not (run / "checkpoint").exists()
+    assert (run / "checkpoint.tmp" / "trainer_state.json").is_file()  # step 3, complete
+    shutil.copytree(run, tmp_path / "run-old")
+
+    said: list[str] = []
+    assert train(cfg, resume=True, corpus=corpus, progress=False, log=said.append).steps == 4
+    assert any("resuming from" in line and "checkpoint.tmp" in line for line in said), said
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+    # the new checkpoint was incomplete (no trainer_state.json, written last): the previous one serves
+    older = tmp_path / "run-old"
+    (older / "checkpoint.tmp" / "trainer_state.json").unlink()
+    said.clear()
+    assert train(attrs.evolve(cfg, out_dir=str(older)), resume=True, corpus=corpus, progress=False,
+                 log=said.append).steps == 4
+    assert any("checkpoint.old" in line for line in said), said
+    a = load_byte_lm(tmp_path / "full" / "final").state_dict()
+    for resumed in (run, older):  # both continue exactly where an uninterrupted run would be
+        b = load_byte_lm(resumed / "final").state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

@@ -3,7 +3,8 @@
 A run checkpoint (``OUT/checkpoint``) is a loadable model directory (native BLT or byte-LM format)
 plus ``trainer_state.json`` (step, options, optimizer hyper-parameters, progress counters) and
 ``trainer_state.safetensors`` (optimizer moments keyed by parameter name, RNG state). Nothing is
-pickled; a ``trainer_state.pt`` (what earlier versions wrote) is refused, never unpickled. Optimizer
+pickled; a ``trainer_state.pt`` (what earlier versions wrote) is refused, never unpickled. Writes never
+leave the run without a complete checkpoint (:func:`write_checkpoint`, :func:`find_checkpoint`). Optimizer
 state is keyed by parameter *name*, not position, and holds full (unsharded) tensors, so a checkpoint
 written by rank 0 of any process layout (1 process, DDP, FSDP) resumes in any other.
 """
@@ -129,19 +130,55 @@ def optimizer_state_from_files(names: Sequence[str], payload: dict[str, Any], te
     return {"state": state, "param_groups": groups}
 
 
+def _sibling(directory: Path, suffix: str) -> Path:
+    return directory.with_name(directory.name + suffix)
+
+
 def write_checkpoint(model: BLTModel | EntropyModel, directory: Path, *, metadata: dict[str, Any],
                      trainer_json: dict[str, Any], trainer_tensors: dict[str, torch.Tensor],
                      state: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write a run checkpoint atomically: to a temporary directory, then renamed over the old one."""
-    tmp = directory.with_name(directory.name + ".tmp")
+    """Write a run checkpoint so that a complete one exists at every moment: the new one goes to
+    ``DIR.tmp`` (``trainer_state.json`` last, so its presence marks the directory complete), the old one
+    is renamed to ``DIR.old``, ``DIR.tmp`` to ``DIR``, and only then is ``DIR.old`` deleted. An
+    interruption anywhere leaves ``DIR``, or a complete ``DIR.tmp`` or ``DIR.old`` that
+    :func:`find_checkpoint` resumes from."""
+    tmp, old = _sibling(directory, ".tmp"), _sibling(directory, ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     save_any(model, tmp, metadata, state)
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_json, indent=1) + "\n")
     save_file(trainer_tensors, str(tmp / TRAINER_TENSORS))
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_json, indent=1) + "\n")
     if directory.exists():
-        shutil.rmtree(directory)
+        if old.exists():  # left by an earlier interrupted write; DIR is complete and newer
+            shutil.rmtree(old)
+        directory.rename(old)
     tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _complete(directory: Path) -> bool:
+    # trainer_state.json is written last (write_checkpoint), so a readable one marks a finished write
+    try:
+        json.loads((directory / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (directory / TRAINER_TENSORS).is_file()
+
+
+def find_checkpoint(directory: Path) -> tuple[Path, str | None]:
+    """The checkpoint to resume from: ``directory`` itself, or, when a write was interrupted between
+    its renames (``directory`` missing), the complete ``.tmp`` (the newer) or ``.old`` left beside it;
+    with a note saying which was taken (None when ``directory`` is there)."""
+    if directory.exists():
+        return directory, None
+    for suffix, what in ((".tmp", "the newer checkpoint that was being put in place"),
+                         (".old", "the previous checkpoint")):
+        candidate = _sibling(directory, suffix)
+        if candidate.is_dir() and _complete(candidate):
+            return candidate, (f"{directory} is missing (a checkpoint write was interrupted): resuming from "
+                               f"{candidate}, {what}")
+    return directory, None
 
 
 def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -48,6 +48,7 @@ from blt_decode.tokenizer import VOCAB_SIZE
 from blt_decode.training import distributed
 from blt_decode.training.checkpoints import (
     config_of,
+    find_checkpoint,
     load_byte_lm,
     optimizer_state_from_files,
     read_trainer_state,
@@ -420,9 +421,12 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
         out.mkdir(parents=True, exist_ok=True)
 
     if resume:  # checked first: a bad checkpoint fails before the corpus is read
-        state_json, state_tensors = read_trainer_state(ckpt_dir)
+        source, note = find_checkpoint(ckpt_dir)
+        if note:
+            say(note)
+        state_json, state_tensors = read_trainer_state(source)
         _check_resume(dict(state_json["config"]), config)
-        model: BLTModel | EntropyModel = load_native(ckpt_dir) if config.kind == "blt" else load_byte_lm(ckpt_dir)
+        model: BLTModel | EntropyModel = load_native(source) if config.kind == "blt" else load_byte_lm(source)
     else:
         model = build_model(config)
     corpus = corpus or load_data(config.data, config.include, config.heldout_fraction)
@@ -432,7 +436,7 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
 
     step, extra = 0, {}
     if resume:
-        _check_corpus(state_json.get("corpus"), corpus, str(ckpt_dir), say)
+        _check_corpus(state_json.get("corpus"), corpus, str(source), say)
         step, extra = int(state_json["step"]), dict(state_json["extra"])
         torch.set_rng_state(state_tensors["rng/torch_cpu"])
     elif isinstance(model, BLTModel) and config.init is None and model.patcher.uses_entropy:
@@ -472,7 +476,7 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
     params = [p for _, p in _trainable_named(model)]  # after wrapping: FSDP replaces them by sharded ones
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     if resume:
-        full = optimizer_state_from_files(names, state_json, state_tensors, str(ckpt_dir))
+        full = optimizer_state_from_files(names, state_json, state_tensors, str(source))
         if sharded:
             full["state"] = distributed.shard_like(full["state"], params)
         optimizer.load_state_dict(full)
