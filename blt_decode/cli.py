@@ -694,11 +694,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # bare `blt-decode`: say what there is
         parser.print_help()
         return 0
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     if args.command == "trace" and args.format is None:
         args.format = "none" if args.html else "terminal"
     try:
+        threads = getattr(args, "threads", None)
+        # inside the try: `train --threads` is a plain int, and torch raises a RuntimeError on a negative one
+        if threads is not None and threads < 0:
+            raise BLTDecodeError(f"--threads must be an integer >= 0 (0 = torch's default), got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
         return args.func(args)
     except BrokenPipeError:
         return 0

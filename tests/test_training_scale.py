@@ -251,3 +251,122 @@ def test_torchrun_ddp_and_fsdp_match_one_process_and_resume_across_layouts(tmp_p
     b = blt_decode.load_model(tmp_path / "back" / "final").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# -- one clear line for bad options, checkpoints and corpora ---------------------------------------------
+def _broken_byte_lm(root: Path, how: str) -> Path:
+    from blt_decode.model import EntropyModel
+    from blt_decode.tokenizer import VOCAB_SIZE
+    from blt_decode.training import ENTROPY_PRESETS, save_byte_lm
+
+    path = save_byte_lm(EntropyModel(ENTROPY_PRESETS["tiny"], VOCAB_SIZE), root / how)
+    config = json.loads((path / "config.json").read_text())
+    if how == "truncated-weights":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif how == "shape-mismatch":
+        config["config"]["dim"] = 64
+    elif how == "extra-field":
+        config["config"]["extra_field"] = 1
+    elif how == "list-config":
+        config = [1]
+    elif how == "missing-field":
+        del config["config"]["n_heads"]
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _broken_corpus(root: Path, how: str) -> Path:
+    path = root / how
+    path.mkdir()
+    manifest = {"format": "blt-decode-corpus", "kind": "site-code", "version": "v",
+                "shards": [{"file": "train-00000.jsonl.gz", "split": "train"}]}
+    with gzip.open(path / "train-00000.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"name": "a.py", "text": "x = 1\n" * 200}) + "\n")
+    if how == "truncated-manifest":
+        (path / "corpus.json").write_text(json.dumps(manifest)[:40])
+        return path
+    if how == "unknown-split":
+        manifest["shards"][0]["split"] = "validation"
+    elif how == "manifest-list":
+        manifest = [manifest]
+    elif how == "truncated-shard":
+        data = (path / "train-00000.jsonl.gz").read_bytes()
+        (path / "train-00000.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (path / "corpus.json").write_text(json.dumps(manifest))
+    return path
+
+
+BAD_OPTIONS = [
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--eval-every", "0"], "--eval-every must be an integer >= 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1"),
+    (["--eval-bytes", "0"], "--eval-bytes must be an integer >= 1"),
+    (["--eval-bytes-final", "-5"], "--eval-bytes-final must be an integer >= 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
+    (["--prefetch", "-1"], "--prefetch must be an integer >= 0"),
+    (["--target-patch-length", "1"], "--target-patch-length must be a finite number > 1"),
+    (["--heldout-fraction", "1"], "--heldout-fraction must be a number in [0, 1)"),
+    (["--heldout-fraction", "-0.1"], "--heldout-fraction must be a number in [0, 1)"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--time-budget", "nan"], "--time-budget must be a finite number >= 0"),
+    (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers >= 1"),
+    (["--threads", "-1"], "--threads must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_train_options_are_one_line(args, message, tmp_path, capsys):
+    from blt_decode.cli import main
+
+    assert main(["train", "entropy", "--out", str(tmp_path / "run")] + TINY + args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("blt-decode: error:") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+BROKEN = [
+    ("entropy-model", "truncated-weights", "model.safetensors is corrupt or truncated"),
+    ("entropy-model", "shape-mismatch", "has shape (32, 32), the config expects (64, 64)"),
+    ("entropy-model", "extra-field", "unknown config field(s): extra_field"),
+    ("entropy-model", "missing-field", "missing config field(s): n_heads"),
+    ("entropy-model", "list-config", "must hold a JSON object, found list"),
+    ("data", "truncated-manifest", "corpus.json is not a readable JSON manifest"),
+    ("data", "manifest-list", "corpus.json must hold a JSON object"),
+    ("data", "unknown-split", "has split 'validation'; a split is 'train' or 'heldout'"),
+    ("data", "truncated-shard", "is not a readable gzip JSONL shard"),
+]
+
+
+@pytest.mark.parametrize("option,how,message", BROKEN, ids=[h for _, h, _ in BROKEN])
+def test_broken_entropy_models_and_corpora_are_one_line(option, how, message, tmp_path, data_dir, capsys):
+    from blt_decode.cli import main
+
+    if option == "entropy-model":
+        args = ["blt", "--entropy-model", str(_broken_byte_lm(tmp_path, how)), "--data", str(data_dir)]
+    else:
+        args = ["entropy", "--data", str(_broken_corpus(tmp_path, how))]
+    assert main(["train"] + args + ["--out", str(tmp_path / "run"), "--steps", "2"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("blt-decode: error:") and message in err, err
+
+
+def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(tmp_path):
+    from blt_decode.training import TrainingError
+
+    for field, value, message in (
+        ("steps", True, "--steps must be an integer >= 1, got True"),
+        ("eval_every", 2.0, "--eval-every must be an integer >= 1, got 2.0"),
+        ("block_sizes", (True, 4), "--block-sizes must be one or more integers >= 1"),
+        ("t_min", 0.0, "t_min must be a number in (0, 1)"),
+        ("t_min", 1.0, "t_min must be a number in (0, 1)"),
+        ("lr", True, "--lr must be a finite number > 0, got True"),
+        ("grad_clip", float("nan"), "grad_clip must be a finite number > 0"),
+        ("bf16", "yes", "--bf16 must be True or False (or unset)"),
+    ):
+        with pytest.raises(TrainingError) as info:
+            TrainConfig(kind="entropy", out_dir=str(tmp_path), **{field: value})
+        assert message in str(info.value) and "\n" not in str(info.value), (field, str(info.value))
+    assert TrainConfig(kind="entropy", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model
 from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.errors import CheckpointError
+from blt_decode.errors import CheckpointError, ConfigError
 from blt_decode.model import BLTModel, EntropyModel
 from blt_decode.tokenizer import VOCAB_SIZE
 from blt_decode.training.presets import TrainingError
@@ -52,20 +52,63 @@ def save_byte_lm(module: EntropyModel, path: str | Path, *, metadata: dict | Non
 
 
 def load_byte_lm(path: str | Path) -> EntropyModel:
-    """Load a byte LM written by :func:`save_byte_lm` (safetensors; names checked against the config)."""
+    """Load a byte LM written by :func:`save_byte_lm`. Every problem (a missing, truncated or non-object
+    ``config.json``, a config field that is unknown, missing or out of range, a corrupt safetensors file,
+    a tensor missing, unexpected, misshapen or not finite) is one :class:`CheckpointError` naming the file,
+    through the same readers and checks as the model formats (:mod:`blt_decode.formats._common`)."""
+    from blt_decode.formats._common import read_json, read_safetensors
+
     path = Path(path)
-    try:
-        payload = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: no readable byte-LM config.json ({exc})") from None
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no byte-LM config.json (not a checkpoint directory written by `blt-decode train`)")
+    payload = read_json(config_path)
     if payload.get("format") != BYTE_LM_FORMAT:
-        raise CheckpointError(f"{path} is not a byte-LM checkpoint (format {payload.get('format')!r})")
-    module = EntropyModel(TransformerConfig(**payload["config"]), VOCAB_SIZE)
-    tensors = load_file(str(path / "model.safetensors"))
-    missing = set(module.state_dict()) ^ set(tensors)
+        raise CheckpointError(f"{path} is not a byte-LM checkpoint (format {payload.get('format')!r}, "
+                              f"expected {BYTE_LM_FORMAT!r})")
+    fields = payload.get("config")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_path}: 'config' must be an object with the TransformerConfig fields")
+    cfg = _stack_config(fields, str(config_path))
+    weights = path / "model.safetensors"
+    return build_byte_lm(cfg, read_safetensors(weights), str(weights))
+
+
+def _stack_config(fields: Mapping[str, Any], source: str) -> TransformerConfig:
+    """The byte LM's :class:`TransformerConfig`; a field that is unknown, missing or out of range is a
+    CheckpointError naming the file (not the TypeError of ``TransformerConfig(**fields)``)."""
+    names = {f.name: f for f in attrs.fields(TransformerConfig)}
+    unknown = sorted(str(k) for k in set(fields) - set(names))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown config field(s): {', '.join(unknown)}")
+    missing = [n for n, f in names.items() if f.default is attrs.NOTHING and n not in fields]
     if missing:
-        raise CheckpointError(f"{path}: tensor names do not match the config: {sorted(missing)[:3]}")
-    module.load_state_dict(tensors)
+        raise CheckpointError(f"{source}: missing config field(s): {', '.join(missing)}")
+    try:
+        return TransformerConfig(**fields)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+
+
+def build_byte_lm(cfg: TransformerConfig, tensors: Mapping[str, torch.Tensor], source: str) -> EntropyModel:
+    """A float32 byte LM holding ``tensors``, checked by name, shape, dtype and finiteness first (built on
+    the meta device, so a config that does not match its tensors allocates nothing)."""
+    from blt_decode.formats._common import WEIGHT_DTYPES, check_tensors, owned_copy
+
+    try:
+        with torch.device("meta"):
+            module = EntropyModel(cfg, VOCAB_SIZE)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{source}: the config describes tensors too large to build ({exc})") from None
+    check_tensors({k: tuple(v.shape) for k, v in module.state_dict().items()}, tensors, source)
+    for name, tensor in tensors.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                  f"weights must be floating point")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
+    state = {k: owned_copy(v, torch.float32, torch.device("cpu")) for k, v in tensors.items()}
+    module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 
 

@@ -94,21 +94,58 @@ def _split(docs: list[Document], fraction: float) -> tuple[list[Document], list[
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
-def load_built_corpus(root: Path) -> Corpus:
-    """A corpus written by ``blt-decode corpus build`` (manifest + gzip JSONL shards)."""
-    manifest = json.loads((root / MANIFEST).read_text())
-    kind = manifest.get("kind", "code")
-    parts: dict[str, list[Document]] = {"train": [], "heldout": []}
-    for shard in manifest["shards"]:
-        split = shard["split"]
-        path = root / shard["file"]
-        if not path.is_file():
-            raise CorpusError(f"{root}: shard {shard['file']} listed in {MANIFEST} is missing")
-        opener = gzip.open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line in fh:
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise CorpusError(f"{path} is not a readable JSON manifest (truncated or corrupt?): {reason}; "
+                          f"rebuild the corpus with `blt-decode corpus build`") from None
+    if not isinstance(manifest, dict):
+        raise CorpusError(f"{path} must hold a JSON object, found {type(manifest).__name__}")
+    if not isinstance(manifest.get("version"), str) or not isinstance(manifest.get("shards"), list):
+        raise CorpusError(f"{path} needs a string 'version' and a list of 'shards'")
+    return manifest
+
+
+def _read_shard(root: Path, shard: object, number: int) -> tuple[str, list[tuple[str, str]]]:
+    """(split, [(name, text)]) of one shard entry of the manifest."""
+    where = f"{root / MANIFEST}: shard {number}"
+    if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+        raise CorpusError(f"{where} must be an object with a string 'file'")
+    split = shard.get("split")
+    if split not in ("train", "heldout"):
+        raise CorpusError(f"{where} ({shard['file']}) has split {split!r}; a split is 'train' or 'heldout'")
+    path = root / shard["file"]
+    if not path.is_file():
+        raise CorpusError(f"{root}: shard {shard['file']} listed in {MANIFEST} is missing")
+    docs = []
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for line_number, line in enumerate(fh, 1):
                 record = json.loads(line)
-                parts[split].append(Document(f"{kind}:{record['name']}", kind, record["text"].encode("utf-8")))
+                if not isinstance(record, dict) or not isinstance(record.get("name"), str) \
+                        or not isinstance(record.get("text"), str):
+                    raise CorpusError(f"{path}:{line_number}: expected an object with string 'name' and 'text'")
+                docs.append((record["name"], record["text"]))
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # gzip, decoding and JSON errors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorpusError(f"{path} is not a readable gzip JSONL shard (truncated or corrupt?): {reason}") from None
+    return split, docs
+
+
+def load_built_corpus(root: Path) -> Corpus:
+    """A corpus written by ``blt-decode corpus build`` (manifest + gzip JSONL shards); a manifest or shard
+    that cannot be read is one :class:`CorpusError` naming the file."""
+    manifest = _read_manifest(root)
+    kind = manifest.get("kind", "code")
+    if not isinstance(kind, str) or not kind:
+        raise CorpusError(f"{root / MANIFEST}: 'kind' must be a non-empty string")
+    parts: dict[str, list[Document]] = {"train": [], "heldout": []}
+    for number, shard in enumerate(manifest["shards"]):
+        split, docs = _read_shard(root, shard, number)
+        parts[split].extend(Document(f"{kind}:{name}", kind, text.encode("utf-8")) for name, text in docs)
     return Corpus(tuple(parts["train"]), tuple(parts["heldout"]), manifest["version"])
 
 

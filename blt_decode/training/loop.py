@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -68,71 +69,142 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", 
                                "activation_checkpointing", "parallel", "prefetch"})
 
 
-def _block_sizes(value: Sequence[int]) -> tuple[int, ...]:
-    sizes = tuple(int(v) for v in value)
-    if not sizes or any(b <= 0 for b in sizes):
-        raise TrainingError(f"block_sizes must be positive integers, got {value!r}")
-    return sizes
+# -- option checks -------------------------------------------------------------------------------------
+# Every field is checked when the config is made, so a bad value is one TrainingError line naming the
+# option and what it allows (the CLI prints it and exits 2) instead of a failure deep inside the run
+# (a negative seed killed the batch thread, eval_every 0 divided by zero, a NaN lr trained on NaNs).
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not a count
 
 
-def _positive(name: str, least: int = 1) -> Callable[[Any, Any, int], None]:
-    def check(instance: Any, attribute: Any, value: int) -> None:
-        if value < least:
-            raise TrainingError(f"{name} must be at least {least}, got {value}")
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _real(value: Any) -> Any:
+    """Converter: real numbers (ints and numpy scalars too, not bools) to float; anything else is left
+    for the validator to refuse."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range: refused as not finite
+            return value
+    return value
+
+
+def _integer(flag: str, least: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    allowed = f"an integer >= {least}" + (" (or unset)" if optional else "")
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not _is_int(value) or value < least:
+            raise TrainingError(f"{flag} must be {allowed}, got {_show(value)}")
     return check
+
+
+def _number(flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    """Validator: a finite float in the interval given (``low_open``: > low, else >= low; same for high)."""
+    if low is not None and high is not None:
+        allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = "a finite number"
+    allowed += " (or unset)" if optional else ""
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, float) and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise TrainingError(f"{flag} must be {allowed}, got {_show(value)}")
+    return check
+
+
+def _flag(flag: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if not isinstance(value, bool) and not (optional and value is None):
+            raise TrainingError(f"{flag} must be True or False{' (or unset)' if optional else ''}, got {_show(value)}")
+    return check
+
+
+def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value not in options:
+            raise TrainingError(f"{flag} must be one of {', '.join(options)}, got {_show(value)}")
+    return check
+
+
+def _block_sizes(value: Any) -> tuple[int, ...]:
+    sizes = tuple(value) if isinstance(value, (list, tuple)) else ()
+    # integers of any kind (numpy's too), never a bool or a float that int() would cut
+    if not sizes or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in sizes):
+        raise TrainingError(f"--block-sizes must be one or more integers >= 1, got {_show(value)}")
+    return tuple(int(b) for b in sizes)
 
 
 @attrs.frozen
 class TrainConfig:
     """Everything a training run depends on (saved with every checkpoint; ``--resume`` compares it)."""
 
-    kind: ModelKind = attrs.field(validator=attrs.validators.in_(("entropy", "blt", "bytelm")))
+    kind: ModelKind = attrs.field(validator=_choice("kind", ("entropy", "blt", "bytelm")))
     out_dir: str
     #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
     preset: str | None = None
-    seq_len: int = attrs.field(default=512, validator=_positive("--seq-len", 8))
+    seq_len: int = attrs.field(default=512, validator=_integer("--seq-len", 8))
     #: sequences per optimizer step, over all processes and micro-batches (the global batch)
-    batch_size: int = attrs.field(default=8, validator=_positive("--batch-size"))
-    steps: int = attrs.field(default=1000, validator=_positive("--steps"))
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1))
+    steps: int = attrs.field(default=1000, validator=_integer("--steps", 1))
+    lr: float = attrs.field(default=2e-3, converter=_real, validator=_number("--lr", 0, low_open=True))
+    #: the cosine schedule ends at this share of the peak learning rate
+    min_lr_ratio: float = attrs.field(default=0.1, converter=_real, validator=_number("min_lr_ratio", 0, 1))
+    warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0))
+    weight_decay: float = attrs.field(default=0.01, converter=_real, validator=_number("weight_decay", 0))
+    grad_clip: float = attrs.field(default=1.0, converter=_real, validator=_number("grad_clip", 0, low_open=True))
     #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
-    seed: int = attrs.field(default=0, validator=_positive("--seed", 0))
+    seed: int = attrs.field(default=0, validator=_integer("--seed", 0))
     #: stop (and checkpoint) after this many seconds of training; None = run all steps
-    time_budget_s: float | None = None
-    eval_every: int = 200
+    time_budget_s: float | None = attrs.field(default=None, converter=_real,
+                                              validator=_number("--time-budget", 0, optional=True))
+    eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1))
     #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
-    eval_bytes: int = 16384
-    eval_bytes_final: int = 131072
-    checkpoint_every: int = 200
+    eval_bytes: int = attrs.field(default=16384, validator=_integer("--eval-bytes", 1))
+    eval_bytes_final: int = attrs.field(default=131072, validator=_integer("--eval-bytes-final", 1))
+    checkpoint_every: int = attrs.field(default=200, validator=_integer("--checkpoint-every", 1))
     #: bfloat16 autocast; None = on for CUDA, off for CPU
-    bf16: bool | None = None
-    threads: int | None = None
+    bf16: bool | None = attrs.field(default=None, validator=_flag("--bf16", optional=True))
+    #: torch CPU threads; None or 0 = torch's choice
+    threads: int | None = attrs.field(default=None, validator=_integer("--threads", 0, optional=True))
     # -- data ------------------------------------------------------------------------------------
     #: --data sources: builtin, stdlib, plays, files, directories, .jsonl, `corpus build` directories
     data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple)
     #: file-name patterns for directories given to --data (empty = every non-binary file)
     include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: share of the documents of each user data source held out for evaluation (by name hash)
-    heldout_fraction: float = 0.01
+    heldout_fraction: float = attrs.field(default=0.01, converter=_real,
+                                          validator=_number("--heldout-fraction", 0, 1, high_open=True))
     #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
     #: without the data pipeline, to measure what the pipeline costs; not for real runs
-    synthetic_data: bool = False
+    synthetic_data: bool = attrs.field(default=False, validator=_flag("--synthetic-data"))
     # -- execution -----------------------------------------------------------------------------
-    device: str = "cpu"
+    device: str = attrs.field(default="cpu", validator=_choice("--device", ("cpu", "cuda")))
     #: torch.compile the training step's transformer layers
-    compile: bool = False
+    compile: bool = attrs.field(default=False, validator=_flag("--compile"))
     #: micro-batches per process per step (the global batch is split batch_size / (processes x this))
-    grad_accum: int = attrs.field(default=1, validator=_positive("--grad-accum"))
+    grad_accum: int = attrs.field(default=1, validator=_integer("--grad-accum", 1))
     #: recompute layer activations in the backward pass instead of storing them
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = attrs.field(default=False, validator=_flag("--activation-checkpointing"))
     #: with several torchrun processes: ddp (replicas) or fsdp (sharded parameters and optimizer state)
-    parallel: str = attrs.field(default="ddp", validator=attrs.validators.in_(("ddp", "fsdp")))
+    parallel: str = attrs.field(default="ddp", validator=_choice("--parallel", ("ddp", "fsdp")))
     #: batches prepared ahead by the loader thread
-    prefetch: int = 2
+    prefetch: int = attrs.field(default=2, validator=_integer("--prefetch", 0))
     # -- BLT-D only ------------------------------------------------------------------------------
     #: trained entropy model (byte-LM checkpoint directory) for kind="blt" from scratch
     entropy_model: str | None = None
@@ -140,10 +212,12 @@ class TrainConfig:
     init: str | None = None
     block_sizes: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_block_sizes)
     #: the smallest diffusion time; avoids 1/t blowing up (t ~ U(t_min, 1))
-    t_min: float = 1e-3
+    t_min: float = attrs.field(default=1e-3, converter=_real, validator=_number("t_min", 0, 1, low_open=True, high_open=True))
     #: θ is set so that patches on the training stream average this many bytes (from scratch only)
-    target_patch_length: float = 4.5
-    diffusion_weight: float = 1.0
+    #: (> 1: the calibration takes the 1 - 1/target quantile of the entropies)
+    target_patch_length: float = attrs.field(default=4.5, converter=_real,
+                                             validator=_number("--target-patch-length", 1, low_open=True))
+    diffusion_weight: float = attrs.field(default=1.0, converter=_real, validator=_number("diffusion_weight", 0))
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
