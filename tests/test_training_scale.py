@@ -5,6 +5,7 @@ checkpointing, torchrun DDP/FSDP on gloo (real processes, loopback), the loss pl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import socket
@@ -293,6 +294,8 @@ def _broken_corpus(root: Path, how: str) -> Path:
     elif how == "truncated-shard":
         data = (path / "train-00000.jsonl.gz").read_bytes()
         (path / "train-00000.jsonl.gz").write_bytes(data[: len(data) // 2])
+    if isinstance(manifest, dict):  # the recorded sha256 (of the truncated bytes: the gzip reader must notice)
+        manifest["shards"][0]["sha256"] = hashlib.sha256((path / "train-00000.jsonl.gz").read_bytes()).hexdigest()
     (path / "corpus.json").write_text(json.dumps(manifest))
     return path
 
@@ -370,3 +373,56 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
             TrainConfig(kind="entropy", out_dir=str(tmp_path), **{field: value})
         assert message in str(info.value) and "\n" not in str(info.value), (field, str(info.value))
     assert TrainConfig(kind="entropy", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0
+
+
+def test_built_corpus_shards_stay_inside_the_directory_and_match_their_sha256(tmp_path):
+    from blt_decode.corpus import CorpusError
+    from blt_decode.training.corpus_code import build_code_corpus
+
+    site = tmp_path / "site"
+    _fake_dist(site, "alpha", "License-Expression: MIT\n", {"alpha/__init__.py": "A = 1\n" * 50})
+    _fake_dist(site, "beta", "License-Expression: MIT\n", {"beta/__init__.py": "B = 2\n" * 50})
+    root = tmp_path / "corpus"
+    build_code_corpus(root, paths=[str(site)], heldout=["beta"], log=lambda m: None)
+    assert load_data([str(root)]).train  # as built: readable
+    outside = tmp_path / "outside.jsonl.gz"
+    with gzip.open(outside, "wt") as fh:
+        fh.write(json.dumps({"name": "secret", "text": "not part of the corpus"}) + "\n")
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    manifest = json.loads((root / "corpus.json").read_text())
+    for file in ("../outside.jsonl.gz", str(outside), "sub/../../outside.jsonl.gz"):
+        bad = json.loads(json.dumps(manifest))
+        bad["shards"][0].update(file=file, sha256=digest)
+        (root / "corpus.json").write_text(json.dumps(bad))
+        with pytest.raises(CorpusError, match="not a path inside the corpus directory"):
+            load_data([str(root)])
+    (root / "link.jsonl.gz").symlink_to(outside)
+    bad = json.loads(json.dumps(manifest))
+    bad["shards"][0].update(file="link.jsonl.gz", sha256=digest)
+    (root / "corpus.json").write_text(json.dumps(bad))
+    with pytest.raises(CorpusError, match="resolves outside the corpus directory"):
+        load_data([str(root)])
+    # a shard changed after the build (same gzip framing, other text) no longer matches its sha256
+    (root / "corpus.json").write_text(json.dumps(manifest))
+    shard = root / manifest["shards"][0]["file"]
+    with gzip.open(shard, "wt") as fh:
+        fh.write(json.dumps({"name": "alpha/alpha/__init__.py", "text": "tampered\n"}) + "\n")
+    with pytest.raises(CorpusError, match="does not match the sha256 recorded"):
+        load_data([str(root)])
+
+
+def test_mean_patch_length_is_measured_on_the_built_code_corpus(tmp_path, entropy_dir):
+    """The built corpus's documents are of kind "site-code"; the final summary measures the mean patch
+    length on held-out code of that kind too (it looked for "code" only, so it was always None)."""
+    from blt_decode.training.corpus_code import build_code_corpus
+
+    site = tmp_path / "site"
+    source = Path(blt_decode.__file__).parent
+    _fake_dist(site, "alpha", "License-Expression: MIT\n", {"alpha/api.py": (source / "api.py").read_text()[:20000]})
+    _fake_dist(site, "beta", "License-Expression: MIT\n", {"beta/cache.py": (source / "cache.py").read_text()[:6000]})
+    build_code_corpus(tmp_path / "corpus", paths=[str(site)], heldout=["beta"], log=lambda m: None)
+    result = train(blt_config(tmp_path / "run", tmp_path / "corpus", entropy_dir, steps=1), **QUIET)
+    assert set(result.heldout_bpb) == {"site-code"}
+    assert result.mean_patch_length_code is not None and result.mean_patch_length_code > 1
+    summary = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert summary["mean_patch_length_code"] == result.mean_patch_length_code

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 import attrs
 
 from blt_decode.corpus import CorpusError
-from blt_decode.training.data import MANIFEST
+from blt_decode.training.data import MANIFEST, SITE_CODE_KIND
 
 CODE_CORPUS_VERSION = "blt-code-v1"
 #: SPDX identifiers treated as permissive (no copyleft, no field-of-use restriction)
@@ -273,7 +273,7 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
     split_files = {s: sum(len(d["files"]) for d in kept if (_norm(d["name"]) in held) == (s == "heldout"))
                    for s in ("train", "heldout")}
     manifest = {
-        "format": "blt-decode-corpus", "kind": "site-code", "version": version,
+        "format": "blt-decode-corpus", "kind": SITE_CODE_KIND, "version": version,
         "recipe": {"include": list(include), "max_bytes": max_bytes, "heldout_fraction": heldout_fraction,
                    "heldout": list(heldout), "shard_bytes": shard_bytes},
         "distributions": [{"name": d["name"], "version": d["version"], "licence": d["licence"], "files": len(d["files"]),

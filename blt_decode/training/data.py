@@ -24,11 +24,12 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import hashlib
+import io
 import json
 import queue
 import sys
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 import attrs
@@ -41,6 +42,11 @@ from blt_decode.training.presets import TrainingError
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"
+#: the document kind of the code corpus built from site-packages (``blt-decode corpus build code``)
+SITE_CODE_KIND = "site-code"
+#: held-out kinds that are Python source: the built-in stdlib corpus's and the site-packages corpus's
+#: (the final summary's mean patch length on held-out code is measured on the first one present)
+CODE_KINDS = ("code", SITE_CODE_KIND)
 BUILTIN_SOURCES = ("builtin", "stdlib", "plays")
 #: batches made in memory ahead of a --synthetic-data run: those of steps 0..63, cycled (step s uses s mod 64)
 SYNTHETIC_BATCHES = 64
@@ -117,12 +123,25 @@ def _read_shard(root: Path, shard: object, number: int) -> tuple[str, list[tuple
     split = shard.get("split")
     if split not in ("train", "heldout"):
         raise CorpusError(f"{where} ({shard['file']}) has split {split!r}; a split is 'train' or 'heldout'")
-    path = root / shard["file"]
+    relative = PurePosixPath(shard["file"])
+    # a manifest names files of its own directory: "../" or an absolute path would read anything
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\\" in shard["file"]:
+        raise CorpusError(f"{where}: {shard['file']!r} is not a path inside the corpus directory")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):  # a symlink leading out
+        raise CorpusError(f"{where}: {shard['file']!r} resolves outside the corpus directory")
     if not path.is_file():
         raise CorpusError(f"{root}: shard {shard['file']} listed in {MANIFEST} is missing")
+    recorded = shard.get("sha256")
+    if not isinstance(recorded, str):
+        raise CorpusError(f"{where} ({shard['file']}) records no sha256; `blt-decode corpus build` writes one")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != recorded.lower():
+        raise CorpusError(f"{path} does not match the sha256 recorded in {MANIFEST} (corrupt or changed since the "
+                          f"build): rebuild the corpus")
     docs = []
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
+        with gzip.open(io.BytesIO(data), "rt", encoding="utf-8") as fh:
             for line_number, line in enumerate(fh, 1):
                 record = json.loads(line)
                 if not isinstance(record, dict) or not isinstance(record.get("name"), str) \

@@ -57,7 +57,7 @@ from blt_decode.training.checkpoints import (
     trainer_state_files,
     write_checkpoint,
 )
-from blt_decode.training.data import BatchLoader, load_data
+from blt_decode.training.data import CODE_KINDS, BatchLoader, load_data
 from blt_decode.training.objective import diffusion_loss_sum, make_blocks, next_byte_loss, row_generator
 from blt_decode.training.presets import TrainingError, blt_preset, stack_preset
 
@@ -682,7 +682,8 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
     if main:
         final_model = eval_model(state) if state is not None else model
         final_eval = evaluate(final_model, corpus, config.eval_bytes_final, config.seq_len)
-        code_kind = next((d.kind for d in corpus.heldout if d.kind == "code"), None)
+        held_kinds = {d.kind for d in corpus.heldout}
+        code_kind = next((kind for kind in CODE_KINDS if kind in held_kinds), None)
         if isinstance(final_model, BLTModel) and code_kind is not None:
             patch_len = mean_patch_length(final_model, corpus.heldout_text(code_kind, config.eval_bytes_final),
                                           config.seq_len)
