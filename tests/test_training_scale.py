@@ -132,7 +132,7 @@ def test_code_corpus_licences_duplicates_and_heldout_by_distribution(tmp_path):
     shared = "def shared():\n    return 'vendored copy'\n"
     _fake_dist(site, "alpha", "License-Expression: MIT\n", {"alpha/__init__.py": "A = 1\n", "alpha/util.py": shared})
     _fake_dist(site, "beta", "Classifier: License :: OSI Approved :: BSD License\n",
-               {"beta/core.py": "def beta():\n    pass\n", "beta/_vendor/util.py": shared})
+               {"beta/core.py": "def beta():\n    pass\n", "beta/copied.py": shared})
     _fake_dist(site, "gamma", "License: GPL-3.0\n", {"gamma/x.py": "print('copyleft')\n"})
     _fake_dist(site, "delta", "", {"delta/y.py": "print('unknown licence')\n"})
     _fake_dist(site, "eps", "License-Expression: Apache-2.0 OR GPL-2.0-only\n", {"eps/z.py": "Z = 'dual'\n"})
@@ -426,3 +426,49 @@ def test_mean_patch_length_is_measured_on_the_built_code_corpus(tmp_path, entrop
     assert result.mean_patch_length_code is not None and result.mean_patch_length_code > 1
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     assert summary["mean_patch_length_code"] == result.mean_patch_length_code
+
+
+def test_code_corpus_licence_expressions_free_text_vendored_trees_and_heldout_packages(tmp_path):
+    from blt_decode.training.corpus_code import build_code_corpus
+
+    site = tmp_path / "site"
+    ok = "License-Expression: MIT\n"
+    # licences: SPDX precedence and parentheses; free text must name only permissive licences
+    _fake_dist(site, "spdx-and", "License-Expression: GPL-3.0-only AND (MIT OR Apache-2.0)\n", {"spdx_and.py": "A = 1\n"})
+    _fake_dist(site, "spdx-or", "License-Expression: (GPL-3.0-only AND MIT) OR Apache-2.0\n", {"spdx_or.py": "B = 1\n"})
+    _fake_dist(site, "spdx-bad", "License-Expression: MIT AND (BSD-3-Clause\n", {"spdx_bad.py": "C = 1\n"})
+    _fake_dist(site, "text-unknown", "License: Copyright Foo Inc., all rights reserved\n"
+               "Classifier: License :: OSI Approved :: MIT License\n", {"text_unknown.py": "D = 1\n"})
+    _fake_dist(site, "text-mixed", "License: MIT or GPL, at your option\n", {"text_mixed.py": "E = 1\n"})
+    _fake_dist(site, "text-ok", "License: Apache License, Version 2.0\n"
+               "Classifier: License :: OSI Approved\nClassifier: License :: OSI Approved :: Apache Software License\n",
+               {"text_ok.py": "F = 1\n"})
+    # a held-out distribution, a tool vendoring (an older copy of) it, a distribution installing into its
+    # package, and namespace-package neighbours
+    _fake_dist(site, "pygments", ok, {"pygments/__init__.py": "VERSION = 2\n", "pygments/lexer.py": "class Lexer: pass\n"})
+    _fake_dist(site, "tool", ok, {"tool/__init__.py": "T = 1\n", "tool/_vendor/pygments/lexer.py": "class Lexer: 1\n",
+                                  "tool/_vendor/pygments/__init__.py": "VERSION = 1\n",
+                                  "tool/sub/thirdparty_files/attr/x.py": "X = 1\n"})
+    _fake_dist(site, "pygments-plugin", ok, {"pygments/lexers_extra.py": "class Extra: pass\n"})
+    _fake_dist(site, "ns-alpha", ok, {"ns/alpha/__init__.py": "ALPHA = 1\n"})
+    _fake_dist(site, "ns-beta", ok, {"ns/beta/__init__.py": "BETA = 1\n", "ns/alpha/leak.py": "LEAK = 1\n"})
+    result = build_code_corpus(tmp_path / "out", paths=[str(site)], heldout=["pygments", "ns-alpha"], log=lambda m: None)
+    manifest = json.loads((tmp_path / "out" / "corpus.json").read_text())
+    reasons = {s["name"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {
+        "spdx-and": "not a permissive licence",
+        "spdx-bad": reasons["spdx-bad"],
+        "text-unknown": "unrecognised License text (names no known licence)",
+        "text-mixed": "not a permissive licence",
+        "pygments-plugin": "all its files belong to held-out distributions' packages",
+    }, reasons
+    assert reasons["spdx-bad"].startswith("not a valid SPDX expression")
+    assert set(result.distributions) == {"spdx-or", "text-ok", "pygments", "tool", "ns-alpha", "ns-beta"}
+    assert {(f["distribution"], f["path"], f["files"]) for f in manifest["skipped_files"]} == {
+        ("tool", "tool/_vendor", 2), ("tool", "tool/sub/thirdparty_files", 1),
+        ("pygments-plugin", "pygments", 1), ("ns-beta", "ns/alpha", 1)}
+    corpus = load_data([str(tmp_path / "out")])
+    trained = {d.name.split("/", 1)[1] for d in corpus.train}
+    assert trained == {"spdx_or.py", "text_ok.py", "tool/__init__.py", "ns/beta/__init__.py"}, trained
+    assert {d.name.split("/", 1)[1] for d in corpus.heldout} == {
+        "pygments/__init__.py", "pygments/lexer.py", "ns/alpha/__init__.py"}

@@ -5,13 +5,21 @@
 - every distribution importlib.metadata finds (``sys.path``), in name order, except this project;
 - **licences**: each distribution's metadata is read (PEP 639 ``License-Expression``, else the
   ``License`` field and the ``License ::`` classifiers); only permissive licences are kept
-  (:data:`PERMISSIVE`: MIT, BSD, Apache-2.0, ISC, PSF, ...). Copyleft (GPL, LGPL, MPL, ...), mixed and
-  unknown licences are skipped and listed in the manifest with the reason;
-- the ``.py`` files of the distribution's RECORD, UTF-8 only; **exact duplicates** (same bytes, e.g.
-  vendored copies) are kept once, the first in name order;
+  (:data:`PERMISSIVE`: MIT, BSD, Apache-2.0, ISC, PSF, ...). ``License-Expression`` is parsed as SPDX
+  (parentheses; ``WITH`` before ``AND`` before ``OR``: "GPL-3.0-only AND (MIT OR Apache-2.0)" is not
+  permissive); a free-form ``License`` field must name at least one licence and only permissive ones
+  (text naming none is not taken for a licence); every classifier naming a licence must be permissive.
+  Copyleft (GPL, LGPL, MPL, ...), mixed, unrecognised and undeclared licences are skipped and listed in
+  the manifest with the reason;
+- the ``.py`` files of the distribution's RECORD, UTF-8 only, except **vendored trees** (a directory
+  ``_vendor``, ``vendor``, ``_vendored``, ``third_party``, ``thirdparty_files``, ...: other projects' code
+  under their own licences), listed in the manifest's ``skipped_files``; **exact duplicates** are kept
+  once, the first in name order;
 - the **held-out split is by whole distribution**: distributions in the order of a hash of their name
   join the held-out set until it holds ``heldout_fraction`` of the bytes (one that alone would exceed
-  twice that is passed over), so no file of a held-out package is trained on;
+  twice that is passed over), so no file of a held-out package is trained on; a training distribution's
+  files inside a held-out distribution's import roots (its top-level packages and modules; under a
+  namespace package, its sub-package) are dropped too, and listed in ``skipped_files``;
 - the **version string** names the recipe, the Python version and every distribution with its version,
   plus a digest of all file names and contents;
 - output: ``corpus.json`` (manifest) and gzip JSONL **shards** (``{"name", "text"}`` per line), which
@@ -30,7 +38,7 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 import attrs
@@ -54,16 +62,35 @@ _CLASSIFIERS = {
     "CC0 1.0 Universal (CC0 1.0) Public Domain Dedication": "CC0-1.0", "Public Domain": "CC0-1.0",
     "Universal Permissive License (UPL)": "UPL-1.0",
 }
-#: a short free-text License field -> SPDX-like id (first match wins)
+#: licence names in a free-text ``License`` field (a name, a sentence, or the whole licence text) ->
+#: (SPDX-like id, permissive?). Every match counts: the field is accepted only when it names at least one
+#: licence and every licence it names is permissive ("MIT or GPL" names GPL).
 _FREE_TEXT = (
-    (re.compile(r"^(the )?mit( license)?\b", re.I), "MIT"),
-    (re.compile(r"^(new |modified |simplified )?bsd\b|^bsd[- ]?[23][- ]clause", re.I), "BSD"),
-    (re.compile(r"^apache( license| software license)?[ ,-]*(v(ersion)?[ -]?)?2(\.0)?\b|^apache[- ]2\.0", re.I), "APACHE-2.0"),
-    (re.compile(r"^isc\b", re.I), "ISC"),
-    (re.compile(r"^(psf|python software foundation)\b", re.I), "PSF"),
-    (re.compile(r"^(l?gpl|agpl|gnu)\b|general public license", re.I), "GPL"),
-    (re.compile(r"^(mpl|mozilla)\b", re.I), "MPL"),
+    (re.compile(r"\bMIT\b|Permission is hereby granted, free of charge", re.I), "MIT", True),
+    (re.compile(r"\bBSD\b|Redistribution and use in source and binary forms", re.I), "BSD", True),
+    (re.compile(r"\bApache\b", re.I), "APACHE-2.0", True),
+    (re.compile(r"\bISC\b|Permission to use, copy, modify, and(/or)? distribute this software for any", re.I),
+     "ISC", True),
+    (re.compile(r"\bPSF\b|Python Software Foundation", re.I), "PSF", True),
+    (re.compile(r"\bzlib\b", re.I), "ZLIB", True),
+    (re.compile(r"\bUnlicense\b", re.I), "UNLICENSE", True),
+    (re.compile(r"\bCC0\b", re.I), "CC0-1.0", True),
+    (re.compile(r"\bBoost Software License\b|\bBSL-1\.0\b", re.I), "BSL-1.0", True),
+    (re.compile(r"GPL|\bGNU\b|General Public License", re.I), "GPL", False),
+    (re.compile(r"\bMPL\b|Mozilla Public", re.I), "MPL", False),
+    (re.compile(r"\bEPL\b|Eclipse Public", re.I), "EPL", False),
+    (re.compile(r"\bCDDL\b|\bEUPL\b|\bOSL\b|\bSSPL\b|Server Side Public|Artistic License|Commons Clause|"
+                r"Business Source License|\bBUSL\b|ShareAlike|NonCommercial|non-commercial|proprietary", re.I),
+     "OTHER", False),
 )
+#: what setuptools writes into ``License`` when nothing was declared: no declaration, not a licence text
+_NO_DECLARATION = frozenset({"", "UNKNOWN", "NONE"})
+#: a classifier that names no licence ("License :: OSI Approved" alone says only that there is one)
+_NAMELESS_CLASSIFIERS = frozenset({"OSI Approved"})
+#: directories holding other projects' code (``pip/_vendor``, ``ray/.../thirdparty_files``): it comes
+#: under those projects' licences, not the distribution's, and often is a copy of another distribution
+#: (pip vendors Pygments), so it is skipped
+_VENDORED = re.compile(r"^_?(vendor|vendored|third_?party|third_?party_files)$", re.I)
 #: distributions that are not "code no one here wrote"
 EXCLUDED = frozenset({"blt-decode"})
 
@@ -80,46 +107,136 @@ class Licence:
     permissive: bool
     source: str  #: where it was read: License-Expression, License, Classifier, or none
     text: str  #: the declaration, shortened, for the manifest
+    #: why it is not accepted (empty when permissive): the reason listed with the skipped distribution
+    reason: str = ""
+
+
+class _Malformed(ValueError):
+    """Not an SPDX expression (unbalanced parentheses, a missing operator or operand)."""
+
+
+def _spdx(expression: str) -> tuple[bool, tuple[str, ...]]:
+    """(permissive?, ids) of an SPDX license expression, parsed with its grammar: parentheses group,
+    ``WITH`` binds tightest, then ``AND``, then ``OR`` ("A AND (B OR C)" needs A and one of B, C).
+    ``A OR B`` is permissive when one alternative is, ``A AND B`` when both are; ``A WITH exception`` is
+    judged as A (the exceptions used in practice, e.g. LLVM-exception, only grant more); an id outside
+    :data:`PERMISSIVE` (copyleft, ``LicenseRef-...``, unknown) is not. Raises :class:`_Malformed`."""
+    tokens = re.findall(r"\(|\)|[^\s()]+", expression)
+    ids: list[str] = []
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position].upper() if position < len(tokens) else None
+
+    def take() -> str:
+        nonlocal position
+        if position >= len(tokens):
+            raise _Malformed("the expression ends early")
+        position += 1
+        return tokens[position - 1]
+
+    def disjunction() -> bool:
+        value = conjunction()
+        while peek() == "OR":
+            take()
+            value = conjunction() or value  # both sides parsed: every id is collected
+        return value
+
+    def conjunction() -> bool:
+        value = operand()
+        while peek() == "AND":
+            take()
+            value = operand() and value
+        return value
+
+    def operand() -> bool:
+        token = take()
+        if token == "(":
+            value = disjunction()
+            if take() != ")":
+                raise _Malformed("unbalanced parentheses")
+        elif token == ")" or token.upper() in ("AND", "OR", "WITH"):
+            raise _Malformed(f"{token!r} where a licence id belongs")
+        else:
+            licence = token.upper().removesuffix("+")
+            ids.append(licence)
+            value = licence in PERMISSIVE
+        if peek() == "WITH":
+            take()
+            exception = take()
+            if exception in ("(", ")") or exception.upper() in ("AND", "OR", "WITH"):
+                raise _Malformed("WITH without an exception id")
+        return value
+
+    if not tokens:
+        raise _Malformed("empty")
+    result = disjunction()
+    if position != len(tokens):
+        raise _Malformed(f"{tokens[position]!r} after a complete expression")
+    return result, tuple(ids)
 
 
 def _expression_permissive(expression: str) -> tuple[bool, tuple[str, ...]]:
-    # SPDX: "A OR B" is permissive when one alternative is; "A AND B" when all are; "WITH exc" adds an
-    # exception to A (the exceptions used in practice, e.g. LLVM-exception, only grant more)
-    cleaned = re.sub(r"[()]", " ", expression)
-    cleaned = re.sub(r"\bWITH\s+\S+", " ", cleaned, flags=re.I)
-    ids = tuple(t.upper().removesuffix("+") for t in cleaned.split() if t.upper() not in ("AND", "OR"))
+    """:func:`_spdx`, with a malformed expression not permissive (it cannot be judged)."""
+    try:
+        return _spdx(expression)
+    except _Malformed:
+        return False, ()
 
-    def permissive(alternative: str) -> bool:
-        terms = [t.strip().upper().removesuffix("+") for t in re.split(r"\bAND\b", alternative, flags=re.I) if t.strip()]
-        return bool(terms) and all(t in PERMISSIVE for t in terms)
 
-    return any(permissive(alt) for alt in re.split(r"\bOR\b", cleaned, flags=re.I)), ids
+def _free_text(field: str) -> tuple[bool, tuple[str, ...]] | None:
+    """(permissive?, ids) of a free-form ``License`` field, judged by every licence it names: the ids of
+    an SPDX-looking field ("MIT", "MIT OR Apache-2.0", "GPLv2"), else the names :data:`_FREE_TEXT` finds
+    in it; None when it names none (unrecognised text is never taken for a permissive licence). Unlike
+    ``License-Expression``, an "or" here is not trusted to be a choice: "MIT or GPL" is refused."""
+    try:
+        _, ids = _spdx(field)
+        return all(i in PERMISSIVE for i in ids), ids
+    except _Malformed:
+        pass
+    named = [(spdx, ok) for pattern, spdx, ok in _FREE_TEXT if pattern.search(field)]
+    if not named:
+        return None
+    return all(ok for _, ok in named), tuple(dict.fromkeys(spdx for spdx, _ in named))
 
 
 def read_licence(meta: "metadata.PackageMetadata") -> Licence:
     """Classify a distribution's licence from its metadata (conservative: unknown is not permissive)."""
     expression = (meta.get("License-Expression") or "").strip()
     if expression:
-        ok, ids = _expression_permissive(expression)
-        return Licence(ids, ok, "License-Expression", expression[:120])
+        try:
+            ok, ids = _spdx(expression)
+        except _Malformed as exc:
+            return Licence((), False, "License-Expression", expression[:120], f"not a valid SPDX expression ({exc})")
+        return Licence(ids, ok, "License-Expression", expression[:120], "" if ok else "not a permissive licence")
+    field = (meta.get("License") or "").strip()
+    # the manifest shows the first line that says something (licence texts may open with a rule of "=")
+    first_line = next((line.strip()[:120] for line in field.splitlines() if re.search(r"\w", line)), "")
     evidence: list[str] = []
     sources = []
-    field = (meta.get("License") or "").strip()
-    if field and len(field) <= 200:
-        for pattern, spdx in _FREE_TEXT:
-            if pattern.search(field):
-                evidence.append(spdx)
-                sources.append("License")
-                break
+    permissive = True
+    if field.upper() not in _NO_DECLARATION:
+        judged = _free_text(field)
+        if judged is None:
+            return Licence((), False, "License", first_line, "unrecognised License text (names no known licence)")
+        ok, ids = judged
+        evidence += ids
+        permissive &= ok
+        sources.append("License")
     for classifier in meta.get_all("Classifier") or []:
         if classifier.startswith("License ::"):
             name = classifier.split("::")[-1].strip()
-            evidence.append(_CLASSIFIERS.get(name, name.upper()))
+            if name in _NAMELESS_CLASSIFIERS:
+                continue
+            spdx = _CLASSIFIERS.get(name, name.upper())
+            evidence.append(spdx)
+            permissive &= spdx in PERMISSIVE
             sources.append("Classifier")
     if not evidence:
-        return Licence((), False, "none", field.splitlines()[0][:120] if field else "")
-    text = field.splitlines()[0][:120] if field else "; ".join(evidence)
-    return Licence(tuple(evidence), all(e in PERMISSIVE for e in evidence), "+".join(dict.fromkeys(sources)), text)
+        return Licence((), False, "none", first_line, "no licence in the metadata")
+    text = first_line or "; ".join(evidence)
+    return Licence(tuple(evidence), permissive, "+".join(dict.fromkeys(sources)), text,
+                   "" if permissive else "not a permissive licence")
 
 
 @attrs.frozen
@@ -137,6 +254,9 @@ class BuildResult:
     skipped: tuple[dict, ...]  #: {"name", "version", "licence", "reason"} per skipped distribution
     duplicates: int
     seconds: float
+    #: {"distribution", "version", "path", "files", "reason"} per directory left out of a distribution that
+    #: is otherwise kept: vendored trees, and packages of a held-out distribution
+    skipped_files: tuple[dict, ...] = ()
 
 
 def _distributions(paths: Sequence[str] | None) -> list[metadata.Distribution]:
@@ -173,6 +293,68 @@ def _shards(records: Iterable[tuple[str, str]], out: Path, prefix: str, shard_by
     return shards
 
 
+def _vendored_tree(rel: str) -> str | None:
+    """The vendored directory ``rel`` lies in (``pip/_vendor``), or None."""
+    parts = PurePosixPath(rel).parts
+    for i, part in enumerate(parts[:-1]):
+        if _VENDORED.match(part):
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def _module_path(rel: str) -> tuple[str, ...]:
+    """The dotted module path of an installed file as a tuple: ``pygments/lexers/python.py`` ->
+    ``("pygments", "lexers", "python")``; ``six.py`` -> ``("six",)``."""
+    parts = PurePosixPath(rel).parts
+    return parts[:-1] + (parts[-1].removesuffix(".py"),)
+
+
+def _package_roots(modules: set[str]) -> set[tuple[str, ...]]:
+    """The import roots a distribution owns: its top-level modules and regular packages (``pygments``),
+    and for a namespace package shared by several distributions (``google/``, no ``__init__.py``) the
+    sub-package it installs under it (``google.auth``)."""
+    roots = set()
+    for rel in modules:
+        path = _module_path(rel)
+        if len(path) == 1 or f"{path[0]}/__init__.py" in modules:
+            roots.add(path[:1])
+        else:
+            roots.add(path[:2])
+    return roots
+
+
+def _drop_heldout_packages(kept: list[dict], held: set[str], skipped: list[dict],
+                           skipped_files: list[dict]) -> list[dict]:
+    """Training distributions without the files that belong to a held-out distribution's packages (a
+    copy of ``pygments`` installed by another distribution would teach the held-out code). A training
+    distribution left with no file is skipped."""
+    roots = {root: d["name"] for d in kept if _norm(d["name"]) in held for root in _package_roots(d["modules"])}
+    if not roots:
+        return kept
+    result = []
+    for d in kept:
+        if _norm(d["name"]) in held:
+            result.append(d)
+            continue
+        files, dropped = [], {}
+        for entry in d["files"]:
+            path = _module_path(entry[3])
+            root = next((path[:n] for n in (1, 2) if path[:n] in roots), None)
+            if root is None:
+                files.append(entry)
+            else:
+                dropped[root] = dropped.get(root, 0) + 1
+        for root, count in sorted(dropped.items()):
+            skipped_files.append({"distribution": d["name"], "version": d["version"], "path": "/".join(root),
+                                  "files": count, "reason": f"a package of the held-out distribution {roots[root]}"})
+        if not files:
+            skipped.append({"name": d["name"], "version": d["version"], "licence": d["licence"],
+                            "reason": "all its files belong to held-out distributions' packages"})
+            continue
+        result.append(dict(d, files=files, bytes=sum(f[2] for f in files)))
+    return result
+
+
 def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_bytes: int | None = None,
                       heldout_fraction: float = 0.02, heldout: Sequence[str] = (), shard_bytes: int = 32 << 20,
                       paths: Sequence[str] | None = None, log: Callable[[str], None] = print) -> BuildResult:
@@ -189,6 +371,7 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
     patterns = [p.lower() for p in include]
     kept: list[dict] = []
     skipped: list[dict] = []
+    skipped_files: list[dict] = []
     seen: set[bytes] = set()
     duplicates = 0
     total = 0
@@ -200,14 +383,20 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
             break
         licence = read_licence(dist.metadata)
         if not licence.permissive:
-            reason = "no licence in the metadata" if licence.source == "none" else "not a permissive licence"
-            skipped.append({"name": name, "version": version, "licence": licence.text, "reason": reason})
+            skipped.append({"name": name, "version": version, "licence": licence.text, "reason": licence.reason})
             continue
         files = []
+        modules: set[str] = set()  # every .py the distribution installs (empty ones too): its package layout
+        vendored: dict[str, int] = {}
         for entry in sorted(dist.files or [], key=str):
             rel = str(entry)
             if not rel.endswith(".py") or ".." in Path(rel).parts:
                 continue
+            tree = _vendored_tree(rel)
+            if tree is not None:
+                vendored[tree] = vendored.get(tree, 0) + 1
+                continue
+            modules.add(PurePosixPath(rel).as_posix())
             path = Path(str(dist.locate_file(entry)))
             try:
                 data = path.read_bytes()
@@ -221,15 +410,18 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
                 duplicates += 1
                 continue
             seen.add(digest)
-            files.append((f"{name}/{rel}", text, len(data)))
+            files.append((f"{name}/{rel}", text, len(data), PurePosixPath(rel).as_posix()))
             total += len(data)
             if max_bytes is not None and total >= max_bytes:
                 break
+        for tree, count in vendored.items():
+            skipped_files.append({"distribution": name, "version": version, "path": tree, "files": count,
+                                  "reason": "vendored code (other projects', under their own licences)"})
         if not files:
             skipped.append({"name": name, "version": version, "licence": licence.text, "reason": "no Python sources"})
             continue
         kept.append({"name": name, "version": version, "licence": licence.text, "files": files,
-                     "bytes": sum(f[2] for f in files)})
+                     "bytes": sum(f[2] for f in files), "modules": modules})
     if not kept:
         raise CorpusError("no distribution with a permissive licence and Python sources matched"
                           + (f" --dist {' '.join(include)}" if include else ""))
@@ -252,9 +444,10 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
             size += d["bytes"]
         if not held:  # every distribution is large: hold out the smallest
             held.add(_norm(min(kept, key=lambda d: d["bytes"])["name"]))
+    kept = _drop_heldout_packages(kept, held, skipped, skipped_files)
     h = hashlib.sha256()
     for d in kept:
-        for file_name, text, _ in d["files"]:
+        for file_name, text, *_ in d["files"]:
             h.update(file_name.encode())
             h.update(hashlib.sha256(text.encode("utf-8")).digest())
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -267,7 +460,7 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
     shards = []
     for split, chosen in (("train", [d for d in kept if _norm(d["name"]) not in held]),
                           ("heldout", [d for d in kept if _norm(d["name"]) in held])):
-        shards += _shards(((f, t) for d in chosen for f, t, _ in d["files"]), tmp, split, shard_bytes)
+        shards += _shards(((f, t) for d in chosen for f, t, *_ in d["files"]), tmp, split, shard_bytes)
     split_bytes = {s: sum(d["bytes"] for d in kept if (_norm(d["name"]) in held) == (s == "heldout"))
                    for s in ("train", "heldout")}
     split_files = {s: sum(len(d["files"]) for d in kept if (_norm(d["name"]) in held) == (s == "heldout"))
@@ -279,7 +472,7 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
         "distributions": [{"name": d["name"], "version": d["version"], "licence": d["licence"], "files": len(d["files"]),
                            "bytes": d["bytes"], "split": "heldout" if _norm(d["name"]) in held else "train"}
                           for d in kept],
-        "skipped": skipped, "duplicates_removed": duplicates,
+        "skipped": skipped, "skipped_files": skipped_files, "duplicates_removed": duplicates,
         "train_bytes": split_bytes["train"], "heldout_bytes": split_bytes["heldout"], "shards": shards,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -293,6 +486,9 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
         f"removed, {len(shards)} shards, {seconds:.1f}s")
     for s in skipped:
         log(f"  skipped {s['name']} {s['version']}: {s['reason']} ({s['licence'] or 'none declared'})")
+    for f in skipped_files:
+        log(f"  skipped {f['path']}/ of {f['distribution']} {f['version']} ({f['files']} files): {f['reason']}")
     return BuildResult(str(out), version, split_bytes["train"], split_bytes["heldout"], split_files["train"],
                        split_files["heldout"], tuple(d["name"] for d in kept),
-                       tuple(d["name"] for d in kept if _norm(d["name"]) in held), tuple(skipped), duplicates, seconds)
+                       tuple(d["name"] for d in kept if _norm(d["name"]) in held), tuple(skipped), duplicates, seconds,
+                       tuple(skipped_files))
