@@ -98,3 +98,31 @@ def test_train_help_describes_the_three_paths():
     for needle in ("From a released checkpoint", "--init blt-1b", "On your data", "--data", "From scratch",
                    "--entropy-model", "torchrun --nproc_per_node", "--parallel fsdp", "train plot"):
         assert needle in out.stdout, needle
+
+
+def test_docs_execution_options_are_the_ones_resume_accepts():
+    """The options training.md calls execution options (--resume accepts new values) are exactly
+    EXECUTION_OPTIONS; --bf16 changes the numerics and is not one of them."""
+    from blt_decode.training.loop import EXECUTION_OPTIONS
+
+    text = DOC.read_text()
+    paragraph = text[text.index("Execution options ("):]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    listed = {flag.split("/")[0] for flag in re.findall(r"`(--[a-z0-9-]+(?:/--[a-z0-9-]+)?)", paragraph)} - {"--resume"}
+    expected = {"--" + name.removesuffix("_s").replace("_", "-") for name in EXECUTION_OPTIONS - {"out_dir"}}
+    assert listed == expected, (listed, expected)
+    assert "bf16" not in paragraph
+
+
+def test_docs_name_modules_that_exist_and_the_heldout_rule_as_coded():
+    root = DOC.parents[1]
+    text = DOC.read_text()
+    for path in set(re.findall(r"`(blt_decode/[\w/]+\.py)`", text)):
+        assert (root / path).is_file(), path
+    # one document per source is held out only when the source has two or more (data._split)
+    from blt_decode.corpus import Document
+    from blt_decode.training.data import _split
+
+    one = [Document("d:a", "d", b"x")]
+    assert _split(one, 0.5) == (one, [])
+    assert "single document" in text and "at least one document per\nsource)" not in text
