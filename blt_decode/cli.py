@@ -307,7 +307,7 @@ One process or many: --device cuda|cpu (bf16 autocast on CUDA by default), --com
   torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
 
 The loss: next-byte cross-entropy on the clean sequence plus the block masked-diffusion loss (a block
-of B bytes at every patch start but BOS, t ~ U(0,1) per block, bytes masked with probability t, masked
+of B bytes at every patch start but BOS, t ~ U(0.001, 1) per block, bytes masked with probability t, masked
 positions weighted by 1/t; B cycles through --block-sizes). Checkpoints (config.json +
 model.safetensors, plus trainer_state.json + trainer_state.safetensors; no pickle) go to
 OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues from
@@ -398,7 +398,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                     help="under torchrun: ddp (replicas) or fsdp (sharded weights and optimizer state) (default: %(default)s)")
     tr.add_argument("--synthetic-data", action="store_true",
-                    help="train on the run's first 64 batches made in memory before the clock starts (cycled): "
+                    help="train on 64 batches made in memory before the clock starts (step s uses batch s mod 64): "
                          "the same compute without the data pipeline, to measure what it costs")
     tr.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead by the loader thread (default: %(default)s)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
