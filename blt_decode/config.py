@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Literal, Mapping
 
 import attrs
 
+from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
 from blt_decode.errors import ConfigError
 from blt_decode.tokenizer import VOCAB_SIZE
 
@@ -22,39 +22,11 @@ def ffn_dim_for(dim: int, multiple_of: int = 256) -> int:
 # model (a string threshold used to load and fail only at generation). The checks raise ConfigError with one
 # line naming the field, the allowed values and what was given; attrs' own validators would put a repr of
 # the whole ``Attribute(...)`` into the message.
-def _int(value: Any) -> Any:
-    """Converter: integer types (numpy's too) to int; anything else is left for the validator to refuse."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
-
-
-def _float(value: Any) -> Any:
-    """Converter: real numbers (ints included: JSON writes 10000.0 as 10000) to float, bools excluded."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond float range: left as is, refused as not finite
-            return value
-    return value
-
-
 def _int_tuple(value: Any) -> Any:
     """Converter: a list or tuple to a tuple of converted ints; anything else is left for the validator."""
     if isinstance(value, (list, tuple)):
-        return tuple(_int(v) for v in value)
+        return tuple(to_int(v) for v in value)
     return value
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so that a refused value cannot flood the message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def is_int(value: Any) -> bool:
-    """A genuine integer: ``True``/``False`` are not sizes."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def integer(minimum: int, *, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -65,7 +37,7 @@ def integer(minimum: int, *, optional: bool = False) -> Callable[[Any, attrs.Att
         if value is None and optional:
             return
         if not is_int(value) or value < minimum:
-            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
 
     return check
 
@@ -75,8 +47,8 @@ def finite(*, positive: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
     allowed = "a finite number" + (" > 0" if positive else "")
 
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not isinstance(value, float) or not math.isfinite(value) or (positive and value <= 0):
-            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+        if not finite_in_range(value, 0.0 if positive else None, low_open=True):
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
 
     return check
 
@@ -84,7 +56,7 @@ def finite(*, positive: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
 def boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """Validator: ``True`` or ``False`` (not 0/1, not a string)."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be True or False (true or false in JSON), got {_show(value)}")
+        raise ConfigError(f"{attribute.name} must be True or False (true or false in JSON), got {show(value)}")
 
 
 def one_of(*options: str) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -93,7 +65,7 @@ def one_of(*options: str) -> Callable[[Any, attrs.Attribute, Any], None]:
 
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if not isinstance(value, str) or value not in options:
-            raise ConfigError(f"{attribute.name} must be one of {allowed}, got {_show(value)}")
+            raise ConfigError(f"{attribute.name} must be one of {allowed}, got {show(value)}")
 
     return check
 
@@ -102,7 +74,7 @@ def _group_sizes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """Validator: a tuple of ints >= 1 (the converter has made a list a tuple)."""
     if not isinstance(value, tuple) or not all(is_int(n) and n >= 1 for n in value):
         shown = list(value) if isinstance(value, tuple) else value  # as the JSON file spells it
-        raise ConfigError(f"{attribute.name} must be a list of integers >= 1, got {_show(shown)}")
+        raise ConfigError(f"{attribute.name} must be a list of integers >= 1, got {show(shown)}")
 
 
 def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -113,7 +85,7 @@ def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
             return
         if not isinstance(value, TransformerConfig):
             allowed = "a TransformerConfig" + (" or None" if optional else "")
-            raise ConfigError(f"{attribute.name} must be {allowed}, got {_show(value)}")
+            raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
 
     return check
 
@@ -122,15 +94,15 @@ def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
 class TransformerConfig:
     """One stack of Llama-style blocks (the encoder, global model, decoder or entropy model)."""
 
-    dim: int = attrs.field(converter=_int, validator=integer(1))
-    n_layers: int = attrs.field(converter=_int, validator=integer(0))
-    n_heads: int = attrs.field(converter=_int, validator=integer(1))
-    ffn_dim: int = attrs.field(converter=_int, validator=integer(1))
-    n_kv_heads: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
+    dim: int = attrs.field(converter=to_int, validator=integer(1))
+    n_layers: int = attrs.field(converter=to_int, validator=integer(0))
+    n_heads: int = attrs.field(converter=to_int, validator=integer(1))
+    ffn_dim: int = attrs.field(converter=to_int, validator=integer(1))
+    n_kv_heads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
     #: sliding attention window in positions (None = full causal attention)
-    sliding_window: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
-    rope_theta: float = attrs.field(default=10000.0, converter=_float, validator=finite(positive=True))
-    norm_eps: float = attrs.field(default=1e-5, converter=_float, validator=finite(positive=True))
+    sliding_window: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
+    rope_theta: float = attrs.field(default=10000.0, converter=to_float, validator=finite(positive=True))
+    norm_eps: float = attrs.field(default=1e-5, converter=to_float, validator=finite(positive=True))
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -161,23 +133,23 @@ class BLTConfig:
     decoder: TransformerConfig = attrs.field(validator=_stack())
     #: the entropy model that drives patching (None for static patching)
     entropy_model: TransformerConfig | None = attrs.field(default=None, validator=_stack(optional=True))
-    vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=_int, validator=integer(1))
+    vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=to_int, validator=integer(1))
     #: cross-attention slots per patch ("k" in the paper; 2 in the released models)
-    cross_attn_k: int = attrs.field(default=2, converter=_int, validator=integer(1))
-    cross_attn_nheads: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
+    cross_attn_k: int = attrs.field(default=2, converter=to_int, validator=integer(1))
+    cross_attn_nheads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
     #: decoder cross-attention before every layer (released) or only the first
     cross_attn_all_layers_decoder: bool = attrs.field(default=True, validator=boolean)
     encoder_hash_byte_group_size: tuple[int, ...] = attrs.field(
         default=(3, 4, 5, 6, 7, 8), converter=_int_tuple, validator=_group_sizes)
-    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=_int, validator=integer(1))
-    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=_int, validator=integer(0))
+    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=to_int, validator=integer(1))
+    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=to_int, validator=integer(0))
     patching_mode: PatchingMode = attrs.field(default="entropy", validator=one_of("entropy", "static"))
     #: entropy threshold θ: byte t+1 starts a patch when H(t) > θ
-    patching_threshold: float = attrs.field(default=1.335442066192627, converter=_float, validator=finite())
+    patching_threshold: float = attrs.field(default=1.335442066192627, converter=to_float, validator=finite())
     #: forced boundary after this many bytes in a patch (None = no limit); the patch size in static mode
-    max_patch_length: int | None = attrs.field(default=None, converter=_int, validator=integer(1, optional=True))
+    max_patch_length: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
     #: the longest sequence (BOS + prompt + generated bytes) the model accepts
-    max_seqlen: int = attrs.field(default=4096, converter=_int, validator=integer(1))
+    max_seqlen: int = attrs.field(default=4096, converter=to_int, validator=integer(1))
 
     def __attrs_post_init__(self) -> None:
         if self.patching_mode == "entropy" and self.entropy_model is None:

@@ -13,13 +13,13 @@ string ``"none"``, ``top_k: int | None`` turns ``"none"`` into ``None`` and ``"8
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from typing import Any, Iterable, Literal, Sequence, Union
 
 import attrs
 
+from blt_decode.checks import finite_in_range, is_int, to_float
 from blt_decode.errors import InvalidOptionsError
 
 
@@ -32,11 +32,6 @@ def _describe_range(lo: float | None, hi: float | None, *, lo_open: bool = False
     if hi is not None:
         return f"{'<' if hi_open else '<='} {hi}"
     return ""
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass: True must never be read as 1
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def integer(default: int | None, *, minimum: int | None = None, maximum: int | None = None,
@@ -52,15 +47,10 @@ def integer(default: int | None, *, minimum: int | None = None, maximum: int | N
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None and optional or isinstance(value, str) and value in also:
             return
-        if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             raise InvalidOptionsError(f"option {attribute.name!r} must be {allowed}, got {value!r}")
 
     return attrs.field(default=default, validator=check)
-
-
-def _to_float(value: Any) -> Any:
-    # ints become floats; anything else is left for the validator to reject with a clear message
-    return float(value) if _is_int(value) else value
 
 
 def number(default: float | None, *, minimum: float | None = None, maximum: float | None = None,
@@ -72,15 +62,10 @@ def number(default: float | None, *, minimum: float | None = None, maximum: floa
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None and optional:
             return
-        ok = isinstance(value, float) and math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if minimum_open else value >= minimum
-        if ok and maximum is not None:
-            ok = value < maximum if maximum_open else value <= maximum
-        if not ok:
+        if not finite_in_range(value, minimum, maximum, low_open=minimum_open, high_open=maximum_open):
             raise InvalidOptionsError(f"option {attribute.name!r} must be {allowed}, got {value!r}")
 
-    return attrs.field(default=default, converter=_to_float, validator=check)
+    return attrs.field(default=default, converter=to_float, validator=check)
 
 
 def choice(default: str, choices: Sequence[str]) -> Any:

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
+from blt_decode.checks import finite_in_range, is_int, show, to_float
 from blt_decode.checkpoint import load_native
 from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.model import BLTModel, EntropyModel, diffusion_forward, init_weights
@@ -73,34 +74,14 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", 
 # Every field is checked when the config is made, so a bad value is one TrainingError line naming the
 # option and what it allows (the CLI prints it and exits 2) instead of a failure deep inside the run
 # (a negative seed killed the batch thread, eval_every 0 divided by zero, a NaN lr trained on NaNs).
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is not a count
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _real(value: Any) -> Any:
-    """Converter: real numbers (ints and numpy scalars too, not bools) to float; anything else is left
-    for the validator to refuse."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond float range: refused as not finite
-            return value
-    return value
-
-
 def _integer(flag: str, least: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
     allowed = f"an integer >= {least}" + (" (or unset)" if optional else "")
 
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value is None and optional:
             return
-        if not _is_int(value) or value < least:
-            raise TrainingError(f"{flag} must be {allowed}, got {_show(value)}")
+        if not is_int(value) or value < least:
+            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
     return check
 
 
@@ -118,27 +99,22 @@ def _number(flag: str, low: float | None = None, high: float | None = None, *, l
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value is None and optional:
             return
-        ok = isinstance(value, float) and math.isfinite(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
-            raise TrainingError(f"{flag} must be {allowed}, got {_show(value)}")
+        if not finite_in_range(value, low, high, low_open=low_open, high_open=high_open):
+            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
     return check
 
 
 def _flag(flag: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if not isinstance(value, bool) and not (optional and value is None):
-            raise TrainingError(f"{flag} must be True or False{' (or unset)' if optional else ''}, got {_show(value)}")
+            raise TrainingError(f"{flag} must be True or False{' (or unset)' if optional else ''}, got {show(value)}")
     return check
 
 
 def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value not in options:
-            raise TrainingError(f"{flag} must be one of {', '.join(options)}, got {_show(value)}")
+            raise TrainingError(f"{flag} must be one of {', '.join(options)}, got {show(value)}")
     return check
 
 
@@ -146,7 +122,7 @@ def _block_sizes(value: Any) -> tuple[int, ...]:
     sizes = tuple(value) if isinstance(value, (list, tuple)) else ()
     # integers of any kind (numpy's too), never a bool or a float that int() would cut
     if not sizes or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in sizes):
-        raise TrainingError(f"--block-sizes must be one or more integers >= 1, got {_show(value)}")
+        raise TrainingError(f"--block-sizes must be one or more integers >= 1, got {show(value)}")
     return tuple(int(b) for b in sizes)
 
 
@@ -162,16 +138,16 @@ class TrainConfig:
     #: sequences per optimizer step, over all processes and micro-batches (the global batch)
     batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1))
     steps: int = attrs.field(default=1000, validator=_integer("--steps", 1))
-    lr: float = attrs.field(default=2e-3, converter=_real, validator=_number("--lr", 0, low_open=True))
+    lr: float = attrs.field(default=2e-3, converter=to_float, validator=_number("--lr", 0, low_open=True))
     #: the cosine schedule ends at this share of the peak learning rate
-    min_lr_ratio: float = attrs.field(default=0.1, converter=_real, validator=_number("min_lr_ratio", 0, 1))
+    min_lr_ratio: float = attrs.field(default=0.1, converter=to_float, validator=_number("min_lr_ratio", 0, 1))
     warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0))
-    weight_decay: float = attrs.field(default=0.01, converter=_real, validator=_number("weight_decay", 0))
-    grad_clip: float = attrs.field(default=1.0, converter=_real, validator=_number("grad_clip", 0, low_open=True))
+    weight_decay: float = attrs.field(default=0.01, converter=to_float, validator=_number("weight_decay", 0))
+    grad_clip: float = attrs.field(default=1.0, converter=to_float, validator=_number("grad_clip", 0, low_open=True))
     #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
     seed: int = attrs.field(default=0, validator=_integer("--seed", 0))
     #: stop (and checkpoint) after this many seconds of training; None = run all steps
-    time_budget_s: float | None = attrs.field(default=None, converter=_real,
+    time_budget_s: float | None = attrs.field(default=None, converter=to_float,
                                               validator=_number("--time-budget", 0, optional=True))
     eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1))
     #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
@@ -188,7 +164,7 @@ class TrainConfig:
     #: file-name patterns for directories given to --data (empty = every non-binary file)
     include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: share of the documents of each user data source held out for evaluation (by name hash)
-    heldout_fraction: float = attrs.field(default=0.01, converter=_real,
+    heldout_fraction: float = attrs.field(default=0.01, converter=to_float,
                                           validator=_number("--heldout-fraction", 0, 1, high_open=True))
     #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
     #: without the data pipeline, to measure what the pipeline costs; not for real runs
@@ -212,12 +188,12 @@ class TrainConfig:
     init: str | None = None
     block_sizes: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_block_sizes)
     #: the smallest diffusion time; avoids 1/t blowing up (t ~ U(t_min, 1))
-    t_min: float = attrs.field(default=1e-3, converter=_real, validator=_number("t_min", 0, 1, low_open=True, high_open=True))
+    t_min: float = attrs.field(default=1e-3, converter=to_float, validator=_number("t_min", 0, 1, low_open=True, high_open=True))
     #: θ is set so that patches on the training stream average this many bytes (from scratch only)
     #: (> 1: the calibration takes the 1 - 1/target quantile of the entropies)
-    target_patch_length: float = attrs.field(default=4.5, converter=_real,
+    target_patch_length: float = attrs.field(default=4.5, converter=to_float,
                                              validator=_number("--target-patch-length", 1, low_open=True))
-    diffusion_weight: float = attrs.field(default=1.0, converter=_real, validator=_number("diffusion_weight", 0))
+    diffusion_weight: float = attrs.field(default=1.0, converter=to_float, validator=_number("diffusion_weight", 0))
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
