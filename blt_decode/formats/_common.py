@@ -11,15 +11,18 @@ import json
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from blt_decode.checks import show
 from blt_decode.config import BLTConfig
 from blt_decode.errors import CheckpointError, ConfigError
 from blt_decode.model import BLTModel
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 _MISSING = object()
 
@@ -152,7 +155,7 @@ class FieldReader:
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-            raise self.fail(key, f"must be a finite number, got {_short(value)}")
+            raise self.fail(key, f"must be a finite number, got {show(value)}")
         if positive and value <= 0:
             raise self.fail(key, f"is out of range: must be > 0, got {value}")
         return float(value)
@@ -183,12 +186,6 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a 5000-digit number need not be quoted in full)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def build_config(source: str, **kwargs: Any) -> BLTConfig:
@@ -223,19 +220,24 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, t
             )
 
 
-def meta_model(config: BLTConfig, source: str = "config") -> BLTModel:
-    """A model with ``config`` on the meta device (no memory, no initialisation).
+def on_meta(make: Callable[[], ModuleT], source: str) -> ModuleT:
+    """``make()`` built on the meta device (no memory, no initialisation).
 
-    Sizes that pass the config's checks can still describe a tensor torch cannot represent (a hash table of
+    Sizes that pass a config's checks can still describe a tensor torch cannot represent (a hash table of
     2**62 rows of 32 values overflows the byte count); that is reported against ``source``.
     """
     try:
         with torch.device("meta"):
-            return BLTModel(config)
+            return make()
     except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(
             f"{source}: the config describes tensors too large to build ({_first_line(str(exc))})"
         ) from None
+
+
+def meta_model(config: BLTConfig, source: str = "config") -> BLTModel:
+    """A model with ``config`` on the meta device (see :func:`on_meta`)."""
+    return on_meta(lambda: BLTModel(config), source)
 
 
 def expected_shapes(config: BLTConfig, source: str = "config") -> dict[str, tuple[int, ...]]:
@@ -255,8 +257,14 @@ def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: 
     The model is built on the meta device and the tensors are assigned, so nothing is randomly
     initialised and a tensor the checkpoint lacks cannot go unnoticed. ``dtype`` defaults to float32.
     """
-    model = meta_model(config, source)
-    check_tensors({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, source)
+    return assign_tensors(meta_model(config, source), tensors, source, dtype=dtype, device=device)
+
+
+def assign_tensors(module: ModuleT, tensors: Mapping[str, torch.Tensor], source: str, *,
+                   dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> ModuleT:
+    """``module`` (built on the meta device) holding ``tensors``, each checked first by name, shape,
+    dtype and finiteness and copied into owned, aligned storage of ``dtype`` (default float32)."""
+    check_tensors({k: tuple(v.shape) for k, v in module.state_dict().items()}, tensors, source)
     for name, tensor in tensors.items():
         if tensor.dtype not in WEIGHT_DTYPES:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
@@ -267,8 +275,8 @@ def build_model(config: BLTConfig, tensors: Mapping[str, torch.Tensor], source: 
     target_dtype = dtype or torch.float32
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     state = {k: owned_copy(v, target_dtype, target_device) for k, v in tensors.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
 
 
 def owned_copy(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -93,23 +93,9 @@ def _stack_config(fields: Mapping[str, Any], source: str) -> TransformerConfig:
 def build_byte_lm(cfg: TransformerConfig, tensors: Mapping[str, torch.Tensor], source: str) -> EntropyModel:
     """A float32 byte LM holding ``tensors``, checked by name, shape, dtype and finiteness first (built on
     the meta device, so a config that does not match its tensors allocates nothing)."""
-    from blt_decode.formats._common import WEIGHT_DTYPES, check_tensors, owned_copy
+    from blt_decode.formats._common import assign_tensors, on_meta
 
-    try:
-        with torch.device("meta"):
-            module = EntropyModel(cfg, VOCAB_SIZE)
-    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-        raise CheckpointError(f"{source}: the config describes tensors too large to build ({exc})") from None
-    check_tensors({k: tuple(v.shape) for k, v in module.state_dict().items()}, tensors, source)
-    for name, tensor in tensors.items():
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                                  f"weights must be floating point")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or infinite values")
-    state = {k: owned_copy(v, torch.float32, torch.device("cpu")) for k, v in tensors.items()}
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval()
+    return assign_tensors(on_meta(lambda: EntropyModel(cfg, VOCAB_SIZE), source), tensors, source)
 
 
 def save_any(model: BLTModel | EntropyModel, path: Path, metadata: dict[str, Any],
