@@ -6,7 +6,7 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import blt_decode as bd
@@ -36,8 +36,18 @@ def requests(draw, *, strategies=MIXED):
                       seed=draw(st.integers(0, 1000)))
 
 
+def _structural_unmasking_tie(model, batch) -> bool:
+    """Does a BLT-D block outrun the decoder's attention window? Its masked positions past the window
+    then see only [MASK]s and the same latent: their confidences are equal in exact arithmetic, so which
+    one unmasks first is decided by rounding, which batching changes (found by hypothesis: window 2,
+    block 4). Real models' windows (512 bytes) exceed any block (at most 64)."""
+    window = model.config.decoder.sliding_window
+    return window is not None and any(r.strategy == "blt-d" and r.options["block_size"] > window for r in batch)
+
+
 @given(model=testing.tiny_models(), batch=st.lists(requests(), min_size=1, max_size=7), batch_size=st.integers(1, 4))
 def test_batched_equals_alone(model, batch, batch_size):
+    assume(not _structural_unmasking_tie(model, batch))
     testing.assert_batched_equals_alone(model, batch, batch_size=batch_size)
 
 
