@@ -12,8 +12,9 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import plugins, tokenizer
-from blt_decode.errors import InvalidRequestError
+from blt_decode.checks import is_int
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
+from blt_decode.errors import InvalidRequestError
 from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's model loading lives there
     DEFAULT_MODEL_DIR,
     default_model_available,
@@ -25,6 +26,7 @@ from blt_decode.model import BLTModel
 from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, prepare
 from blt_decode.stats import DecodeStats
 from blt_decode.trace import Trace
+
 
 # -- generation ---------------------------------------------------------------------------------------
 class Stream:
@@ -150,7 +152,7 @@ def score(model: str | Path | BLTModel, data: str | bytes, *, chunk_bytes: int |
     if not raw:
         raise InvalidRequestError("score needs at least one byte")
     chunk = model.config.max_seqlen - 1 if chunk_bytes is None else chunk_bytes
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 < chunk < model.config.max_seqlen:
+    if not is_int(chunk) or not 0 < chunk < model.config.max_seqlen:
         raise InvalidRequestError(f"chunk_bytes must be an integer in 1..{model.config.max_seqlen - 1}, got {chunk!r}")
     parts = []
     for lo in range(0, len(raw), chunk):

@@ -34,6 +34,7 @@ import torch
 
 from blt_decode import plugins
 from blt_decode.cache import RowLayout
+from blt_decode.checks import is_int
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
@@ -200,10 +201,9 @@ class Engine:
 
     def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
                  max_capacity: int | None = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        if not is_int(max_batch) or max_batch < 1:
             raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if max_capacity is not None and (isinstance(max_capacity, bool) or not isinstance(max_capacity, int)
-                                         or max_capacity < 1):
+        if max_capacity is not None and (not is_int(max_capacity) or max_capacity < 1):
             raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
         self.backend = plugins.get_backend(backend)

@@ -16,6 +16,7 @@ import attrs
 
 from blt_decode import options as options_mod
 from blt_decode import plugins, tokenizer
+from blt_decode.checks import is_int
 from blt_decode.errors import InvalidRequestError, PromptTooLongError
 
 #: new bytes generated when a caller does not say
@@ -83,7 +84,7 @@ def stop_sequences(stop: Any) -> tuple[bytes, ...]:
 
 def check_max_new_bytes(value: Any) -> int:
     """``value`` if it is a valid ``max_new_bytes`` (an int >= 0, not a bool), else InvalidRequestError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise InvalidRequestError(f"max_new_bytes must be an integer >= 0, got {value!r}")
     return value
 
@@ -93,7 +94,7 @@ def check_seed(value: Any) -> int:
     system's random source (never from, and never touching, torch's or Python's global random state)."""
     if value is None:
         return secrets.randbits(31)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
         raise InvalidRequestError(f"seed must be an integer in 0..2**64-1, got {value!r}")
     return value
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from blt_decode.checks import show
+from blt_decode.checks import is_int, show
 from blt_decode.config import BLTConfig
 from blt_decode.errors import CheckpointError, ConfigError
 from blt_decode.model import BLTModel
@@ -144,7 +144,7 @@ class FieldReader:
         # JSON writers sometimes store integers as floats (2048.0); accept those, nothing else
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise self.fail(key, f"must be an integer{' or null' if optional else ''}, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.fail(key, f"is out of range: must be >= {minimum}, got {value}")
