@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -42,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.checks import finite_in_range, is_int, show, to_float
+from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
 from blt_decode.checkpoint import load_native
 from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.model import BLTModel, EntropyModel, diffusion_forward, init_weights
@@ -119,11 +118,11 @@ def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None
 
 
 def _block_sizes(value: Any) -> tuple[int, ...]:
-    sizes = tuple(value) if isinstance(value, (list, tuple)) else ()
     # integers of any kind (numpy's too), never a bool or a float that int() would cut
-    if not sizes or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in sizes):
+    sizes = tuple(to_int(b) for b in value) if isinstance(value, (list, tuple)) else ()
+    if not sizes or not all(is_int(b) and b >= 1 for b in sizes):
         raise TrainingError(f"--block-sizes must be one or more integers >= 1, got {show(value)}")
-    return tuple(int(b) for b in sizes)
+    return sizes
 
 
 @attrs.frozen
