@@ -301,7 +301,8 @@ From scratch, in two steps:
      blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
   blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
 
-One process or many: --device cuda|cpu (bf16 autocast on CUDA by default), --compile, --grad-accum N,
+One process or many: --device cuda|cpu (bf16 autocast by default on CUDA and on CPUs with AMX or
+AVX-512 BF16), --compile, --grad-accum N,
 --activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
 (--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
   torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
@@ -389,7 +390,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
     tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast (default: on for cuda, off for cpu, where it helps only with bf16 units)")
+                    help="bfloat16 autocast, float32 master weights (default: on for cuda and for CPUs with native "
+                         "bfloat16 instructions, amx_bf16 or avx512_bf16; off elsewhere, where it is slower)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step's transformer layers")
     tr.add_argument("--grad-accum", type=int, default=1, metavar="N",
                     help="micro-batches per process per step; --batch-size must divide by processes x N (default: %(default)s)")
