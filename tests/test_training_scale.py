@@ -474,3 +474,26 @@ def test_code_corpus_licence_expressions_free_text_vendored_trees_and_heldout_pa
     assert trained == {"spdx_or.py", "text_ok.py", "tool/__init__.py", "ns/beta/__init__.py"}, trained
     assert {d.name.split("/", 1)[1] for d in corpus.heldout} == {
         "pygments/__init__.py", "pygments/lexer.py", "ns/alpha/__init__.py"}
+
+
+# -- train-bench ---------------------------------------------------------------------------------------
+def test_train_bench_measures_presets_and_precisions_side_by_side(tmp_path, data_dir):
+    out = run(CLI + ["train-bench", "--presets", "tiny", "--precisions", "float32,bfloat16", "--batch-size", "2",
+                     "--seq-len", "32", "--steps", "2", "--warmup", "1", "--block-sizes", "4", "--data", str(data_dir),
+                     "--json", str(tmp_path / "tb.json")], timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "| tiny | float32 | 2 x 32 |" in out.stdout and "| tiny | bfloat16 | 2 x 32 |" in out.stdout
+    result = json.loads((tmp_path / "tb.json").read_text())
+    assert result["gemm_bf16_gflops"] > 0 and result["gemm_f32_gflops"] > 0
+    with torch.device("meta"):
+        counts = blt_decode.BLTModel(BLT_PRESETS["tiny"]).param_counts()
+    positions = 2 * 32  # batch x seq: encoder and decoder run over every byte, the decoder also over blocks
+    least = 6 * (counts.encoder + counts.decoder) * positions
+    most = 6 * (counts.encoder + counts.global_ + counts.decoder * (1 + 4)) * positions
+    for row in result["rows"]:
+        assert row["bytes_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_rss_mb"] > 50
+        assert least < row["model_tflop_per_step"] * 1e12 < most
+    for args, message in ((["--presets", "huge"], "unknown BLT preset 'huge'"),
+                          (["--precisions", "float16"], "precisions are float32, bfloat16")):
+        bad = run(CLI + ["train-bench"] + args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
