@@ -450,7 +450,7 @@ def _cmd_train_bench(args: argparse.Namespace) -> int:
 
     result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                             warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
-                            block_sizes=args.block_sizes, progress=progress)
+                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
     print(throughput.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -474,6 +474,7 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
     tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
                     help="(default: 4 8 16)")
+    tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
     tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     _add_threads_argument(tb)
     tb.set_defaults(func=_cmd_train_bench)
