@@ -362,6 +362,33 @@ def test_pickled_code_is_refused_not_executed(saved, tmp_path):
     assert not (tmp_path / "side_effect").exists()
 
 
+@pytest.mark.parametrize("write", ["plain pickle", "torch.save"])
+def test_a_refused_pickle_is_one_line_without_torchs_warning_or_advice(saved, tmp_path, write):
+    """A plain pickle (protocol 4) made torch print a three-line warning before the one error line, and
+    torch's own message advises loading with weights_only=False, which would run the code."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    path = saved("original")
+    _Exploit.target = str(tmp_path / "side_effect")
+    payload = {"model": {"norm.weight": torch.ones(32)}, "payload": _Exploit()}
+    target = path / "entropy_model/consolidated.pth"
+    if write == "plain pickle":
+        target.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, target)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # warnings shown, as a user sees them
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", "generate", "--model", str(path), "x"],
+                         capture_output=True, text=True, env=env)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "refusing to execute pickled code" in lines[0] and "consolidated.pth" in lines[0]
+    assert "weights_only" not in lines[0] and ("GLOBAL" in lines[0] or "Unsupported" in lines[0]), lines[0]
+    assert not (tmp_path / "side_effect").exists()
+
+
 # -- corrupted checkpoints: one typed line naming the file and the field ----------------------------------
 def _json(file: str, edit):
     """A corruption that edits the JSON object in ``file``."""
