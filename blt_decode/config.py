@@ -87,7 +87,7 @@ def _group_sizes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """Validator: a tuple of at most MAX_SMALL ints in 1..MAX_SMALL (the converter has made a list a tuple)."""
     if not isinstance(value, tuple) or len(value) > MAX_SMALL or not all(is_int(n) and 1 <= n <= MAX_SMALL for n in value):
         shown = list(value) if isinstance(value, tuple) else value  # as the JSON file spells it
-        raise ConfigError(f"{attribute.name} must be a list of at most {MAX_SMALL} integers in 1..{MAX_SMALL}, got {show(shown)}")
+        raise ConfigError(f"{attribute.name} must be a list of integers in 1..{MAX_SMALL} (at most {MAX_SMALL} of them), got {show(shown)}")
 
 
 def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
