@@ -19,6 +19,7 @@ import torch
 
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
+from blt_decode.checks import int_argument
 from blt_decode.errors import BLTDecodeError
 
 PROG = "blt-decode"
@@ -555,41 +556,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_non_negative_int = int_argument(0)
+_positive_int = int_argument(1)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    from blt_decode.engine import MAX_BATCH
+
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}")
     return sizes
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
 
 
 def _slots(text: str) -> int:
     """Requests decoded at once by one engine: 1..MAX_BATCH, checked before any file or model is read."""
     from blt_decode.engine import MAX_BATCH
 
-    value = _positive_int(text)
-    if value > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..{MAX_BATCH} (the engine's max_batch bound), got {value}")
-    return value
+    return int_argument(1, MAX_BATCH)(text)
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -314,16 +314,19 @@ def _seconds(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # every count is checked by argparse: a bad one is one line before any server starts (--concurrency 0
     # used to wait forever for a connection from an empty pool, with the server child running)
-    from blt_decode.cli import _non_negative_int, _positive_int, _slots
+    from blt_decode.checks import int_argument
+    from blt_decode.engine import MAX_BATCH
+
+    counts, sizes = int_argument(1), int_argument(0)
 
     parser.add_argument("--model", default="default", help="model spec served and compared (default: %(default)s)")
-    parser.add_argument("--requests", type=_positive_int, default=64, help="(default: %(default)s)")
-    parser.add_argument("--concurrency", type=_positive_int, default=16, help="concurrent streaming clients (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=_non_negative_int, default=128, help="new bytes per request (default: %(default)s)")
+    parser.add_argument("--requests", type=counts, default=64, help="(default: %(default)s)")
+    parser.add_argument("--concurrency", type=counts, default=16, help="concurrent streaming clients (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=sizes, default=128, help="new bytes per request (default: %(default)s)")
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                         help="cycled over the requests; NAME[:key=value+key=value] (default: %(default)s)")
-    parser.add_argument("--max-batch", type=_slots, default=16, help="the server's engine slots (default: %(default)s)")
-    parser.add_argument("--ray-replicas", type=_non_negative_int, default=0, metavar="N",
+    parser.add_argument("--max-batch", type=int_argument(1, MAX_BATCH), default=16, help="the server's engine slots (default: %(default)s)")
+    parser.add_argument("--ray-replicas", type=sizes, default=0, metavar="N",
                         help="also measure Ray Serve with N replicas on a local Ray cluster (needs the ray extra)")
     parser.add_argument("--skip-server", action="store_true", help="measure only Ray Serve")
     parser.add_argument("--no-baseline", action="store_true", help="skip the batch-1 loop (and the output check)")
