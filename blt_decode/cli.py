@@ -323,7 +323,8 @@ From scratch, in two steps:
      blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
   blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
 
-One process or many: --device cuda|cpu (bf16 autocast on CUDA by default), --compile, --grad-accum N,
+One process or many: --device cuda|cpu (bf16 autocast by default on CUDA and on CPUs with AMX or
+AVX-512 BF16), --compile, --grad-accum N,
 --activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
 (--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
   torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
@@ -413,7 +414,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
     tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast (default: on for cuda, off for cpu, where it helps only with bf16 units)")
+                    help="bfloat16 autocast, float32 master weights (default: on for cuda and for CPUs with native "
+                         "bfloat16 instructions, amx_bf16 or avx512_bf16; off elsewhere, where it is slower)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step's transformer layers")
     tr.add_argument("--grad-accum", type=int, default=1, metavar="N",
                     help="micro-batches per process per step; --batch-size must divide by processes x N (default: %(default)s)")
@@ -452,6 +454,53 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
                           "seconds": round(result.seconds, 1)}, indent=1))
         return 0
     raise BLTDecodeError(f"unknown corpus action {args.action!r}")
+
+
+def _cmd_train_bench(args: argparse.Namespace) -> int:
+    from blt_decode.training import presets as preset_table
+    from blt_decode.training import throughput
+
+    names = [p for p in args.presets.split(",") if p]
+    for name in names:
+        preset_table.blt_preset(name)  # an unknown preset fails here, before any measuring
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in throughput.PRECISIONS]
+    if bad or not precisions or not names:
+        raise BLTDecodeError(f"--presets and --precisions need at least one entry; precisions are "
+                             f"{', '.join(throughput.PRECISIONS)}, got {args.precisions!r}")
+
+    def progress(preset: str, precision: str, rate: float) -> None:
+        print(f"{PROG} train-bench: {preset} {precision}: {rate:.0f} training bytes/s", file=sys.stderr)
+
+    result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                            warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
+                            block_sizes=args.block_sizes, progress=progress)
+    print(throughput.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
+    tb = sub.add_parser("train-bench", help="training throughput of model shapes x precisions side by side "
+                                            "(bytes/s, MFU, peak memory; docs/training.md)")
+    tb.add_argument("--presets", default="default,blt-10m,blt-40m", help="comma-separated BLT presets or .json files "
+                                                                         "(default: %(default)s)")
+    tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
+                                                                     "(default: %(default)s)")
+    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
+    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
+    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
+    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
+    tb.add_argument("--repeats", type=_positive_int, default=1,
+                    help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
+    tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
+    tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
+                    help="(default: 4 8 16)")
+    tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    _add_threads_argument(tb)
+    tb.set_defaults(func=_cmd_train_bench)
 
 
 def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
@@ -645,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
+    _add_train_bench_parser(sub)
     _add_corpus_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
     _add_model_arguments(ex, dtype=False)

