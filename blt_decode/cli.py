@@ -726,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=_cmd_bench)
 
     _add_serve_parsers(sub)
+    from blt_decode.evaluation.commands import add_eval_parser
+
+    add_eval_parser(sub)
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser
