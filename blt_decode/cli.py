@@ -742,6 +742,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "lm-eval"]:  # every argument is lm-eval's: its own parser reads them
+        from blt_decode.evaluation.commands import lm_eval_main
+
+        return lm_eval_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # bare `blt-decode`: say what there is

@@ -10,6 +10,7 @@ import torch
 import blt_decode as bd
 from blt_decode import bench, prompt_sets
 from blt_decode.cli import main
+from blt_decode.evaluation import before_stop
 from blt_decode.evaluation import humaneval as he
 from blt_decode.evaluation.sandbox import SandboxConfig, run_program
 
@@ -32,9 +33,9 @@ def test_pass_at_k_refuses_impossible_counts(n, c, k):
 
 
 def test_a_completion_ends_where_the_first_stop_sequence_begins():
-    assert he.completion_of(b"    return x\n\ndef g():\n    pass\nif 1:", STOPS) == b"    return x\n"
-    assert he.completion_of(b"    return x\n", STOPS) == b"    return x\n"
-    assert he.completion_of(b"\nprint(1)", STOPS) == b""
+    assert before_stop(b"    return x\n\ndef g():\n    pass\nif 1:", STOPS) == b"    return x\n"
+    assert before_stop(b"    return x\n", STOPS) == b"    return x\n"
+    assert before_stop(b"\nprint(1)", STOPS) == b""
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_run_decodes_batched_as_alone_records_everything_and_resumes(tmp_path, m
         alone = bd.generate(model, problems[int(r["task_id"].split("/")[1])]["prompt"], strategy=spec.strategy,
                             max_new_bytes=24, stop=list(STOPS), seed=0, **spec.options)
         assert bytes.fromhex(r["output_bytes_hex"]) == alone.output
-        assert r["completion"] == he.completion_of(alone.output, STOPS).decode("utf-8", "replace")
+        assert r["completion"] == before_stop(alone.output, STOPS).decode("utf-8", "replace")
 
     # resume: a finished run does nothing again (no engine is even built)
     import blt_decode.engine
@@ -97,6 +98,12 @@ def test_run_decodes_batched_as_alone_records_everything_and_resumes(tmp_path, m
     redone = _records(out)[len(kept):]
     assert sorted(r["kind"] for r in redone) == ["completion", "result", "timing"]
     assert all(r.get("task_id", "HumanEval/1") == "HumanEval/1" for r in redone)
+
+    # a larger limit extends the file with the new problems only
+    before = len(_records(out))
+    wider = he.run_humaneval(model, specs, out, limit=3, max_new_bytes=24, progress=False)
+    added = _records(out)[before:]
+    assert {r["task_id"] for r in added if "task_id" in r} == {"HumanEval/2"} and wider.rows[0].problems == 3
 
 
 def test_known_correct_completions_pass_through_the_runner(tmp_path, model, problems):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from blt_decode import cli as base
+from blt_decode.errors import BLTDecodeError
 
 
 def _cmd_humaneval(args: argparse.Namespace) -> int:
@@ -35,6 +36,49 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
         humaneval.plot(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def lm_eval_main(forwarded: list[str]) -> int:
+    """``blt-decode eval lm-eval ARGS...``: lm-eval's own command line with the ``blt-decode`` model
+    registered (``--model blt-decode`` unless another is given; ``--device cpu`` unless given or a GPU is
+    there, where lm-eval's default cuda:0 applies), then the decoding statistics. The
+    arguments go to lm-eval untouched, which is why :func:`blt_decode.cli.main` hands them over before
+    its own parser sees them."""
+    try:
+        return _lm_eval(forwarded)
+    except BLTDecodeError as exc:  # a bad --model_args value, or the eval extra missing: one line
+        print(f"{base.PROG}: error: {base._one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _lm_eval(forwarded: list[str]) -> int:
+    from blt_decode.evaluation import harness  # registers the model (or says which extra is missing)
+    from lm_eval.__main__ import cli_evaluate
+
+    if not any(a == "--model" or a.startswith("--model=") for a in forwarded) and "--help" not in forwarded \
+            and "-h" not in forwarded:
+        forwarded = ["--model", harness.NAME, *forwarded]
+    if not any(a == "--device" or a.startswith("--device=") for a in forwarded):
+        import torch  # lm-eval's default device is cuda:0; without a GPU that default cannot be meant
+
+        forwarded = [*forwarded, "--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
+    saved, sys.argv = sys.argv, ["lm-eval", *forwarded]
+    done = len(harness.INSTANCES)
+    try:
+        cli_evaluate()
+        status = 0
+    except SystemExit as exc:  # lm-eval's argparse and its own exits
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        sys.argv = saved
+    ran = harness.INSTANCES[done:]
+    if ran:
+        print(harness.format_statistics(ran))
+    return status
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    return lm_eval_main(list(args.lm_eval_args))
 
 
 def _positive_float(text: str) -> float:
@@ -84,3 +128,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--workers", type=base._positive_int, default=2, help="programs run at once (default: %(default)s)")
     base._add_threads_argument(he)
     he.set_defaults(func=_cmd_humaneval)
+
+    lm = kinds.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with blt-decode as its model",
+                          description="Runs lm-eval's own command line (every lm-eval flag works: --tasks, --model_args, "
+                                      "--include_path, --limit, --output_path, ...) with the model 'blt-decode' "
+                                      "registered and --model blt-decode unless another is given, then prints the "
+                                      "decoding statistics. --model_args takes model=SPEC,strategy=NAME,backend=NAME,"
+                                      "batch_size=N,dtype=NAME,device=NAME,seed=N and the strategy's options "
+                                      "(e.g. model=default,strategy=blt-s,k=8). Needs pip install 'blt-decode[eval]'.",
+                          add_help=False)
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments (see 'blt-decode eval lm-eval --help')")
+    lm.set_defaults(func=_cmd_lm_eval)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from blt_decode import bench, jobs, prompt_sets, tokenizer
 from blt_decode.errors import BLTDecodeError
-from blt_decode.evaluation import sandbox
+from blt_decode.evaluation import before_stop, sandbox
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.request import Request, prepare
@@ -64,12 +64,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def completion_of(output: bytes, stops: Sequence[bytes]) -> bytes:
-    """The completion a program is made of: the output up to where the first stop sequence begins."""
-    cut = min((i for i in (output.find(s) for s in stops) if i >= 0), default=len(output))
-    return output[:cut]
 
 
 def program(problem: dict[str, str], completion: bytes) -> bytes:
@@ -200,6 +194,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
     from blt_decode.engine import Engine
 
     problems = prompt_sets.humaneval_problems()
+    problems_fingerprint = _problems_fingerprint(problems)  # of all problems: a larger --limit extends a file
     if limit is not None:
         if not 1 <= limit <= len(problems):
             raise HumanEvalError(f"limit must be in 1..{len(problems)} (the problems HumanEval has), got {limit}")
@@ -217,7 +212,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
     stops = tuple(s.encode() for s in STOP_SEQUENCES)
     output = Path(output)
     run = {"kind": "run", "id": "run", "model": str(label), "model_fingerprint": model_fingerprint(model),
-           "problems_fingerprint": _problems_fingerprint(problems), "max_new_bytes": max_new_bytes,
+           "problems_fingerprint": problems_fingerprint, "max_new_bytes": max_new_bytes,
            "stop": list(STOP_SEQUENCES), "timeout_s": sandbox_config.timeout_s, "memory_mb": sandbox_config.memory_mb,
            "sandbox": sandbox.isolation(sandbox_config)}
     records = _read_records(output)
@@ -255,7 +250,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
                     new_bytes += len(s.output)
                     record = {"kind": "completion", "id": _key(w.label, w.problem["task_id"], w.sample), "strategy": w.label,
                               "task_id": w.problem["task_id"], "sample": w.sample,
-                              "completion": tokenizer.display(completion_of(s.output, stops)),
+                              "completion": tokenizer.display(before_stop(s.output, stops)),
                               "output_bytes_hex": s.output.hex(), "stats": s.stats.to_dict()}
                     completed[record["id"]] = record
                     lines.append(record)
@@ -272,7 +267,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(unjudged), desc="humaneval tests", unit="program", disable=not progress) as bar:
         futures = {pool.submit(sandbox.run_program,
-                               program(by_task[r["task_id"]], completion_of(bytes.fromhex(r["output_bytes_hex"]), stops)),
+                               program(by_task[r["task_id"]], before_stop(bytes.fromhex(r["output_bytes_hex"]), stops)),
                                sandbox_config): r for r in unjudged}
         for future in as_completed(futures):
             r, execution = futures[future], future.result()
