@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import plugins, tokenizer
-from blt_decode.checks import is_int
+from blt_decode.checks import is_int, show
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import InvalidRequestError
 from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's model loading lives there
@@ -23,7 +23,7 @@ from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's m
     with_config,
 )
 from blt_decode.model import BLTModel
-from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, prepare
+from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, check_flag, prepare
 from blt_decode.sampling import NEVER_GENERATED, greedy
 from blt_decode.stats import DecodeStats
 from blt_decode.trace import Trace
@@ -41,6 +41,7 @@ class Stream:
                  **options: Any):
         # Everything that can fail on bad input fails here, before any decoding starts.
         self.backend = plugins.get_backend(backend)
+        check_flag("trace", trace)
         request = Request(prompt, strategy=strategy, options=options, max_new_bytes=max_new_bytes, stop=stop, seed=seed)
         self.model = load_model(model)
         self.request = prepare(request, self.model.config.max_seqlen)
@@ -86,7 +87,8 @@ def generate(model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str
     Extra keyword arguments are the strategy's options (see ``blt-decode strategies``). Generation stops
     at EOS (not included), after a stop sequence (included; a str or bytes is one stop sequence, a list
     holds several), or at ``max_new_bytes``. Without a ``seed``, sampling strategies get one drawn from
-    the operating system (global random state is never touched); the seed used is in ``stats.seed``.
+    the operating system (global random state is never touched); the seed used is in ``stats.seed``
+    (None when the decoding drew no random numbers, as greedy decoding does not).
     With ``trace=True`` the result carries the decoding events (:mod:`blt_decode.trace`). Bad arguments
     raise a :class:`~blt_decode.errors.BLTDecodeError` naming what is wrong before any decoding.
     """
@@ -98,22 +100,41 @@ def generate(model: str | Path | BLTModel, prompt: str | bytes, *, strategy: str
 
 
 def generate_many(model: str | Path | BLTModel, prompts: Sequence[str | bytes | Request], *,
-                  strategy: str = "autoregressive", backend: str = "eager", batch_size: int = 16,
-                  max_new_bytes: int = DEFAULT_MAX_NEW_BYTES, stop: str | bytes | Sequence[str | bytes] = (),
+                  strategy: str | None = None, backend: str = "eager", batch_size: int = 16,
+                  max_new_bytes: int | None = None, stop: str | bytes | Sequence[str | bytes] | None = None,
                   seed: int | None = None, progress: bool = False, **options: Any) -> list[Generation]:
     """Generate for many prompts at once with the batched :class:`~blt_decode.engine.Engine`; returns one
     :class:`Generation` per prompt, in input order, each exactly what :func:`generate` gives for it alone.
 
-    ``prompts`` holds prompts (str/bytes; the keyword arguments apply to each) or
-    :class:`~blt_decode.request.Request` objects (each with its own strategy, options, seed and limits).
-    Every request is validated before any decoding starts. ``batch_size`` requests decode at a time
-    (continuous batching: a finished request's slot goes to the next one at once). A request that fails
-    raises its error after the others have finished."""
+    ``prompts`` is a list (or other sequence) of prompts, str or bytes: the keyword arguments ``strategy``
+    (default autoregressive), ``max_new_bytes`` (default 256), ``stop``, ``seed`` and the strategy's
+    options apply to each. It may also hold :class:`~blt_decode.request.Request` objects, each with its
+    own strategy, options, seed and limits; those keyword arguments are then refused (they would apply to
+    some prompts and not to others), while ``backend``, ``batch_size`` and ``progress`` concern the whole
+    call. A bare str or bytes is refused (it is one prompt, not a list of them). Every request is validated
+    before any decoding starts. ``batch_size`` requests decode at a time (continuous batching: a finished
+    request's slot goes to the next one at once). A request that fails raises its error after the others
+    have finished."""
     from blt_decode.engine import Engine
 
+    if isinstance(prompts, (str, bytes, bytearray)):
+        raise InvalidRequestError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
+                                  f"({show(prompts, 40)}): write [prompt] to generate for it alone")
+    if not isinstance(prompts, Sequence):
+        raise InvalidRequestError(f"prompts must be a list of prompts (str or bytes) or Requests, got {type(prompts).__name__}")
+    check_flag("progress", progress)
+    per_call = {name: value for name, value in (("strategy", strategy), ("max_new_bytes", max_new_bytes),
+                                                  ("stop", stop), ("seed", seed)) if value is not None}
+    per_call.update(options)
+    if per_call and any(isinstance(p, Request) for p in prompts):
+        raise InvalidRequestError(
+            f"generate_many got Request objects and call-level {', '.join(sorted(per_call))}: a Request carries its "
+            "own strategy, options, limits and seed, so give them in each Request (or pass plain prompts)")
     model = load_model(model)
     requests = [p if isinstance(p, Request) else
-                Request(p, strategy=strategy, options=options, max_new_bytes=max_new_bytes, stop=stop, seed=seed)
+                Request(p, strategy=strategy or "autoregressive", options=options,
+                        max_new_bytes=DEFAULT_MAX_NEW_BYTES if max_new_bytes is None else max_new_bytes,
+                        stop=() if stop is None else stop, seed=seed)
                 for p in prompts]
     engine = Engine(model, backend=backend, max_batch=batch_size)
     for r in requests:  # validate every request before queueing any

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from blt_decode import api, options, plugins, tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig, ffn_dim_for
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, install_hint
 from blt_decode.model import BLTModel, ParamCounts
 from blt_decode.prompt_sets import Prompt
 from blt_decode.stats import DecodeStats, ForwardPasses, bandwidth_gb
@@ -389,7 +389,23 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(result: BenchResult) -> str:
+#: the compact table's columns (the full table, ``bench --full`` and the JSON, has every figure)
+COMPACT_HEAD = ("| strategy | backend | encoder | global | decoder | vs AR | bytes/s | first byte ms | acceptance "
+                "| exact = AR | chrF |")
+
+
+def markdown(result: BenchResult, *, full: bool = False) -> str:
+    """The result as Markdown: a compact table that fits a terminal (passes that decide the cost, the
+    Eq. 8 ratio to AR, speed, acceptance, quality) and the notes; ``full``: every column."""
+    if not full:
+        lines = [COMPACT_HEAD, "|" + "---|" * (COMPACT_HEAD.count("|") - 1)]
+        for r in result.rows:
+            ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
+            lines.append(f"| {r.label} | {r.backend} | {r.passes.encoder} | {r.passes.global_} | {r.passes.decoder} "
+                         f"| {_fmt(r.bandwidth_vs_ar, '.3f')} | {r.bytes_per_second:.1f} | {_fmt(ttfb, '.1f')} "
+                         f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} |")
+        return "\n".join(lines) + "\n\n" + _notes(result) + "(--full shows every column: projections to BLT-1B/3B, " \
+            "decode bytes/s, blocks, bits/byte, ...)\n" + _throughput(result)
     proj = list(result.rows[0].projected_vs_ar) if result.rows else []
     head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
@@ -406,6 +422,14 @@ def markdown(result: BenchResult) -> str:
               f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
               f"| {r.bits_per_byte_under_ar:.3f} |"
         )
+    return "\n".join(lines) + "\n\n" + _notes(result) + _throughput(result)
+
+
+def _throughput(result: BenchResult) -> str:
+    return "\n" + throughput_markdown(result.throughput) if result.throughput else ""
+
+
+def _notes(result: BenchResult) -> str:
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
              + ", ".join(f"{k} {v:.1f}" for k, v in result.warmup_s.items())]
@@ -421,10 +445,7 @@ def markdown(result: BenchResult) -> str:
         notes.append(note)
     elif result.hf_note:
         notes.append(f"transformers comparison not run: {result.hf_note}")
-    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-    if result.throughput:
-        text += "\n" + throughput_markdown(result.throughput)
-    return text
+    return "\n".join(notes) + "\n"
 
 
 def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
@@ -443,7 +464,7 @@ def require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise BLTDecodeError("--plot needs matplotlib: pip install 'blt-decode[bench]'")
+        raise BLTDecodeError(f"--plot needs matplotlib: {install_hint('bench')}")
 
 
 def plot(result: BenchResult, path: str | Path) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -18,6 +19,7 @@ import torch
 
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
+from blt_decode.checks import int_argument
 from blt_decode.errors import BLTDecodeError
 
 PROG = "blt-decode"
@@ -84,17 +86,22 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
         raise CLIError("--input needs --output (the JSONL file results are appended to)")
     if args.json:
         raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
+    jobs.check_output_path(args.input, args.output)
     model = model_from_args(args)
     defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
                 "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
     items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
     _compile_note(args.backend)
+    started = time.perf_counter()
     if args.ray is not None:
         summary = _run_job_on_ray(args, items)
     else:
         summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
-    print(f"{summary.done} requests done ({summary.new_bytes} new bytes), {summary.skipped} already in {args.output}"
-          + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
+    wall = time.perf_counter() - started
+    if not args.quiet:
+        print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
+              f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
+              + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
     return 1 if summary.failed else 0
 
 
@@ -132,7 +139,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out.flush()
     out.write(b"\n")
     out.flush()
+    if not args.quiet:
+        _print_summary(stream)
     return 0
+
+
+def _print_summary(stream: api.Stream) -> None:
+    """The statistics of one generation on stderr (``--quiet`` leaves them out; ``--json`` has them all)."""
+    from blt_decode.stats import autoregressive_passes, summary
+
+    stats = stream.stats
+    assert stats is not None and stream.output is not None
+    reference = autoregressive_passes(stream.model, stream.prompt, stream.output, stats.new_tokens)
+    lines = summary(stats, reference if reference != stats.passes else None)
+    lines[0] += f"; {stream.strategy.name} on {stream.backend.name}"
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr)
 
 
 def _run_job_on_ray(args: argparse.Namespace, items: list) -> Any:
@@ -223,12 +245,12 @@ def _port(text: str) -> int:
 def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
                         description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
-                                    "/metrics; needs pip install 'blt-decode[serve]' (see docs/serving.md)")
+                                    "/metrics; needs the serve extra: pip install -e \".[serve]\" (see docs/serving.md)")
     _add_model_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
     sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
-    sv.add_argument("--max-batch", type=_positive_int, default=16,
+    sv.add_argument("--max-batch", type=_slots, default=16,
                     help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
     sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
@@ -337,11 +359,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
         eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-        threads=args.threads, entropy_model=args.entropy_model, init=args.init, block_sizes=tuple(args.block_sizes),
-        target_patch_length=args.target_patch_length, data=tuple(args.data), include=tuple(args.include),
-        heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data, device=args.device,
-        compile=args.compile, grad_accum=args.grad_accum, activation_checkpointing=args.activation_checkpointing,
-        parallel=args.parallel, prefetch=args.prefetch,
+        threads=args.threads, entropy_model=args.entropy_model, init=args.init, data=tuple(args.data),
+        include=tuple(args.include), heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data,
+        device=args.device, compile=args.compile, grad_accum=args.grad_accum,
+        activation_checkpointing=args.activation_checkpointing, parallel=args.parallel, prefetch=args.prefetch,
+        # unset: the config's defaults; set, the config refuses them where they do not apply
+        **({"block_sizes": tuple(args.block_sizes)} if args.block_sizes is not None else {}),
+        **({"target_patch_length": args.target_patch_length} if args.target_patch_length is not None else {}),
     )
     training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
@@ -379,10 +403,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                     help="sequences per optimizer step over all processes and micro-batches (default: %(default)s)")
     tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
     tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
-    tr.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16],
-                    help="diffusion block sizes B, cycled per step (kind blt) (default: %(default)s)")
-    tr.add_argument("--target-patch-length", type=float, default=4.5,
-                    help="theta is calibrated so patches average this many bytes (kind blt from scratch) (default: %(default)s)")
+    tr.add_argument("--block-sizes", type=int, nargs="+", default=None,
+                    help="diffusion block sizes B, cycled per step (kind blt only) (default: 4 8 16)")
+    tr.add_argument("--target-patch-length", type=float, default=None,
+                    help="theta is calibrated so patches average this many bytes (kind blt from scratch only) (default: 4.5)")
     tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
     tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
     tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
@@ -571,7 +595,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
                              batch_sizes=args.batch_sizes)
-    print(bench.markdown(result))
+    print(bench.markdown(result, full=args.full))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
@@ -581,31 +605,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_non_negative_int = int_argument(0)
+_positive_int = int_argument(1)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    from blt_decode.engine import MAX_BATCH
+
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}")
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
+def _slots(text: str) -> int:
+    """Requests decoded at once by one engine: 1..MAX_BATCH, checked before any file or model is read."""
+    from blt_decode.engine import MAX_BATCH
+
+    return int_argument(1, MAX_BATCH)(text)
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -656,16 +676,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    gen.add_argument("--quiet", "-q", action="store_true",
+                     help="no statistics summary on stderr (bytes, speed, forward passes, Eq. 8 weight traffic vs AR)")
     gen.add_argument("--input", metavar="JSONL", default=None,
                      help="batch job: one JSON request per line (prompt, optional id, strategy, options, max_new_bytes, "
                           "seed, stop); the flags above are the defaults (see docs/engine.md)")
     gen.add_argument("--output", metavar="JSONL", default=None,
-                     help="batch job results, one JSON line per request; an existing file's ids are skipped (resume)")
-    gen.add_argument("--batch-size", type=_positive_int, default=16,
+                     help="batch job results, one JSON line per request in the order they finish (match them by id); "
+                          "the ids of an existing file's result lines are skipped (resume)")
+    gen.add_argument("--batch-size", type=_slots, default=16,
                      help="requests decoded at once by the batched engine (default: %(default)s)")
     gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
-                          "local Ray cluster is started, with ADDRESS it is joined (needs 'blt-decode[ray]')")
+                          "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
     gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
@@ -716,7 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="your own prompts instead, separated by lines holding only --- (- for stdin)")
     be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
     be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
-    be.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
+                    "that fits a terminal; --json always holds every figure)")
+    be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
     be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
     be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
     be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",

@@ -195,3 +195,21 @@ def test_vs_ar_is_per_committed_byte_and_rows_that_write_less_are_not_cheaper():
     per_byte = (spec.bandwidth_gb / spec.new_bytes) / (ar.bandwidth_gb / ar.new_bytes)
     assert spec.bandwidth_vs_ar == pytest.approx(per_byte, rel=1e-12)
     assert bench.per_byte_ratio(1.0, 0, 1.0, 5) is None
+
+
+def test_the_default_table_fits_a_terminal_and_full_has_every_column(tmp_path):
+    """The 20-column table was unreadable at terminal width: the default is compact, --full (and the
+    JSON, always) has every figure."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-s:k=4",
+            "--prompts", "2", "--max-new-bytes", "8", "--repeats", "1"]
+    compact = subprocess.run(argv + ["--json", str(out)], capture_output=True, text=True)
+    full = subprocess.run(argv + ["--full"], capture_output=True, text=True)
+    assert compact.returncode == 0 and full.returncode == 0, compact.stderr[-2000:] + full.stderr[-2000:]
+    table = [line for line in compact.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == bench.COMPACT_HEAD and all(len(line) <= 120 for line in table), table
+    assert "--full shows every column" in compact.stdout
+    full_head = next(line for line in full.stdout.splitlines() if line.startswith("| strategy"))
+    assert full_head.count("|") - 1 == 20 and "vs AR at BLT-1B" in full_head and "bits/byte under AR" in full_head
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"projected_vs_ar", "bits_per_byte_under_ar", "decode_bytes_per_second", "bytes_per_block"} <= set(row)

@@ -682,3 +682,86 @@ def test_cpu_bf16_flags_read_this_machine():
         pytest.skip("no /proc/cpuinfo")
     listed = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
     assert flags == tuple(f for f in BF16_CPU_FLAGS if f in listed)
+
+
+# -- nothing is skipped or overwritten silently ----------------------------------------------------------
+def _entropy_run(tmp_path, **kw):
+    common = dict(kind="entropy", preset="tiny", seq_len=32, batch_size=2, steps=6, lr=3e-3, warmup_steps=1,
+                  eval_every=1000, eval_bytes=64, eval_bytes_final=64, checkpoint_every=2)
+    return TrainConfig(out_dir=str(tmp_path / "run"), **{**common, **kw})
+
+
+def test_a_new_run_refuses_a_directory_that_holds_a_run(tmp_path):
+    """`train --out DIR` on an existing run without --resume silently overwrote its checkpoint and
+    appended to its log."""
+    from blt_decode.training import TrainingError
+
+    corpus = _tiny_corpus()
+    cfg = _entropy_run(tmp_path, steps=2)
+    train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(TrainingError, match=r"already holds a training run \(checkpoint, final, log.jsonl, training.json\); "
+                                            r"continue it with --resume, or give --out a new directory"):
+        train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert len(_losses(run)) == 2
+
+
+def test_steps_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path, monkeypatch):
+    """A run stopped abruptly after step 3 (its last checkpoint: step 2) runs step 3 again when resumed;
+    the log holds every step once, as an uninterrupted run's does, not step 3 twice."""
+    from blt_decode.training import loop
+
+    corpus = _tiny_corpus()
+    quiet = dict(corpus=corpus, progress=False, log=lambda m: None)
+    train(_entropy_run(tmp_path / "whole"), **quiet)
+    cfg = _entropy_run(tmp_path)
+    real = loop.lr_at
+
+    def killed_at_step_3(config, step):
+        if step == 3:
+            raise KeyboardInterrupt  # as a kill between steps would, after step 3 was logged
+        return real(config, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "lr_at", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, **quiet)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    train(cfg, resume=True, **quiet)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole" / "run")
+
+
+def test_resuming_a_run_stopped_during_its_first_checkpoint_says_what_is_there(tmp_path, monkeypatch):
+    """A kill while the first checkpoint was being written leaves an incomplete checkpoint.tmp and no
+    checkpoint: --resume used to fail naming the checkpoint directory, which does not exist."""
+    from blt_decode.training import TrainingError, checkpoints
+
+    corpus = _tiny_corpus()
+    quiet = dict(corpus=corpus, progress=False, log=lambda m: None)
+    cfg = _entropy_run(tmp_path)
+    real = checkpoints.save_file
+    calls = []
+
+    def killed_after_the_weights(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the weights are in checkpoint.tmp; the trainer state is not
+            raise KeyboardInterrupt
+        return real(tensors, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "save_file", killed_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, **quiet)
+    run = tmp_path / "run"
+    assert not (run / "checkpoint").exists() and (run / "checkpoint.tmp" / "model.safetensors").exists()
+    with pytest.raises(TrainingError) as info:
+        train(cfg, resume=True, **quiet)
+    message = str(info.value)
+    assert message.startswith(f"nothing to resume: the only checkpoint, {run / 'checkpoint.tmp'}, is incomplete")
+    assert "start the run again in a new --out directory" in message
+    with pytest.raises(TrainingError, match="nothing to resume: .* does not exist"):
+        train(_entropy_run(tmp_path / "never"), resume=True, **quiet)

@@ -303,13 +303,13 @@ def _broken_corpus(root: Path, how: str) -> Path:
 
 
 BAD_OPTIONS = [
-    (["--seed", "-1"], "--seed must be an integer >= 0"),
-    (["--eval-every", "0"], "--eval-every must be an integer >= 1"),
-    (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1"),
-    (["--eval-bytes", "0"], "--eval-bytes must be an integer >= 1"),
-    (["--eval-bytes-final", "-5"], "--eval-bytes-final must be an integer >= 1"),
-    (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
-    (["--prefetch", "-1"], "--prefetch must be an integer >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+    (["--eval-every", "0"], "--eval-every must be an integer in 1..1000000000"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be an integer in 1..1000000000"),
+    (["--eval-bytes", "0"], "--eval-bytes must be an integer in 1..4294967296"),
+    (["--eval-bytes-final", "-5"], "--eval-bytes-final must be an integer in 1..4294967296"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an integer in 0..1000000000"),
+    (["--prefetch", "-1"], "--prefetch must be an integer in 0..1024"),
     (["--target-patch-length", "1"], "--target-patch-length must be a finite number > 1"),
     (["--heldout-fraction", "1"], "--heldout-fraction must be a number in [0, 1)"),
     (["--heldout-fraction", "-0.1"], "--heldout-fraction must be a number in [0, 1)"),
@@ -317,8 +317,17 @@ BAD_OPTIONS = [
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--time-budget", "nan"], "--time-budget must be a finite number >= 0"),
-    (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers >= 1"),
+    (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers in 1..4096"),
     (["--threads", "-1"], "--threads must be an integer >= 0"),
+    # upper bounds: a typo is one line, not minutes of work or an allocator error
+    (["--batch-size", "100000"], "--batch-size must be an integer in 1..65536"),
+    (["--seq-len", str(10**9)], "--seq-len must be an integer in 8..1048576"),
+    (["--steps", str(10**12)], "--steps must be an integer in 1..1000000000"),
+    # options that do not apply are refused, not ignored
+    (["--block-sizes", "4", "8"], "--block-sizes applies only to `train blt` (the BLT-D objective); drop it for `train entropy`"),
+    (["--target-patch-length", "3"], "--target-patch-length applies only to `train blt`"),
+    (["--stop-after", "-1"], "--stop-after must be an integer in 1..1000000000 (or unset), got -1"),
+    (["--stop-after", "0"], "--stop-after must be an integer in 1..1000000000 (or unset), got 0"),
 ]
 
 
@@ -362,9 +371,9 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
     from blt_decode.training import TrainingError
 
     for field, value, message in (
-        ("steps", True, "--steps must be an integer >= 1, got True"),
-        ("eval_every", 2.0, "--eval-every must be an integer >= 1, got 2.0"),
-        ("block_sizes", (True, 4), "--block-sizes must be one or more integers >= 1"),
+        ("steps", True, "--steps must be an integer in 1..1000000000, got True"),
+        ("eval_every", 2.0, "--eval-every must be an integer in 1..1000000000, got 2.0"),
+        ("block_sizes", (True, 4), "--block-sizes must be one or more integers in 1..4096"),
         ("t_min", 0.0, "t_min must be a number in (0, 1)"),
         ("t_min", 1.0, "t_min must be a number in (0, 1)"),
         ("lr", True, "--lr must be a finite number > 0, got True"),
@@ -374,7 +383,7 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
         with pytest.raises(TrainingError) as info:
             TrainConfig(kind="entropy", out_dir=str(tmp_path), **{field: value})
         assert message in str(info.value) and "\n" not in str(info.value), (field, str(info.value))
-    assert TrainConfig(kind="entropy", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0
+    assert TrainConfig(kind="blt", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0
 
 
 def test_built_corpus_shards_stay_inside_the_directory_and_match_their_sha256(tmp_path):

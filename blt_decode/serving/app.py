@@ -8,10 +8,12 @@ batches all live requests together (continuous batching); the event loop follows
 :class:`~blt_decode.serving.bridge.RequestStreams` and never waits on the engine.
 
 Errors are OpenAI-style, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-or a value the validator refuses (unknown strategy, bad option, prompt over the limit, ...), 401 without
-the API key, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field
-of the wrong type, 500 if decoding itself fails. A client that disconnects has its requests cancelled
-(their slots are freed at the engine's next step).
+or a value the validator refuses (unknown strategy, bad option, prompt, ``max_tokens`` or stop list over
+its limit, a decode state that would not fit the free memory, ...), 401 without the API key, 404 for an
+unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field of the wrong type, 503
+when the engine cannot run a request (memory ran out while admitting it; its thread has stopped), 500 if
+decoding itself fails. Validation runs in a worker thread, so no request holds up the event loop. A
+client that disconnects has its requests cancelled (their slots are freed at the engine's next step).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import blt_decode
-from blt_decode import plugins
+from blt_decode import plugins, stops
 from blt_decode.engine import Engine, EngineError
 from blt_decode.errors import BLTDecodeError
 from blt_decode.model import BLTModel
@@ -169,11 +171,9 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         if body.model != config.model_name:
             raise _unknown_model(body.model, config.model_name)
         try:
-            requests = to_requests(body)
-            prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]  # all before any is queued
-            for p in prepared:
-                if p.capacity > engine.max_capacity:
-                    raise EngineError(f"the request needs {p.capacity} positions; this server allows {engine.max_capacity}")
+            # in a worker thread: up to MAX_PROMPTS prompts to check and stop lists to compile must not hold
+            # up the event loop (/health and every other stream) however big the request is
+            requests, prepared = await asyncio.to_thread(_validate, body, engine)
         except BLTDecodeError as exc:
             raise api_error(exc, body) from None
         streams = RequestStreams(engine, requests)
@@ -187,6 +187,17 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         return JSONResponse(_finite(await completion.whole(request)))
 
     return app
+
+
+def _validate(body: CompletionRequest, engine: Engine) -> tuple[list[Any], list[Any]]:
+    """The body's requests and their validation (all before any is queued), with their stop lists'
+    matchers built (:func:`blt_decode.stops.automaton` keeps them for the request's streams)."""
+    requests = to_requests(body)
+    prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]
+    for p in prepared:
+        engine.check_admissible(p)
+        stops.automaton(p.stops)
+    return requests, prepared
 
 
 class BearerAuth:
@@ -296,10 +307,19 @@ class _Completion:
         stream = self.streams.streams[index]
         if stream.error is not None:
             self.metrics.finished(self.strategy, "failed", stream.stats)
+            if isinstance(stream.error, EngineError):  # not admitted (out of memory) or the engine stopped
+                return APIError(503, f"the engine could not run this request: {stream.error}", type="server_error",
+                                code="engine_unavailable")
             return APIError(500, f"decoding failed: {type(stream.error).__name__}: {stream.error}",
                             type="server_error", code="decoding_failed")
         self.metrics.finished(self.strategy, "finished", stream.stats)
         return None
+
+    async def _submit(self) -> None:
+        try:
+            await self.streams.submit()
+        except EngineError as exc:  # an engine whose thread failed takes no more requests
+            raise APIError(503, str(exc), type="server_error", code="engine_unavailable") from None
 
     def _abandoned(self) -> None:
         """The client left (or the response failed): cancel what runs, count it as cancelled."""
@@ -334,7 +354,7 @@ class _Completion:
     async def _collect(self) -> list[str]:
         texts = [""] * len(self.prepared)
         try:
-            await self.streams.submit()
+            await self._submit()
             async for index, chunk in self.streams.events():
                 if chunk is not None:
                     self.metrics.generated(self.strategy, len(chunk))
@@ -352,7 +372,7 @@ class _Completion:
         """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason and
         ``blt_decode`` statistics, usage if asked (``stream_options.include_usage``), then ``[DONE]``."""
         try:
-            await self.streams.submit()
+            await self._submit()
             async for index, chunk in self.streams.events():
                 if chunk is not None:
                     self.metrics.generated(self.strategy, len(chunk))
@@ -373,6 +393,10 @@ class _Completion:
                     "blt_decode": self._extra([index])})
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
                 yield _sse({**self._head(), "choices": [], "usage": self._usage()})
+            yield "data: [DONE]\n\n"
+        except APIError as error:
+            self.metrics.error(error.status, error.code)
+            yield _sse(error.body())
             yield "data: [DONE]\n\n"
         except Exception as exc:  # the headers are sent: the failure can only be an event (not a disconnect:
             # that cancels this generator with CancelledError/GeneratorExit, which are not Exceptions)

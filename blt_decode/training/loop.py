@@ -43,6 +43,7 @@ from tqdm import tqdm
 from blt_decode import tokenizer
 from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
 from blt_decode.checkpoint import load_native
+from blt_decode.config import MAX_SEQLEN
 from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.model import BLTModel, EntropyModel, init_weights
 from blt_decode.tokenizer import VOCAB_SIZE
@@ -75,15 +76,22 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", 
 # Every field is checked when the config is made, so a bad value is one TrainingError line naming the
 # option and what it allows (the CLI prints it and exits 2) instead of a failure deep inside the run
 # (a negative seed killed the batch thread, eval_every 0 divided by zero, a NaN lr trained on NaNs).
-def _integer(flag: str, least: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    allowed = f"an integer >= {least}" + (" (or unset)" if optional else "")
+def _integer(flag: str, least: int, most: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
+    allowed = f"an integer in {least}..{'2**63-1' if most == 2**63 - 1 else most}" + (" (or unset)" if optional else "")
 
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value is None and optional:
             return
-        if not is_int(value) or value < least:
+        if not is_int(value) or not least <= value <= most:
             raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
     return check
+
+
+#: upper bounds of the sizes and counts a run may ask for (a typo is one line, not an allocator error)
+MAX_BATCH_SIZE = 1 << 16
+MAX_STEPS = 10**9
+MAX_EVAL_BYTES = 1 << 32
+MAX_BLOCK_SIZE = 4096
 
 
 def _number(flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -122,8 +130,9 @@ def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None
 def _block_sizes(value: Any) -> tuple[int, ...]:
     # integers of any kind (numpy's too), never a bool or a float that int() would cut
     sizes = tuple(to_int(b) for b in value) if isinstance(value, (list, tuple)) else ()
-    if not sizes or not all(is_int(b) and b >= 1 for b in sizes):
-        raise TrainingError(f"--block-sizes must be one or more integers >= 1, got {show(value)}")
+    if not sizes or len(sizes) > 64 or not all(is_int(b) and 1 <= b <= MAX_BLOCK_SIZE for b in sizes):
+        raise TrainingError(f"--block-sizes must be one or more integers in 1..{MAX_BLOCK_SIZE} (at most 64 of them), "
+                            f"got {show(value)}")
     return sizes
 
 
@@ -135,31 +144,31 @@ class TrainConfig:
     out_dir: str
     #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
     preset: str | None = None
-    seq_len: int = attrs.field(default=512, validator=_integer("--seq-len", 8))
+    seq_len: int = attrs.field(default=512, validator=_integer("--seq-len", 8, MAX_SEQLEN))
     #: sequences per optimizer step, over all processes and micro-batches (the global batch)
-    batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1))
-    steps: int = attrs.field(default=1000, validator=_integer("--steps", 1))
+    batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1, MAX_BATCH_SIZE))
+    steps: int = attrs.field(default=1000, validator=_integer("--steps", 1, MAX_STEPS))
     lr: float = attrs.field(default=2e-3, converter=to_float, validator=_number("--lr", 0, low_open=True))
     #: the cosine schedule ends at this share of the peak learning rate
     min_lr_ratio: float = attrs.field(default=0.1, converter=to_float, validator=_number("min_lr_ratio", 0, 1))
-    warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0))
+    warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0, MAX_STEPS))
     weight_decay: float = attrs.field(default=0.01, converter=to_float, validator=_number("weight_decay", 0))
     grad_clip: float = attrs.field(default=1.0, converter=to_float, validator=_number("grad_clip", 0, low_open=True))
     #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
-    seed: int = attrs.field(default=0, validator=_integer("--seed", 0))
+    seed: int = attrs.field(default=0, validator=_integer("--seed", 0, 2**63 - 1))
     #: stop (and checkpoint) after this many seconds of training; None = run all steps
     time_budget_s: float | None = attrs.field(default=None, converter=to_float,
                                               validator=_number("--time-budget", 0, optional=True))
-    eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1))
+    eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1, MAX_STEPS))
     #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
-    eval_bytes: int = attrs.field(default=16384, validator=_integer("--eval-bytes", 1))
-    eval_bytes_final: int = attrs.field(default=131072, validator=_integer("--eval-bytes-final", 1))
-    checkpoint_every: int = attrs.field(default=200, validator=_integer("--checkpoint-every", 1))
+    eval_bytes: int = attrs.field(default=16384, validator=_integer("--eval-bytes", 1, MAX_EVAL_BYTES))
+    eval_bytes_final: int = attrs.field(default=131072, validator=_integer("--eval-bytes-final", 1, MAX_EVAL_BYTES))
+    checkpoint_every: int = attrs.field(default=200, validator=_integer("--checkpoint-every", 1, MAX_STEPS))
     #: bfloat16 autocast (float32 master weights and optimizer state); None = on for CUDA and for CPUs
     #: with native bfloat16 instructions (AMX, AVX-512 BF16), off elsewhere (see training/precision.py)
     bf16: bool | None = attrs.field(default=None, validator=_flag("--bf16", optional=True))
     #: torch CPU threads; None or 0 = torch's choice
-    threads: int | None = attrs.field(default=None, validator=_integer("--threads", 0, optional=True))
+    threads: int | None = attrs.field(default=None, validator=_integer("--threads", 0, 4096, optional=True))
     # -- data ------------------------------------------------------------------------------------
     #: --data sources: builtin, stdlib, plays, files, directories, .jsonl, `corpus build` directories
     data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple)
@@ -176,13 +185,13 @@ class TrainConfig:
     #: torch.compile the transformer layers of the training step (see docs/training.md for when it pays)
     compile: bool = attrs.field(default=False, validator=_flag("--compile"))
     #: micro-batches per process per step (the global batch is split batch_size / (processes x this))
-    grad_accum: int = attrs.field(default=1, validator=_integer("--grad-accum", 1))
+    grad_accum: int = attrs.field(default=1, validator=_integer("--grad-accum", 1, MAX_BATCH_SIZE))
     #: recompute layer activations in the backward pass instead of storing them
     activation_checkpointing: bool = attrs.field(default=False, validator=_flag("--activation-checkpointing"))
     #: with several torchrun processes: ddp (replicas) or fsdp (sharded parameters and optimizer state)
     parallel: str = attrs.field(default="ddp", validator=_choice("--parallel", ("ddp", "fsdp")))
     #: batches prepared ahead by the loader thread
-    prefetch: int = attrs.field(default=2, validator=_integer("--prefetch", 0))
+    prefetch: int = attrs.field(default=2, validator=_integer("--prefetch", 0, 1024))
     # -- BLT-D only ------------------------------------------------------------------------------
     #: trained entropy model (byte-LM checkpoint directory) for kind="blt" from scratch
     entropy_model: str | None = None
@@ -197,8 +206,24 @@ class TrainConfig:
                                              validator=_number("--target-patch-length", 1, low_open=True))
     diffusion_weight: float = attrs.field(default=1.0, converter=to_float, validator=_number("diffusion_weight", 0))
 
+    def __attrs_post_init__(self) -> None:
+        # an option that does not apply would be silently ignored: refuse it, naming it
+        defaults = {f.name: f.default for f in attrs.fields(TrainConfig)}
+        given = [flag for name, flag in BLT_ONLY_OPTIONS.items() if getattr(self, name) != defaults[name]]
+        if self.kind != "blt" and given:
+            raise TrainingError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to `train blt` "
+                                f"(the BLT-D objective); drop {'it' if len(given) == 1 else 'them'} for `train {self.kind}`")
+        if self.init is not None and self.target_patch_length != defaults["target_patch_length"]:
+            raise TrainingError("--target-patch-length calibrates the patching of a BLT trained from scratch; "
+                                "--init keeps the checkpoint's patching: drop --target-patch-length")
+
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+#: options of the BLT-D objective and of a BLT from scratch, by the flag that sets them
+BLT_ONLY_OPTIONS = {"entropy_model": "--entropy-model", "block_sizes": "--block-sizes", "t_min": "t_min",
+                    "target_patch_length": "--target-patch-length", "diffusion_weight": "diffusion_weight"}
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -440,6 +465,34 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 # -- the loop ----------------------------------------------------------------------------------------
+def check_run_directory(out: Path, resume: bool) -> None:
+    """A new run (no ``resume``) must not overwrite another run's checkpoints and log: refuse a directory
+    that holds one, naming ``--resume`` and a new directory."""
+    if resume or not out.is_dir():
+        return
+    found = [name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "final", LOG_FILE, TRAINING_JSON)
+             if (out / name).exists()]
+    if found:
+        raise TrainingError(f"{out} already holds a training run ({', '.join(found)}); continue it with --resume, "
+                            f"or give --out a new directory")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log's records of steps after ``step`` (the checkpoint a run resumes from): those steps run
+    again and are logged again, once. A torn last line (a kill while writing) goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = print, stop_after: int | None = None) -> TrainResult:
     """Train one model as ``config`` says; checkpoints go to ``out_dir/checkpoint`` and the final model to
@@ -447,6 +500,9 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = F
     invocation after that many steps (checkpointing), as an interruption would; tests use it.
 
     Under ``torchrun`` every process calls this; rank 0 alone writes files, logs and shows progress."""
+    if stop_after is not None and (not is_int(stop_after) or not 1 <= stop_after <= MAX_STEPS):
+        raise TrainingError(f"--stop-after must be an integer in 1..{MAX_STEPS} (or unset), got {show(stop_after)}")
+    check_run_directory(Path(config.out_dir), resume)
     world = distributed.setup(config.device)
     try:
         return _train(config, world, corpus, resume, progress, log, stop_after)
@@ -564,6 +620,8 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
         distributed.barrier(world)
 
     history_path = out / LOG_FILE
+    if resume and main:
+        _trim_log(history_path, step)
     bytes_seen = int(extra.get("bytes_seen", 0))
     elapsed_before = float(extra.get("wall_time_s", 0.0))
     bytes_at_start = bytes_seen
