@@ -147,9 +147,16 @@ class HumanEvalResult:
 
 
 # -- the results file -------------------------------------------------------------------------------------
+KINDS = ("run", "completion", "result", "timing")
+
+
+def _is_record(record: Any) -> bool:
+    return isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("id"), str)
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Every record of a results file (a torn last line is repaired first, as batch jobs do)."""
-    jobs.finished_ids(path)  # refuses a file that is not a results file; drops a torn last line
+    jobs.finished_ids(path, _is_record)  # refuses a file that is not a results file; drops a torn last line
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
