@@ -184,6 +184,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
     plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
     name = args.model_name or args.model
+    from blt_decode.serving.chat import PLAIN, ChatTemplate
+
+    chat = PLAIN if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
+    if args.chat_stop is not None:
+        chat = ChatTemplate(chat.source, tuple(args.chat_stop), name=chat.name)
     try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -212,7 +217,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
                           backend=args.backend, model_name=name, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes, threads=args.threads, dtype=args.dtype,
-                          device=args.device, num_cpus=cpus)
+                          device=args.device, num_cpus=cpus, chat_template=chat.source, chat_stops=chat.stops)
         finally:
             if started:
                 ray.shutdown()
@@ -220,7 +225,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from blt_decode.serving.app import build_app, serve
 
     app = build_app(model_from_args(args), backend=args.backend, max_batch=args.max_batch, model_name=name,
-                    api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat)
     _compile_note(args.backend)
     print(f"{PROG}: serving {name!r} at {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -258,6 +263,12 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                          "(default: $BLT_DECODE_API_KEY; none: no authentication)")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                     help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
+                         "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
+    sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
+                         "template, none with --chat-template)")
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
     sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "

@@ -45,6 +45,7 @@ from blt_decode.request import Request
 from blt_decode.stats import DecodeStats, ForwardPasses
 
 try:
+    import lm_eval.models  # noqa: F401 - lm-eval's own models first: it fills its registry only while empty
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as exc:  # one line naming the pip command, not a traceback
