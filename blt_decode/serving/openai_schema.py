@@ -85,13 +85,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions`` (OpenAI's fields, then blt-decode's extra ones)."""
+class _RequestFields(BaseModel):
+    """The fields completions and chat requests share (OpenAI's, then blt-decode's extra ones)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    prompt: Any = Field(description="a string, a list of strings, a list of byte values 0..255, or a list of those")
     max_tokens: int | None = Field(None, description="new bytes at most (max_new_bytes)")
     temperature: float | None = None
     top_p: float | None = None
@@ -100,19 +99,25 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, description="alternatives per byte to report (0..20)")
     # accepted at their neutral value only (UNSUPPORTED_FIELDS)
     n: int | None = None
-    best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     # blt-decode's extra body fields
     strategy: str = Field("autoregressive", description="decoding strategy by name (see GET /v1/models)")
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options")
     include_stop_str_in_output: bool = False
+
+
+class CompletionRequest(_RequestFields):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: Any = Field(description="a string, a list of strings, a list of byte values 0..255, or a list of those")
+    echo: bool = False
+    logprobs: int | None = Field(None, description="alternatives per byte to report (0..20)")
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -286,33 +291,14 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions`` (OpenAI's fields, then blt-decode's extra ones)."""
+class ChatRequest(_RequestFields):
+    """The body of ``POST /v1/chat/completions`` (``max_tokens`` is the older name of
+    ``max_completion_tokens``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
     messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, description="new bytes at most (the older name of max_completion_tokens)")
     max_completion_tokens: int | None = Field(None, description="new bytes at most (max_new_bytes)")
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # accepted at their neutral value only
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    # blt-decode's extra body fields
-    strategy: str = Field("autoregressive", description="decoding strategy by name (see GET /v1/models)")
-    strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options")
-    include_stop_str_in_output: bool = False
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -344,10 +330,9 @@ def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None
     own = [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
-    fields = {name: getattr(chat, name) for name in ("model", "temperature", "top_p", "seed", "stream", "user", "n",
-                                                     "presence_penalty", "frequency_penalty", "logit_bias", "strategy",
-                                                     "strategy_options", "include_stop_str_in_output")}
+    fields = {name: getattr(chat, name) for name in _RequestFields.model_fields}
+    fields.update(stop=[*template.stops, *own] or None,
+                  max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens)
     return CompletionRequest.model_construct(
-        **fields, prompt=[prompt], stop=[*template.stops, *own] or None, stream_options=chat.stream_options,
-        max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens,
+        **fields, prompt=[prompt],
         logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, echo=False, best_of=None, suffix=None)
