@@ -151,7 +151,8 @@ def test_the_command_prints_the_table_and_writes_json_and_a_plot(tmp_path, capsy
 
 @pytest.mark.parametrize("args,words", [
     (["--samples", "2", "--strategies", "ar"], "needs a sampling strategy"),
-    (["--limit", "0"], "--limit: expected an integer >= 1"),
+    (["--limit", "0"], "--limit: expected an integer in 1..164"),
+    (["--batch-size", "5000"], "--batch-size: expected an integer in 1..4096"),
     (["--timeout", "-1"], "--timeout: expected a number of seconds > 0"),
     (["--strategies", "blt-s:k=0"], "option 'k'"),
 ])

@@ -5,7 +5,7 @@
   bytes/s (``blt-decode eval humaneval``);
 - :mod:`~blt_decode.evaluation.harness`: a model for EleutherAI's lm-evaluation-harness (needs the
   ``eval`` extra; ``blt-decode eval lm-eval``);
-- :mod:`~blt_decode.evaluation.commands`: the ``blt-decode eval`` command line.
+- :mod:`~blt_decode.evaluation.tasks`: small offline lm-eval tasks cut from the shipped prompt sets.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ generated (forward passes, Eq. 8 bandwidth, acceptance, bytes/s) are summed in :
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -255,3 +256,29 @@ def format_statistics(instances: Iterable[BLTDecodeLM]) -> str:
                      f"acceptance {'-' if rate is None else f'{rate:.3f}'}; scored {s['scored_texts']} texts "
                      f"({s['scored_bytes']} bytes)")
     return "\n".join(lines)
+
+
+def run_cli(arguments: Sequence[str]) -> int:
+    """``blt-decode eval lm-eval ARGS...``: lm-eval's own command line, with this model registered
+    (``--model blt-decode`` unless another is given; ``--device cpu`` unless given or a GPU is there, where
+    lm-eval's default cuda:0 applies), then the decoding statistics of the blt-decode models it ran."""
+    from lm_eval.__main__ import cli_evaluate
+
+    forwarded = list(arguments)
+    given = {a.split("=", 1)[0] for a in forwarded if a.startswith("--")}
+    if "--model" not in given and not {"-h", "--help"} & set(forwarded):
+        forwarded = ["--model", NAME, *forwarded]
+    if "--device" not in given:
+        forwarded += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
+    saved, sys.argv = sys.argv, ["lm-eval", *forwarded]
+    done = len(INSTANCES)
+    try:
+        cli_evaluate()
+        status = 0
+    except SystemExit as exc:  # lm-eval's argparse and its own exits
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        sys.argv = saved
+    if INSTANCES[done:]:
+        print(format_statistics(INSTANCES[done:]))
+    return status
