@@ -184,3 +184,27 @@ def test_the_lm_eval_command_line_runs_the_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tiny_mc" in out and "acc" in out and "blt-decode blt-d:block_size=4 on eager: 2 generations" in out
+
+
+def test_the_documented_commands_run_on_the_example_tasks(tmp_path, capsys, monkeypatch):
+    """docs/evaluation.md's lm-eval commands as written (the task files, then the run), at a tiny scale."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from blt_decode.cli import main
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    block = next(c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "write_heldout_tasks" in c)
+    lines = block.replace("\\\n", " ").strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    write = shlex.split(lines[0])
+    assert write[0] == "python"
+    subprocess.run([sys.executable, *write[1:]], check=True, timeout=300)
+    argv = shlex.split(lines[1])[1:]
+    argv[argv.index("--model_args") + 1] = argv[argv.index("--model_args") + 1].replace("model=default", "model=random:tiny")
+    assert main(argv + ["--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "blt_heldout_code_mc" in out and "blt_heldout_bpb" in out and "blt-decode blt-s:k=8 on eager: 2 generations" in out

@@ -164,3 +164,24 @@ def test_command_errors_are_one_line(tmp_path, capsys, args, words):
     err = capsys.readouterr().err
     assert rc == 2 and words in err and len(err.strip().splitlines()) <= 2, err
     assert not (tmp_path / "he.jsonl").exists()
+
+
+def test_the_documented_command_runs(tmp_path, capsys):
+    """docs/evaluation.md's HumanEval command, at tiny scale (a random model, 2 problems, 8 bytes)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    command = next(c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "blt-decode eval humaneval" in c)
+    argv = shlex.split(command.split("\n\n")[0].replace("\\\n", " "))[1:]
+    for flag, value in (("--model", "random:tiny"), ("--limit", "2"), ("--max-new-bytes", "8"),
+                        ("--output", str(tmp_path / "he.jsonl")), ("--json", str(tmp_path / "he.json")),
+                        ("--plot", str(tmp_path / "he.png"))):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    rows = json.loads((tmp_path / "he.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["ar", "blt-s:k=8", "blt-d:block_size=8", "blt-dv:block_size=8"]
