@@ -95,9 +95,22 @@ class HarnessStatistics:
         return d
 
 
-#: every BLTDecodeLM made in this process, so that ``blt-decode eval lm-eval`` can report their statistics
-#: after lm-eval's command line (which keeps its model to itself) has finished
-INSTANCES: list["BLTDecodeLM"] = []
+@attrs.frozen
+class ModelRun:
+    """What one BLTDecodeLM decodes with, and its statistics (filled as it works)."""
+
+    strategy: str
+    options: dict[str, Any]
+    backend: str
+    stats: HarnessStatistics
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "options": dict(self.options), "backend": self.backend, **self.stats.to_dict()}
+
+
+#: the runs of every BLTDecodeLM made in this process (small records, not the models), so that
+#: ``blt-decode eval lm-eval`` can report them after lm-eval's command line, which keeps its model to itself
+RUNS: list[ModelRun] = []
 
 
 def _int_arg(name: str, value: Any, low: int) -> int:
@@ -137,7 +150,8 @@ class BLTDecodeLM(LM):
         self.options = parsed
         self.limit = self.model.config.max_seqlen - 1  # bytes per sequence after BOS
         self.stats = HarnessStatistics()
-        INSTANCES.append(self)
+        self.run = ModelRun(self.strategy, dict(self.options), self.backend, self.stats)
+        RUNS.append(self.run)
 
     # -- likelihoods ----------------------------------------------------------------------------------
     def _score_pairs(self, pairs: Sequence[tuple[bytes, bytes]], disable_tqdm: bool) -> list[tuple[float, bool]]:
@@ -228,8 +242,8 @@ class BLTDecodeLM(LM):
         return texts
 
     def statistics(self) -> dict[str, Any]:
-        """The model, strategy and options, and :class:`HarnessStatistics` of everything it did so far."""
-        return {"strategy": self.strategy, "options": dict(self.options), "backend": self.backend, **self.stats.to_dict()}
+        """The strategy, its options, the backend, and :class:`HarnessStatistics` of everything it did so far."""
+        return self.run.to_dict()
 
 
 def simple_evaluate(model: BLTDecodeLM, **kwargs: Any) -> dict[str, Any]:
@@ -243,11 +257,11 @@ def simple_evaluate(model: BLTDecodeLM, **kwargs: Any) -> dict[str, Any]:
     return results
 
 
-def format_statistics(instances: Iterable[BLTDecodeLM]) -> str:
-    """A few lines per model: what its generations cost (for the command line, after lm-eval's table)."""
+def format_statistics(runs: Iterable[ModelRun]) -> str:
+    """A line per model: what its generations cost (for the command line, after lm-eval's table)."""
     lines = []
-    for lm in instances:
-        s = lm.statistics()
+    for run in runs:
+        s = run.to_dict()
         options = ",".join(f"{k}={v}" for k, v in s["options"].items())
         rate = s["acceptance_rate"]
         lines.append(f"blt-decode {s['strategy']}{':' + options if options else ''} on {s['backend']}: "
@@ -271,7 +285,7 @@ def run_cli(arguments: Sequence[str]) -> int:
     if "--device" not in given:
         forwarded += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
     saved, sys.argv = sys.argv, ["lm-eval", *forwarded]
-    done = len(INSTANCES)
+    done = len(RUNS)
     try:
         cli_evaluate()
         status = 0
@@ -279,6 +293,6 @@ def run_cli(arguments: Sequence[str]) -> int:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     finally:
         sys.argv = saved
-    if INSTANCES[done:]:
-        print(format_statistics(INSTANCES[done:]))
+    if RUNS[done:]:
+        print(format_statistics(RUNS[done:]))
     return status

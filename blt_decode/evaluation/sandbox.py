@@ -99,7 +99,7 @@ def _namespace_prefix() -> tuple[tuple[str, ...] | None, str]:
     missing = [tool for tool in ("unshare", "setpriv", "findmnt", "mount", "sh") if shutil.which(tool) is None]
     if missing:
         return None, f"{', '.join(missing)} not found"
-    probe = tempfile.mkdtemp(prefix="blt-sandbox-probe-")
+    probe = os.path.realpath(tempfile.mkdtemp(prefix="blt-sandbox-probe-"))
     reasons = []
     try:
         for flags in (("--mount", "--net"), ("--map-root-user", "--mount", "--net")):
@@ -139,7 +139,8 @@ def _tail(path: Path) -> str:
 def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) -> Execution:
     """Run ``source`` (a whole Python program) in a sandboxed subprocess and say how it ended."""
     data = source.encode("utf-8") if isinstance(source, str) else bytes(source)
-    work = Path(tempfile.mkdtemp(prefix="blt-sandbox-"))
+    # the real path: the namespace step keeps the scratch mount writable by its name as findmnt shows it
+    work = Path(os.path.realpath(tempfile.mkdtemp(prefix="blt-sandbox-")))
     try:
         scratch = work / "scratch"
         scratch.mkdir(mode=0o700)
