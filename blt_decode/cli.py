@@ -600,7 +600,8 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="(default: 4 8 16)")
     tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
     tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    _add_threads_argument(tb)
+    _add_threads_argument(tb, help="torch CPU threads of each training process (default: %(default)s; 0 = torch's "
+                                   "default); training's large matrix products use every core it is given")
     tb.set_defaults(func=_cmd_train_bench)
 
 
@@ -729,13 +730,14 @@ def _slots(text: str) -> int:
     return int_argument(1, MAX_BATCH)(text)
 
 
-def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=_non_negative_int, default=1,
-        help="torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny "
-             "matrix products: extra OpenMP threads only add synchronisation, which on a busy machine can make "
-             "each step many times slower. Raise it for large models.",
-    )
+_DECODING_THREADS_HELP = (
+    "torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny matrix "
+    "products: extra OpenMP threads only add synchronisation, which on a busy machine can make each step many "
+    "times slower. Raise it for large models.")
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
+    parser.add_argument("--threads", type=_non_negative_int, default=1, help=help)
 
 
 MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
