@@ -200,13 +200,22 @@ def _block_attention_dense(q, clean_k, clean_v, block_k, block_v, clean_mask, bl
 #: with compile_decoder, the block count and the latent count of a batch are rounded up to multiples of
 #: this, so that a few static shapes cover every batch (each shape compiles once; see docs/training.md)
 COMPILE_BUCKET = 32
+#: the most graphs ``--compile`` keeps for the decoder layer function (layers x block sizes x buckets)
+COMPILE_GRAPH_LIMIT = 256
 
 
 @functools.cache
 def _compiled_decoder_layer(index: int):
-    # one compiled function per layer, so each keeps its own few shapes in dynamo's per-function cache;
-    # static shapes: inductor's kernels for them measured 1.6x eager here, dynamic ones no faster
-    return torch.compile(_decoder_layer, dynamic=False, fullgraph=True)
+    # static shapes: inductor's kernels for them measured 1.6x eager here, dynamic ones no faster. Every
+    # (layer, block size, block bucket, latent bucket) is a graph of its own, more than dynamo's default
+    # limit of 8 per function, so the limit is raised while it runs rather than failing the run.
+    compiled = torch.compile(_decoder_layer, dynamic=False, fullgraph=True)
+
+    def run(*args):
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_GRAPH_LIMIT):
+            return compiled(*args)
+
+    return run
 
 
 def _round_up(value: int, multiple: int) -> int:
