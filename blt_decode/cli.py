@@ -20,14 +20,10 @@ import torch
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
 from blt_decode.checks import int_argument
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, CLIError
 
 PROG = "blt-decode"
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-class CLIError(BLTDecodeError):
-    """A command-line argument that the API never sees is wrong (a file, a flag combination)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -37,7 +37,7 @@ from blt_decode import plugins
 from blt_decode.cache import RowLayout
 from blt_decode.checks import is_int, show
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import CancelledError, EngineError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.request import PreparedRequest, Request, check_flag, prepare
@@ -52,14 +52,6 @@ CAPACITY_STEP = 256
 MAX_BATCH = 4096
 
 logger = logging.getLogger("blt_decode.engine")
-
-
-class EngineError(BLTDecodeError):
-    """The engine cannot take a request (a backend that cannot batch, a bad setting)."""
-
-
-class CancelledError(BLTDecodeError):
-    """The request was cancelled before it finished."""
 
 
 @attrs.frozen

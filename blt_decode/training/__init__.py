@@ -19,6 +19,7 @@ from blt_decode.training.checkpoints import (
     read_trainer_state,
     save_byte_lm,
 )
+from blt_decode.errors import TrainingError
 from blt_decode.training.diffusion import DiffusionOutput, block_attention_mask, diffusion_forward
 from blt_decode.training.loop import (
     LOG_FILE,
@@ -45,7 +46,6 @@ from blt_decode.training.presets import (
     BLT_PRESETS,
     BYTELM_PRESETS,
     ENTROPY_PRESETS,
-    TrainingError,
     blt_preset,
     global_share,
 )

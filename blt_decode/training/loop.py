@@ -45,6 +45,7 @@ from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
 from blt_decode.checkpoint import load_native
 from blt_decode.config import MAX_SEQLEN
 from blt_decode.corpus import BatchSampler, Corpus
+from blt_decode.errors import TrainingError
 from blt_decode.model import BLTModel, EntropyModel, init_weights
 from blt_decode.tokenizer import VOCAB_SIZE
 from blt_decode.training import distributed
@@ -62,7 +63,7 @@ from blt_decode.training.data import CODE_KINDS, BatchLoader, load_data
 from blt_decode.training.diffusion import diffusion_forward
 from blt_decode.training.objective import diffusion_loss_sum, make_blocks, next_byte_loss, row_generator
 from blt_decode.training.precision import resolve_bf16
-from blt_decode.training.presets import TrainingError, blt_preset, stack_preset
+from blt_decode.training.presets import blt_preset, stack_preset
 
 ModelKind = Literal["entropy", "blt", "bytelm"]
 TRAINING_JSON = "training.json"
