@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from blt_decode.model import MASK_ID
 from blt_decode.sampling import Sampler, draw, mask_special
 from blt_decode.session import DecodeSession
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.trace import Unmasked
 
 

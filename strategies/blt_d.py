@@ -27,9 +27,9 @@ import attrs
 
 from blt_decode import options
 from blt_decode.hookspecs import hookimpl
-from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
 from blt_decode.session import DecodeSession
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.unmasking import fill_block
 
 MAX_BLOCK = 64

@@ -34,12 +34,11 @@ import torch
 
 from blt_decode import options
 from blt_decode.hookspecs import hookimpl
-from blt_decode.model import MASK_ID
 from blt_decode.protocol import DecodeContext
 from blt_decode.sampling import Sampler, draw
 from blt_decode.session import DecodeSession
 from blt_decode.speculation import DraftLengthController, verify_draft
-from blt_decode.tokenizer import EOS_ID
+from blt_decode.tokenizer import EOS_ID, MASK_ID
 from blt_decode.unmasking import fill_block, sample_block
 
 MAX_BLOCK = 64
