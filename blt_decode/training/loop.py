@@ -31,7 +31,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import attrs
 import numpy as np
@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
+from blt_decode.checks import Validators, is_int, show, to_float, to_int
 from blt_decode.checkpoint import load_native
 from blt_decode.config import MAX_SEQLEN
 from blt_decode.corpus import BatchSampler, Corpus
@@ -75,57 +75,15 @@ EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", 
 
 # -- option checks -------------------------------------------------------------------------------------
 # Every field is checked when the config is made, so a bad value is one TrainingError line naming the
-# option and what it allows (the CLI prints it and exits 2) instead of a failure deep inside the run
-# (a negative seed killed the batch thread, eval_every 0 divided by zero, a NaN lr trained on NaNs).
-def _integer(flag: str, least: int, most: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    allowed = f"an integer in {least}..{'2**63-1' if most == 2**63 - 1 else most}" + (" (or unset)" if optional else "")
-
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not is_int(value) or not least <= value <= most:
-            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
-    return check
-
+# option (its flag) and what it allows; the CLI prints it and exits 2, before the run starts.
+CHECKS = Validators(TrainingError, label=lambda attribute: attribute.metadata.get("flag", attribute.name),
+                    optional=" (or unset)")
 
 #: upper bounds of the sizes and counts a run may ask for (a typo is one line, not an allocator error)
 MAX_BATCH_SIZE = 1 << 16
 MAX_STEPS = 10**9
 MAX_EVAL_BYTES = 1 << 32
 MAX_BLOCK_SIZE = 4096
-
-
-def _number(flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    """Validator: a finite float in the interval given (``low_open``: > low, else >= low; same for high)."""
-    if low is not None and high is not None:
-        allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
-    else:
-        allowed = "a finite number"
-    allowed += " (or unset)" if optional else ""
-
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not finite_in_range(value, low, high, low_open=low_open, high_open=high_open):
-            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
-    return check
-
-
-def _flag(flag: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if not isinstance(value, bool) and not (optional and value is None):
-            raise TrainingError(f"{flag} must be True or False{' (or unset)' if optional else ''}, got {show(value)}")
-    return check
-
-
-def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value not in options:
-            raise TrainingError(f"{flag} must be one of {', '.join(options)}, got {show(value)}")
-    return check
 
 
 def _block_sizes(value: Any) -> tuple[int, ...]:
@@ -141,35 +99,35 @@ def _block_sizes(value: Any) -> tuple[int, ...]:
 class TrainConfig:
     """Everything a training run depends on (saved with every checkpoint; ``--resume`` compares it)."""
 
-    kind: ModelKind = attrs.field(validator=_choice("kind", ("entropy", "blt", "bytelm")))
+    kind: ModelKind = attrs.field(validator=CHECKS.choice(("entropy", "blt", "bytelm")))
     out_dir: str
     #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
     preset: str | None = None
-    seq_len: int = attrs.field(default=512, validator=_integer("--seq-len", 8, MAX_SEQLEN))
+    seq_len: int = attrs.field(default=512, validator=CHECKS.integer(8, MAX_SEQLEN), metadata={"flag": "--seq-len"})
     #: sequences per optimizer step, over all processes and micro-batches (the global batch)
-    batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1, MAX_BATCH_SIZE))
-    steps: int = attrs.field(default=1000, validator=_integer("--steps", 1, MAX_STEPS))
-    lr: float = attrs.field(default=2e-3, converter=to_float, validator=_number("--lr", 0, low_open=True))
+    batch_size: int = attrs.field(default=8, validator=CHECKS.integer(1, MAX_BATCH_SIZE), metadata={"flag": "--batch-size"})
+    steps: int = attrs.field(default=1000, validator=CHECKS.integer(1, MAX_STEPS), metadata={"flag": "--steps"})
+    lr: float = attrs.field(default=2e-3, converter=to_float, validator=CHECKS.number(0, low_open=True), metadata={"flag": "--lr"})
     #: the cosine schedule ends at this share of the peak learning rate
-    min_lr_ratio: float = attrs.field(default=0.1, converter=to_float, validator=_number("min_lr_ratio", 0, 1))
-    warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0, MAX_STEPS))
-    weight_decay: float = attrs.field(default=0.01, converter=to_float, validator=_number("weight_decay", 0))
-    grad_clip: float = attrs.field(default=1.0, converter=to_float, validator=_number("grad_clip", 0, low_open=True))
+    min_lr_ratio: float = attrs.field(default=0.1, converter=to_float, validator=CHECKS.number(0, 1))
+    warmup_steps: int = attrs.field(default=100, validator=CHECKS.integer(0, MAX_STEPS), metadata={"flag": "--warmup-steps"})
+    weight_decay: float = attrs.field(default=0.01, converter=to_float, validator=CHECKS.number(0))
+    grad_clip: float = attrs.field(default=1.0, converter=to_float, validator=CHECKS.number(0, low_open=True))
     #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
-    seed: int = attrs.field(default=0, validator=_integer("--seed", 0, 2**63 - 1))
+    seed: int = attrs.field(default=0, validator=CHECKS.integer(0, 2**63 - 1), metadata={"flag": "--seed"})
     #: stop (and checkpoint) after this many seconds of training; None = run all steps
     time_budget_s: float | None = attrs.field(default=None, converter=to_float,
-                                              validator=_number("--time-budget", 0, optional=True))
-    eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1, MAX_STEPS))
+                                              validator=CHECKS.number(0, optional=True), metadata={"flag": "--time-budget"})
+    eval_every: int = attrs.field(default=200, validator=CHECKS.integer(1, MAX_STEPS), metadata={"flag": "--eval-every"})
     #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
-    eval_bytes: int = attrs.field(default=16384, validator=_integer("--eval-bytes", 1, MAX_EVAL_BYTES))
-    eval_bytes_final: int = attrs.field(default=131072, validator=_integer("--eval-bytes-final", 1, MAX_EVAL_BYTES))
-    checkpoint_every: int = attrs.field(default=200, validator=_integer("--checkpoint-every", 1, MAX_STEPS))
+    eval_bytes: int = attrs.field(default=16384, validator=CHECKS.integer(1, MAX_EVAL_BYTES), metadata={"flag": "--eval-bytes"})
+    eval_bytes_final: int = attrs.field(default=131072, validator=CHECKS.integer(1, MAX_EVAL_BYTES), metadata={"flag": "--eval-bytes-final"})
+    checkpoint_every: int = attrs.field(default=200, validator=CHECKS.integer(1, MAX_STEPS), metadata={"flag": "--checkpoint-every"})
     #: bfloat16 autocast (float32 master weights and optimizer state); None = on for CUDA and for CPUs
     #: with native bfloat16 instructions (AMX, AVX-512 BF16), off elsewhere (see training/precision.py)
-    bf16: bool | None = attrs.field(default=None, validator=_flag("--bf16", optional=True))
+    bf16: bool | None = attrs.field(default=None, validator=CHECKS.flag(optional=True), metadata={"flag": "--bf16"})
     #: torch CPU threads; None or 0 = torch's choice
-    threads: int | None = attrs.field(default=None, validator=_integer("--threads", 0, 4096, optional=True))
+    threads: int | None = attrs.field(default=None, validator=CHECKS.integer(0, 4096, optional=True), metadata={"flag": "--threads"})
     # -- data ------------------------------------------------------------------------------------
     #: --data sources: builtin, stdlib, plays, files, directories, .jsonl, `corpus build` directories
     data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple)
@@ -177,22 +135,22 @@ class TrainConfig:
     include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: share of the documents of each user data source held out for evaluation (by name hash)
     heldout_fraction: float = attrs.field(default=0.01, converter=to_float,
-                                          validator=_number("--heldout-fraction", 0, 1, high_open=True))
+                                          validator=CHECKS.number(0, 1, high_open=True), metadata={"flag": "--heldout-fraction"})
     #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
     #: without the data pipeline, to measure what the pipeline costs; not for real runs
-    synthetic_data: bool = attrs.field(default=False, validator=_flag("--synthetic-data"))
+    synthetic_data: bool = attrs.field(default=False, validator=CHECKS.flag(), metadata={"flag": "--synthetic-data"})
     # -- execution -----------------------------------------------------------------------------
-    device: str = attrs.field(default="cpu", validator=_choice("--device", ("cpu", "cuda")))
+    device: str = attrs.field(default="cpu", validator=CHECKS.choice(("cpu", "cuda")), metadata={"flag": "--device"})
     #: torch.compile the transformer layers of the training step (see docs/training.md for when it pays)
-    compile: bool = attrs.field(default=False, validator=_flag("--compile"))
+    compile: bool = attrs.field(default=False, validator=CHECKS.flag(), metadata={"flag": "--compile"})
     #: micro-batches per process per step (the global batch is split batch_size / (processes x this))
-    grad_accum: int = attrs.field(default=1, validator=_integer("--grad-accum", 1, MAX_BATCH_SIZE))
+    grad_accum: int = attrs.field(default=1, validator=CHECKS.integer(1, MAX_BATCH_SIZE), metadata={"flag": "--grad-accum"})
     #: recompute layer activations in the backward pass instead of storing them
-    activation_checkpointing: bool = attrs.field(default=False, validator=_flag("--activation-checkpointing"))
+    activation_checkpointing: bool = attrs.field(default=False, validator=CHECKS.flag(), metadata={"flag": "--activation-checkpointing"})
     #: with several torchrun processes: ddp (replicas) or fsdp (sharded parameters and optimizer state)
-    parallel: str = attrs.field(default="ddp", validator=_choice("--parallel", ("ddp", "fsdp")))
+    parallel: str = attrs.field(default="ddp", validator=CHECKS.choice(("ddp", "fsdp")), metadata={"flag": "--parallel"})
     #: batches prepared ahead by the loader thread
-    prefetch: int = attrs.field(default=2, validator=_integer("--prefetch", 0, 1024))
+    prefetch: int = attrs.field(default=2, validator=CHECKS.integer(0, 1024), metadata={"flag": "--prefetch"})
     # -- BLT-D only ------------------------------------------------------------------------------
     #: trained entropy model (byte-LM checkpoint directory) for kind="blt" from scratch
     entropy_model: str | None = None
@@ -200,12 +158,12 @@ class TrainConfig:
     init: str | None = None
     block_sizes: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_block_sizes)
     #: the smallest diffusion time; avoids 1/t blowing up (t ~ U(t_min, 1))
-    t_min: float = attrs.field(default=1e-3, converter=to_float, validator=_number("t_min", 0, 1, low_open=True, high_open=True))
+    t_min: float = attrs.field(default=1e-3, converter=to_float, validator=CHECKS.number(0, 1, low_open=True, high_open=True))
     #: θ is set so that patches on the training stream average this many bytes (from scratch only)
     #: (> 1: the calibration takes the 1 - 1/target quantile of the entropies)
     target_patch_length: float = attrs.field(default=4.5, converter=to_float,
-                                             validator=_number("--target-patch-length", 1, low_open=True))
-    diffusion_weight: float = attrs.field(default=1.0, converter=to_float, validator=_number("diffusion_weight", 0))
+                                             validator=CHECKS.number(1, low_open=True), metadata={"flag": "--target-patch-length"})
+    diffusion_weight: float = attrs.field(default=1.0, converter=to_float, validator=CHECKS.number(0))
 
     def __attrs_post_init__(self) -> None:
         # an option that does not apply would be silently ignored: refuse it, naming it
