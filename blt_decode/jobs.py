@@ -127,10 +127,12 @@ def read_requests(path: str | Path, defaults: Mapping[str, Any] | None = None,
     return items
 
 
-def finished_ids(path: str | Path) -> set[str]:
-    """Ids already in an output file. Every complete line (ending in a newline) must be a result record,
-    else the file is refused untouched. An unfinished last line (an interrupted write) is removed if it is
-    not a record, and completed with its newline if it is, so the next append starts a line of its own."""
+def finished_ids(path: str | Path, is_record: Callable[[Any], bool] | None = None) -> set[str]:
+    """Ids already in an output file. Every complete line (ending in a newline) must be a result record
+    (:func:`is_result_record`, or ``is_record`` for files of other record kinds), else the file is refused
+    untouched. An unfinished last line (an interrupted write) is removed if it is not a record, and
+    completed with its newline if it is, so the next append starts a line of its own."""
+    is_record = is_result_record if is_record is None else is_record
     path = Path(path)
     if not path.exists():
         return set()
@@ -143,7 +145,7 @@ def finished_ids(path: str | Path) -> set[str]:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return str(record["id"]) if is_result_record(record) else None
+        return str(record["id"]) if is_record(record) else None
 
     for index, raw in enumerate(lines[:-1]):
         if not raw.strip():

@@ -194,7 +194,7 @@ def test_vs_ar_is_per_committed_byte_and_rows_that_write_less_are_not_cheaper():
     assert ar.new_bytes != spec.new_bytes  # the case this is about: different lengths of sampled text
     per_byte = (spec.bandwidth_gb / spec.new_bytes) / (ar.bandwidth_gb / ar.new_bytes)
     assert spec.bandwidth_vs_ar == pytest.approx(per_byte, rel=1e-12)
-    assert bench._per_byte_ratio(1.0, 0, 1.0, 5) is None
+    assert bench.per_byte_ratio(1.0, 0, 1.0, 5) is None
 
 
 def test_the_default_table_fits_a_terminal_and_full_has_every_column(tmp_path):

@@ -35,12 +35,14 @@ class TrainBenchRow:
     seq_len: int
     block_sizes: tuple[int, ...]
     steps: int  #: timed steps per repeat (after the warm-up steps)
+    compile: bool  #: the loop's --compile
     bytes_per_s: float  #: median over repeats of training bytes/s in the timed steps
     bytes_per_s_runs: tuple[float, ...]
     model_tflop_per_step: float
     mfu: float  #: model FLOP/s over the bfloat16 GEMM rate of the same run
     peak_rss_mb: float  #: the largest peak resident memory of the subprocesses measuring this row
     trainable_params: int
+    warmup_s: float  #: median wall time of the untimed first steps (compilation, with --compile)
 
 
 @attrs.frozen
@@ -89,7 +91,7 @@ def model_flops_per_step(model: Any, batches: Sequence[torch.Tensor], block_size
 
 
 def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, steps: int, warmup: int,
-                threads: int, data: Sequence[str], block_sizes: Sequence[int]) -> dict[str, Any]:
+                threads: int, data: Sequence[str], block_sizes: Sequence[int], compile: bool = False) -> dict[str, Any]:
     """One configuration, in this process: ``warmup + steps`` steps of the training loop."""
     from blt_decode.corpus import BatchSampler
     from blt_decode.model import EntropyModel
@@ -108,7 +110,7 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
                              batch_size=batch_size, steps=warmup + steps, lr=1e-3, warmup_steps=1,
                              eval_every=10**9, eval_bytes_final=1, checkpoint_every=10**9,
                              bf16=precision == "bfloat16", threads=threads, entropy_model=str(Path(tmp) / "entropy"),
-                             block_sizes=tuple(block_sizes), synthetic_data=True, data=tuple(data))
+                             block_sizes=tuple(block_sizes), synthetic_data=True, data=tuple(data), compile=compile)
         train(config, corpus=corpus, progress=False, log=lambda message: None)
         log = [json.loads(line) for line in (Path(config.out_dir) / LOG_FILE).read_text().splitlines()]
         first, last = log[warmup - 1], log[-1]
@@ -123,7 +125,7 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
     import resource
 
     return {"bytes_per_s": rate, "flops_per_step": flops, "step_bytes": batch_size * (seq_len - 1),
-            "trainable_params": trainable,
+            "trainable_params": trainable, "warmup_s": first["wall_time_s"],
             # the process's peak resident memory (KiB on Linux): model, optimizer state, activations
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -140,7 +142,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 8, seq_len: int = 512,
         steps: int = 4, warmup: int = 2, repeats: int = 1, threads: int | None = None,
-        data: Sequence[str] = ("builtin",), block_sizes: Sequence[int] = (4, 8, 16),
+        data: Sequence[str] = ("builtin",), block_sizes: Sequence[int] = (4, 8, 16), compile: bool = False,
         progress: Any = None) -> TrainBenchResult:
     """Every (preset, precision) for ``repeats`` rounds, alternating; see the module docstring."""
     threads = threads or torch.get_num_threads()
@@ -151,7 +153,7 @@ def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 
     for _ in range(repeats):
         for preset, precision in configs:
             spec = dict(preset=preset, precision=precision, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                        warmup=warmup, threads=threads, data=list(data), block_sizes=list(block_sizes))
+                        warmup=warmup, threads=threads, data=list(data), block_sizes=list(block_sizes), compile=compile)
             results[(preset, precision)].append(_child(spec))
             if progress is not None:
                 progress(preset, precision, results[(preset, precision)][-1]["bytes_per_s"])
@@ -161,24 +163,27 @@ def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 
         rate = statistics.median(rates)
         first = runs[0]
         step_s = first["step_bytes"] / rate
-        rows.append(TrainBenchRow(preset, precision, batch_size, seq_len, tuple(block_sizes), steps, rate, rates,
-                                  first["flops_per_step"] / 1e12, first["flops_per_step"] / step_s / (gemm[torch.bfloat16] * 1e9),
-                                  max(r["peak_rss_mb"] for r in runs), first["trainable_params"]))
+        rows.append(TrainBenchRow(preset, precision, batch_size, seq_len, tuple(block_sizes), steps, compile, rate,
+                                  rates, first["flops_per_step"] / 1e12,
+                                  first["flops_per_step"] / step_s / (gemm[torch.bfloat16] * 1e9),
+                                  max(r["peak_rss_mb"] for r in runs), first["trainable_params"],
+                                  statistics.median(r["warmup_s"] for r in runs)))
     return TrainBenchResult(tuple(rows), gemm[torch.bfloat16], gemm[torch.float32], threads, tuple(data))
 
 
 def markdown(result: TrainBenchResult) -> str:
     """The result as a markdown table (bytes/s, their ratio to the first row of the same preset, MFU)."""
+    compiled = " (--compile)" if result.rows and result.rows[0].compile else ""
     lines = [f"bfloat16 GEMM {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}: {result.gemm_bf16_gflops:.0f} GFLOP/s "
-             f"(float32 {result.gemm_f32_gflops:.0f}); torch threads = {result.threads}; data {' '.join(result.data)}",
-             "", "| preset | precision | batch x seq | bytes/s | vs first row | TFLOP/step | MFU | peak RSS MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             f"(float32 {result.gemm_f32_gflops:.0f}); torch threads = {result.threads}; data {' '.join(result.data)}{compiled}",
+             "", "| preset | precision | batch x seq | bytes/s | vs first row | TFLOP/step | MFU | peak RSS MB | warm-up s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     base: dict[str, float] = {}
     for row in result.rows:
         base.setdefault(row.preset, row.bytes_per_s)
         lines.append(f"| {row.preset} | {row.precision} | {row.batch_size} x {row.seq_len} | {row.bytes_per_s:.0f} | "
                      f"{row.bytes_per_s / base[row.preset]:.2f}x | {row.model_tflop_per_step:.3f} | {row.mfu:.1%} | "
-                     f"{row.peak_rss_mb:.0f} |")
+                     f"{row.peak_rss_mb:.0f} | {row.warmup_s:.1f} |")
     return "\n".join(lines)
 
 
