@@ -1,14 +1,7 @@
-"""Strategy options: typed attrs fields whose errors are one clear line, building a strategy's Options
-from keyword arguments, and parsing option strings (``-o key=value`` on the CLI, ``name:key=value`` in
-``blt-decode bench``) by each option's *declared* type.
-
-A strategy's ``Options`` is any attrs class. The field helpers here (:func:`integer`, :func:`number`,
-:func:`choice`, :func:`flag`) give the usual checks with messages that name the option and what it
-accepts; plain attrs validators work too (their messages are cleaned of attrs' ``Attribute(...)`` dumps).
-
-Parsing follows the annotation, not a guess: ``cache: Literal["kv", "none"]`` turns ``"none"`` into the
-string ``"none"``, ``top_k: int | None`` turns ``"none"`` into ``None`` and ``"8"`` into ``8``, and
-``k: int | Literal["auto"]`` accepts ``"auto"`` or an integer.
+"""Strategy options: the option fields (:func:`integer`, :func:`number`, :func:`choice`, :func:`flag`,
+one-line errors naming the option), building a strategy's Options from keyword arguments, and parsing
+option strings (``-o key=value``, ``bench``'s ``name:key=value``) by each option's *declared* type
+(``Literal["kv", "none"]`` keeps ``"none"`` a string; ``int | None`` turns it into None).
 """
 
 from __future__ import annotations
