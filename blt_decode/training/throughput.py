@@ -98,7 +98,8 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
     from blt_decode.tokenizer import VOCAB_SIZE
     from blt_decode.training.checkpoints import save_byte_lm
     from blt_decode.training.data import load_data
-    from blt_decode.training.loop import LOG_FILE, TrainConfig, _init_stack, train
+    from blt_decode.training.config import TrainConfig
+    from blt_decode.training.loop import LOG_FILE, _init_stack, train
     from blt_decode.training.presets import ENTROPY_PRESETS
 
     torch.set_num_threads(threads)
