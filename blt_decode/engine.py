@@ -222,7 +222,7 @@ class Engine:
         )
         self.max_batch = max_batch
         #: positions per slot at most; None: what each request needs (prepare bounds its prompt and new
-        #: bytes, and its strategy's lookahead, by max_seqlen), within the device's free memory
+        #: bytes by max_seqlen, its strategy's lookahead by MAX_LOOKAHEAD), within the device's free memory
         self.max_capacity = max_capacity
         self.state: DecodeState | None = None
         self._position_bytes = _bytes_per_position(self.model, self.runners)

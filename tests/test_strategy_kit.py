@@ -188,8 +188,8 @@ def test_a_lookahead_that_is_not_a_size_is_a_strategy_error(bad, shown):
     with testing.registered_strategy(_WideScratch()) as name:
         with pytest.raises(StrategyError, match=rf"strategy 'wide-scratch': lookahead\(options\) returned {shown}"):
             bd.generate("random:tiny", "x", strategy=name, bad=bad, max_new_bytes=1)
-        with pytest.raises(StrategyError, match="must be an integer in 0..2048"):
-            bd.generate("random:tiny", "x", strategy=name, room=2049, max_new_bytes=1)
+        with pytest.raises(StrategyError, match="must be an integer in 0..65536"):
+            bd.generate("random:tiny", "x", strategy=name, room=65537, max_new_bytes=1)
 
 
 # -- blt-decode new-strategy -------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_a_new_strategy_package_installs_and_passes_its_own_tests(tmp_path, user
 
 @pytest.mark.parametrize("name,words", [
     ("ar", "already registered"), ("Bad_Name", "lowercase letters"), ("decode", "module named blt_decode"),
-    ("x" * 41, "at most 40"), ("-x", "starting with a letter"),
+    ("x" * 41, "at most 40"), ("1x", "starting with a letter"), ("a--b", "single dashes"),
 ])
 def test_new_strategy_refuses_a_bad_name_and_writes_nothing(tmp_path, capsys, name, words):
     target = tmp_path / "pkg"
