@@ -11,14 +11,21 @@ from blt_decode.engine import Engine, EngineStats, EngineStream
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.errors import (
     BLTDecodeError,
+    CancelledError,
     CheckpointError,
     ConfigError,
+    CorpusError,
     DuplicateNameError,
+    EngineError,
     InvalidOptionsError,
     InvalidRequestError,
+    JobError,
+    MissingExtraError,
     NonFiniteError,
+    PromptSetError,
     PromptTooLongError,
     StrategyError,
+    TrainingError,
     UnknownBackendError,
     UnknownModelError,
     UnknownStrategyError,
@@ -34,10 +41,12 @@ from blt_decode.stats import DecodeStats, ForwardPasses
 __version__ = "0.1.0"
 
 __all__ = [
-    "BLTConfig", "BLTDecodeError", "BLTModel", "CheckpointError", "ConfigError", "DecodeContext", "DecodeSession",
-    "DecodeStats", "DuplicateNameError", "Engine", "EngineStats", "EngineStream", "ForwardPasses", "Generation",
-    "InvalidOptionsError", "InvalidRequestError", "NonFiniteError", "PromptTooLongError", "Request", "Score", "Stream",
-    "StrategyError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
-    "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score", "score_many",
+    "BLTConfig", "BLTDecodeError", "BLTModel", "CancelledError", "CheckpointError", "ConfigError", "CorpusError",
+    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "Engine", "EngineError", "EngineStats",
+    "EngineStream", "ForwardPasses", "Generation", "InvalidOptionsError", "InvalidRequestError", "JobError",
+    "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stream",
+    "StrategyError", "TrainingError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
+    "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score",
+    "score_many",
     "strategy_names", "stream",
 ]

@@ -1,9 +1,10 @@
 """The value checks behind every typed record: model configs (:mod:`blt_decode.config`), strategy
-options (:mod:`blt_decode.options`) and training configs (:mod:`blt_decode.training.loop`).
+options (:mod:`blt_decode.options`) and training configs (:mod:`blt_decode.training`).
 
-What counts as an integer, which numbers convert to float, what "a finite number in a range" means and
-how a refused value is shown are decided here, once; each record raises its own error type and names
-its fields its own way (``option 'k'``, ``--lr``, ``encoder.dim``).
+What counts as an integer, which numbers convert to float, what "a finite number in a range" means, how
+a refused value is shown, and the one family of attrs validators built on them (:class:`Validators`) are
+decided here, once; each record raises its own error type and names its fields its own way
+(``option 'k'``, ``--lr``, ``dim``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import attrs
+
+#: an attrs validator: ``check(instance, attribute, value)`` raises on a refused value
+Validator = Callable[[Any, "attrs.Attribute", Any], None]
 
 
 def is_int(value: Any) -> bool:
@@ -68,3 +74,99 @@ def int_argument(least: int, most: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _bound(number: int) -> str:
+    # the largest seed is easier to read as a power of two than as 19 digits
+    return "2**63-1" if number == 2**63 - 1 else str(number)
+
+
+def describe_integer(least: int | None, most: int | None) -> str:
+    """``an integer in 1..64``, ``an integer >= 0``, ``an integer <= 9`` or ``an integer``."""
+    if least is not None and most is not None:
+        return f"an integer in {least}..{_bound(most)}"
+    if least is not None:
+        return f"an integer >= {least}"
+    return f"an integer <= {_bound(most)}" if most is not None else "an integer"
+
+
+def describe_number(low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = False) -> str:
+    """``a number in [0, 1)``, ``a finite number > 0``, ``a finite number`` (an interval implies finite)."""
+    if low is not None and high is not None:
+        return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"a finite number {'<' if high_open else '<='} {high:g}"
+    return "a finite number"
+
+
+def _by_name(attribute: attrs.Attribute) -> str:
+    return attribute.name
+
+
+@attrs.frozen
+class Validators:
+    """The attrs validators of one family of records. A refused value raises ``error`` with the one line
+    ``LABEL must be ALLOWED, got VALUE``; the family decides how a field is named (``label``, from its
+    attrs attribute), how an allowed None is said (``optional``) and how the booleans are spelled.
+
+    ``Validators(InvalidOptionsError, label=lambda a: f"option {a.name!r}").integer(1, 64)`` checks an
+    option; each factory also takes a ``label`` of its own for one field."""
+
+    error: type[Exception]
+    label: Callable[[attrs.Attribute], str] = _by_name
+    #: appended to what is allowed when None is allowed too
+    optional: str = " or None"
+    booleans: str = "True or False"
+
+    def _refuse(self, label: str | None, attribute: attrs.Attribute, allowed: str, value: Any) -> Exception:
+        return self.error(f"{label or self.label(attribute)} must be {allowed}, got {show(value)}")
+
+    def integer(self, least: int | None = None, most: int | None = None, *, optional: bool = False,
+                also: Sequence[str] = (), label: str | None = None) -> Validator:
+        """An int (never a bool) in ``least..most`` (None: unbounded); ``also``: strings accepted besides
+        (``("auto",)``); ``optional``: None too."""
+        allowed = describe_integer(least, most) + "".join(f" or {v!r}" for v in also) + (self.optional if optional else "")
+
+        def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+            if value is None and optional or isinstance(value, str) and value in also:
+                return
+            if not is_int(value) or (least is not None and value < least) or (most is not None and value > most):
+                raise self._refuse(label, attribute, allowed, value)
+
+        return check
+
+    def number(self, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+               high_open: bool = False, optional: bool = False, label: str | None = None) -> Validator:
+        """A finite float within the bounds (``*_open`` excludes the bound); pair it with the converter
+        :func:`to_float`, which makes ints floats; ``optional``: None too."""
+        allowed = describe_number(low, high, low_open=low_open, high_open=high_open) + (self.optional if optional else "")
+
+        def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+            if value is None and optional:
+                return
+            if not finite_in_range(value, low, high, low_open=low_open, high_open=high_open):
+                raise self._refuse(label, attribute, allowed, value)
+
+        return check
+
+    def choice(self, choices: Sequence[str], *, label: str | None = None) -> Validator:
+        """One of the strings ``choices``."""
+        allowed = "one of " + ", ".join(map(repr, choices))
+
+        def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+            if not isinstance(value, str) or value not in choices:
+                raise self._refuse(label, attribute, allowed, value)
+
+        return check
+
+    def flag(self, *, optional: bool = False, label: str | None = None) -> Validator:
+        """``True`` or ``False`` (not 0/1, not a string); ``optional``: None too."""
+        allowed = self.booleans + (self.optional if optional else "")
+
+        def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+            if not isinstance(value, bool) and not (optional and value is None):
+                raise self._refuse(label, attribute, allowed, value)
+
+        return check

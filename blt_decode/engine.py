@@ -37,7 +37,7 @@ from blt_decode import plugins
 from blt_decode.cache import RowLayout
 from blt_decode.checks import is_int, show
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import CancelledError, EngineError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.request import PreparedRequest, Request, check_flag, prepare
@@ -52,14 +52,6 @@ CAPACITY_STEP = 256
 MAX_BATCH = 4096
 
 logger = logging.getLogger("blt_decode.engine")
-
-
-class EngineError(BLTDecodeError):
-    """The engine cannot take a request (a backend that cannot batch, a bad setting)."""
-
-
-class CancelledError(BLTDecodeError):
-    """The request was cancelled before it finished."""
 
 
 @attrs.frozen
@@ -203,7 +195,9 @@ class Engine:
     Requests join as soon as a slot is free, leave at EOS, a stop sequence, ``max_new_bytes``, an error
     or cancellation, and their slot is reused. Requests in one batch may use different strategies and
     options. Without :meth:`start`, the engine advances whenever a stream is iterated; with it, a
-    background thread steps the engine while there is work (for servers)."""
+    background thread steps the engine while there is work (for servers). Each slot holds what the
+    requests in it need (prompt, new bytes, the strategy's lookahead), at most ``max_capacity`` positions
+    when one is given."""
 
     def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
                  max_capacity: int | None = None):
@@ -227,8 +221,9 @@ class Engine:
             decoder=_Counter("decoder", base.decoder, self._tally),
         )
         self.max_batch = max_batch
-        lookahead_room = 2 * 64 + 2  # the built-in strategies' largest scratch room, for the default cap
-        self.max_capacity = self.model.config.max_seqlen + lookahead_room if max_capacity is None else max_capacity
+        #: positions per slot at most; None: what each request needs (prepare bounds its prompt and new
+        #: bytes by max_seqlen, its strategy's lookahead by MAX_LOOKAHEAD), within the device's free memory
+        self.max_capacity = max_capacity
         self.state: DecodeState | None = None
         self._position_bytes = _bytes_per_position(self.model, self.runners)
         self._check_fits(CAPACITY_STEP, "max_batch")  # the first allocation, before any request arrives
@@ -287,7 +282,7 @@ class Engine:
         engine grow to fits the free memory of the model's device. Checked before the request is queued."""
         if self._failure is not None:
             raise EngineError(f"{self._failure}; this engine takes no more requests (make a new one)")
-        if request.capacity > self.max_capacity:
+        if self.max_capacity is not None and request.capacity > self.max_capacity:
             raise EngineError(f"the request needs {request.capacity} positions; this engine allows {self.max_capacity}")
         self._check_fits(request.capacity, "max_new_bytes")
 
@@ -297,7 +292,7 @@ class Engine:
         lower. Memory can still run out by the time the request is admitted: then only it fails."""
         if self.state is not None and self.state.capacity >= need:
             return
-        capacity = min(self.max_capacity, -(-need // CAPACITY_STEP) * CAPACITY_STEP)
+        capacity = self._grown_capacity(need)
         size = self.max_batch * capacity * self._position_bytes
         free = free_memory_bytes(self.model.device)
         if free is not None and size > free:
@@ -389,12 +384,18 @@ class Engine:
             live = _Live(stream, session, greenlet.greenlet(self._drive))
             self._live[slot] = live
 
+    def _grown_capacity(self, need: int) -> int:
+        """The room per slot a state grown for ``need`` positions gets: ``need`` rounded up to a
+        :data:`CAPACITY_STEP`, within ``max_capacity``."""
+        capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+        return capacity if self.max_capacity is None else min(self.max_capacity, capacity)
+
     def _ensure_capacity(self, need: int) -> None:
         """Allocate the slots' state on first use, and grow it (copying live slots) when a request needs
         more room than any before it."""
         if self.state is not None and self.state.capacity >= need:
             return
-        capacity = min(self.max_capacity, -(-need // CAPACITY_STEP) * CAPACITY_STEP)
+        capacity = self._grown_capacity(need)
         new = DecodeState(self.model, self.max_batch, capacity, self.runners)
         old = self.state
         if old is not None:

@@ -1,4 +1,5 @@
-"""Every error blt-decode raises on purpose, in one place."""
+"""Every error blt-decode raises on purpose, in one place: the types a caller may catch, each with the
+situation it names. Modules raise these; none defines its own (docs/api.md lists them)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,50 @@ class StrategyError(BLTDecodeError, RuntimeError):
 
 class NonFiniteError(BLTDecodeError, FloatingPointError):
     """A module of the model produced NaN or infinite values; the message names the module."""
+
+
+class EngineError(BLTDecodeError):
+    """The engine cannot take a request (a backend that cannot batch, a bad setting)."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine's background thread is not running, so a waiting request would never end."""
+
+
+class CancelledError(BLTDecodeError):
+    """The request was cancelled before it finished."""
+
+
+class TrainingError(BLTDecodeError):
+    """Training cannot start or resume (bad options, mismatched checkpoint, bad data)."""
+
+
+class CorpusError(BLTDecodeError):
+    """The corpus cannot be built (a source is missing)."""
+
+
+class JobError(BLTDecodeError):
+    """A malformed batch-job input line or output file; the message names the file and the line."""
+
+
+class PromptSetError(BLTDecodeError):
+    """An unknown prompt set, a request for more prompts than a set holds, or a malformed prompt file."""
+
+
+class CLIError(BLTDecodeError):
+    """A command-line argument that the API never sees is wrong (a file, a flag combination)."""
+
+
+class SandboxError(BLTDecodeError):
+    """A sandbox setting out of range, or the sandbox itself could not run a program."""
+
+
+class HumanEvalError(BLTDecodeError):
+    """A bad setting of a HumanEval run, or a results file written by a different run."""
+
+
+class ChatTemplateError(BLTDecodeError):
+    """A chat template that cannot be read or compiled, or messages it cannot render."""
 
 
 class MissingExtraError(BLTDecodeError, ImportError):

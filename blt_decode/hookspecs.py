@@ -1,8 +1,8 @@
 """Hook specifications of blt-decode's plugin system (pluggy project name ``blt_decode``).
 
-A plugin is any module or object with functions marked ``@blt_decode.hookimpl``; third-party plugins are
-found through the ``blt_decode`` entry-point group. Built-in strategies and backends are registered
-exactly the same way.
+A plugin is any module or object with functions marked ``@hookimpl`` (also importable as
+``blt_decode.hookimpl`` and ``blt_decode.strategy.hookimpl``); third-party plugins are found through the
+``blt_decode`` entry-point group. The built-in strategies and backends register the same way.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ hookimpl = pluggy.HookimplMarker("blt_decode")
 def register_strategies(register):
     """Register decoding strategies.
 
-    Call ``register(strategy)`` once per strategy object. A strategy has ``name``, ``description``,
-    ``aliases``, an attrs ``Options`` class, ``lookahead(options)`` and a ``decode(session, context,
-    options)`` generator that yields the token ids it commits (see :mod:`blt_decode.protocol`).
-    Registering a name or alias that another plugin already registered raises
-    :class:`~blt_decode.errors.DuplicateNameError` naming both plugins.
+    Call ``register(strategy)`` once per strategy object: an object satisfying
+    :class:`blt_decode.protocol.Strategy` (the contract; :class:`blt_decode.strategy.BaseStrategy` gives
+    the defaults). One that does not is refused with a ``TypeError`` naming what it lacks; a name or
+    alias that another plugin already registered raises :class:`~blt_decode.errors.DuplicateNameError`
+    naming both plugins.
     """
 
 
@@ -29,8 +29,8 @@ def register_strategies(register):
 def register_backends(register):
     """Register compute backends.
 
-    Call ``register(backend)`` once per backend object. A backend has ``name``, ``description`` and
-    ``open_session(model, capacity)`` returning a :class:`~blt_decode.session.DecodeSession` whose
-    primitives run the model its way (eager, compiled, ...). Strategies never see which backend runs them.
-    Duplicate names raise :class:`~blt_decode.errors.DuplicateNameError` naming both plugins.
+    Call ``register(backend)`` once per backend object: an object satisfying
+    :class:`blt_decode.protocol.Backend` (the contract), whose sessions run the model its way (eager,
+    compiled, ...). Duplicate names raise :class:`~blt_decode.errors.DuplicateNameError` naming both
+    plugins.
     """

@@ -25,7 +25,7 @@ import attrs
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, JobError
 from blt_decode.request import Request
 
 if TYPE_CHECKING:
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 
 #: the fields an input line may hold
 FIELDS = ("id", "prompt", "prompt_hex", "strategy", "options", "max_new_bytes", "seed", "stop")
-
-
-class JobError(BLTDecodeError):
-    """A malformed input line or output file; the message names the file and the line."""
 
 
 @attrs.frozen

@@ -22,10 +22,6 @@ from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.hashing import hash_table_ids, hash_table_ids_of_windows
 from blt_decode.layers import CrossAttention, RMSNorm, TransformerStack
 from blt_decode.patcher import Patcher, entropy_of_logits
-from blt_decode.tokenizer import BOE_ID
-
-#: The [MASK] id of block diffusion: BOE, which generation never emits and nothing else uses.
-MASK_ID = BOE_ID
 
 
 class EntropyModel(TransformerStack):

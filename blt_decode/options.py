@@ -1,14 +1,7 @@
-"""Strategy options: typed attrs fields whose errors are one clear line, building a strategy's Options
-from keyword arguments, and parsing option strings (``-o key=value`` on the CLI, ``name:key=value`` in
-``blt-decode bench``) by each option's *declared* type.
-
-A strategy's ``Options`` is any attrs class. The field helpers here (:func:`integer`, :func:`number`,
-:func:`choice`, :func:`flag`) give the usual checks with messages that name the option and what it
-accepts; plain attrs validators work too (their messages are cleaned of attrs' ``Attribute(...)`` dumps).
-
-Parsing follows the annotation, not a guess: ``cache: Literal["kv", "none"]`` turns ``"none"`` into the
-string ``"none"``, ``top_k: int | None`` turns ``"none"`` into ``None`` and ``"8"`` into ``8``, and
-``k: int | Literal["auto"]`` accepts ``"auto"`` or an integer.
+"""Strategy options: the option fields (:func:`integer`, :func:`number`, :func:`choice`, :func:`flag`,
+one-line errors naming the option), building a strategy's Options from keyword arguments, and parsing
+option strings (``-o key=value``, ``bench``'s ``name:key=value``) by each option's *declared* type
+(``Literal["kv", "none"]`` keeps ``"none"`` a string; ``int | None`` turns it into None).
 """
 
 from __future__ import annotations
@@ -19,74 +12,37 @@ from typing import Any, Iterable, Literal, Sequence, Union
 
 import attrs
 
-from blt_decode.checks import finite_in_range, is_int, to_float
+from blt_decode.checks import Validators, to_float
 from blt_decode.errors import InvalidOptionsError
 
 
 # -- field helpers ------------------------------------------------------------------------------------
-def _describe_range(lo: float | None, hi: float | None, *, lo_open: bool = False, hi_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi}"
-    return ""
+#: the strategy options' family of checks (blt_decode.checks): "option 'k' must be ..., got ..."
+CHECKS = Validators(InvalidOptionsError, label=lambda attribute: f"option {attribute.name!r}")
 
 
 def integer(default: int | None, *, minimum: int | None = None, maximum: int | None = None,
             optional: bool = False, also: tuple[str, ...] = ()) -> Any:
     """An integer option in ``minimum..maximum``; ``optional`` also allows None, ``also`` names string
     values accepted besides integers (e.g. ``("auto",)``)."""
-    if minimum is not None and maximum is not None:
-        allowed = f"an integer in {minimum}..{maximum}"
-    else:
-        allowed = "an integer" + (f" {_describe_range(minimum, maximum)}" if (minimum, maximum) != (None, None) else "")
-    allowed += "".join(f" or {v!r}" for v in also) + (" or None" if optional else "")
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is None and optional or isinstance(value, str) and value in also:
-            return
-        if not is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise InvalidOptionsError(f"option {attribute.name!r} must be {allowed}, got {value!r}")
-
-    return attrs.field(default=default, validator=check)
+    return attrs.field(default=default, validator=CHECKS.integer(minimum, maximum, optional=optional, also=also))
 
 
 def number(default: float | None, *, minimum: float | None = None, maximum: float | None = None,
            minimum_open: bool = False, maximum_open: bool = False, optional: bool = False) -> Any:
     """A finite float option within the bounds (``*_open`` excludes the bound); ``optional`` allows None."""
-    rng = _describe_range(minimum, maximum, lo_open=minimum_open, hi_open=maximum_open)
-    allowed = "a finite number" + (f" {rng}" if rng else "") + (" or None" if optional else "")
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not finite_in_range(value, minimum, maximum, low_open=minimum_open, high_open=maximum_open):
-            raise InvalidOptionsError(f"option {attribute.name!r} must be {allowed}, got {value!r}")
-
-    return attrs.field(default=default, converter=to_float, validator=check)
+    return attrs.field(default=default, converter=to_float, validator=CHECKS.number(
+        minimum, maximum, low_open=minimum_open, high_open=maximum_open, optional=optional))
 
 
 def choice(default: str, choices: Sequence[str]) -> Any:
     """A string option, one of ``choices``."""
-    allowed = ", ".join(map(repr, choices))
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not isinstance(value, str) or value not in choices:
-            raise InvalidOptionsError(f"option {attribute.name!r} must be one of {allowed}, got {value!r}")
-
-    return attrs.field(default=default, validator=check)
+    return attrs.field(default=default, validator=CHECKS.choice(choices))
 
 
 def flag(default: bool) -> Any:
     """A boolean option (True or False, nothing else)."""
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not isinstance(value, bool):
-            raise InvalidOptionsError(f"option {attribute.name!r} must be true or false, got {value!r}")
-
-    return attrs.field(default=default, validator=check)
+    return attrs.field(default=default, validator=CHECKS.flag())
 
 
 # -- building Options ---------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ def reset() -> None:
     _pm = _strategies = _backends = None
 
 
+def refresh() -> None:
+    """Forget the registries but keep the plugins: the next lookup collects them again (after a plugin was
+    registered or unregistered on the plugin manager)."""
+    global _strategies, _backends
+    _strategies = _backends = None
+
+
 def _collect(hook_name: str, kind: str, check: Callable[[Any], None]) -> dict[str, Any]:
     pm = get_plugin_manager()
     found: dict[str, Any] = {}
@@ -71,17 +78,42 @@ def _collect(hook_name: str, kind: str, check: Callable[[Any], None]) -> dict[st
     return found
 
 
+def _contract(protocol: type) -> tuple[list[str], list[str]]:
+    """The attributes and the methods a protocol class of :mod:`blt_decode.protocol` declares: what the
+    registry checks is read from the one statement of the contract, not restated here."""
+    methods = [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return list(protocol.__annotations__), methods
+
+
+def _problems(obj: Any, protocol: type) -> list[str]:
+    attributes, methods = _contract(protocol)
+    missing = [m for m in attributes + methods if not hasattr(obj, m)]
+    problems = [f"it has no {', '.join(missing)}"] if missing else []
+    return problems + [f"{m} is not callable" for m in methods if hasattr(obj, m) and not callable(getattr(obj, m))]
+
+
+def _refusal(obj: Any, protocol: type, problems: list[str]) -> TypeError:
+    kind = protocol.__name__.lower()
+    hint = (" (blt_decode.strategy.BaseStrategy supplies aliases, Options, lookahead, and description from the "
+            "class docstring)") if protocol is Strategy else ""
+    return TypeError(f"{obj!r} is not a {kind}: {'; '.join(problems)}. The contract: "
+                     f"blt_decode.protocol.{protocol.__name__}, docs/plugins.md{hint}")
+
+
 def _check_strategy(obj: Any) -> None:
-    if not isinstance(obj, Strategy) or not attrs.has(obj.Options):
-        raise TypeError(
-            f"{obj!r} is not a strategy: it needs name, description, aliases, an attrs Options class, "
-            "lookahead() and decode()"
-        )
+    problems = _problems(obj, Strategy)
+    if not problems and not (isinstance(obj.Options, type) and attrs.has(obj.Options)):
+        problems.append(f"Options must be an attrs class, got {obj.Options!r}")
+    if not problems and not (isinstance(obj.aliases, (tuple, list)) and all(isinstance(a, str) for a in obj.aliases)):
+        problems.append(f"aliases must be a tuple of names, got {obj.aliases!r}")
+    if problems:
+        raise _refusal(obj, Strategy, problems)
 
 
 def _check_backend(obj: Any) -> None:
-    if not isinstance(obj, Backend):
-        raise TypeError(f"{obj!r} is not a backend: it needs name, description and open_session()")
+    problems = _problems(obj, Backend)
+    if problems:
+        raise _refusal(obj, Backend, problems)
 
 
 def strategies() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import PromptSetError
 
 DATA_DIR = Path(__file__).parent / "data" / "prompt-sets"
 #: the built-in prompt sets and their versions (the version names the selection rule)
@@ -37,10 +37,6 @@ VERSIONS = {"heldout": "heldout-v1", "heldout-code": "heldout-code-v1", "humanev
 PROMPT_SETS = tuple(VERSIONS)
 #: prompts stored per set (a request for more is an error naming this limit)
 STORED = {"heldout": 64, "heldout-code": 64, "humaneval": 164}
-
-
-class PromptSetError(BLTDecodeError):
-    """An unknown prompt set, a request for more prompts than a set holds, or a malformed prompt file."""
 
 
 @attrs.frozen

@@ -17,7 +17,7 @@ import attrs
 from blt_decode import options as options_mod
 from blt_decode import plugins, tokenizer
 from blt_decode.checks import is_int, show
-from blt_decode.errors import InvalidRequestError, PromptTooLongError
+from blt_decode.errors import InvalidRequestError, PromptTooLongError, StrategyError
 
 #: new bytes generated when a caller does not say
 DEFAULT_MAX_NEW_BYTES = 256
@@ -27,6 +27,9 @@ MAX_SEED = 2**64 - 1
 #: time linear in the output whatever its size, but building its matcher is linear in its total length)
 MAX_STOP_SEQUENCES = 32
 MAX_STOP_BYTES = 256
+#: most positions a strategy may write past the committed sequence (drafts, blocks; the built-in ones
+#: write at most 65)
+MAX_LOOKAHEAD = 1 << 16
 
 
 @attrs.frozen
@@ -54,11 +57,13 @@ class PreparedRequest:
     max_new_bytes: int
     stops: tuple[bytes, ...]
     seed: int
+    #: the strategy's scratch room past the committed sequence, ``strategy.lookahead(options)``
+    lookahead: int
 
     @property
     def capacity(self) -> int:
         """Session positions the request may use: BOS + prompt + new bytes + the strategy's scratch room."""
-        return len(self.prompt_ids) + self.max_new_bytes + self.strategy.lookahead(self.options) + 1
+        return len(self.prompt_ids) + self.max_new_bytes + self.lookahead + 1
 
 
 def prompt_bytes(prompt: Any) -> bytes:
@@ -133,4 +138,16 @@ def prepare(request: Request, max_seqlen: int) -> PreparedRequest:
     return PreparedRequest(
         strategy=strategy, options=opts, prompt=prompt, prompt_ids=tuple(tokenizer.encode(prompt)),
         max_new_bytes=max_new, stops=stop_sequences(request.stop), seed=check_seed(request.seed),
+        lookahead=strategy_lookahead(strategy, opts),
     )
+
+
+def strategy_lookahead(strategy: Any, options: Any) -> int:
+    """``strategy.lookahead(options)``, which sizes the session (and the engine's slots), checked: an
+    integer in 0..:data:`MAX_LOOKAHEAD`, else a :class:`~blt_decode.errors.StrategyError` naming the
+    strategy (the memory the room takes is checked where it is allocated)."""
+    room = strategy.lookahead(options)
+    if not is_int(room) or not 0 <= room <= MAX_LOOKAHEAD:
+        raise StrategyError(f"strategy {strategy.name!r}: lookahead(options) returned {show(room)}; it must be an "
+                            f"integer in 0..{MAX_LOOKAHEAD}, the positions it writes past the committed sequence")
+    return room

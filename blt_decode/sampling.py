@@ -1,12 +1,8 @@
-"""Choosing a byte from logits: greedy and sampling (temperature, top-k, top-p). One place for both, so
-every strategy breaks ties, masks special ids and filters the distribution the same way.
-
-:func:`probabilities` is the one transform from logits to the distribution a strategy samples from.
-:func:`sample_id` (autoregressive sampling) and the speculative strategies' target and draft
-distributions (:mod:`blt_decode.speculation`) all go through it, so AR sampling and speculative sampling
-filter identically. Every random draw goes through :func:`categorical` or :func:`bernoulli`, which take
-the request's seeded ``torch.Generator`` and never touch global RNG state (tests replace these two to
-enumerate every random branch of a strategy, see :mod:`blt_decode.testing`).
+"""Choosing a byte from logits, in one place so that every strategy breaks ties, masks special ids and
+filters distributions alike: :func:`probabilities` is the one transform (greedy, temperature, top-k,
+top-p), :class:`SamplingOptions` the shared options and :class:`Sampler` the transform they define.
+Every random draw goes through :func:`categorical` or :func:`bernoulli` with the request's seeded
+generator (:mod:`blt_decode.testing` replaces those two to enumerate a sampler's branches).
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from blt_decode import options
 from blt_decode.tokenizer import BOE_ID, BOS_ID, PAD_ID
 
 #: ids a generator never emits (EOS stays allowed: it ends the generation)
@@ -80,6 +77,27 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """:func:`probabilities` with these options."""
         return probabilities(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """:func:`sample_id` with these options: one id from 1-D ``logits`` (greedy draws nothing)."""
+        return sample_id(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator)
+
+
+@attrs.frozen
+class SamplingOptions:
+    """The sampling options a strategy shares with autoregressive, BLT-S and BLT-DV: subclass it (with
+    ``@attrs.frozen``) to add the strategy's own fields; :attr:`sampler` bundles the three."""
+
+    #: 0 = greedy; otherwise the softmax temperature of sampling
+    temperature: float = options.number(0.0, minimum=0.0)
+    #: sample only among the k most likely bytes (None = no limit)
+    top_k: int | None = options.integer(None, minimum=1, optional=True)
+    #: sample only among the most likely bytes holding this much probability (None = no limit)
+    top_p: float | None = options.number(None, minimum=0.0, minimum_open=True, maximum=1.0, optional=True)
+
+    @property
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p)
 
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> int:

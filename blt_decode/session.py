@@ -238,7 +238,7 @@ class DecodeSession:
 
     @torch.no_grad()
     def denoise(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Decoder-only logits [B, vocab] for a block of ids (:data:`~blt_decode.model.MASK_ID` where unknown)
+        """Decoder-only logits [B, vocab] for a block of ids (:data:`~blt_decode.tokenizer.MASK_ID` where unknown)
         at positions length..length+B-1: logits row i predicts the byte AT position length+i (masked
         diffusion).
 

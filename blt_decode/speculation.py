@@ -1,23 +1,7 @@
-"""Verifying a draft, shared by the exact speculative strategies (BLT-S, BLT-DV): the accept rule, and
-the adaptive choice of the draft length.
-
-**The accept rule** (:func:`verify_draft`) is speculative sampling (Leviathan et al. 2023; Chen et al.
-2023). A drafted id ``x`` was drawn from the draft distribution ``q``; the verification pass gives the
-exact distribution ``p`` at its position. ``x`` is accepted with probability ``min(1, p(x)/q(x))``; at the
-first rejection the replacement is drawn from ``norm(max(0, p - q))`` and the rest of the draft is
-dropped; when every drafted id is accepted, the next byte (the *free* byte) comes from ``p`` after the
-last one. Each committed byte is then distributed exactly as ``p`` given the bytes before it, so the
-output is distributed exactly as autoregressive sampling with the same options, whatever ``q`` is, as
-long as each drafted id's ``q`` depends only on the bytes before it.
-
-Greedy decoding is the special case where ``p`` and ``q`` are one-hot (temperature 0): a drafted id is
-accepted iff it equals the verified greedy choice, the replacement is that greedy choice (the *corrected*
-byte), and no random number is drawn. The same code runs both, so greedy speculative decoding stays
-byte-identical to greedy autoregressive decoding.
-
-**The draft length** (:class:`DraftLengthController`) is chosen per round to minimise the expected weight
-traffic per committed byte (Eq. 8, plus the entropy model), from the running acceptance and the model's
-per-module parameter counts; docs/blt-s.md derives the cost model.
+"""Verifying a draft, shared by the exact speculative strategies (BLT-S, BLT-DV): the accept rule
+(:func:`verify_draft`, speculative sampling, of which greedy verification is the one-hot case) and the
+adaptive draft length (:class:`DraftLengthController`, minimising Eq. 8 traffic per committed byte).
+docs/blt-s.md states the rule, why it is exact, and derives the cost model.
 """
 
 from __future__ import annotations

@@ -184,21 +184,29 @@ def wrong_logits(model: BLTModel, ids: torch.Tensor, like: torch.Tensor) -> torc
 
 
 @contextlib.contextmanager
-def registered_backend(backend: Any) -> Iterator[str]:
-    """Register ``backend`` (e.g. a test double) for the duration of the block; yields its name."""
+def _registered(hook: str, obj: Any) -> Iterator[str]:
     from blt_decode import hookimpl, plugins
 
-    class _Plugin:
-        @hookimpl
-        def register_backends(self, register):
-            register(backend)
-
-    plugins.reset()
-    plugins.get_plugin_manager().register(_Plugin(), name=f"testing-{backend.name}")
+    plugin = type(f"_Testing_{hook}", (), {hook: hookimpl(lambda self, register: register(obj))})()
+    manager = plugins.get_plugin_manager()
+    manager.register(plugin, name=f"testing-{obj.name}")
+    plugins.refresh()
     try:
-        yield backend.name
-    finally:
-        plugins.reset()
+        yield obj.name
+    finally:  # the other plugins stay registered: these blocks nest
+        manager.unregister(plugin)
+        plugins.refresh()
+
+
+def registered_strategy(strategy: Any) -> contextlib.AbstractContextManager[str]:
+    """Register ``strategy`` (an object, as a plugin's ``register_strategies`` would) for the duration of
+    the block, without packaging it; yields its name. The registry checks it as it checks any plugin's."""
+    return _registered("register_strategies", strategy)
+
+
+def registered_backend(backend: Any) -> contextlib.AbstractContextManager[str]:
+    """Register ``backend`` (e.g. a test double) for the duration of the block; yields its name."""
+    return _registered("register_backends", backend)
 
 
 # -- exact output distributions and goodness of fit -------------------------------------------------

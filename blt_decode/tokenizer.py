@@ -1,6 +1,6 @@
 """The byte tokenizer: 256 byte values offset by 4 special ids, as in the released BLT models.
 
-This is the only place that knows how bytes map to ids.
+This is the only place that knows how bytes map to ids, and the one list of the special ids.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ BOE_ID = 0  #: beginning of entity (unused by generation, kept for checkpoint co
 BOS_ID = 1  #: beginning of sequence; every sequence the model sees starts with it
 EOS_ID = 2  #: end of sequence; generation stops when it is produced
 PAD_ID = 3  #: padding (also called BPE id in the public code)
+MASK_ID = BOE_ID  #: the [MASK] of block diffusion: BOE, which generation never emits and nothing else uses
 OFFSET = 4  #: byte b has id b + OFFSET
 VOCAB_SIZE = 256 + OFFSET
 

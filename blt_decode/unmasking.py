@@ -1,16 +1,7 @@
-"""Filling a masked block by diffusion passes: the unmasking rules shared by BLT-D and BLT-DV.
-
-- ``confidence`` (α): unmask every masked position whose top probability exceeds α; if none does, the
-  single most confident one.
-- ``entropy`` (γ): unmask the largest set of masked positions, taken in order of increasing entropy, whose
-  summed entropy (nats) stays within γ; at least one.
-
-Each unmasked position takes its greedy byte (special ids other than EOS excluded).
-
-:func:`sample_block` is the sampling counterpart used by BLT-DV with temperature > 0: positions are
-*drawn* from the pass's (temperature/top-k/top-p transformed) distribution and unmasked strictly from
-left to right (the confidence rule applied to the leading masked positions), so that each drafted byte's
-distribution depends only on the bytes before it, which exact speculative sampling needs.
+"""Filling a masked block by diffusion passes, shared by BLT-D and BLT-DV: the confidence (α) and
+entropy (γ) unmasking rules (:func:`fill_block`, greedy bytes) and their sampling counterpart
+(:func:`sample_block`, left to right, as exact speculative sampling needs). docs/diffusion.md states
+the rules.
 """
 
 from __future__ import annotations
@@ -19,9 +10,9 @@ from typing import Sequence
 
 import torch
 
-from blt_decode.model import MASK_ID
 from blt_decode.sampling import Sampler, draw, mask_special
 from blt_decode.session import DecodeSession
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.trace import Unmasked
 
 

@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 import blt_decode
 from blt_decode import options, plugins
 from blt_decode.errors import InvalidOptionsError
-from blt_decode.model import MASK_ID
 from blt_decode.session import DecodeSession
-
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.unmasking import select_confidence, select_entropy, unmask_step
 
 

@@ -204,3 +204,50 @@ def test_generate_says_what_it_did_on_stderr_unless_quiet():
         quiet = run_cli("generate", *TINY, "--max-new-bytes", "8", flag, "x")
         assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr
     assert run_cli("generate", *TINY, "--max-new-bytes", "8", "--json", "x").stderr == b""  # the JSON has it all
+
+
+# -- the parser's layout: flags next to handlers, train's flags from TrainConfig ------------------------
+def _subcommands():
+    import argparse
+
+    from blt_decode.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_command_is_in_the_cli_reference():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = [name for name in _subcommands() if f"| `{name}" not in text]
+    assert not missing, f"docs/cli.md has no row for {missing}"
+
+
+def test_train_flags_are_generated_from_the_config_fields():
+    """Each TrainConfig field with a flag in its metadata is a flag of `train` whose default is the field's
+    alone: the parser leaves an unset flag out, so the config's default applies (it was stated three times:
+    the field, add_argument and _cmd_train's mapping)."""
+    import attrs
+
+    from blt_decode.training.config import TrainConfig
+
+    train = _subcommands()["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    fields = {f.metadata["flag"]: f for f in attrs.fields(TrainConfig) if "flag" in f.metadata}
+    assert flags - {"-h", "--help", "--png", "--resume", "--stop-after", "--no-progress"} - {"--no-bf16"} == set(fields)
+    unset = vars(train.parse_args(["blt", "--out", "x"]))
+    assert not set(unset) & {f.name for f in fields.values()} - {"out_dir"}, unset
+    given = vars(train.parse_args(["blt", "--out", "x", "--steps", "7", "--lr", "0.5", "--data", "a", "b",
+                                   "--block-sizes", "4", "8", "--no-bf16", "--compile", "--device", "cuda"]))
+    assert {k: given[k] for k in ("steps", "lr", "data", "block_sizes", "bf16", "compile", "device")} == \
+        {"steps": 7, "lr": 0.5, "data": ["a", "b"], "block_sizes": [4, 8], "bf16": False, "compile": True, "device": "cuda"}
+    shown = " ".join(train.format_help().split())  # argparse wraps lines
+    assert "the LR schedule spans them (default: 1000)" in shown and "(default: 4 8 16)" in shown
+
+
+def test_a_train_value_the_config_refuses_is_one_line(tmp_path, capsys):
+    assert main(["train", "entropy", "--out", str(tmp_path / "r"), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "blt-decode: error: --steps must be an integer in 1..1000000000, got 0\n"
+    assert not (tmp_path / "r").exists()

@@ -276,26 +276,21 @@ def test_grad_mode_is_left_as_it_was():
     assert torch.is_grad_enabled()
 
 
-def test_tutorial_strategy_batches_unchanged():
-    """The tutorial's third-party strategy, as written in docs/tutorial.md, decodes batched as alone."""
-    code = next(c for lang, c in re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
-                if c.startswith("# file: blt_rep_penalty.py"))
-    namespace: dict = {}
-    exec(compile(code, "tutorial.md", "exec"), namespace)
-
-    class Plugin:
-        register_strategies = staticmethod(namespace["register_strategies"])
-
-    plugins.reset()
-    plugins.get_plugin_manager().register(Plugin(), name="tutorial-rep-penalty")
-    try:
+def test_tutorial_strategies_batch_unchanged():
+    """The tutorial's third-party strategies, as written in docs/tutorial.md, decode batched as alone."""
+    blocks = re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
+    made = {}
+    for module, cls in (("blt_rep_penalty.py", "RepetitionPenalty"), ("blt_lookup.py", "Lookup")):
+        namespace: dict = {}
+        exec(compile(next(c for _, c in blocks if c.startswith(f"# file: {module}")), "tutorial.md", "exec"), namespace)
+        made[cls] = namespace[cls]()
+    with testing.registered_strategy(made["RepetitionPenalty"]), testing.registered_strategy(made["Lookup"]):
         model = bd.random_model("tiny", 10, dtype=torch.float64)
         reqs = [bd.Request(p, strategy="rep-penalty", options={"penalty": 2.0}, max_new_bytes=24)
                 for p in (b"aaaa", b"def f():", b"")]
-        reqs.append(bd.Request(b"mixed", strategy="blt-s", options={"k": 4}, max_new_bytes=24))
+        reqs += [bd.Request(b"abcabcabc", strategy="lookup", options={"k": 4}, max_new_bytes=24),
+                 bd.Request(b"mixed", strategy="blt-s", options={"k": 4}, max_new_bytes=24)]
         testing.assert_batched_equals_alone(model, reqs, batch_size=2)
-    finally:
-        plugins.reset()
 
 
 def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():

@@ -20,8 +20,9 @@ import blt_decode
 from blt_decode import tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.corpus import BatchSampler, Corpus, Document
-from blt_decode.model import MASK_ID, block_latent_index, block_rows_mask, latent_index
+from blt_decode.model import block_latent_index, block_rows_mask, latent_index
 from blt_decode.session import DecodeSession
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.training import TrainConfig, diffusion_loss, diffusion_loss_sum, make_blocks, next_byte_loss, train
 from blt_decode.training.diffusion import block_attention_mask, block_input_ids, diffusion_forward
 

@@ -104,7 +104,7 @@ def test_train_help_describes_the_three_paths():
 def test_docs_execution_options_are_the_ones_resume_accepts():
     """The options training.md calls execution options (--resume accepts new values) are exactly
     EXECUTION_OPTIONS; --bf16 changes the numerics and is not one of them."""
-    from blt_decode.training.loop import EXECUTION_OPTIONS
+    from blt_decode.training.config import EXECUTION_OPTIONS
 
     text = DOC.read_text()
     paragraph = text[text.index("Execution options ("):]

@@ -38,7 +38,7 @@ from blt_decode import options as options_mod
 from blt_decode import plugins, tokenizer
 from blt_decode.api import generate_many, load_model, score_many
 from blt_decode.bench import sum_passes
-from blt_decode.checks import is_int
+from blt_decode.checks import describe_integer, is_int, show
 from blt_decode.errors import InvalidRequestError, MissingExtraError
 from blt_decode.evaluation import before_stop
 from blt_decode.model import BLTModel
@@ -117,7 +117,7 @@ def _int_arg(name: str, value: Any, low: int) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not is_int(value) or value < low:
-        raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be {describe_integer(low, None)}, got {show(value)}")
     return value
 
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import bench, jobs, prompt_sets, tokenizer
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import HumanEvalError
 from blt_decode.evaluation import before_stop, sandbox
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
@@ -50,10 +50,6 @@ PASS_AT = (1, 10, 100)
 MAX_SAMPLES = 1000
 #: the run fields a resumed file must have been written with
 RUN_FIELDS = ("model_fingerprint", "problems_fingerprint", "max_new_bytes", "stop", "timeout_s", "memory_mb")
-
-
-class HumanEvalError(BLTDecodeError):
-    """A bad setting of a HumanEval run, or a results file written by a different run."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import attrs
 
-from blt_decode.checks import finite_in_range, is_int, to_float
-from blt_decode.errors import BLTDecodeError
+from blt_decode.checks import Validators, to_float
+from blt_decode.errors import SandboxError
 
 _GUARD = (Path(__file__).with_name("_guard.py")).read_text(encoding="utf-8")
 
@@ -48,10 +48,7 @@ _NAMESPACE_SETUP = (
 )
 #: bytes of each output stream kept in an Execution (the tail)
 KEPT_OUTPUT = 4000
-
-
-class SandboxError(BLTDecodeError):
-    """A sandbox setting out of range, or the sandbox itself could not run a program."""
+_CHECKS = Validators(SandboxError)
 
 
 @attrs.frozen
@@ -59,20 +56,13 @@ class SandboxConfig:
     """Limits of one program run. ``audit_hook`` and ``namespaces`` switch the isolation layers (both on
     by default; tests turn one off to check the other alone)."""
 
-    timeout_s: float = attrs.field(default=10.0, converter=to_float)
-    memory_mb: int = 1024
+    #: seconds of wall-clock time
+    timeout_s: float = attrs.field(default=10.0, converter=to_float, validator=_CHECKS.number(0.1, 3600.0))
+    memory_mb: int = attrs.field(default=1024, validator=_CHECKS.integer(64, 1 << 20))
     #: largest file the program may write, its output included (a bigger one kills it)
-    max_file_mb: int = 16
-    audit_hook: bool = True
-    namespaces: bool = True
-
-    def __attrs_post_init__(self) -> None:
-        if not finite_in_range(self.timeout_s, 0.1, 3600.0):
-            raise SandboxError(f"timeout_s must be a number in 0.1..3600 seconds, got {self.timeout_s!r}")
-        if not is_int(self.memory_mb) or not 64 <= self.memory_mb <= 1 << 20:
-            raise SandboxError(f"memory_mb must be an integer in 64..1048576, got {self.memory_mb!r}")
-        if not is_int(self.max_file_mb) or not 1 <= self.max_file_mb <= 1 << 14:
-            raise SandboxError(f"max_file_mb must be an integer in 1..16384, got {self.max_file_mb!r}")
+    max_file_mb: int = attrs.field(default=16, validator=_CHECKS.integer(1, 1 << 14))
+    audit_hook: bool = attrs.field(default=True, validator=_CHECKS.flag())
+    namespaces: bool = attrs.field(default=True, validator=_CHECKS.flag())
 
 
 @attrs.frozen

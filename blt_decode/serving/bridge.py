@@ -20,16 +20,13 @@ import collections
 import threading
 from typing import AsyncIterator, Callable, Sequence
 
-from blt_decode.engine import Engine, EngineError, EngineStream
+from blt_decode.engine import Engine, EngineStream
+from blt_decode.errors import EngineStoppedError
 from blt_decode.request import Request
 from blt_decode.stops import StopMatcher
 
 #: how often a request with nothing new checks that the engine's thread still runs (seconds)
 ENGINE_CHECK_S = 5.0
-
-
-class EngineStoppedError(EngineError):
-    """The engine's background thread is not running, so a waiting request would never end."""
 
 
 class ChoiceText:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import ChatTemplateError
 
 PLAIN_SOURCE = (
     "{% for message in messages %}"
@@ -34,10 +34,6 @@ PLAIN_SOURCE = (
 )
 #: most bytes of a template file
 MAX_TEMPLATE_BYTES = 1 << 16
-
-
-class ChatTemplateError(BLTDecodeError):
-    """A chat template that cannot be read or compiled, or messages it cannot render."""
 
 
 @attrs.frozen

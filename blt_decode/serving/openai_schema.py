@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from blt_decode import plugins
 from blt_decode.errors import (
     BLTDecodeError,
+    ChatTemplateError,
     InvalidOptionsError,
     InvalidRequestError,
     PromptTooLongError,
@@ -310,8 +311,6 @@ def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
     """The completion request a chat request amounts to: its messages rendered by ``template`` (a
     :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
     before the request's own."""
-    from blt_decode.serving.chat import ChatTemplateError
-
     if not chat.messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages", code="invalid_value")
     if len(chat.messages) > MAX_MESSAGES:

@@ -1,7 +1,8 @@
 """Training: the entropy model, the BLT-D model (from scratch or continued from a checkpoint), and a
 plain byte-level transformer baseline; one process or many under torchrun.
 
-Modules: :mod:`~blt_decode.training.loop` (the loop, :class:`TrainConfig`, :func:`train`),
+Modules: :mod:`~blt_decode.training.config` (:class:`TrainConfig`), :mod:`~blt_decode.training.loop`
+(the loop, :func:`train`),
 :mod:`~blt_decode.training.objective` (losses and block corruption),
 :mod:`~blt_decode.training.diffusion` (the batched BLT-D training forward), :mod:`~blt_decode.training.data`
 (``--data`` sources, batches, the prefetching loader), :mod:`~blt_decode.training.corpus_code` (the
@@ -19,11 +20,12 @@ from blt_decode.training.checkpoints import (
     read_trainer_state,
     save_byte_lm,
 )
+from blt_decode.errors import TrainingError
 from blt_decode.training.diffusion import DiffusionOutput, block_attention_mask, diffusion_forward
+from blt_decode.training.config import TrainConfig
 from blt_decode.training.loop import (
     LOG_FILE,
     TRAINING_JSON,
-    TrainConfig,
     TrainResult,
     build_model,
     byte_lm_bits_per_byte,
@@ -45,7 +47,6 @@ from blt_decode.training.presets import (
     BLT_PRESETS,
     BYTELM_PRESETS,
     ENTROPY_PRESETS,
-    TrainingError,
     blt_preset,
     global_share,
 )

@@ -22,10 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model
 from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.errors import CheckpointError, ConfigError
+from blt_decode.errors import CheckpointError, ConfigError, TrainingError
 from blt_decode.model import BLTModel, EntropyModel
 from blt_decode.tokenizer import VOCAB_SIZE
-from blt_decode.training.presets import TrainingError
 
 BYTE_LM_FORMAT = "blt-decode-byte-lm"
 #: trainer state of a checkpoint: JSON (step, options, optimizer hyper-parameters) + safetensors

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import attrs
 
-from blt_decode.corpus import CorpusError
+from blt_decode.errors import CorpusError
 from blt_decode.training.data import MANIFEST, SITE_CODE_KIND
 
 CODE_CORPUS_VERSION = "blt-code-v1"

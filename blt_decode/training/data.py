@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from blt_decode import corpus as builtin
-from blt_decode.corpus import BatchSampler, Corpus, CorpusError, Document, digest
-from blt_decode.training.presets import TrainingError
+from blt_decode.corpus import BatchSampler, Corpus, Document, digest
+from blt_decode.errors import CorpusError, TrainingError
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from blt_decode.training.presets import TrainingError
+from blt_decode.errors import TrainingError
 
 Parallel = Literal["ddp", "fsdp"]
 

@@ -1,27 +1,6 @@
-"""The training loop: from scratch, from a released checkpoint, on your data; one or many processes.
-
-Recipe (see docs/training.md):
-
-1. ``entropy``: a small causal byte LM trained with next-byte loss; it drives patching and is then
-   frozen. Saved in the byte-LM format (``config.json`` + ``model.safetensors``).
-2. ``blt``: the BLT-D model. Either from scratch (``--entropy-model``: the trained entropy model is
-   loaded and frozen, θ is set so that patches on a sample of the training stream average
-   ``target_patch_length`` bytes) or from a checkpoint (``--init``: any layout :func:`blt_decode.load_model`
-   reads, keeping its entropy model and patching). The BLT is trained with next-byte loss on the clean
-   sequence plus the block masked-diffusion loss: a block of B bytes at every patch start except BOS
-   (blocks overlap; PAD past the end), t ~ U(t_min, 1) per block, each byte masked with probability t,
-   masked positions weighted by 1/t. B cycles through ``block_sizes`` from step to step so that one
-   model decodes with every B of the mix.
-3. ``bytelm``: the baseline, a plain byte-level causal transformer of about the BLT's size.
-
-Runs are reproducible from the seed: initial weights come from the seed, and row ``r`` of global batch
-``step`` and its corruption depend only on (seed, step, r). So a run resumed from a checkpoint continues
-exactly as an uninterrupted one would (same thread count assumed), and the *process layout* (processes
-x gradient-accumulation micro-batches) is an execution detail: ``--batch-size`` is the global batch,
-every layout sees the same sequences, and the loss is normalised over the global batch (the diffusion
-term's denominator, the valid block positions of the whole batch, is summed across processes before
-the backward pass). The learning-rate schedule is a function of the step and ``steps``;
-``time_budget_s`` only stops a run early (and then saves a checkpoint).
+"""The training loop: from scratch, from a released checkpoint, on your data; one process or many under
+torchrun. The recipe (entropy model, BLT-D objective, byte-LM baseline) and why runs resume exactly in
+any process layout are in docs/training.md; what a run depends on is :class:`TrainConfig`.
 """
 
 from __future__ import annotations
@@ -31,7 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable
 
 import attrs
 import numpy as np
@@ -41,13 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.checks import finite_in_range, is_int, show, to_float, to_int
+from blt_decode.checks import is_int, show
 from blt_decode.checkpoint import load_native
-from blt_decode.config import MAX_SEQLEN
 from blt_decode.corpus import BatchSampler, Corpus
+from blt_decode.errors import TrainingError
 from blt_decode.model import BLTModel, EntropyModel, init_weights
 from blt_decode.tokenizer import VOCAB_SIZE
 from blt_decode.training import distributed
+from blt_decode.training.config import EXECUTION_OPTIONS, MAX_STEPS, TrainConfig
 from blt_decode.training.checkpoints import (
     config_of,
     find_checkpoint,
@@ -62,168 +42,10 @@ from blt_decode.training.data import CODE_KINDS, BatchLoader, load_data
 from blt_decode.training.diffusion import diffusion_forward
 from blt_decode.training.objective import diffusion_loss_sum, make_blocks, next_byte_loss, row_generator
 from blt_decode.training.precision import resolve_bf16
-from blt_decode.training.presets import TrainingError, blt_preset, stack_preset
+from blt_decode.training.presets import blt_preset, stack_preset
 
-ModelKind = Literal["entropy", "blt", "bytelm"]
 TRAINING_JSON = "training.json"
 LOG_FILE = "log.jsonl"
-#: options that change how a run executes, not what it computes: --resume accepts new values for them
-EXECUTION_OPTIONS = frozenset({"out_dir", "time_budget_s", "threads", "device", "compile", "grad_accum",
-                               "activation_checkpointing", "parallel", "prefetch"})
-
-
-# -- option checks -------------------------------------------------------------------------------------
-# Every field is checked when the config is made, so a bad value is one TrainingError line naming the
-# option and what it allows (the CLI prints it and exits 2) instead of a failure deep inside the run
-# (a negative seed killed the batch thread, eval_every 0 divided by zero, a NaN lr trained on NaNs).
-def _integer(flag: str, least: int, most: int, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    allowed = f"an integer in {least}..{'2**63-1' if most == 2**63 - 1 else most}" + (" (or unset)" if optional else "")
-
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not is_int(value) or not least <= value <= most:
-            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
-    return check
-
-
-#: upper bounds of the sizes and counts a run may ask for (a typo is one line, not an allocator error)
-MAX_BATCH_SIZE = 1 << 16
-MAX_STEPS = 10**9
-MAX_EVAL_BYTES = 1 << 32
-MAX_BLOCK_SIZE = 4096
-
-
-def _number(flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    """Validator: a finite float in the interval given (``low_open``: > low, else >= low; same for high)."""
-    if low is not None and high is not None:
-        allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
-    else:
-        allowed = "a finite number"
-    allowed += " (or unset)" if optional else ""
-
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value is None and optional:
-            return
-        if not finite_in_range(value, low, high, low_open=low_open, high_open=high_open):
-            raise TrainingError(f"{flag} must be {allowed}, got {show(value)}")
-    return check
-
-
-def _flag(flag: str, *, optional: bool = False) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if not isinstance(value, bool) and not (optional and value is None):
-            raise TrainingError(f"{flag} must be True or False{' (or unset)' if optional else ''}, got {show(value)}")
-    return check
-
-
-def _choice(flag: str, options: Sequence[str]) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if value not in options:
-            raise TrainingError(f"{flag} must be one of {', '.join(options)}, got {show(value)}")
-    return check
-
-
-def _block_sizes(value: Any) -> tuple[int, ...]:
-    # integers of any kind (numpy's too), never a bool or a float that int() would cut
-    sizes = tuple(to_int(b) for b in value) if isinstance(value, (list, tuple)) else ()
-    if not sizes or len(sizes) > 64 or not all(is_int(b) and 1 <= b <= MAX_BLOCK_SIZE for b in sizes):
-        raise TrainingError(f"--block-sizes must be one or more integers in 1..{MAX_BLOCK_SIZE} (at most 64 of them), "
-                            f"got {show(value)}")
-    return sizes
-
-
-@attrs.frozen
-class TrainConfig:
-    """Everything a training run depends on (saved with every checkpoint; ``--resume`` compares it)."""
-
-    kind: ModelKind = attrs.field(validator=_choice("kind", ("entropy", "blt", "bytelm")))
-    out_dir: str
-    #: a preset name (see blt_decode.training.presets) or a .json file; None = "default" (or the --init shape)
-    preset: str | None = None
-    seq_len: int = attrs.field(default=512, validator=_integer("--seq-len", 8, MAX_SEQLEN))
-    #: sequences per optimizer step, over all processes and micro-batches (the global batch)
-    batch_size: int = attrs.field(default=8, validator=_integer("--batch-size", 1, MAX_BATCH_SIZE))
-    steps: int = attrs.field(default=1000, validator=_integer("--steps", 1, MAX_STEPS))
-    lr: float = attrs.field(default=2e-3, converter=to_float, validator=_number("--lr", 0, low_open=True))
-    #: the cosine schedule ends at this share of the peak learning rate
-    min_lr_ratio: float = attrs.field(default=0.1, converter=to_float, validator=_number("min_lr_ratio", 0, 1))
-    warmup_steps: int = attrs.field(default=100, validator=_integer("--warmup-steps", 0, MAX_STEPS))
-    weight_decay: float = attrs.field(default=0.01, converter=to_float, validator=_number("weight_decay", 0))
-    grad_clip: float = attrs.field(default=1.0, converter=to_float, validator=_number("grad_clip", 0, low_open=True))
-    #: seeds numpy's SeedSequence (batches) and torch's generators: a non-negative integer
-    seed: int = attrs.field(default=0, validator=_integer("--seed", 0, 2**63 - 1))
-    #: stop (and checkpoint) after this many seconds of training; None = run all steps
-    time_budget_s: float | None = attrs.field(default=None, converter=to_float,
-                                              validator=_number("--time-budget", 0, optional=True))
-    eval_every: int = attrs.field(default=200, validator=_integer("--eval-every", 1, MAX_STEPS))
-    #: held-out bytes per kind for the periodic evaluation (the final evaluation uses eval_bytes_final)
-    eval_bytes: int = attrs.field(default=16384, validator=_integer("--eval-bytes", 1, MAX_EVAL_BYTES))
-    eval_bytes_final: int = attrs.field(default=131072, validator=_integer("--eval-bytes-final", 1, MAX_EVAL_BYTES))
-    checkpoint_every: int = attrs.field(default=200, validator=_integer("--checkpoint-every", 1, MAX_STEPS))
-    #: bfloat16 autocast (float32 master weights and optimizer state); None = on for CUDA and for CPUs
-    #: with native bfloat16 instructions (AMX, AVX-512 BF16), off elsewhere (see training/precision.py)
-    bf16: bool | None = attrs.field(default=None, validator=_flag("--bf16", optional=True))
-    #: torch CPU threads; None or 0 = torch's choice
-    threads: int | None = attrs.field(default=None, validator=_integer("--threads", 0, 4096, optional=True))
-    # -- data ------------------------------------------------------------------------------------
-    #: --data sources: builtin, stdlib, plays, files, directories, .jsonl, `corpus build` directories
-    data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple)
-    #: file-name patterns for directories given to --data (empty = every non-binary file)
-    include: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    #: share of the documents of each user data source held out for evaluation (by name hash)
-    heldout_fraction: float = attrs.field(default=0.01, converter=to_float,
-                                          validator=_number("--heldout-fraction", 0, 1, high_open=True))
-    #: train on batches made in memory before the clock starts (the first 64, cycled): the same compute
-    #: without the data pipeline, to measure what the pipeline costs; not for real runs
-    synthetic_data: bool = attrs.field(default=False, validator=_flag("--synthetic-data"))
-    # -- execution -----------------------------------------------------------------------------
-    device: str = attrs.field(default="cpu", validator=_choice("--device", ("cpu", "cuda")))
-    #: torch.compile the transformer layers of the training step (see docs/training.md for when it pays)
-    compile: bool = attrs.field(default=False, validator=_flag("--compile"))
-    #: micro-batches per process per step (the global batch is split batch_size / (processes x this))
-    grad_accum: int = attrs.field(default=1, validator=_integer("--grad-accum", 1, MAX_BATCH_SIZE))
-    #: recompute layer activations in the backward pass instead of storing them
-    activation_checkpointing: bool = attrs.field(default=False, validator=_flag("--activation-checkpointing"))
-    #: with several torchrun processes: ddp (replicas) or fsdp (sharded parameters and optimizer state)
-    parallel: str = attrs.field(default="ddp", validator=_choice("--parallel", ("ddp", "fsdp")))
-    #: batches prepared ahead by the loader thread
-    prefetch: int = attrs.field(default=2, validator=_integer("--prefetch", 0, 1024))
-    # -- BLT-D only ------------------------------------------------------------------------------
-    #: trained entropy model (byte-LM checkpoint directory) for kind="blt" from scratch
-    entropy_model: str | None = None
-    #: a checkpoint to continue training (any layout load_model reads; a byte LM for entropy/bytelm)
-    init: str | None = None
-    block_sizes: tuple[int, ...] = attrs.field(default=(4, 8, 16), converter=_block_sizes)
-    #: the smallest diffusion time; avoids 1/t blowing up (t ~ U(t_min, 1))
-    t_min: float = attrs.field(default=1e-3, converter=to_float, validator=_number("t_min", 0, 1, low_open=True, high_open=True))
-    #: θ is set so that patches on the training stream average this many bytes (from scratch only)
-    #: (> 1: the calibration takes the 1 - 1/target quantile of the entropies)
-    target_patch_length: float = attrs.field(default=4.5, converter=to_float,
-                                             validator=_number("--target-patch-length", 1, low_open=True))
-    diffusion_weight: float = attrs.field(default=1.0, converter=to_float, validator=_number("diffusion_weight", 0))
-
-    def __attrs_post_init__(self) -> None:
-        # an option that does not apply would be silently ignored: refuse it, naming it
-        defaults = {f.name: f.default for f in attrs.fields(TrainConfig)}
-        given = [flag for name, flag in BLT_ONLY_OPTIONS.items() if getattr(self, name) != defaults[name]]
-        if self.kind != "blt" and given:
-            raise TrainingError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to `train blt` "
-                                f"(the BLT-D objective); drop {'it' if len(given) == 1 else 'them'} for `train {self.kind}`")
-        if self.init is not None and self.target_patch_length != defaults["target_patch_length"]:
-            raise TrainingError("--target-patch-length calibrates the patching of a BLT trained from scratch; "
-                                "--init keeps the checkpoint's patching: drop --target-patch-length")
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-#: options of the BLT-D objective and of a BLT from scratch, by the flag that sets them
-BLT_ONLY_OPTIONS = {"entropy_model": "--entropy-model", "block_sizes": "--block-sizes", "t_min": "t_min",
-                    "target_patch_length": "--target-patch-length", "diffusion_weight": "diffusion_weight"}
 
 
 # -- evaluation --------------------------------------------------------------------------------------

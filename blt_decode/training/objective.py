@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt_decode.model import MASK_ID, PatchLayout
+from blt_decode.model import PatchLayout
+from blt_decode.tokenizer import MASK_ID
 from blt_decode.tokenizer import PAD_ID
 
 

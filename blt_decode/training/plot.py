@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from blt_decode.errors import install_hint
+from blt_decode.errors import TrainingError, install_hint
 from blt_decode.training.loop import LOG_FILE
-from blt_decode.training.presets import TrainingError
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:

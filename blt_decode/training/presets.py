@@ -16,11 +16,7 @@ from typing import Any
 import torch
 
 from blt_decode.config import BLTConfig, TransformerConfig, stack_config
-from blt_decode.errors import BLTDecodeError, ConfigError
-
-
-class TrainingError(BLTDecodeError):
-    """Training cannot start or resume (bad options, mismatched checkpoint, bad data)."""
+from blt_decode.errors import ConfigError, TrainingError
 
 
 #: The entropy model (the small byte LM that patches). ``tiny`` is for tests.

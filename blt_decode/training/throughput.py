@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from blt_decode.training.presets import TrainingError
+from blt_decode.errors import TrainingError
 
 #: the matrix product whose bfloat16 rate MFU is measured against (the shapes of the issue's measurement)
 GEMM_SHAPE = (2048, 256, 704)
@@ -106,7 +106,8 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
     from blt_decode.tokenizer import VOCAB_SIZE
     from blt_decode.training.checkpoints import save_byte_lm
     from blt_decode.training.data import load_data
-    from blt_decode.training.loop import LOG_FILE, TrainConfig, _init_stack, train
+    from blt_decode.training.config import TrainConfig
+    from blt_decode.training.loop import LOG_FILE, _init_stack, train
     from blt_decode.training.presets import ENTROPY_PRESETS
 
     torch.set_num_threads(threads)
