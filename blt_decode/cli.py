@@ -8,6 +8,7 @@ Every user error (a bad flag, option, prompt, file or checkpoint) prints one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,9 +72,21 @@ def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_de
 
 
 def _compile_note(backend: str) -> None:
+    """Say on stderr that ``backend`` compiles before it is fast, and print a line for every graph it
+    compiles, with its seconds, so that a warm-up is never silent."""
+    def say(message: str) -> None:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
     if backend == "compiled":
-        print(f"{PROG}: compiling the model's stacks with torch.compile; the first generation is slow "
-              "(25-150 s on a CPU), later ones are not", file=sys.stderr, flush=True)
+        from blt_decode.backends.compiled import compilations_reported
+
+        say("compiling the model's stacks with torch.compile; the first generation is slow (25-150 s on a CPU), "
+            "later ones are not")
+        _PROCESS_SCOPE.enter_context(compilations_reported(lambda n, seconds: say(f"compiled graph {n} in {seconds:.1f} s")))
+
+
+#: what lives as long as the CLI's process (the compile reports of _compile_note)
+_PROCESS_SCOPE = contextlib.ExitStack()
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
