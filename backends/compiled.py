@@ -28,7 +28,8 @@ import torch
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
-from blt_decode.session import DecodeSession, StackRunners
+from blt_decode.runner import EagerRunner, StackRunners
+from blt_decode.session import DecodeSession
 
 
 def compiled_graph_count() -> int:
@@ -71,8 +72,12 @@ class CompiledBackend:
             )
         return self._runners[model]
 
+    def runner(self, model: BLTModel) -> EagerRunner:
+        """The eager runner's logic over the compiled stacks (any batch size)."""
+        return EagerRunner(model, self.runners(model))
+
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
-        return DecodeSession(model, capacity, runners=self.runners(model))
+        return DecodeSession(model, capacity, self.runner(model))
 
     def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s")) -> float:
         """Compile every graph a generation needs (single-position steps and chunks) before timing

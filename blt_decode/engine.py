@@ -5,15 +5,15 @@ primitives (append, draft, verify, denoise, ...) and yields committed ids. The e
 request's strategy in its own *greenlet* (a coroutine that can pause inside any call, even deep in a
 strategy's helper functions). A session primitive, instead of running the model, hands its call to the
 engine and pauses; when every live request has paused on its next call, the engine runs all of them with
-:func:`~blt_decode.session.run_calls` — one forward pass per stack over the batch (ragged lengths,
-per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
+the backend's runner (:mod:`blt_decode.runner`) — one forward pass per stack over the batch (ragged
+lengths, per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
 resumes each request with its own result. Strategy authors see none of this.
 
 One engine step::
 
     admit waiting requests into free slots (continuous batching)
     resume every request with its last result ─▶ each runs until its next primitive call, or ends
-    run_calls(all paused calls) ──▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
+    runner.run(all paused calls) ─▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
     hand each request its logits; retire finished requests and free their slots
 
 A request's output and statistics are exactly those of decoding it alone (same primitives, same
@@ -33,14 +33,14 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.cache import RowLayout
 from blt_decode.checks import is_int
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.request import PreparedRequest, Request, prepare
-from blt_decode.session import Call, DecodeSession, DecodeState, StackRunners, run_calls
+from blt_decode.runner import DecodeState, EagerRunner, Runner
+from blt_decode.session import Call, DecodeSession
 from blt_decode.stats import DecodeStats
 from blt_decode.trace import Trace
 
@@ -50,6 +50,19 @@ CAPACITY_STEP = 256
 
 class EngineError(BLTDecodeError):
     """The engine cannot take a request (a backend that cannot batch, a bad setting)."""
+
+
+def batch_runner(backend: Any, model: BLTModel) -> Runner:
+    """The runner ``backend`` runs batches with: its ``runner(model)``, or the eager runner over its
+    ``runners(model)`` stacks (the older hook); a backend with neither cannot run batched."""
+    if callable(getattr(backend, "runner", None)):
+        return backend.runner(model)
+    if callable(getattr(backend, "runners", None)):
+        return EagerRunner(model, backend.runners(model))
+    raise EngineError(
+        f"backend {backend.name!r} cannot run batched: it has no runner(model) method "
+        "(see docs/plugins.md); use it with generate() one sequence at a time"
+    )
 
 
 class CancelledError(BLTDecodeError):
@@ -87,20 +100,6 @@ class EngineStats:
         d = attrs.asdict(self)
         d.update(occupancy=self.occupancy, bytes_per_second=self.bytes_per_second)
         return d
-
-
-class _Counter:
-    """Wraps a stack runner to count its batched calls and rows."""
-
-    def __init__(self, name: str, fn: Callable[..., torch.Tensor], tally: dict[str, list[int]]):
-        self.name, self.fn, self.tally = name, fn, tally
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        layout = next(a for a in args if isinstance(a, RowLayout))
-        calls_rows = self.tally[self.name]
-        calls_rows[0] += 1
-        calls_rows[1] += sum(g.mask.shape[0] for g in layout.groups)  # rows (requests), not x's positions
-        return self.fn(x, *args, **kwargs)
 
 
 class EngineStream:
@@ -207,19 +206,8 @@ class Engine:
             raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
         self.backend = plugins.get_backend(backend)
-        if not callable(getattr(self.backend, "runners", None)):
-            raise EngineError(
-                f"backend {self.backend.name!r} cannot run batched: it has no runners(model) method "
-                "(see docs/plugins.md); use it with generate() one sequence at a time"
-            )
+        self.runner = batch_runner(self.backend, self.model)
         self._tally: dict[str, list[int]] = {k: [0, 0] for k in ("entropy", "encoder", "global", "decoder")}
-        base: StackRunners = self.backend.runners(self.model)
-        self.runners = StackRunners(
-            entropy=_Counter("entropy", base.entropy, self._tally) if base.entropy is not None else None,
-            encoder=_Counter("encoder", base.encoder, self._tally),
-            global_=_Counter("global", base.global_, self._tally),
-            decoder=_Counter("decoder", base.decoder, self._tally),
-        )
         self.max_batch = max_batch
         lookahead_room = 2 * 64 + 2  # the built-in strategies' largest scratch room, for the default cap
         self.max_capacity = self.model.config.max_seqlen + lookahead_room if max_capacity is None else max_capacity
@@ -353,17 +341,10 @@ class Engine:
         if self.state is not None and self.state.capacity >= need:
             return
         capacity = min(self.max_capacity, -(-need // CAPACITY_STEP) * CAPACITY_STEP)
-        new = DecodeState(self.model, self.max_batch, capacity, self.runners)
+        new = self.runner.new_state(self.max_batch, capacity)
         old = self.state
         if old is not None:
-            keep = old.capacity
-            for name in ("ids", "byte_states", "latents", "logits"):
-                getattr(new, name)[:, :keep] = getattr(old, name)
-            for name in ("entropy_cache", "encoder_cache", "global_cache", "decoder_cache"):
-                src, dst = getattr(old, name), getattr(new, name)
-                if src is not None:
-                    dst.keys[..., :keep, :] = src.keys
-                    dst.values[..., :keep, :] = src.values
+            new.copy_from(old)
             for live in self._live.values():
                 live.session.state = new
         self.state = new
@@ -438,12 +419,18 @@ class Engine:
             return
         items = [(live.session, live.call) for _, live in paused]
         try:
-            results = run_calls(self.state, items)
+            results = self.runner.run(self.state, items, self._count)
         except Exception as exc:  # a failure of the batched pass itself: every row in it gets the error
             results = [exc] * len(items)
         for (_, live), result in zip(paused, results):
             live.call = None
             live.result = result
+
+    def _count(self, stack: str, rows: int) -> None:
+        """The runner's report of one batched stack call over ``rows`` requests."""
+        calls_rows = self._tally[stack]
+        calls_rows[0] += 1
+        calls_rows[1] += rows
 
     def _retire_done(self) -> None:
         for slot in [s for s, live in self._live.items() if live.finished]:
