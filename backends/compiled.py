@@ -79,9 +79,11 @@ class CompiledBackend:
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
         return DecodeSession(model, capacity, self.runner(model))
 
-    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s")) -> float:
+    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s"), *,
+               rows: tuple[int, ...] = (1,), progress: bool = False) -> float:
         """Compile every graph a generation needs (single-position steps and chunks) before timing
-        starts; returns the seconds it took. Report it apart from decoding speed."""
+        starts; returns the seconds it took. Report it apart from decoding speed. (``rows`` and
+        ``progress`` are the static backend's: dynamic shapes serve every batch size here.)"""
         from blt_decode.api import generate
 
         start = time.perf_counter()

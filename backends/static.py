@@ -20,10 +20,6 @@ from blt_decode.session import DecodeSession
 from blt_decode.static_runner import StaticRunner
 
 
-def _to_stderr(message: str) -> None:
-    print(f"blt-decode: {message}", file=sys.stderr, flush=True)
-
-
 class StaticBackend:
     name = "static"
     description = ("fixed-shape decode steps over device-resident state, compiled whole with torch.compile "
@@ -52,14 +48,27 @@ class StaticBackend:
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
         return DecodeSession(model, capacity, self.runner(model))
 
-    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s")) -> float:
-        """Compile the graphs short generations with ``strategies`` use before timing starts; returns
-        the seconds it took (report it apart from decoding speed)."""
-        from blt_decode.api import generate
+    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = (), *, rows: tuple[int, ...] = (1,),
+               progress: bool = False) -> float:
+        """Compile the graphs of batches of up to ``max(rows)`` requests (every row bucket up to it, every
+        chunk bucket, the common global buckets: :meth:`~blt_decode.static_runner.StaticRunner.warmup`)
+        before timing starts; with
+        ``progress``, a bar on stderr. Returns the seconds it took (report it apart from decoding speed;
+        a second process takes far less, from inductor's on-disk cache). ``strategies`` is accepted for
+        the other compiled backend's signature: every strategy uses the same graphs."""
+        from tqdm import tqdm
 
         start = time.perf_counter()
-        for strategy in strategies:
-            generate(model, "warm-up prompt", strategy=strategy, backend=self.name, max_new_bytes=12)
+        bar = tqdm(desc="compiling static graphs", unit="graph", disable=not progress, leave=False, file=sys.stderr)
+
+        def step(done: int, total: int, name: str) -> None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(name)
+            bar.refresh()
+
+        self.runner(model).warmup(max_batch=max(rows), progress=step)
+        bar.close()
         return time.perf_counter() - start
 
 

@@ -148,6 +148,9 @@ class BenchRow:
     bytes_per_block: float | None
     #: label of the autoregressive row the "vs AR" ratios and exact matches compare with
     reference: str = "ar"
+    #: weights read per second of wall time, GB: every module's passes (the patcher's too) times its
+    #: parameters times the model's bytes per parameter, over the same wall time as bytes/s
+    weight_gb_per_second: float | None = None
 
 
 @attrs.frozen
@@ -164,6 +167,8 @@ class BenchResult:
     hf_note: str | None = None
     #: batched-engine throughput rows (``--batch-sizes``); empty when not asked for
     throughput: list["ThroughputRow"] = attrs.field(factory=list)
+    #: the matrix-vector roofline of this run (``--roofline``), None when not measured
+    roofline: "Roofline | None" = None
 
 
 @attrs.frozen
@@ -187,6 +192,55 @@ class ThroughputRow:
     rows_per_decoder_call: float
     #: share of requests whose output equals the smallest batch size's (1.0: batching changed nothing)
     same_as_smallest_batch: float
+
+
+@attrs.frozen
+class Roofline:
+    """Weight bytes per second of a matrix-vector product on a matrix larger than the last-level cache:
+    the rate at which batch-1 decoding could at best stream a model's weights on this machine."""
+
+    gb_per_second: float
+    matrix_mb: float
+    dtype: str
+    cache_mb: float | None  #: the last-level cache the matrix had to exceed (None: not found, 1 GiB used)
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size in bytes (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=None)
+
+
+@torch.no_grad()
+def matvec_roofline(dtype: torch.dtype, device: torch.device | str = "cpu", *, repeats: int = 5) -> Roofline:
+    """Time ``W @ x`` for a ``dtype`` matrix of twice the last-level cache (at least 256 MiB) and report
+    its bytes over the best time (the machine's streaming rate; the model's batch-1 steps are compared with it)."""
+    cache = last_level_cache_bytes()
+    size = max(2 * cache, 256 << 20) if cache else 1 << 30
+    element = torch.tensor([], dtype=dtype).element_size()
+    cols = 4096
+    rows = size // (cols * element)
+    weights = torch.empty(rows, cols, dtype=dtype, device=device).normal_()
+    x = torch.randn(cols, dtype=dtype, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first touches the pages
+        start = time.perf_counter()
+        torch.mv(weights, x)
+        best = min(best, time.perf_counter() - start)
+    return Roofline(weights.numel() * element / best / 1e9, weights.numel() * element / 2**20, str(dtype).removeprefix("torch."),
+                    cache / 2**20 if cache else None)
+
+
+def weight_gb(passes: ForwardPasses, params: ParamCounts, bytes_per_param: int) -> float:
+    """Weights read by these passes, GB, every module included (Eq. 8 leaves the patcher out)."""
+    return (bandwidth_gb(passes, params, bytes_per_param) + passes.patcher * params.patcher * bytes_per_param / 1e9)
 
 
 @torch.no_grad()
@@ -251,11 +305,13 @@ def _sum_passes(stats: Sequence[DecodeStats]) -> ForwardPasses:
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
               max_new_bytes: int = 256, repeats: int = 3, threads: int = 1, compare_hf: bool = False,
               progress: bool = True, prompt_set: str = "custom", dtype: torch.dtype | None = None,
-              device: str | None = None, batch_sizes: Sequence[int] = ()) -> BenchResult:
+              device: str | None = None, batch_sizes: Sequence[int] = (), roofline: bool = False) -> BenchResult:
     """Run every strategy spec on every backend over ``prompts``; ratios are against the autoregressive
     row with the same sampling options on the same backend (greedy for greedy rows; rows are added where
     missing, see :func:`with_ar_references`). ``prompt_set`` labels the prompts in the result (a built-in
-    set's version, or the user's file)."""
+    set's version, or the user's file). ``roofline`` also measures :func:`matvec_roofline` in the model's
+    dtype, first, in the same process. A backend with a ``warmup(model, rows=..., progress=...)`` method
+    (the compiled ones) is warmed with it before the per-row warm-up generations, for every batch size."""
     specs = with_ar_references(specs)
     for name in backends:
         plugins.get_backend(name)
@@ -263,6 +319,8 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
         raise BLTDecodeError(f"repeats must be >= 1, got {repeats}")
     torch.set_num_threads(threads)
     model = api.load_model(model_spec, dtype=dtype, device=device)
+    line = matvec_roofline(model.dtype, model.device) if roofline else None
+    element = torch.tensor([], dtype=model.dtype).element_size()
     released = released_param_counts()
     warmup: dict[str, float] = {}
     rows: list[BenchRow] = []
@@ -270,7 +328,10 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, int, list[bytes]]] = {}
     for backend in backends:
         start = time.perf_counter()
-        for spec in specs:  # warm-up: compiles every graph on compiled backends, fills caches on eager
+        prepare = getattr(plugins.get_backend(backend), "warmup", None)
+        if prepare is not None:  # compiled backends: every graph of the batch sizes measured, with progress
+            prepare(model, rows=tuple(sorted({*batch_sizes, 1})), progress=progress)
+        for spec in specs:  # warm-up: compiles what is left on compiled backends, fills caches on eager
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
         # the repeats go round the rows (row 1, row 2, ..., row 1, ...), so that a slow spell of a noisy
@@ -327,13 +388,14 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                 denoise_passes_per_block=denoise / blocks if blocks else None,
                 bytes_per_block=new_bytes / blocks if blocks else None,
                 reference=reference,
+                weight_gb_per_second=weight_gb(passes, model.param_counts(), element) / wall,
             ))
     hf_rate, hf_note = _hf_speed(model, list(prompts), max_new_bytes) if compare_hf else (None, None)
     throughput = run_throughput(model, specs, backends, prompts, batch_sizes, max_new_bytes=max_new_bytes,
                                 progress=progress) if batch_sizes else []
     label = model_spec if isinstance(model_spec, str) else "(model object)"
     return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note,
-                       throughput)
+                       throughput, line)
 
 
 def _per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
@@ -392,7 +454,7 @@ def markdown(result: BenchResult) -> str:
     head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
             + " | bytes/s | decode bytes/s | first byte ms | acceptance | bytes/block | denoise passes/block "
-              "| exact = AR | prefix = AR | chrF | bits/byte under AR |")
+              "| exact = AR | prefix = AR | chrF | bits/byte under AR | weight GB/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result.rows:
         ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
@@ -402,11 +464,18 @@ def markdown(result: BenchResult) -> str:
             + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
               f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
               f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
-              f"| {r.bits_per_byte_under_ar:.3f} |"
+              f"| {r.bits_per_byte_under_ar:.3f} | {_fmt(r.weight_gb_per_second, '.3g')} |"
         )
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
              + ", ".join(f"{k} {v:.1f}" for k, v in result.warmup_s.items())]
+    if result.roofline is not None:
+        line = result.roofline
+        cache = f"> last-level cache {line.cache_mb:.0f} MiB" if line.cache_mb else "(cache size unknown)"
+        notes.append(f"matrix-vector roofline: {line.gb_per_second:.2f} GB/s ({line.dtype}, {line.matrix_mb:.0f} MiB matrix {cache}); "
+                     "weight GB/s as a share of it: " + ", ".join(
+                         f"{r.label} {r.backend} {r.weight_gb_per_second / line.gb_per_second:.0%}" for r in result.rows
+                         if r.weight_gb_per_second is not None))
     if any(r.reference != "ar" for r in result.rows):
         notes.append("sampled rows: vs AR = against " + ", ".join(sorted({r.reference for r in result.rows if r.reference != "ar"}))
                      + " (AR sampling with the same options); exact = AR is left out (same distribution, different draws)")

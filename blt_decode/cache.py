@@ -94,9 +94,10 @@ class GridLayout(NamedTuple):
     #: [N] cache slot and [N] position of each packed position (its rotary position and where its keys go)
     slots: torch.Tensor
     positions: torch.Tensor
-    #: [B] slot each row reads, and [B, K] the cache positions it reads (in range; masked where not real)
-    read_slots: torch.Tensor
-    read_positions: torch.Tensor
+    #: [B] slot each row reads, and [B, K] the cache positions it reads (in range; masked where not real);
+    #: both None: row b reads slot b's whole cache, as a view (a lone sequence: nothing is gathered)
+    read_slots: torch.Tensor | None
+    read_positions: torch.Tensor | None
     #: [B, 1, T, K] additive attention mask in the model's dtype (0 or -inf)
     mask: torch.Tensor
 
@@ -113,29 +114,32 @@ class GridLayout(NamedTuple):
         cache.keys[at] = k
         cache.values[at] = v
         b, t = self.mask.shape[0], self.mask.shape[2]
-        where = (self.read_slots[:, None], slice(None), self.read_positions)
-        keys, values = cache.keys[layer][where], cache.values[layer][where]  # [B, K, kv_heads, head_dim]
+        if self.read_slots is None:  # [B, kv_heads, room, head_dim] views
+            keys, values = cache.keys[layer, :b], cache.values[layer, :b]
+        else:  # [B, kv_heads, K, head_dim], gathered
+            where = (self.read_slots[:, None], slice(None), self.read_positions)
+            keys, values = cache.keys[layer][where].transpose(1, 2), cache.values[layer][where].transpose(1, 2)
         if t == 1:
             return _attend_one(q, keys, values, self.mask.view(b, -1))
-        keys, values = repeat_kv(keys.transpose(1, 2), values.transpose(1, 2))
+        keys, values = repeat_kv(keys, values)
         grid_q = q.view(b, t, *q.shape[1:]).transpose(1, 2)
         out = F.scaled_dot_product_attention(grid_q, keys, values, attn_mask=self.mask)
         return out.transpose(1, 2).reshape(q.shape)
 
 
 def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row (q [B, heads, head_dim]) over gathered keys/values
-    ([B, K, kv_heads, head_dim]) under an additive mask [B, K], written as two reductions: a compiler
-    fuses the gather into them instead of copying every row's keys out first (what a matrix-product
-    attention needs), and one-query attention is a matrix-vector product anyway. Scores and softmax in
-    at least float32, as the fused attention kernels compute them."""
+    """Attention of one query per row (q [B, heads, head_dim]) over keys/values ([B, kv_heads, K,
+    head_dim]) under an additive mask [B, K], written as two reductions: a compiler fuses a gather of the
+    keys into them instead of copying every row's keys out first (what a matrix-product attention
+    needs), and one-query attention is a matrix-vector product anyway. Scores and softmax in at least
+    float32, as the fused attention kernels compute them."""
     b, heads, dim = q.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
-    grouped = q.view(b, 1, kv_heads, heads // kv_heads, dim).to(compute)
-    scores = (grouped * keys[:, :, :, None, :].to(compute)).sum(-1) * dim ** -0.5  # [B, K, kv_heads, group]
-    weights = torch.softmax(scores + mask[:, :, None, None].to(compute), dim=1)
-    out = (weights[..., None] * values[:, :, :, None, :].to(compute)).sum(1)  # [B, kv_heads, group, dim]
+    grouped = q.view(b, kv_heads, heads // kv_heads, 1, dim).to(compute)
+    scores = (grouped * keys[:, :, None].to(compute)).sum(-1) * dim ** -0.5  # [B, kv_heads, group, K]
+    weights = torch.softmax(scores + mask[:, None, None].to(compute), dim=-1)
+    out = (weights[..., None] * values[:, :, None].to(compute)).sum(-2)  # [B, kv_heads, group, dim]
     return out.reshape(b, heads, dim).to(q.dtype)
 
 

@@ -71,6 +71,10 @@ def _compile_note(backend: str) -> None:
     if backend == "compiled":
         print(f"{PROG}: compiling the model's stacks with torch.compile; the first generation is slow "
               "(25-150 s on a CPU), later ones are not", file=sys.stderr, flush=True)
+    elif backend == "static":
+        print(f"{PROG}: the static backend compiles each step graph on first use (seconds each on a CPU; "
+              "inductor's on-disk cache makes the next process much faster)", file=sys.stderr, flush=True)
+        plugins.get_backend("static").progress = lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _cmd_generate_file(args: argparse.Namespace) -> int:
@@ -516,12 +520,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
     specs = bench.parse_strategies(args.strategies)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if "compiled" in backends:
-        _compile_note("compiled")
+    for name in ("compiled", "static"):
+        if name in backends:
+            _compile_note(name)
     result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-                             batch_sizes=args.batch_sizes)
+                             batch_sizes=args.batch_sizes, roofline=args.roofline)
     print(bench.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
@@ -672,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
                     help="also measure the batched engine's throughput (new bytes/s over all prompts) at these batch "
                          "sizes, e.g. 1,4,16,64 (use --prompts at least as large as the largest)")
+    be.add_argument("--roofline", action="store_true",
+                    help="also time a matrix-vector product on a matrix larger than the last-level cache (in the "
+                         "model's dtype) and report each row's weight GB/s as a share of it")
     _add_threads_argument(be)
     be.set_defaults(func=_cmd_bench)
 

@@ -31,6 +31,8 @@ def register_backends(register):
 
     Call ``register(backend)`` once per backend object. A backend has ``name``, ``description`` and
     ``open_session(model, capacity)`` returning a :class:`~blt_decode.session.DecodeSession` whose
-    primitives run the model its way (eager, compiled, ...). Strategies never see which backend runs them.
+    primitives run the model its way (eager, compiled, static, ...), and optionally ``runner(model)``
+    (a :class:`~blt_decode.runner.Runner`) for the batched engine. Strategies never see which backend
+    runs them.
     Duplicate names raise :class:`~blt_decode.errors.DuplicateNameError` naming both plugins.
     """

@@ -16,8 +16,9 @@ never imports another strategy.
 
 A **backend** decides *how* the model runs. It has ``name``, ``description``,
 ``open_session(model, capacity) -> DecodeSession`` (one sequence) and, to run under the batched
-:class:`~blt_decode.engine.Engine`, ``runners(model) -> StackRunners`` (the callables the stacks run with;
-a session of any batch size uses them).
+:class:`~blt_decode.engine.Engine`, ``runner(model)`` (a :class:`~blt_decode.runner.Runner`, which executes
+batches of primitive calls; the older ``runners(model) -> StackRunners`` still works, run by the eager
+runner).
 """
 
 from __future__ import annotations
@@ -60,4 +61,5 @@ class Backend(Protocol):
 
     def open_session(self, model: "BLTModel", capacity: int) -> "DecodeSession": ...
 
-    # optional: ``runners(model) -> StackRunners`` lets the batched engine use the backend
+    # optional: ``runner(model) -> Runner`` (or the older ``runners(model) -> StackRunners``) lets the
+    # batched engine use the backend

@@ -38,11 +38,9 @@ from blt_decode.trace import Drafted
 CHUNK_BUCKETS = (1, 16, 64)
 #: rows per graph; more rows run as several graphs of the largest
 ROW_BUCKETS = (1, 4, 16, 64)
-#: patches per global graph; more run as several
-PATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-#: the fewest cache entries a stack without a sliding window reads (then doubled until every row fits)
-MIN_KEYS = 64
-#: the fewest bytes of a patch the summary reads (then quadrupled until the longest patch fits)
+#: patches per global graph (a step closes one, a verification a few, a prompt many); more run as several
+PATCH_BUCKETS = (1, 4, 16, 64)
+#: bytes of a patch the summary reads: the smallest that holds the longest closing patch (then x4)
 MIN_SPAN = 16
 
 #: inductor settings of the graphs. Indices are clamped into range in the graphs, so no per-element
@@ -102,7 +100,13 @@ class StaticState(DecodeState):
     and scratch positions for padding."""
 
     def __init__(self, model: BLTModel, slots: int, capacity: int, runner: "StaticRunner"):
+        # room for a chunk's padding past the capacity, and at least a window and a chunk, so that a
+        # windowed stack always reads its window (one graph for every state: see _layout)
         margin = max(CHUNK_BUCKETS)
+        cfg = model.config
+        windows = [c.sliding_window for c in (cfg.encoder, cfg.decoder, cfg.global_, cfg.entropy_model)
+                   if c is not None and c.sliding_window is not None]
+        margin = max(margin, max(windows, default=0) + max(CHUNK_BUCKETS) - capacity)
         super().__init__(model, slots, capacity, runner, margin=margin, extra_slots=1)
         rows, room = slots + 1, capacity + margin
         device = model.device
@@ -175,16 +179,19 @@ def _chunk(buf: Buffers, desc: torch.Tensor, t: int) -> _Chunk:
     return _Chunk(slot, kind, count, start, positions, valid, write_slots, write_positions)
 
 
-def _layout(chunk: _Chunk, window: int | None, keys: int, room: int, dtype: torch.dtype,
+def _layout(chunk: _Chunk, window: int | None, room: int, dtype: torch.dtype, lone: bool,
             bidirectional: bool = False) -> GridLayout:
-    """The layout of a local stack (or the global model) over a chunk's rows: each row reads the
-    ``keys`` cache positions ending at its last position (its window), or the first ``keys`` (no window)."""
+    """The layout of a stack over a chunk's rows. ``lone``: one sequence in slot 0, which reads its whole
+    cache as a view. Otherwise a row gathers the entries of its window, the ``window + T - 1`` positions
+    ending at its last one, or, without a window (or when the state is smaller than that), all ``room``
+    positions of its slot. Either way a size fixed by the model, the chunk bucket and the state, never by
+    the data."""
     t = chunk.positions.shape[1]
-    span = torch.arange(keys, device=chunk.start.device)
-    if window is not None:
-        read = chunk.start[:, None] + (t - keys) + span  # [B, K], ends at the chunk's last position
+    if window is not None and window + t - 1 < room and not lone:
+        span = torch.arange(window + t - 1, device=chunk.start.device)
+        read = chunk.start[:, None] - (window - 1) + span  # [B, K], ends at the chunk's last position
     else:
-        read = span[None, :].expand(chunk.start.shape[0], -1)
+        read = torch.arange(room, device=chunk.start.device)[None, :].expand(chunk.start.shape[0], -1)
     q, j = chunk.positions[:, :, None], read[:, None, :]
     allowed = (j >= 0) & (j < room) & (j <= q)
     if window is not None:
@@ -193,6 +200,8 @@ def _layout(chunk: _Chunk, window: int | None, keys: int, room: int, dtype: torc
         block = (j >= chunk.start[:, None, None]) & (j < (chunk.start + chunk.count)[:, None, None])
         allowed |= (chunk.kind == DENOISE)[:, None, None] & block & (j < room)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    if lone:
+        return GridLayout(chunk.write_slots, chunk.write_positions, None, None, mask[:, None])
     return GridLayout(chunk.write_slots, chunk.write_positions, chunk.slot, read.clamp(0, room - 1), mask[:, None])
 
 
@@ -218,8 +227,7 @@ def _close_flags(model: BLTModel, buf: Buffers, chunk: _Chunk, entropies: torch.
     return torch.stack(out, 1) & live
 
 
-def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: tuple[int, int],
-           decide: bool) -> torch.Tensor:
+def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool, decide: bool = True) -> torch.Tensor:
     """Appended and drafted ids: write them, embed them, run the entropy model (when ``decide``) and the
     encoder, store entropies and byte states, and decide patch closes, updating the device's patch
     bookkeeping. Returns [B, T + 1] int8: the close flags, then 1 where the row's entropies are finite."""
@@ -230,14 +238,14 @@ def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: tupl
     buf.ids[slots, positions] = ids.reshape(-1)
     cfg, dtype = model.config, model.dtype
     states = model.local_encoder(model.embed_at(buf.ids, slots, positions),
-                                 _layout(chunk, cfg.encoder.sliding_window, keys[0], room, dtype), buf.encoder_kv)
+                                 _layout(chunk, cfg.encoder.sliding_window, room, dtype, lone), buf.encoder_kv)
     buf.byte_states[slots, positions] = states
     if not decide:
         return torch.zeros(0, dtype=torch.int8, device=desc.device)
     entropies = None
     finite = torch.ones_like(chunk.valid)
     if model.entropy_model is not None and model.patcher.uses_entropy:
-        layout = _layout(chunk, cfg.entropy_model.sliding_window, keys[1], room, dtype)
+        layout = _layout(chunk, cfg.entropy_model.sliding_window, room, dtype, lone)
         entropies = entropy_of_logits(model.entropy_model(ids.reshape(-1), layout, buf.entropy_kv)).view(ids.shape)
         buf.entropies[slots, positions] = entropies.reshape(-1)
         finite = torch.isfinite(entropies)
@@ -255,7 +263,7 @@ def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: tupl
     return torch.cat([flags, ok[:, None]], 1).to(torch.int8)
 
 
-def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder over every row (appended, drafted, denoised), then the rows' lengths advanced where the
     chunk is the call's last. Returns logits [B, T, vocab] and [B, 3] bool: inputs, latents, logits finite."""
     chunk = _chunk(buf, desc, t)
@@ -271,7 +279,7 @@ def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: int
     aligned = buf.patch_id[chunk.slot[:, None], (chunk.positions + 1).clamp_max(room)] - 1
     latent_index = torch.where((chunk.kind == APPEND)[:, None], aligned, last_closed[:, None]).clamp_min(0)
     latents = buf.latents[chunk.slot[:, None].expand(-1, t).reshape(-1), latent_index.reshape(-1)]
-    layout = _layout(chunk, model.config.decoder.sliding_window, keys, room, model.dtype, bidirectional=True)
+    layout = _layout(chunk, model.config.decoder.sliding_window, room, model.dtype, lone, bidirectional=True)
     logits = model.local_decoder(x, latents, layout, buf.decoder_kv)
     buf.logits[slots, positions] = logits
     # lengths: an append commits its chunk, a draft adds to the drafts; appends and blocks drop drafts
@@ -287,27 +295,39 @@ def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: int
     return logits.view(-1, t, logits.shape[-1]), torch.stack([finite(x), finite(latents), finite(logits)], 1)
 
 
-def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, keys: tuple[int, int, int]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch without appends: drafts' encoder pass and every row's decoder pass in one graph."""
-    _front(model, buf, desc, t, keys[:2], decide=False)
-    return _decode(model, buf, desc, t, keys[2])
+    _front(model, buf, desc, t, lone, decide=False)
+    return _decode(model, buf, desc, t, lone)
 
 
-def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, span: int, keys: int) -> None:
-    """Patch summaries and the global model for closed patches, one per row of ``desc`` ([P, 2]: slot,
-    patch index): each reads the last ``span`` byte states up to its end and the first ``keys`` global
-    cache entries of its slot; the latents go to the state."""
-    slot, index = desc[:, 0], desc[:, 1]
+def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, patches: int, span: int, lone: bool) -> None:
+    """Patch summaries and the global model for closed patches; the latents go to the state.
+
+    ``lone``: ``desc`` is [1, 3] (slot, first patch, count): one row of ``patches`` queries, the patch
+    indices from the first, so that the slot's global cache is read once. Otherwise [patches, 2] (slot,
+    patch index): a row per patch, each reading its own slot. A patch's summary reads the last ``span``
+    byte states up to its end."""
     room = buf.ids.shape[1]
-    start, end = buf.patch_starts[slot, index], buf.patch_starts[slot, index + 1]
+    if lone:
+        slot, first, count = desc[:, 0], desc[:, 1], desc[:, 2]
+        steps = torch.arange(patches, device=desc.device)
+        index = (first[:, None] + steps).clamp_max(room - 1)  # [1, P]
+        valid = steps[None, :] < count[:, None]
+        scratch = buf.lengths.shape[0] - 1
+        chunk = _Chunk(slot, torch.zeros_like(slot), count, first, index, valid,
+                       torch.where(valid, slot[:, None], scratch).reshape(-1), torch.where(valid, index, steps[None, :]).reshape(-1))
+        slots, index = slot[:, None].expand(-1, patches).reshape(-1), index.reshape(-1)
+    else:
+        slots, index = desc[:, 0], desc[:, 1]
+        chunk = _Chunk(slots, torch.zeros_like(slots), torch.ones_like(slots), index, index[:, None],
+                       torch.ones_like(index[:, None], dtype=torch.bool), slots, index)
+    start, end = buf.patch_starts[slots, index], buf.patch_starts[slots, (index + 1).clamp_max(room)]
     where = end[:, None] - span + torch.arange(span, device=desc.device)
     inside = (where >= start[:, None]) & (where >= 0)
-    vectors = model.local_encoder.summarize(buf.byte_states[slot[:, None], where.clamp(0, room - 1)], inside)
-    chunk = _Chunk(slot, torch.zeros_like(slot), torch.ones_like(slot), index, index[:, None],
-                   torch.ones_like(index[:, None], dtype=torch.bool), slot, index)
-    layout = _layout(chunk, model.config.global_.sliding_window, keys, room, model.dtype)
-    buf.latents[slot, index] = model.global_transformer(vectors, layout, buf.global_kv)
+    vectors = model.local_encoder.summarize(buf.byte_states[slots[:, None], where.clamp(0, room - 1)], inside)
+    layout = _layout(chunk, model.config.global_.sliding_window, room, model.dtype, lone)
+    buf.latents[chunk.write_slots, chunk.write_positions] = model.global_transformer(vectors, layout, buf.global_kv)
 
 
 # -- running calls -------------------------------------------------------------------------------------------
@@ -346,24 +366,53 @@ class StaticRunner:
         #: the model's dtype and device when the runner was made (its graphs are for those)
         self.made_for = (model.dtype, model.device)
         self.compile_seconds: dict[tuple, float] = {}
-        cfg = model.config
-        self._windows = (cfg.encoder.sliding_window, cfg.entropy_model.sliding_window if cfg.entropy_model else None,
-                         cfg.decoder.sliding_window)
 
     def new_state(self, slots: int, capacity: int) -> StaticState:
         return StaticState(self.model, slots, capacity, self)
 
+    def warmup(self, *, max_batch: int = 1, chunks: Sequence[int] = CHUNK_BUCKETS, patches: Sequence[int] = (1, 4, 16),
+               spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN), progress: Callable[[int, int, str], None] | None = None
+               ) -> list[tuple]:
+        """Compile now every graph a lone session uses (the lone graphs) and, with ``max_batch`` > 1,
+        every graph of engine batches of up to ``max_batch`` requests (each row bucket up to it): the
+        front, decoder and fused graphs for ``chunks``, the global graph for ``patches`` and ``spans``.
+        They run on padding rows of scratch states. ``progress(done, total, name)`` is told before each.
+        Returns the keys compiled; later calls inside these buckets compile nothing."""
+        modes = [(True, [1])]
+        if max_batch > 1:
+            modes.append((False, sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)})))
+        keys = []
+        for lone, rows in modes:
+            keys += [(kind, b, t, lone) for b in rows for t in chunks for kind in ("front", "decode", "front_decode")]
+            keys += [("global", p, span, lone) for p in patches for span in spans]
+        keys = [k for k in keys if not getattr(self._graphs.get(k), "done", False)]
+        states = {True: self.new_state(1, 1), False: self.new_state(2, 1)}
+        for done, key in enumerate(keys):
+            if progress is not None:
+                progress(done, len(keys), " ".join(map(str, key)))
+            kind, size, length, lone = key
+            state = states[lone]
+            scratch = 0 if lone else state.scratch  # a lone graph's row is slot 0's: it must be the real slot
+            if kind == "global":
+                rows = [[scratch, 0, 0]] if lone else [[state.scratch, 0]] * size
+                self.graph(*key)(self.model, state.buffers, torch.tensor(rows, device=self.model.device), size, length, lone)
+                continue
+            desc = torch.tensor([[scratch, APPEND, 0, 0, 0, *[0] * length]] * size, device=self.model.device)
+            self.graph(*key)(self.model, state.buffers, desc, length, lone)
+        if progress is not None:
+            progress(len(keys), len(keys), "done")
+        return keys
 
     # -- graphs ---------------------------------------------------------------------------------------
-    def graph(self, kind: str, *sizes: object) -> Callable:
-        """The step function of ``kind`` for static ``sizes``, compiled on first use."""
+    def graph(self, kind: str, *sizes: int) -> Callable:
+        """The step function of ``kind`` ("front", "decode", "front_decode", "global") for the static
+        ``sizes`` (rows, chunk length and lone; patches, span and lone for "global"), compiled on first use."""
         key = (kind, *sizes)
         fn = self._graphs.get(key)
         if fn is None:
             base = {"front": _front, "decode": _decode, "front_decode": _front_decode, "global": _global}[kind]
             if self.compile:
-                name = "_".join([kind, *(str(s) for s in sizes)]).replace(" ", "").replace(",", "x")
-                # indices are clamped into range in the graphs: no per-element bounds checks
+                name = "_".join([kind, *(str(s) for s in sizes)])
                 compiled = torch.compile(_renamed(base, name), fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
                 fn = _Compiled(compiled, key, self)
             else:
@@ -371,12 +420,8 @@ class StaticRunner:
             self._graphs[key] = fn
         return fn
 
-    def _keys(self, window: int | None, t: int, end: int) -> int:
-        """Cache entries a stack's row reads: its window up to the chunk's last position, else a doubling
-        bucket of the positions in use."""
-        return window + t - 1 if window is not None else doubling(end, MIN_KEYS)
-
     def _read(self, tensor: torch.Tensor) -> list:
+        """The runner's every host read goes through here (counted in :attr:`syncs`)."""
         self.syncs += 1
         return tensor.tolist()
 
@@ -384,15 +429,14 @@ class StaticRunner:
     @torch.no_grad()
     def run(self, state: StaticState, items: Items, tally: Tally | None = None) -> list[torch.Tensor | BaseException]:
         model = self.model
-        buf = state.buffers
+        count = tally or (lambda stack, n: None)
         rows = []
         for i, (s, c) in enumerate(items):
             kind = _KIND[c.kind]
-            ids = c.block if kind == DENOISE else c.ids
-            rows.append(_Row(i, kind, tuple(ids), s.length + (s._draft_length if kind == DRAFT else 0)))
-        appends = [r for r in rows if r.kind == APPEND]
+            rows.append(_Row(i, kind, tuple(c.block if kind == DENOISE else c.ids),
+                             s.length + (s._draft_length if kind == DRAFT else 0)))
+        # a call longer than the largest chunk runs in rounds (a block in one: it sees itself both ways)
         largest = max(CHUNK_BUCKETS)
-        # pieces by round: a call longer than the largest chunk runs over several rounds (a block: one)
         rounds: list[list[_Piece]] = []
         for r in rows:
             step = len(r.ids) if r.kind == DENOISE else largest
@@ -400,116 +444,94 @@ class StaticRunner:
                 if k == len(rounds):
                     rounds.append([])
                 rounds[k].append(_Piece(r, offset, min(step, len(r.ids) - offset)))
-        logits_of: dict[int, list[torch.Tensor]] = {r.index: [] for r in rows}
-        statuses: list[tuple[list[_Piece], torch.Tensor]] = []
+        appends = [r for r in rows if r.kind == APPEND]
+        # a state of one slot: its sequence reads its caches as views, nothing is gathered
+        lone = state.slots == 1
+        results = _Results(rows)
         closed_before = {r.index: items[r.index][0].closed_patches for r in appends}
-        count = tally or (lambda stack, n: None)
-        if not appends:
+        failed_entropy: set[int] = set()
+        if not appends:  # drafts and blocks: encoder and decoder in one graph per group
             for pieces in rounds:
                 for t, group in _groups(pieces):
-                    end = _end(group)
-                    keys = (self._keys(self._windows[0], t, end), 0, self._keys(self._windows[2], t, end))
-                    out, status = self.graph("front_decode", bucket(len(group), ROW_BUCKETS), t, keys)(
-                        model, buf, self._descriptor(state, items, group, t), t, keys)
-                    self._collect(group, out, status, logits_of, statuses)
-            drafted = [r for r in rows if r.kind == DRAFT]
-            if drafted:
-                count("encoder", len(drafted))
-            count("decoder", len(rows))
+                    results.add(group, *self.graph("front_decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone))
         else:
-            flags = []
             decides = model.entropy_model is not None and model.patcher.uses_entropy
-            for pieces in rounds:
+            flags = []
+            for pieces in rounds:  # every round's front first: none of it depends on patch decisions
                 for t, group in _groups([p for p in pieces if p.row.kind != DENOISE]):
-                    end = _end(group)
-                    keys = (self._keys(self._windows[0], t, end), self._keys(self._windows[1], t, end) if decides else 0)
-                    flags.append((group, self.graph("front", bucket(len(group), ROW_BUCKETS), t, keys)(
-                        model, buf, self._descriptor(state, items, group, t), t, keys, True)))
+                    flags.append((group, self.graph("front", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone)))
             if decides:
                 count("entropy", len(appends))
-            count("encoder", sum(r.kind != DENOISE for r in rows))
-            # the one host read of the patch decision, for every round and row at once
+            # the one host read of the patch decisions, every round's and row's at once
             read = self._read(torch.cat([f.flatten() for _, f in flags]))
-            closing_by_round: list[list[tuple[int, int]]] = [[] for _ in rounds]
-            failed_entropy: set[int] = set()
+            closing = [[] for _ in rounds]
             at = 0
-            for pieces_, f in flags:
+            for group, f in flags:
                 width = f.shape[1]
-                for b, p in enumerate(pieces_):
-                    row_flags = read[at + b * width : at + b * width + width]
-                    if p.row.kind != APPEND:
-                        continue
-                    s = items[p.row.index][0]
-                    first = p.row.start + p.offset
-                    if first == 0:
-                        s.starts = [0]
-                    for step in range(p.count):
-                        if row_flags[step]:
-                            s.starts.append(first + step + 1)
-                            closing_by_round[p.offset // largest].append((s.slot, len(s.starts) - 2))
-                    if not row_flags[width - 1]:
-                        failed_entropy.add(p.row.index)
+                for b, p in enumerate(group):
+                    if p.row.kind == APPEND:
+                        row = read[at + b * width : at + (b + 1) * width]
+                        closing[p.offset // largest] += self._extend_starts(items[p.row.index][0], p, row)
+                        if not row[-1]:
+                            failed_entropy.add(p.row.index)
                 at += f.numel()
-            closers: set[int] = set()
             for r, pieces in enumerate(rounds):
-                patches = closing_by_round[r]
-                if patches:
-                    self._global_pass(state, items, patches)
+                if closing[r]:
+                    self._global_pass(state, items, closing[r], lone)
                 for t, group in _groups(pieces):
-                    keys = self._keys(self._windows[2], t, _end(group))
-                    out, status = self.graph("decode", bucket(len(group), ROW_BUCKETS), t, keys)(
-                        model, buf, self._descriptor(state, items, group, t), t, keys)
-                    self._collect(group, out, status, logits_of, statuses)
-            for r in appends:
-                if items[r.index][0].closed_patches > closed_before[r.index] and r.index not in failed_entropy:
-                    closers.add(r.index)
-            if closers:
-                count("global", len(closers))
-            count("decoder", len(rows))
-            return self._finish(state, items, rows, logits_of, statuses, failed_entropy, closers, closed_before)
-        return self._finish(state, items, rows, logits_of, statuses, set(), set(), {})
+                    results.add(group, *self.graph("decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone))
+        closers = {r.index for r in appends if r.index not in failed_entropy
+                   and items[r.index][0].closed_patches > closed_before[r.index]}
+        if any(r.kind != DENOISE for r in rows):
+            count("encoder", sum(r.kind != DENOISE for r in rows))
+        if closers:
+            count("global", len(closers))
+        count("decoder", len(rows))
+        # the one host read of the results: which rows came out finite
+        return self._finish(state, items, rows, results, failed_entropy, closers, closed_before)
 
-    def _global_pass(self, state: StaticState, items: Items, patches: list[tuple[int, int]]) -> None:
-        """The global graph(s) over ``patches`` ((slot, patch index), their spans known on the host)."""
-        by_slot = {s.slot: s for s, _ in items}
+    @staticmethod
+    def _extend_starts(session, piece: "_Piece", flags: list[int]) -> list[tuple[int, int]]:
+        """Add the patch starts a piece's close flags decided to the session's (the host's copy, which
+        strategies read); returns the (slot, patch index) of every patch that closed."""
+        first = piece.row.start + piece.offset
+        if first == 0:
+            session.starts = [0]
+        closed = []
+        for step in range(piece.count):
+            if flags[step]:
+                session.starts.append(first + step + 1)
+                closed.append((session.slot, len(session.starts) - 2))
+        return closed
+
+    def _global_pass(self, state: StaticState, items: Items, patches: list[tuple[int, int]], lone: bool) -> None:
+        """The global graph(s) over closed ``patches`` ((slot, patch index); spans known on the host)."""
+        starts = {s.slot: s.starts for s, _ in items}
         largest = max(PATCH_BUCKETS)
         for at in range(0, len(patches), largest):
             part = patches[at : at + largest]
             size = bucket(len(part), PATCH_BUCKETS)
-            longest = max(by_slot[slot].starts[i + 1] - by_slot[slot].starts[i] for slot, i in part)
-            span = doubling(longest, MIN_SPAN, 4)
-            window = self.model.config.global_.sliding_window
-            keys = window if window is not None else doubling(max(i for _, i in part) + 1, MIN_KEYS)
-            desc = [[slot, i] for slot, i in part] + [[state.scratch, 0]] * (size - len(part))
-            self.graph("global", size, span, keys)(self.model, state.buffers, torch.tensor(desc, device=self.model.device),
-                                                   span, keys)
+            span = doubling(max(starts[slot][i + 1] - starts[slot][i] for slot, i in part), MIN_SPAN, 4)
+            if lone:  # one slot's consecutive patches
+                desc = [[part[0][0], part[0][1], len(part)]]
+            else:
+                desc = [[slot, i] for slot, i in part] + [[state.scratch, 0]] * (size - len(part))
+            self.graph("global", size, span, lone)(self.model, state.buffers, torch.tensor(desc, device=self.model.device),
+                                                   size, span, lone)
 
-    def _descriptor(self, state: StaticState, items: Items, pieces: list[_Piece], t: int) -> torch.Tensor:
+    def _descriptor(self, state: StaticState, items: Items, pieces: list["_Piece"], t: int) -> torch.Tensor:
         size = bucket(len(pieces), ROW_BUCKETS)
         desc = [[items[p.row.index][0].slot, p.row.kind, p.offset, p.count, int(p.final),
                  *p.row.ids[p.offset : p.offset + p.count], *[0] * (t - p.count)] for p in pieces]
         desc += [[state.scratch, APPEND, 0, 0, 0, *[0] * t]] * (size - len(pieces))
         return torch.tensor(desc, device=self.model.device)
 
-    @staticmethod
-    def _collect(pieces: list[_Piece], out: torch.Tensor, status: torch.Tensor,
-                 logits_of: dict[int, list[torch.Tensor]], statuses: list) -> None:
-        for b, p in enumerate(pieces):
-            logits_of[p.row.index].append(out[b, : p.count])
-        statuses.append((pieces, status))
-
-    def _finish(self, state: StaticState, items: Items, rows: list[_Row], logits_of: dict[int, list[torch.Tensor]],
-                statuses: list, failed_entropy: set[int], closers: set[int], closed_before: dict[int, int]
-                ) -> list[torch.Tensor | BaseException]:
-        # the one host read of the results: which rows came out finite
-        read = self._read(torch.cat([s[: len(p)] for p, s in statuses]).flatten())
-        ok: dict[int, list[bool]] = {}
-        at = 0
-        for pieces, _ in statuses:
-            for p in pieces:
-                previous = ok.get(p.row.index, [True, True, True])
-                ok[p.row.index] = [a and bool(b) for a, b in zip(previous, read[at : at + 3])]
-                at += 3
+    def _finish(self, state: StaticState, items: Items, rows: list[_Row], results: "_Results", failed_entropy: set[int],
+                closers: set[int], closed_before: dict[int, int]) -> list[torch.Tensor | BaseException]:
+        ok = results.finite(self._read)
         model = self.model
         out: list[torch.Tensor | BaseException] = []
         for r in rows:
@@ -519,8 +541,7 @@ class StaticRunner:
                 s.stats.add(patcher=1)
             if r.index in failed_entropy:
                 out.append(non_finite("entropy model (patcher)", r.start, r.start + n))
-                state.restore(s.slot, s.length, s._draft_length)
-                state.clear(s.slot)
+                self._fail(state, s)
                 continue
             if r.kind != DENOISE:
                 s.stats.add(encoder=1)
@@ -534,8 +555,7 @@ class StaticRunner:
             inputs_ok, latents_ok, logits_ok = ok[r.index]
             if not logits_ok:
                 out.append(diagnosis(inputs_ok, latents_ok, r.start, n))
-                state.restore(s.slot, s.length, s._draft_length)
-                state.clear(s.slot)
+                self._fail(state, s)
                 continue
             if r.kind == APPEND:
                 s.length = r.start + n
@@ -546,9 +566,43 @@ class StaticRunner:
             else:
                 s._draft_length = 0
                 s.stats.add(denoise_passes=1)
-            parts = logits_of[r.index]
-            out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+            out.append(results.logits(r.index))
         return out
+
+    @staticmethod
+    def _fail(state: StaticState, session) -> None:
+        """A row failed: its device lengths back to the host's, and its slot cleared of non-finite values."""
+        state.clear(session.slot)
+        state.restore(session.slot, session.length, session._draft_length)
+
+
+class _Results:
+    """The decoder graphs' outputs, per call: logits of each of its pieces, and finite flags."""
+
+    def __init__(self, rows: list[_Row]):
+        self._logits: dict[int, list[torch.Tensor]] = {r.index: [] for r in rows}
+        self._status: list[tuple[list[_Piece], torch.Tensor]] = []
+
+    def add(self, pieces: list[_Piece], logits: torch.Tensor, status: torch.Tensor) -> None:
+        for b, p in enumerate(pieces):
+            self._logits[p.row.index].append(logits[b, : p.count])
+        self._status.append((pieces, status[: len(pieces)]))
+
+    def logits(self, index: int) -> torch.Tensor:
+        parts = self._logits[index]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def finite(self, read: Callable[[torch.Tensor], list]) -> dict[int, list[bool]]:
+        """Per call: are its inputs, latents and logits finite, over all its pieces (one host read)."""
+        flat = read(torch.cat([status for _, status in self._status]).flatten())
+        ok: dict[int, list[bool]] = {}
+        at = 0
+        for pieces, _ in self._status:
+            for p in pieces:
+                previous = ok.get(p.row.index, [True, True, True])
+                ok[p.row.index] = [a and bool(b) for a, b in zip(previous, flat[at : at + 3])]
+                at += 3
+        return ok
 
 
 def _groups(pieces: list[_Piece]) -> list[tuple[int, list[_Piece]]]:
@@ -558,11 +612,6 @@ def _groups(pieces: list[_Piece]) -> list[tuple[int, list[_Piece]]]:
         by_size.setdefault(bucket(p.count, CHUNK_BUCKETS), []).append(p)
     largest = max(ROW_BUCKETS)
     return [(t, group[at : at + largest]) for t, group in sorted(by_size.items()) for at in range(0, len(group), largest)]
-
-
-def _end(pieces: list[_Piece]) -> int:
-    """The furthest position the pieces reach (what a stack without a window must read up to)."""
-    return max(p.row.start + p.offset + p.count for p in pieces)
 
 
 def _renamed(fn: Callable, name: str) -> Callable:
