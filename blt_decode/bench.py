@@ -219,11 +219,14 @@ def last_level_cache_bytes() -> int | None:
 
 
 @torch.no_grad()
-def matvec_roofline(dtype: torch.dtype, device: torch.device | str = "cpu", *, repeats: int = 5) -> Roofline:
-    """Time ``W @ x`` for a ``dtype`` matrix of twice the last-level cache (at least 256 MiB) and report
-    its bytes over the best time (the machine's streaming rate; the model's batch-1 steps are compared with it)."""
+def matvec_roofline(dtype: torch.dtype, device: torch.device | str = "cpu", *, repeats: int = 5,
+                    size: int | None = None) -> Roofline:
+    """Time ``W @ x`` for a ``dtype`` matrix of ``size`` bytes (default: twice the last-level cache, at
+    least 256 MiB) and report its bytes over the best time: the machine's streaming rate, which batch-1
+    steps of a model larger than the cache are compared with."""
     cache = last_level_cache_bytes()
-    size = max(2 * cache, 256 << 20) if cache else 1 << 30
+    if size is None:
+        size = max(2 * cache, 256 << 20) if cache else 1 << 30
     element = torch.tensor([], dtype=dtype).element_size()
     cols = 4096
     rows = size // (cols * element)

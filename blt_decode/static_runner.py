@@ -370,6 +370,7 @@ class StaticRunner:
     def new_state(self, slots: int, capacity: int) -> StaticState:
         return StaticState(self.model, slots, capacity, self)
 
+    @torch.no_grad()
     def warmup(self, *, max_batch: int = 1, chunks: Sequence[int] = CHUNK_BUCKETS, patches: Sequence[int] = (1, 4, 16),
                spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN), progress: Callable[[int, int, str], None] | None = None
                ) -> list[tuple]:

@@ -184,3 +184,23 @@ def test_vs_ar_is_per_committed_byte_and_rows_that_write_less_are_not_cheaper():
     per_byte = (spec.bandwidth_gb / spec.new_bytes) / (ar.bandwidth_gb / ar.new_bytes)
     assert spec.bandwidth_vs_ar == pytest.approx(per_byte, rel=1e-12)
     assert bench._per_byte_ratio(1.0, 0, 1.0, 5) is None
+
+
+def test_weight_rates_and_the_matrix_vector_roofline(monkeypatch):
+    import torch
+
+    line = bench.matvec_roofline(torch.float32, size=8 << 20, repeats=2)
+    assert line.gb_per_second > 0 and line.matrix_mb == pytest.approx(8, rel=0.01) and line.dtype == "float32"
+    assert bench.last_level_cache_bytes() is None or bench.last_level_cache_bytes() > 0
+    # every module's weights, the patcher's too, at the model's bytes per parameter
+    passes, params = bench.ForwardPasses(3, 2, 1, 2), bench.ParamCounts(10, 20, 300, 40)
+    assert bench.weight_gb(passes, params, 4) == pytest.approx(4 * (3 * 10 + 2 * 20 + 300 + 2 * 40) / 1e9)
+    monkeypatch.setattr(bench, "matvec_roofline", lambda dtype, device: bench.Roofline(2.0, 1024.0, "float32", 480.0))
+    result = bench.run_bench("random:tiny", bench.parse_strategies("ar"), ["eager"], prompt_sets.load("heldout", 1),
+                             max_new_bytes=8, repeats=1, progress=False, roofline=True)
+    (row,) = result.rows
+    assert row.weight_gb_per_second == pytest.approx(
+        bench.weight_gb(row.passes, bench.api.load_model("random:tiny").param_counts(), 4) / row.wall_s)
+    text = bench.markdown(result)
+    assert "matrix-vector roofline: 2.00 GB/s" in text and "| weight GB/s |" in text
+    assert f"ar eager {row.weight_gb_per_second / 2.0:.0%}" in text

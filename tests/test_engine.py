@@ -275,12 +275,18 @@ def test_grad_mode_is_left_as_it_was():
     assert torch.is_grad_enabled()
 
 
-def test_tutorial_strategy_batches_unchanged():
-    """The tutorial's third-party strategy, as written in docs/tutorial.md, decodes batched as alone."""
+def tutorial_plugin_namespace() -> dict:
+    """The tutorial's plugin module (docs/tutorial.md's ``blt_rep_penalty.py``), executed as written."""
     code = next(c for lang, c in re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
                 if c.startswith("# file: blt_rep_penalty.py"))
     namespace: dict = {}
     exec(compile(code, "tutorial.md", "exec"), namespace)
+    return namespace
+
+
+def test_tutorial_strategy_batches_unchanged():
+    """The tutorial's third-party strategy, as written in docs/tutorial.md, decodes batched as alone."""
+    namespace = tutorial_plugin_namespace()
 
     class Plugin:
         register_strategies = staticmethod(namespace["register_strategies"])

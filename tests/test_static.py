@@ -9,9 +9,6 @@ module; inductor's on-disk cache makes later runs of the suite faster.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import attrs
 import pytest
 import torch
@@ -24,9 +21,8 @@ from blt_decode import plugins, testing
 from blt_decode.backends.compiled import compiled_graph_count
 from blt_decode.backends.static import StaticBackend
 from blt_decode.static_runner import StaticRunner
-from test_engine import _structural_unmasking_tie, requests
+from test_engine import _structural_unmasking_tie, requests, tutorial_plugin_namespace
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 ALL_STRATEGIES = [("autoregressive", {}), ("autoregressive", {"temperature": 0.8}), ("blt-s", {"k": 4}),
                   ("blt-s", {"k": "auto"}), ("blt-d", {"block_size": 8}), ("blt-d", {"block_size": 4, "rule": "entropy"}),
                   ("blt-dv", {"block_size": 8}), ("blt-dv", {"block_size": "auto"})]
@@ -84,10 +80,7 @@ def test_long_calls_run_in_rounds(uncompiled):
 def test_the_tutorial_strategy_runs_unchanged():
     """The tutorial's third-party strategy, as docs/tutorial.md writes it, decodes on the static runner
     exactly as on eager, alone and batched."""
-    code = next(c for lang, c in re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
-                if c.startswith("# file: blt_rep_penalty.py"))
-    namespace: dict = {}
-    exec(compile(code, "tutorial.md", "exec"), namespace)
+    namespace = tutorial_plugin_namespace()
 
     class Plugin:
         register_strategies = staticmethod(namespace["register_strategies"])
