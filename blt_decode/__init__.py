@@ -4,7 +4,8 @@ Decoding strategies (autoregressive, BLT-S, BLT-D, BLT-DV, and yours) are pluggy
 compute backends. Start with :func:`generate`.
 """
 
-from blt_decode.api import Generation, Score, Stream, generate, generate_many, load_model, random_model, score, stream
+from blt_decode.api import (Generation, Score, Stream, generate, generate_many, load_model, random_model, score,
+                            score_many, stream)
 from blt_decode.checkpoint import save_model
 from blt_decode.engine import Engine, EngineStats, EngineStream
 from blt_decode.config import BLTConfig, TransformerConfig
@@ -37,6 +38,6 @@ __all__ = [
     "DecodeStats", "DuplicateNameError", "Engine", "EngineStats", "EngineStream", "ForwardPasses", "Generation",
     "InvalidOptionsError", "InvalidRequestError", "NonFiniteError", "PromptTooLongError", "Request", "Score", "Stream",
     "StrategyError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
-    "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score",
+    "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score", "score_many",
     "strategy_names", "stream",
 ]

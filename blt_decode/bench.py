@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from blt_decode import api, options, plugins, tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig, ffn_dim_for
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, install_hint
 from blt_decode.model import BLTModel, ParamCounts
 from blt_decode.prompt_sets import Prompt
 from blt_decode.stats import DecodeStats, ForwardPasses, bandwidth_gb
@@ -64,7 +64,8 @@ def sampling_key(options: dict[str, Any]) -> SamplingKey:
     return temperature, options.get("top_k"), options.get("top_p")
 
 
-def _is_ar_reference(spec: StrategySpec) -> bool:
+def is_ar_reference(spec: StrategySpec) -> bool:
+    """Is ``spec`` an autoregressive row that other rows can be compared with (KV-cached AR)?"""
     return spec.strategy == "autoregressive" and spec.options.get("cache", "kv") == "kv"
 
 
@@ -77,7 +78,7 @@ def with_ar_references(specs: Sequence[StrategySpec]) -> list[StrategySpec]:
     placed: set[SamplingKey] = set()
     for key, spec in [(GREEDY_KEY, None)] + [(sampling_key(s.options), s) for s in specs]:
         if key not in placed:
-            given = next((s for s in specs if _is_ar_reference(s) and sampling_key(s.options) == key), None)
+            given = next((s for s in specs if is_ar_reference(s) and sampling_key(s.options) == key), None)
             if given is None:
                 options = {} if key == GREEDY_KEY else {
                     name: value for name, value in zip(("temperature", "top_k", "top_p"), key) if value is not None}
@@ -301,8 +302,9 @@ def _matching_prefix(output: bytes, reference: bytes) -> float:
     return common / max(len(reference), 1)
 
 
-def _sum_passes(stats: Sequence[DecodeStats]) -> ForwardPasses:
-    return ForwardPasses(*(sum(getattr(s.passes, f) for s in stats) for f in ("patcher", "encoder", "global_", "decoder")))
+def sum_passes(passes: Sequence[ForwardPasses]) -> ForwardPasses:
+    """Forward passes of many generations added up, module by module."""
+    return ForwardPasses(*(sum(getattr(p, f) for p in passes) for f in ("patcher", "encoder", "global_", "decoder")))
 
 
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
@@ -356,11 +358,11 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
         bar.close()
         for index, spec in enumerate(specs):
             outputs, stats = runs[index]
-            passes = _sum_passes(stats)
+            passes = sum_passes([s.passes for s in stats])
             gb = sum(s.bandwidth_gb for s in stats)
             key = (backend, sampling_key(spec.options))
             new_bytes = sum(s.new_bytes for s in stats)
-            if key not in references and _is_ar_reference(spec):  # with_ar_references put it first
+            if key not in references and is_ar_reference(spec):  # with_ar_references put it first
                 references[key] = (spec.label, passes, gb, new_bytes, outputs)
             reference, ar_passes, ar_gb, ar_new_bytes, reference_outputs = references[key]
             sampled = key[1] != GREEDY_KEY and spec.label != reference
@@ -375,8 +377,8 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
             wall = statistics.median(walls[index])
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
-                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=_per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
-                projected_vs_ar={k: _per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
+                new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
+                projected_vs_ar={k: per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
                                  for k, pc in released.items()},
                 bytes_per_second=new_bytes / wall,
                 time_to_first_byte_s=statistics.median(ttfb) if ttfb else None,
@@ -401,7 +403,7 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                        throughput, line)
 
 
-def _per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
+def per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
     """Cost per committed byte relative to the AR reference's: rows that stop early (EOS, a stop sequence,
     different sampled text) are not made to look cheaper by writing less. None when either wrote nothing."""
     if not new_bytes or not ar_new_bytes or not ar_cost:
@@ -452,7 +454,23 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(result: BenchResult) -> str:
+#: the compact table's columns (the full table, ``bench --full`` and the JSON, has every figure)
+COMPACT_HEAD = ("| strategy | backend | encoder | global | decoder | vs AR | bytes/s | first byte ms | acceptance "
+                "| exact = AR | chrF |")
+
+
+def markdown(result: BenchResult, *, full: bool = False) -> str:
+    """The result as Markdown: a compact table that fits a terminal (passes that decide the cost, the
+    Eq. 8 ratio to AR, speed, acceptance, quality) and the notes; ``full``: every column."""
+    if not full:
+        lines = [COMPACT_HEAD, "|" + "---|" * (COMPACT_HEAD.count("|") - 1)]
+        for r in result.rows:
+            ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
+            lines.append(f"| {r.label} | {r.backend} | {r.passes.encoder} | {r.passes.global_} | {r.passes.decoder} "
+                         f"| {_fmt(r.bandwidth_vs_ar, '.3f')} | {r.bytes_per_second:.1f} | {_fmt(ttfb, '.1f')} "
+                         f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} |")
+        return "\n".join(lines) + "\n\n" + _notes(result) + "(--full shows every column: projections to BLT-1B/3B, " \
+            "decode bytes/s, blocks, bits/byte, ...)\n" + _throughput(result)
     proj = list(result.rows[0].projected_vs_ar) if result.rows else []
     head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
@@ -469,6 +487,14 @@ def markdown(result: BenchResult) -> str:
               f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
               f"| {r.bits_per_byte_under_ar:.3f} | {_fmt(r.weight_gb_per_second, '.3g')} |"
         )
+    return "\n".join(lines) + "\n\n" + _notes(result) + _throughput(result)
+
+
+def _throughput(result: BenchResult) -> str:
+    return "\n" + throughput_markdown(result.throughput) if result.throughput else ""
+
+
+def _notes(result: BenchResult) -> str:
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
              + ", ".join(f"{k} {v:.1f}" for k, v in result.warmup_s.items())]
@@ -491,10 +517,7 @@ def markdown(result: BenchResult) -> str:
         notes.append(note)
     elif result.hf_note:
         notes.append(f"transformers comparison not run: {result.hf_note}")
-    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-    if result.throughput:
-        text += "\n" + throughput_markdown(result.throughput)
-    return text
+    return "\n".join(notes) + "\n"
 
 
 def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
@@ -513,7 +536,7 @@ def require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise BLTDecodeError("--plot needs matplotlib: pip install 'blt-decode[bench]'")
+        raise BLTDecodeError(f"--plot needs matplotlib: {install_hint('bench')}")
 
 
 def plot(result: BenchResult, path: str | Path) -> None:

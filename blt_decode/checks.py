@@ -8,9 +8,10 @@ its fields its own way (``option 'k'``, ``--lr``, ``encoder.dim``).
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 
 def is_int(value: Any) -> bool:
@@ -50,3 +51,20 @@ def show(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, so that a refused value cannot flood the message."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def int_argument(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a decimal integer in ``least..most`` (no upper bound for None); anything else
+    is argparse's one-line usage error, before any work starts."""
+    allowed = f"an integer >= {least}" if most is None else f"an integer in {least}..{most}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {value}")
+        return value
+
+    return parse

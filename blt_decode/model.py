@@ -15,15 +15,14 @@ from typing import Sequence
 
 import attrs
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from blt_decode.cache import KVCache, RowLayout
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.hashing import hash_table_ids, hash_table_ids_of_windows
-from blt_decode.layers import CrossAttention, RMSNorm, TransformerStack, apply_rope, causal_mask, rope_tables
+from blt_decode.layers import CrossAttention, RMSNorm, TransformerStack
 from blt_decode.patcher import Patcher, entropy_of_logits
-from blt_decode.tokenizer import BOE_ID, PAD_ID
+from blt_decode.tokenizer import BOE_ID
 
 #: The [MASK] id of block diffusion: BOE, which generation never emits and nothing else uses.
 MASK_ID = BOE_ID
@@ -279,7 +278,8 @@ def init_weights(model: BLTModel, generator: torch.Generator) -> BLTModel:
 # s holds the ids of bytes s..s+B-1, some replaced by [MASK] (BOE_ID); the decoder reads it through the
 # local encoder's byte embedding (no hash n-grams, no encoder layers), at rotary positions s..s+B-1; it
 # sees clean positions < s (within the decoder's sliding window) and its own block, nothing else; it
-# cross-attends to latent_index(starts, s - 1); the logits at s+i predict the byte AT s+i.
+# cross-attends to latent_index(starts, s - 1); the logits at s+i predict the byte AT s+i. The training
+# forward over many blocks at once is blt_decode/training/diffusion.py.
 
 
 def block_latent_index(starts: Sequence[int], block_start: int) -> int:
@@ -301,200 +301,3 @@ def block_rows_mask(block_start: int, block_size: int, kv_clean: int, window: in
     if window is not None:
         clean = clean & ((q - k) < window)
     return torch.cat([clean, torch.ones(block_size, block_size, dtype=torch.bool, device=device)], dim=1)
-
-
-def block_attention_mask(clean_len: int, blocks: Sequence[tuple[int, int]], window: int | None, *,
-                         total: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean [L, L] self-attention mask of the training layout: ``clean_len`` clean positions followed
-    by the blocks ``(start, size)`` one after another, then padding up to ``total`` rows (L = total).
-
-    Clean rows are causal (sliding window); block rows see clean positions before their start (window
-    measured from the block position's original byte position) and their own block, never another
-    block; padding rows see only themselves (so no row is empty). Clean rows never see a block.
-    """
-    n_block = sum(size for _, size in blocks)
-    length = clean_len + n_block if total is None else total
-    if length < clean_len + n_block:
-        raise ValueError(f"total {total} is shorter than the layout ({clean_len} clean + {n_block} block positions)")
-    qpos = torch.zeros(length, dtype=torch.long)
-    limit = torch.zeros(length, dtype=torch.long)  # clean keys j < limit are visible (before the window)
-    group = -torch.arange(2, length + 2)  # unique negatives: padding rows form their own group
-    qpos[:clean_len] = torch.arange(clean_len)
-    limit[:clean_len] = torch.arange(1, clean_len + 1)
-    group[:clean_len] = -1
-    row = clean_len
-    for index, (start, size) in enumerate(blocks):
-        if not 0 < start <= clean_len:
-            raise ValueError(f"block start {start} outside 1..{clean_len}")
-        qpos[row : row + size] = torch.arange(start, start + size)
-        limit[row : row + size] = start
-        group[row : row + size] = index
-        row += size
-    k = torch.arange(clean_len)
-    clean = k[None, :] < limit[:, None]
-    if window is not None:
-        clean &= (qpos[:, None] - k[None, :]) < window
-    same = group[:, None] == group[None, clean_len:]
-    return torch.cat([clean, same], dim=1).to(device)
-
-
-@attrs.frozen
-class DiffusionOutput:
-    clean_logits: torch.Tensor  #: [N, T, vocab]: next-byte logits of the clean sequence
-    block_logits: torch.Tensor  #: [N, nb * B, vocab]: logits of the byte AT each block position
-    layout: PatchLayout
-
-
-def _block_layer(layer: nn.Module, h: torch.Tensor, t: int, block_size: int, rope: tuple[torch.Tensor, torch.Tensor],
-                 clean_mask: torch.Tensor, block_clean_mask: torch.Tensor) -> torch.Tensor:
-    """One decoder block over [clean ; blocks] without materialising the full [L, L] attention.
-
-    Equivalent to ``layer(h, rope, block_attention_mask(...))``: clean queries attend causally to clean
-    keys (``clean_mask`` [T, T]); each block's queries attend to clean keys (``block_clean_mask``
-    [N, nb*B, T]) and to their own block's keys, one softmax over both.
-    """
-    attn = layer.attention
-    n, length, _ = h.shape
-    nb = (length - t) // block_size
-    x = layer.attention_norm(h)
-    q = attn.wq(x).view(n, length, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.wk(x).view(n, length, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.wv(x).view(n, length, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if attn.n_kv_heads != attn.n_heads:
-        rep = attn.n_heads // attn.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    qc, kc, vc = q[:, :, :t], k[:, :, :t], v[:, :, :t]
-    out_clean = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=clean_mask)
-    scale = attn.head_dim ** -0.5
-    qb = q[:, :, t:]
-    heads = attn.n_heads
-    s_clean = (qb @ kc.transpose(-1, -2)) * scale  # [N, H, nb*B, T]
-    s_clean = s_clean.masked_fill(~block_clean_mask[:, None], float("-inf"))
-    qb4 = qb.reshape(n, heads, nb, block_size, -1)
-    kb4 = k[:, :, t:].reshape(n, heads, nb, block_size, -1)
-    vb4 = v[:, :, t:].reshape(n, heads, nb, block_size, -1)
-    s_block = (qb4 @ kb4.transpose(-1, -2)) * scale  # [N, H, nb, B, B]
-    scores = torch.cat([s_clean, s_block.reshape(n, heads, nb * block_size, block_size)], -1)
-    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1)
-    weights = weights.to(q.dtype)
-    w_clean, w_block = weights[..., :t], weights[..., t:].reshape(n, heads, nb, block_size, block_size)
-    out_block = w_clean @ vc + (w_block @ vb4).reshape(n, heads, nb * block_size, -1)
-    out = torch.cat([out_clean, out_block], dim=2).transpose(1, 2).reshape(n, length, -1)
-    h = h + attn.wo(out)
-    return h + layer.feed_forward(layer.ffn_norm(h))
-
-
-def _latent_cross_attention(cross: CrossAttention, h: torch.Tensor, slots: torch.Tensor, lat_index: torch.Tensor) -> torch.Tensor:
-    """``cross(h, slots of the latent each position reads)`` for h [N, L, d], slots [N, P, k, d] and
-    lat_index [N, L]: keys and values are computed once per latent and gathered, not once per position.
-    Returns ``wo(attn) + h`` like :class:`~blt_decode.layers.CrossAttention` (the caller adds h again)."""
-    n, length, dim = h.shape
-    heads, hd = cross.n_heads, cross.head_dim
-    k_slots = slots.shape[2]
-    kvn = cross.cross_attn_norm_kv(slots)
-    keys, values = cross.wk(kvn), cross.wv(kvn)  # [N, P, k, d]
-    gather = lat_index[:, :, None, None].expand(-1, -1, k_slots, dim)
-    keys = keys.gather(1, gather).view(n, length, k_slots, heads, hd)
-    values = values.gather(1, gather).view(n, length, k_slots, heads, hd)
-    q = cross.wq(cross.cross_attn_norm_q(h)).view(n, length, heads, hd)
-    scores = torch.einsum("nlhd,nlkhd->nlhk", q, keys) * hd ** -0.5
-    weights = torch.softmax(scores, dim=-1)
-    out = torch.einsum("nlhk,nlkhd->nlhd", weights, values).reshape(n, length, dim)
-    return cross.wo(out) + h
-
-
-def block_input_ids(block_starts: Sequence[int], block_size: int, ids: Sequence[int]) -> list[int]:
-    """Clean block contents (PAD past the end) for ``block_starts`` of one sequence, concatenated."""
-    out = []
-    for s in block_starts:
-        chunk = list(ids[s : s + block_size])
-        out.extend(chunk + [PAD_ID] * (block_size - len(chunk)))
-    return out
-
-
-def diffusion_forward(model: BLTModel, ids: torch.Tensor, block_starts: Sequence[Sequence[int]], block_size: int,
-                      block_ids: torch.Tensor, layout: PatchLayout | None = None, *,
-                      checkpoint_decoder: bool = False) -> DiffusionOutput:
-    """The BLT-D training forward over a batch: the clean sequence ``ids`` ([N, T], BOS first) through
-    encoder, global model and decoder, plus corrupted blocks through the decoder only.
-
-    ``block_starts[r]`` lists row r's block starts (patch starts, > 0); every block has ``block_size``
-    positions; ``block_ids`` ([N, nb * B], nb = the most blocks of any row) holds each row's noisy block
-    ids one block after another (rows with fewer blocks are padded with whole PAD blocks, which attend
-    only to themselves). The layout (patch starts) is computed if not given. The attention pattern is
-    :func:`block_attention_mask`'s; it is evaluated blockwise instead of as one [L, L] mask.
-    ``checkpoint_decoder`` recomputes each decoder layer in the backward pass instead of keeping its
-    activations (training memory; the decoder runs over the clean bytes *and* the blocks).
-    """
-    n, t = ids.shape
-    device = ids.device
-    layout = layout or model.patch_layout(ids)
-    cfg = model.config
-    nb = max((len(b) for b in block_starts), default=0)
-    if block_ids.shape != (n, nb * block_size):
-        raise ValueError(f"block_ids has shape {tuple(block_ids.shape)}, expected {(n, nb * block_size)}")
-    byte_states = model.local_encoder(model.embed(ids))  # [N, T, d]
-    dim = byte_states.shape[-1]
-
-    # patch vectors of every row in one summarize call
-    spans = torch.tensor([(r, s, e) for r, starts in enumerate(layout.starts) for s, e in zip(starts[:-1], starts[1:])])
-    lengths = spans[:, 2] - spans[:, 1]
-    offsets = torch.arange(int(lengths.max()))
-    valid = offsets[None, :] < lengths[:, None]
-    index = torch.where(valid, (spans[:, 0] * t + spans[:, 1])[:, None] + offsets[None, :], 0)
-    index, valid = index.to(device), valid.to(device)
-    vectors = model.local_encoder.summarize(byte_states.reshape(n * t, dim)[index], valid)
-    n_patches = max(len(s) - 1 for s in layout.starts)
-    rows = spans[:, 0].to(device)
-    cols = torch.tensor([j for starts in layout.starts for j in range(len(starts) - 1)], device=device)
-    patch_vectors = vectors.new_zeros(n, n_patches, vectors.shape[-1]).index_put((rows, cols), vectors)
-    latents = model.global_transformer(patch_vectors)  # [N, P, global_dim]
-
-    # decoder layout: clean positions, then the blocks; per-row positions and latents
-    lb = nb * block_size
-    length = t + lb
-    positions = torch.zeros(n, length, dtype=torch.long)
-    lat_index = torch.zeros(n, length, dtype=torch.long)
-    limit = torch.zeros(n, lb, dtype=torch.long)  # block position sees clean keys j < its block's start
-    offsets = torch.arange(block_size)
-    for r, starts in enumerate(layout.starts):
-        starts_t = torch.tensor(starts)
-        positions[r, :t] = torch.arange(t)
-        lat_index[r, :t] = torch.searchsorted(starts_t, torch.arange(1, t + 1), right=True) - 2
-        row_starts = torch.tensor(list(block_starts[r]), dtype=torch.long)
-        if len(row_starts) == 0:
-            continue
-        if not bool(((row_starts > 0) & (row_starts < t)).all()):
-            raise ValueError(f"row {r}: block starts {list(block_starts[r])} outside 1..{t - 1}")
-        nr = len(row_starts) * block_size
-        positions[r, t : t + nr] = (row_starts[:, None] + offsets[None, :]).flatten()
-        # block_latent_index(starts, s) = latent_index(starts, s - 1), vectorised
-        lat_index[r, t : t + nr] = (torch.searchsorted(starts_t, row_starts, right=True) - 2).repeat_interleave(block_size)
-        limit[r, :nr] = row_starts.repeat_interleave(block_size)
-    window = cfg.decoder.sliding_window
-    keys = torch.arange(t)
-    block_clean_mask = keys[None, None, :] < limit[:, :, None]
-    if window is not None:
-        block_clean_mask &= (positions[:, t:, None] - keys[None, None, :]) < window
-    clean_mask = causal_mask(0, t, t, window, device)
-    positions, lat_index, block_clean_mask = positions.to(device), lat_index.to(device), block_clean_mask.to(device)
-
-    decoder = model.local_decoder
-    h = torch.cat([byte_states, model.local_encoder.tok_embeddings(block_ids).to(byte_states.dtype)], dim=1)
-    # project each latent once (a row-wise map: the same as projecting it at every position reading it)
-    slots = decoder.patch_embedding_projection(latents).view(n, latents.shape[1], decoder.k, dim)
-    cos, sin = rope_tables(positions.reshape(-1), decoder.cfg.head_dim, decoder.cfg.rope_theta, h.dtype)
-    rope = (cos.view(n, 1, length, -1), sin.view(n, 1, length, -1))
-    def decoder_layer(i: int, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        if i < len(decoder.cross_attn_layers):
-            h = h + _latent_cross_attention(decoder.cross_attn_layers[i], h, slots, lat_index)
-        return _block_layer(decoder.layers[i], h, t, block_size, rope, clean_mask, block_clean_mask)
-
-    for i in range(len(decoder.layers)):
-        if checkpoint_decoder and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(decoder_layer, i, h, slots, use_reentrant=False)
-        else:
-            h = decoder_layer(i, h, slots)
-    logits = decoder.output(decoder.norm(h))
-    return DiffusionOutput(logits[:, :t], logits[:, t:], layout)

@@ -220,14 +220,20 @@ def _guess(text: str) -> Any:
 def parse_option_strings(strategy: Any, pairs: Sequence[str], *, separator: str = "=") -> dict[str, Any]:
     """``["k=8", "temperature=0.7"]`` → ``{"k": 8, "temperature": 0.7}`` using the strategy's declared
     option types. Unknown keys are kept (as strings) so that :func:`make_options` reports them with the
-    list of valid options; malformed pairs and unparsable values raise :class:`InvalidOptionsError`."""
+    list of valid options; malformed pairs, a key given twice and unparsable values raise
+    :class:`InvalidOptionsError`."""
     declared = option_types(strategy.Options)
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition(separator)
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise InvalidOptionsError(f"option {pair!r} of strategy {strategy.name!r} is not key{separator}value")
+        if key in given:  # taking the last one silently would hide a typo or a conflict
+            raise InvalidOptionsError(f"option {key!r} of strategy {strategy.name!r} is given twice ({given[key]!r}, "
+                                      f"{pair!r}); give it once")
+        given[key] = pair
         if key not in declared:
             out[key] = value
             continue

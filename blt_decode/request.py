@@ -16,13 +16,17 @@ import attrs
 
 from blt_decode import options as options_mod
 from blt_decode import plugins, tokenizer
-from blt_decode.checks import is_int
+from blt_decode.checks import is_int, show
 from blt_decode.errors import InvalidRequestError, PromptTooLongError
 
 #: new bytes generated when a caller does not say
 DEFAULT_MAX_NEW_BYTES = 256
 #: seeds accepted by torch.Generator.manual_seed
 MAX_SEED = 2**64 - 1
+#: most stop sequences in one request, and most bytes in one (OpenAI allows 4; a stop list is matched in
+#: time linear in the output whatever its size, but building its matcher is linear in its total length)
+MAX_STOP_SEQUENCES = 32
+MAX_STOP_BYTES = 256
 
 
 @attrs.frozen
@@ -71,13 +75,17 @@ def stop_sequences(stop: Any) -> tuple[bytes, ...]:
         stop = [stop]
     if not isinstance(stop, (list, tuple)):
         raise InvalidRequestError(f"stop must be a str, bytes, or a list of them, got {type(stop).__name__}")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(f"stop holds {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
     out = []
-    for s in stop:
+    for index, s in enumerate(stop):
         if not isinstance(s, (str, bytes, bytearray)):
-            raise InvalidRequestError(f"each stop sequence must be str or bytes, got {type(s).__name__}: {s!r}")
+            raise InvalidRequestError(f"each stop sequence must be str or bytes, got {type(s).__name__}: {show(s)}")
         data = tokenizer.to_bytes(s)
         if not data:
             raise InvalidRequestError("stop sequences must not be empty")
+        if len(data) > MAX_STOP_BYTES:
+            raise InvalidRequestError(f"stop sequence {index} is {len(data)} bytes long; at most {MAX_STOP_BYTES} bytes are allowed")
         out.append(data)
     return tuple(out)
 
@@ -86,6 +94,13 @@ def check_max_new_bytes(value: Any) -> int:
     """``value`` if it is a valid ``max_new_bytes`` (an int >= 0, not a bool), else InvalidRequestError."""
     if not is_int(value) or value < 0:
         raise InvalidRequestError(f"max_new_bytes must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (not 1, "yes" or None), else InvalidRequestError naming ``name``."""
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be True or False, got {show(value)}")
     return value
 
 
@@ -107,6 +122,9 @@ def prepare(request: Request, max_seqlen: int) -> PreparedRequest:
     opts = options_mod.make_options(strategy, dict(request.options))
     prompt = prompt_bytes(request.prompt)
     max_new = check_max_new_bytes(request.max_new_bytes)
+    if max_new > max_seqlen - 1:  # more than any prompt leaves room for: name max_new_bytes, not the prompt
+        raise InvalidRequestError(f"max_new_bytes={max_new} exceeds the model's limit: at most {max_seqlen - 1} new "
+                                  f"bytes (max_seqlen {max_seqlen} positions, BOS included), fewer after a prompt")
     if len(prompt) + 1 + max_new > max_seqlen:
         raise PromptTooLongError(
             f"prompt of {len(prompt)} bytes + BOS + max_new_bytes={max_new} exceeds the model's limit of "

@@ -48,6 +48,8 @@ class DecodeStats:
     wall_time_s: float
     #: "eos", "stop_sequence", "max_new_bytes" or "exhausted" (the strategy ended on its own)
     stop_reason: str
+    #: the seed of the random draws (given, or drawn from the operating system); None when decoding drew
+    #: no random numbers (greedy decoding), so that a greedy run does not report a seed that did nothing
     seed: int | None = None
     drafted_bytes: int = 0
     accepted_bytes: int = 0
@@ -116,3 +118,48 @@ class StatsRecorder:
 
     def passes(self) -> ForwardPasses:
         return ForwardPasses(self.patcher, self.encoder, self.global_, self.decoder)
+
+
+def autoregressive_passes(model: Any, prompt: bytes, output: bytes, tokens: int) -> ForwardPasses:
+    """The forward passes autoregressive decoding makes to commit the same ``tokens`` (``output`` and
+    the EOS, if one ended it) after ``prompt``: a prefill and one step per token but the last, each
+    through the patcher, encoder and decoder; the global model at the prefill and at every step whose
+    byte starts a patch. Patching is causal, so one patch layout of the whole sequence tells where."""
+    import torch
+
+    from blt_decode import tokenizer
+
+    if tokens == 0:
+        return ForwardPasses()
+    prompt_ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids + tokenizer.encode(output, add_bos=False)], device=model.device)
+        starts = model.patch_layout(ids).starts[0]
+    start, end = len(prompt_ids), len(prompt_ids) + tokens - 1  # the prefill's length, the last step's
+    global_ = int(sum(1 for s in starts if s <= start) > 1) + sum(1 for s in starts if start < s <= end)
+    return ForwardPasses(tokens if model.patcher.uses_entropy else 0, tokens, global_, tokens)
+
+
+def summary(stats: DecodeStats, reference: ForwardPasses | None = None) -> list[str]:
+    """Two short lines on what a generation did, in the manner of llama.cpp's and vLLM's timing lines:
+    bytes, time and speed; forward passes per module and the Eq. 8 weight traffic, against the
+    ``reference`` passes (autoregressive decoding of the same bytes, :func:`autoregressive_passes`) when
+    given; what speculation or diffusion added (acceptance, blocks)."""
+    rate = f"{stats.bytes_per_second:.1f} bytes/s" if stats.wall_time_s > 0 else "-"
+    first = ""
+    if stats.time_to_first_byte_s is not None:
+        first = f" (first byte after {1000 * stats.time_to_first_byte_s:.0f} ms"
+        first += f", then {stats.decode_bytes_per_second:.1f} bytes/s)" if stats.decode_bytes_per_second else ")"
+    seed = f", seed {stats.seed}" if stats.seed is not None else ""
+    timing = f"{stats.new_bytes} bytes in {stats.wall_time_s:.2f} s = {rate}{first}; stopped by {stats.stop_reason}{seed}"
+    p = stats.passes
+    work = (f"forward passes: patcher {p.patcher}, encoder {p.encoder}, global {p.global_}, decoder {p.decoder}; "
+            f"Eq. 8 weights read {stats.bandwidth_gb:.4g} GB")
+    ar = bandwidth_gb(reference, stats.params) if reference is not None else 0.0
+    if ar > 0:
+        work += f" = {stats.bandwidth_gb / ar:.2f}x what AR reads for these bytes ({ar:.4g} GB)"
+    if stats.acceptance_rate is not None:
+        work += f"; accepted {stats.accepted_bytes}/{stats.drafted_bytes} drafted bytes ({stats.acceptance_rate:.2f})"
+    if stats.blocks:
+        work += f"; {stats.blocks} blocks, {stats.new_bytes / stats.blocks:.1f} bytes and {p.decoder / stats.blocks:.1f} decoder passes each"
+    return [timing, work]

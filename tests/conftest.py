@@ -8,10 +8,12 @@ from hypothesis import HealthCheck, settings
 torch.set_num_threads(1)
 
 # "ci": bounded examples, no deadline (shared, noisy machines); "dev": more examples; "thorough": 500.
+# "ci" is the default, so the README's test command is bounded with or without CI=true; the others are
+# asked for by name (HYPOTHESIS_PROFILE=dev or thorough).
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 import sys  # noqa: E402
@@ -43,3 +45,29 @@ def installed_plugin(tmp_path, monkeypatch):
     plugins.reset()
     for module in added:
         sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def address_space_limit():
+    """``with address_space_limit(headroom):`` lets this process map at most ``headroom`` more bytes
+    (RLIMIT_AS): an allocation past it fails in the real allocator, as under memory pressure, without
+    touching any memory. Linux only (skipped elsewhere)."""
+    import contextlib
+    import resource
+    from pathlib import Path
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs Linux's /proc to measure the address space")
+
+    @contextlib.contextmanager
+    def limit(headroom: int):
+        size = int(status.read_text().split("VmSize:")[1].split()[0]) * 1024
+        before = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (size + headroom, before[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, before)
+
+    return limit

@@ -6,9 +6,11 @@ import random
 import attrs
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import decoding, options, plugins, tokenizer
+from blt_decode import decoding, options, plugins, testing, tokenizer
 from blt_decode.errors import InvalidOptionsError, InvalidRequestError, NonFiniteError, StrategyError
 
 
@@ -231,3 +233,96 @@ def test_a_broken_default_model_says_what_is_wrong(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(bd.UnknownModelError, match="no trained default model"):
         bd.load_model("default")
+
+
+# -- what a call may ask for -----------------------------------------------------------------------------
+def test_generate_many_refuses_a_bare_prompt_and_call_level_arguments_beside_requests(tiny):
+    """A str is one prompt, not a list of one-byte prompts; call-level decoding arguments would apply
+    to the plain prompts and not to Requests, so giving both is an error (and nothing is decoded)."""
+    for bare in ("abc", b"abc"):
+        with pytest.raises(InvalidRequestError, match=r"prompts must be a list of prompts, got one .*write \[prompt\]"):
+            bd.generate_many(tiny, bare)
+    requests = [bd.Request("a", max_new_bytes=4), "b"]
+    for kwargs, named in (({"max_new_bytes": 40}, "max_new_bytes"), ({"strategy": "blt-s"}, "strategy"),
+                          ({"temperature": 0.5}, "temperature"), ({"seed": 3, "stop": "x"}, "seed, stop")):
+        with pytest.raises(InvalidRequestError, match=f"call-level {named}"):
+            bd.generate_many(tiny, requests, **kwargs)
+    # plain prompts take the call's arguments; Requests keep their own; both mix without call-level ones
+    plain = bd.generate_many(tiny, ["a", "b"], max_new_bytes=6, strategy="blt-s", k=2)
+    assert [g.output for g in plain] == [bd.generate(tiny, p, max_new_bytes=6, strategy="blt-s", k=2).output for p in "ab"]
+    mixed = bd.generate_many(tiny, requests)
+    assert [len(g.output) for g in mixed] == [4, len(bd.generate(tiny, "b").output)]
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: bd.generate(m, "a", max_new_bytes=4, trace="yes"),
+    lambda m: bd.stream(m, "a", max_new_bytes=4, trace=1),
+    lambda m: bd.Engine(m).submit("a", max_new_bytes=4, trace="no"),
+    lambda m: bd.generate_many(m, ["a"], max_new_bytes=4, progress="yes"),
+])
+def test_flags_must_be_booleans(tiny, call):
+    with pytest.raises(InvalidRequestError, match="must be True or False, got"):
+        call(tiny)
+
+
+def test_an_option_given_twice_is_refused_not_overwritten():
+    """`-o k=4 -o k=8` (and bench's `blt-s:k=4+k=8`) silently took the last value; the server refuses the
+    same conflict (temperature in the body and in strategy_options)."""
+    strategy = plugins.get_strategy("blt-s")
+    with pytest.raises(InvalidOptionsError, match=r"option 'k' of strategy 'blt-s' is given twice \('k=4', 'k=8'\)"):
+        options.parse_option_strings(strategy, ["k=4", "temperature=0.5", "k=8"])
+    assert options.parse_option_strings(strategy, ["k=4", "temperature=0.5"]) == {"k": 4, "temperature": 0.5}
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("n_layers", 100_000, "n_layers must be an integer in 0..1024, got 100000"),
+    ("dim", 10**7, "dim must be an integer in 1..65536"),
+    ("ffn_dim", 10**9, "ffn_dim must be an integer in 1..262144"),
+])
+def test_model_config_sizes_have_upper_bounds(field, value, words):
+    from blt_decode.config import TransformerConfig
+    from blt_decode.errors import ConfigError
+
+    fields = {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, field: value}
+    with pytest.raises(ConfigError, match=words):
+        TransformerConfig(**fields)
+
+
+def test_max_seqlen_has_an_upper_bound_in_every_layout():
+    from blt_decode.config import PRESETS, BLTConfig
+    from blt_decode.errors import ConfigError
+
+    data = PRESETS["tiny"].to_dict()
+    with pytest.raises(ConfigError, match=r"max_seqlen must be an integer in 1\.\.1048576, got 1000000000000"):
+        BLTConfig.from_dict({**data, "max_seqlen": 10**12})
+    with pytest.raises(ConfigError, match=r"encoder_hash_byte_group_size must be a list of integers in 1\.\.64 \(at most 64 of them\)"):
+        BLTConfig.from_dict({**data, "encoder_hash_byte_group_size": [3, 100000]})
+
+
+def test_greedy_runs_report_no_seed_and_sampled_runs_the_seed_they_used(tiny):
+    """A seed is reported only when the decoding drew random numbers with it (a greedy run used to
+    report a random one, as if it mattered)."""
+    for strategy, opts in (("autoregressive", {}), ("blt-s", {"k": 4}), ("blt-d", {"block_size": 4}), ("blt-dv", {})):
+        assert bd.generate(tiny, "ab", strategy=strategy, max_new_bytes=12, **opts).stats.seed is None, strategy
+        assert bd.generate(tiny, "ab", strategy=strategy, max_new_bytes=12, seed=5, **opts).stats.seed is None, strategy
+    drawn = bd.generate(tiny, "ab", max_new_bytes=12, temperature=0.9).stats.seed
+    assert drawn is not None
+    again = bd.generate(tiny, "ab", max_new_bytes=12, temperature=0.9, seed=drawn)
+    assert again.stats.seed == drawn and again.output == bd.generate(tiny, "ab", max_new_bytes=12, temperature=0.9, seed=drawn).output
+    assert bd.generate(tiny, "ab", strategy="blt-s", max_new_bytes=12, temperature=0.9, seed=7).stats.seed == 7
+
+
+@given(model=testing.tiny_models(), prompt=testing.prompts(max_size=12), n=st.integers(0, 30), sampled=st.booleans())
+def test_the_autoregressive_reference_counts_what_ar_does(model, prompt, n, sampled):
+    """stats.autoregressive_passes (what `generate`'s summary compares with) predicts AR's passes exactly,
+    for entropy and static patching, greedy and sampled, whatever ends the output; BLT-S greedy commits
+    AR's bytes, so its reference is the AR run's passes."""
+    from blt_decode.stats import autoregressive_passes
+
+    opts = {"temperature": 1.0, "seed": 2} if sampled else {}
+    ar = bd.generate(model, prompt, max_new_bytes=n, **opts)
+    assert autoregressive_passes(model, prompt, ar.output, ar.stats.new_tokens) == ar.stats.passes
+    if not sampled:
+        spec = bd.generate(model, prompt, strategy="blt-s", k=4, max_new_bytes=n)
+        assert spec.output == ar.output
+        assert autoregressive_passes(model, prompt, spec.output, spec.stats.new_tokens) == ar.stats.passes

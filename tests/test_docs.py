@@ -149,7 +149,7 @@ def test_tutorial_as_a_user_runs_it(tmp_path):
 
 
 #: pages whose Python examples run as written (tiny random models; no files, no network)
-EXAMPLE_PAGES = ("engine.md", "../README.md")
+EXAMPLE_PAGES = ("engine.md", "evaluation.md", "../README.md")
 
 
 @pytest.mark.parametrize("page", EXAMPLE_PAGES)

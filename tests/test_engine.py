@@ -1,6 +1,7 @@
 """The batched engine: every request decodes exactly as it would alone, whatever else is in the batch."""
 
 import re
+import time
 from pathlib import Path
 
 import attrs
@@ -327,3 +328,63 @@ def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():
         assert got[-1] is None and None not in got[:-1] and b"".join(got[:-1]) == s.output
     assert done_when_told == [True, True]
     assert other.result().output == bd.generate(model, "x", strategy="blt-s", max_new_bytes=12).output
+
+
+# -- admission: sizes checked up front, a failure to admit one request fails that request alone -----------
+def _long_model(max_seqlen: int = 1 << 17):
+    """The tiny random model allowed long sequences (its decode state grows with them)."""
+    from blt_decode.config import PRESETS
+
+    return bd.random_model(attrs.evolve(PRESETS["tiny"], max_seqlen=max_seqlen))
+
+
+def _ended(stream, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stream.done:
+        assert time.monotonic() < deadline, "the request never ended (the engine lost it)"
+        time.sleep(0.02)
+
+
+def test_sizes_are_checked_before_anything_is_queued():
+    model = _long_model(1 << 20)
+    with pytest.raises(EngineError, match=r"max_batch must be an integer in 1\.\.4096, got 5000"):
+        Engine(model, max_batch=5000)
+    with pytest.raises(EngineError, match="max_batch must be an integer in"):
+        bd.generate_many(model, [b"a"], batch_size=10**9)
+    engine = Engine(model, max_batch=4096)  # 4096 slots of 256 positions fit; a million positions each do not
+    with pytest.raises(EngineError, match=r"decode state for 4096 slots x 1000192 positions would take .* GiB, more "
+                                          r"than the .* GiB free on cpu; lower max_new_bytes or max_batch"):
+        engine.submit(b"a", max_new_bytes=1_000_000)
+    assert engine.idle and engine.state is None  # nothing queued, nothing allocated
+    assert engine.submit(b"a", max_new_bytes=4).result().output == bd.generate(model, b"a", max_new_bytes=4).output
+
+
+def test_a_request_that_cannot_be_admitted_fails_alone_and_the_engine_serves_on(caplog, address_space_limit):
+    """Memory runs out while a request is admitted (its state passes the up-front check, then the real
+    allocation fails: here an address-space limit, as a container's or a busy machine's would): that
+    request fails with a clear, logged error; the engine's thread runs on, serving the others and later
+    submits. It used to crash the engine's thread, lose the request being admitted (its waiter hung
+    forever) and fail everything after."""
+    model = _long_model()
+    big_new_bytes = 33_000  # a state of 16 slots x 33024 positions: about 2 GiB
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    if available < 3 << 30:
+        pytest.skip("needs 3 GiB of free memory for the up-front check to let the big request through")
+    engine = Engine(model, max_batch=16).start()
+    try:
+        assert engine.submit(b"warm", max_new_bytes=4).result().output  # the first (small) state is allocated
+        with caplog.at_level("ERROR", logger="blt_decode.engine"), address_space_limit(512 << 20):
+            big = engine.submit(b"big", max_new_bytes=big_new_bytes)
+            small = engine.submit(b"small", max_new_bytes=12)
+            _ended(big)
+            _ended(small)
+        with pytest.raises(EngineError, match=r"could not admit the request \(33[0-9]+ positions, engine state 16 "
+                                              r"slots\): RuntimeError: .*can't allocate memory"):
+            big.result()
+        assert small.result().output == bd.generate(model, b"small", max_new_bytes=12).output
+        assert "could not admit the request" in caplog.text
+        assert engine.running
+        assert engine.submit(b"later", max_new_bytes=8).result().output == bd.generate(model, b"later", max_new_bytes=8).output
+    finally:
+        engine.stop()

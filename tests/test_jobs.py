@@ -110,14 +110,46 @@ def test_an_output_file_that_is_not_ours_is_left_alone(tmp_path, text):
     assert out.read_text() == text
 
 
+def _failed(ident: str) -> str:
+    return json.dumps(jobs.result_record(ident, None, None, RuntimeError("boom")))
+
+
 def test_an_unfinished_last_line_is_dropped_or_completed(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "a"}\n{"id": "b", "outp')  # torn mid-write: dropped, "b" runs again
-    assert jobs.finished_ids(out) == {"a"} and out.read_text() == '{"id": "a"}\n'
-    out.write_text('{"id": "a"}\n{"id": "b"}')  # a whole record without its newline: completed
+    out.write_text(f'{_failed("a")}\n{_failed("b")[:12]}')  # torn mid-write: dropped, "b" runs again
+    assert jobs.finished_ids(out) == {"a"} and out.read_text() == f'{_failed("a")}\n'
+    out.write_text(f'{_failed("a")}\n{_failed("b")}')  # a whole record without its newline: completed
     assert jobs.finished_ids(out) == {"a", "b"}
-    jobs.append_records(out, [{"id": "c"}])
-    assert out.read_text().splitlines() == ['{"id": "a"}', '{"id": "b"}', '{"id": "c"}']
+    jobs.append_records(out, [json.loads(_failed("c"))])
+    assert out.read_text().splitlines() == [_failed("a"), _failed("b"), _failed("c")]
+
+
+@pytest.mark.parametrize("line", [
+    '{"id": "a"}',  # an id alone
+    '{"id": 0, "prompt": "hello"}',  # an input line
+    '{"id": "a", "output": "x", "output_bytes_hex": "zz", "stats": {}}',  # not hex
+    '{"id": "a", "error": "x", "extra": 1}',  # a field this tool never writes
+])
+def test_only_result_records_count_as_finished(tmp_path, line):
+    """A JSON line with an "id" is not a finished request: only what result_record writes is."""
+    out = tmp_path / "out.jsonl"
+    out.write_text(line + "\n")
+    with pytest.raises(jobs.JobError, match="out.jsonl:1: not a result line"):
+        jobs.finished_ids(out)
+
+
+def test_the_output_may_not_be_the_input(job, tmp_path):
+    """Writing the results into the input file (by its name or through a link) would read its own input
+    lines as finished requests and exit 0 having done nothing."""
+    src, _ = job
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(src)
+    before = src.read_text()
+    for output in (src, link, tmp_path / "." / "in.jsonl"):
+        run = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(output))
+        assert run.returncode == 2 and "is the --input file" in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+    assert src.read_text() == before
 
 
 def test_default_options_belong_to_the_default_strategy(tmp_path):

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import attrs
 import httpx
@@ -215,12 +216,19 @@ ERRORS = [
     ({"model": "tiny", "prompt": "a", "max_tokens": -1}, 400, "invalid_value", "max_tokens", "max_tokens"),
     ({"model": "tiny", "prompt": "a", "seed": -3}, 400, "invalid_value", "seed", "seed"),
     ({"model": "tiny", "prompt": "a", "n": 2}, 400, "unsupported_parameter", "n", "n=2"),
-    ({"model": "tiny", "prompt": "a", "logprobs": 1}, 400, "unsupported_parameter", "logprobs", "logprobs"),
+    ({"model": "tiny", "prompt": "a", "logprobs": 21}, 400, "invalid_value", "logprobs", "0..20"),
+    ({"model": "tiny", "prompt": "a", "echo": True, "stream": True}, 400, "unsupported_parameter", "echo",
+     "not supported with stream"),
+    ({"model": "tiny", "prompt": [256, 257]}, 422, "invalid_type", "prompt", "0..255"),
     ({"model": "tiny", "prompt": []}, 422, "invalid_type", "prompt", "empty list"),
     ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "invalid_value", "temperature", "option 'temperature'"),
     ({"model": "tiny", "prompt": "a", "stream_options": {"include_usage": True}}, 400, "invalid_value",
      "stream_options", "only allowed when stream is true"),
     (b'{"model": "tiny", "prompt": "' + b"a" * 70_000 + b'"}', 413, "request_too_large", None, "65536 bytes"),
+    # every size a request controls has a bound, named in the 400
+    ({"model": "tiny", "prompt": "a", "stop": ["x"] * 33}, 400, "invalid_value", "stop", "at most 32 are allowed"),
+    ({"model": "tiny", "prompt": "a", "stop": ["ok", "y" * 257]}, 400, "invalid_value", "stop", "at most 256 bytes"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 10**6}, 400, "invalid_value", "max_tokens", "at most 2047 new bytes"),
 ]
 
 
@@ -354,6 +362,7 @@ def test_serve_command_with_api_key(model):
     (["serve", "--api-key", ""], "--api-key is empty"),
     (["serve", "--backend", "nope"], "unknown backend"),
     (["generate", "x", "--ray"], "--ray runs a batch job"),
+    (["serve", "--max-batch", "5000"], "expected an integer in 1..4096"),
 ])
 def test_serve_command_errors_are_one_line(args, words):
     run = run_cli(*args)
@@ -376,7 +385,9 @@ def test_without_the_serving_extra_the_cli_says_what_to_install():
             "sys.exit(cli.main(['serve', '--model', 'random:tiny']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 2, run.stderr
-    assert "pip install 'blt-decode[serve]'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    # the README's own install command (blt-decode is installed from its checkout, not from an index)
+    assert 'pip install -e ".[serve]"' in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert 'pip install -e ".[serve]"' in (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_the_load_test_runs_small_and_finds_every_response_equal_to_the_direct_api(tmp_path):
@@ -421,3 +432,90 @@ def test_model_cards_show_any_plugin_option_default_as_json():
     defaults = {f.name: _json_default(f.default) for f in attrs.fields(Options)}
     assert defaults == {"banned": [], "weights": [1.0, 2.0], "table": "{}", "k": 4}
     json.dumps(defaults)
+
+
+# -- no request can stall the others -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def roomy_server(model):
+    """A server with the default body limit (1 MiB), room for big requests."""
+    engine = Engine(model, max_batch=8)
+    with ServerThread(create_app(engine, model_name="tiny")) as srv:
+        srv.engine = engine
+        yield srv
+
+
+def _health_latencies(url: str, count: int, pause_s: float = 0.1) -> list[float]:
+    latencies = []
+    for _ in range(count):
+        start = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT_S).status_code == 200
+        latencies.append(time.perf_counter() - start)
+        time.sleep(pause_s)
+    return latencies
+
+
+def test_health_answers_while_heavy_requests_run(roomy_server, model):
+    """The heaviest request allowed (the most prompts' worth of streams, each with the longest stop list)
+    streams while one far over the limits (3000 stop sequences of 300 bytes: 900 KB, under the body
+    limit) arrives: the latter is refused at once with a 400 naming the limit, the former finishes
+    right, and /health answers promptly throughout. The old server took the 3000 stops and matched
+    every prefix of every one on its event loop after every chunk: /health and every stream waited."""
+    stops = [("q" + chr(65 + i % 26)) * 128 for i in range(32)]  # 32 stops of 256 bytes: the limits
+    heavy = {"model": "tiny", "prompt": [f"p{i}" for i in range(16)], "max_tokens": 64, "stop": stops, "stream": True}
+    flood = {"model": "tiny", "prompt": "a", "max_tokens": 64, "stop": ["z" * 299 + str(i % 10) for i in range(3000)]}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        streamed = pool.submit(lambda: httpx.post(f"{roomy_server.url}/v1/completions", json=heavy, timeout=TIMEOUT_S * 4))
+        refused = pool.submit(lambda: httpx.post(f"{roomy_server.url}/v1/completions", json=flood, timeout=TIMEOUT_S * 4))
+        latencies = _health_latencies(roomy_server.url, 15)
+        refused, streamed = refused.result(), streamed.result()
+    assert max(latencies) < 2.0, latencies
+    assert refused.status_code == 400, refused.text[:300]
+    assert refused.json()["error"]["param"] == "stop" and "at most 32 are allowed" in refused.json()["error"]["message"]
+    texts: dict[int, str] = {}
+    for line in streamed.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    for i in (0, 7, 15):
+        assert texts[i] == direct(model, f"p{i}", 64, stop=[t.encode() for t in stops]).text
+
+
+def test_a_request_that_cannot_be_admitted_gets_a_503_and_the_server_serves_on(model, address_space_limit, caplog):
+    """Memory runs out while the engine admits one request (a real allocation failure, under an
+    address-space limit): that request gets a 503 naming why and the failure is logged; /health stays
+    200 and every other request is served. The old engine's thread died: the request hung and every
+    later one got a 500."""
+    import attrs as _attrs
+
+    from blt_decode.config import PRESETS
+
+    long_model = bd.random_model(_attrs.evolve(PRESETS["tiny"], max_seqlen=1 << 17))
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo").read().splitlines()
+                     if line.startswith("MemAvailable:"))
+    if available < 3 << 30:
+        pytest.skip("needs 3 GiB of free memory for the up-front check to let the big request through")
+    engine = Engine(long_model, max_batch=16)
+    with ServerThread(create_app(engine, model_name="tiny")) as srv:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 8}
+        assert httpx.post(f"{srv.url}/v1/completions", json=body, timeout=TIMEOUT_S).status_code == 200
+        with caplog.at_level("ERROR", logger="blt_decode.engine"), address_space_limit(512 << 20):
+            big = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 33_000}, timeout=TIMEOUT_S)
+            health = httpx.get(f"{srv.url}/health", timeout=TIMEOUT_S)
+        assert big.status_code == 503, big.text[:300]
+        assert big.json()["error"]["code"] == "engine_unavailable"
+        assert "could not admit the request" in big.json()["error"]["message"]
+        assert health.status_code == 200 and "could not admit the request" in caplog.text
+        after = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=TIMEOUT_S)
+        assert after.status_code == 200
+        assert after.json()["choices"][0]["text"] == bd.generate(long_model, "a", max_new_bytes=8).text
+
+
+@pytest.mark.parametrize("args", [["--concurrency", "0"], ["--concurrency", "-2"], ["--requests", "0"],
+                                  ["--max-batch", "0"], ["--timeout", "0"], ["--skip-server"]])
+def test_the_load_test_refuses_bad_counts_before_starting_a_server(args):
+    """`serve-loadtest --concurrency 0` waited forever for a connection from an empty pool, its server
+    child left running; every count is now checked first, in one line."""
+    start = time.monotonic()
+    run = run_cli("serve-loadtest", "--model", MODEL, *args)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert time.monotonic() - start < TIMEOUT_S

@@ -20,17 +20,10 @@ import blt_decode
 from blt_decode import tokenizer
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.corpus import BatchSampler, Corpus, Document
-from blt_decode.model import (
-    MASK_ID,
-    block_attention_mask,
-    block_input_ids,
-    block_latent_index,
-    block_rows_mask,
-    diffusion_forward,
-    latent_index,
-)
+from blt_decode.model import MASK_ID, block_latent_index, block_rows_mask, latent_index
 from blt_decode.session import DecodeSession
-from blt_decode.training import TrainConfig, diffusion_loss, make_blocks, train
+from blt_decode.training import TrainConfig, diffusion_loss, diffusion_loss_sum, make_blocks, next_byte_loss, train
+from blt_decode.training.diffusion import block_attention_mask, block_input_ids, diffusion_forward
 
 SETTINGS = settings(deadline=None)  # example counts come from the profile (tests/conftest.py)
 
@@ -185,6 +178,65 @@ def test_training_forward_matches_dense_reference(window, k, all_layers):
         clean, block = _dense_reference(model, ids, layout, blocks.block_starts, 4, blocks.noisy)
     torch.testing.assert_close(result.clean_logits, clean, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(result.block_logits, block[:, 24:], rtol=1e-9, atol=1e-9)
+
+
+def _loss_terms(clean_logits, block_logits, ids, blocks):
+    """The two terms the training step backpropagates: next-byte loss and Σ masked CE / t."""
+    return next_byte_loss(clean_logits, ids), diffusion_loss_sum(block_logits, blocks.targets, blocks.masked, blocks.t)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 3), length=st.integers(6, 30), block_size=st.integers(1, 9),
+       window=st.sampled_from([None, 2, 5, 40]), t_min=st.sampled_from([1e-3, 0.5]))
+def test_training_loss_terms_and_gradients_equal_the_dense_definition(seed, rows, length, block_size, window, t_min):
+    """The fused forward (BlockAttention, padding blocks of rows with fewer blocks, blocks longer than the
+    window) gives the loss terms *and gradients* of the dense block_attention_mask definition, in float64."""
+    model = _model(seed=seed % 5, window=window)
+    ids, layout = _batch(model, n=rows, t=length, seed=seed)
+    blocks = make_blocks(ids, layout, block_size, torch.Generator().manual_seed(seed), t_min=t_min)
+    params = [p for name, p in model.named_parameters() if not name.startswith("entropy_model.")]
+
+    def terms_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        clean, diff = _loss_terms(*forward(), ids, blocks)
+        (clean + diff).backward()
+        return torch.stack([clean.detach(), diff.detach()]), [p.grad for p in params]
+
+    fast, fast_grads = terms_and_grads(lambda: (lambda r: (r.clean_logits, r.block_logits))(
+        diffusion_forward(model, ids, blocks.block_starts, block_size, blocks.noisy, layout)))
+    dense, dense_grads = terms_and_grads(lambda: (lambda c, b: (c, b[:, length:]))(
+        *_dense_reference(model, ids, layout, blocks.block_starts, block_size, blocks.noisy)))
+    torch.testing.assert_close(fast, dense, rtol=1e-9, atol=1e-9)
+    for name_grad, (a, b) in zip(params, zip(fast_grads, dense_grads)):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_block_attention_kernels_agree():
+    """The CPU kernel path (BlockAttention: flash over clean keys merged with the own-block softmax) and the
+    path for other devices (one attention per block over [clean keys ; own block]) agree, values and
+    gradients, in float64; rows that see no clean key at all included."""
+    from blt_decode.training.diffusion import BlockAttention, _block_attention_dense
+
+    g = torch.Generator().manual_seed(0)
+    n, heads, t, hd, size, nb = 2, 3, 11, 4, 3, 4
+    q, bk, bv = (torch.randn(n, heads, nb * size, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ck, cv = (torch.randn(n, heads, t, hd, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    visible = torch.rand(n, 1, nb * size, t, generator=g) < 0.6
+    visible[0, 0, :size] = False  # a whole block that sees no clean key
+    mask = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, float("-inf"))
+    outs = []
+    for fn in (lambda: BlockAttention.apply(q, ck, cv, bk, bv, mask, visible.any(-1), size, hd ** -0.5),
+               lambda: _block_attention_dense(q, ck, cv, bk, bv, mask, size, hd ** -0.5)):
+        for x in (q, bk, bv, ck, cv):
+            x.grad = None
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        outs.append([out.detach()] + [x.grad.clone() for x in (q, bk, bv, ck, cv)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_blocks_are_isolated_from_each_other_and_from_later_clean_bytes():
@@ -602,3 +654,114 @@ def test_a_checkpoint_write_interrupted_between_renames_resumes_from_what_it_lef
         b = load_byte_lm(resumed / "final").state_dict()
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+# -- nothing is skipped or overwritten silently ----------------------------------------------------------
+def _entropy_run(tmp_path, **kw):
+    common = dict(kind="entropy", preset="tiny", seq_len=32, batch_size=2, steps=6, lr=3e-3, warmup_steps=1,
+                  eval_every=1000, eval_bytes=64, eval_bytes_final=64, checkpoint_every=2)
+    return TrainConfig(out_dir=str(tmp_path / "run"), **{**common, **kw})
+
+
+def test_a_new_run_refuses_a_directory_that_holds_a_run(tmp_path):
+    """`train --out DIR` on an existing run without --resume silently overwrote its checkpoint and
+    appended to its log."""
+    from blt_decode.training import TrainingError
+
+    corpus = _tiny_corpus()
+    cfg = _entropy_run(tmp_path, steps=2)
+    train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(TrainingError, match=r"already holds a training run \(checkpoint, final, log.jsonl, training.json\); "
+                                            r"continue it with --resume, or give --out a new directory"):
+        train(cfg, corpus=corpus, progress=False, log=lambda m: None)
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert len(_losses(run)) == 2
+
+
+def test_steps_after_the_last_checkpoint_are_logged_once_after_resuming(tmp_path, monkeypatch):
+    """A run stopped abruptly after step 3 (its last checkpoint: step 2) runs step 3 again when resumed;
+    the log holds every step once, as an uninterrupted run's does, not step 3 twice."""
+    from blt_decode.training import loop
+
+    corpus = _tiny_corpus()
+    quiet = dict(corpus=corpus, progress=False, log=lambda m: None)
+    train(_entropy_run(tmp_path / "whole"), **quiet)
+    cfg = _entropy_run(tmp_path)
+    real = loop.lr_at
+
+    def killed_at_step_3(config, step):
+        if step == 3:
+            raise KeyboardInterrupt  # as a kill between steps would, after step 3 was logged
+        return real(config, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "lr_at", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, **quiet)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    train(cfg, resume=True, **quiet)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole" / "run")
+
+
+def test_resuming_a_run_stopped_during_its_first_checkpoint_says_what_is_there(tmp_path, monkeypatch):
+    """A kill while the first checkpoint was being written leaves an incomplete checkpoint.tmp and no
+    checkpoint: --resume used to fail naming the checkpoint directory, which does not exist."""
+    from blt_decode.training import TrainingError, checkpoints
+
+    corpus = _tiny_corpus()
+    quiet = dict(corpus=corpus, progress=False, log=lambda m: None)
+    cfg = _entropy_run(tmp_path)
+    real = checkpoints.save_file
+    calls = []
+
+    def killed_after_the_weights(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the weights are in checkpoint.tmp; the trainer state is not
+            raise KeyboardInterrupt
+        return real(tensors, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "save_file", killed_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, **quiet)
+    run = tmp_path / "run"
+    assert not (run / "checkpoint").exists() and (run / "checkpoint.tmp" / "model.safetensors").exists()
+    with pytest.raises(TrainingError) as info:
+        train(cfg, resume=True, **quiet)
+    message = str(info.value)
+    assert message.startswith(f"nothing to resume: the only checkpoint, {run / 'checkpoint.tmp'}, is incomplete")
+    assert "start the run again in a new --out directory" in message
+    with pytest.raises(TrainingError, match="nothing to resume: .* does not exist"):
+        train(_entropy_run(tmp_path / "never"), resume=True, **quiet)
+
+
+# -- precision ---------------------------------------------------------------------------------------
+def test_bf16_default_follows_the_cpu(monkeypatch):
+    from blt_decode.training import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    on, why = precision.resolve_bf16(None, cpu)
+    assert on and "amx_bf16" in why
+    assert precision.resolve_bf16(False, cpu) == (False, "bfloat16 autocast off (--no-bf16)")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    on, why = precision.resolve_bf16(None, cpu)
+    assert not on and "no native bfloat16" in why and "--bf16" in why
+    on, why = precision.resolve_bf16(True, cpu)  # asked for: honoured, with the warning
+    assert on and "slower" in why
+    assert precision.resolve_bf16(None, cuda)[0] and not precision.resolve_bf16(False, cuda)[0]
+
+
+def test_cpu_bf16_flags_read_this_machine():
+    from blt_decode.training.precision import BF16_CPU_FLAGS, cpu_bf16_flags
+
+    flags = cpu_bf16_flags()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    listed = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert flags == tuple(f for f in BF16_CPU_FLAGS if f in listed)

@@ -25,9 +25,11 @@ from blt_decode.training.data import load_data
 
 CLI = [sys.executable, "-m", "blt_decode"]
 QUIET = dict(progress=False, log=lambda message: None)
+# float32 (--no-bf16): the process-layout tests compare runs to float32 rounding, which bfloat16 autocast
+# (the default on CPUs with native bfloat16) would swamp
 TINY = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-every", "1000", "--eval-bytes", "256", "--eval-bytes-final", "256", "--checkpoint-every", "1000",
-        "--threads", "1", "--no-progress"]
+        "--threads", "1", "--no-progress", "--no-bf16"]
 
 
 def run(args, timeout=240, **kw):
@@ -61,7 +63,7 @@ def entropy_dir(data_dir, tmp_path_factory) -> Path:
 def blt_config(out: Path, data_dir: Path, entropy_dir: Path, **kw) -> TrainConfig:
     base = dict(kind="blt", out_dir=str(out), preset="tiny", seq_len=64, batch_size=4, steps=4, lr=3e-3,
                 warmup_steps=2, eval_every=1000, eval_bytes=256, eval_bytes_final=256, checkpoint_every=1000,
-                threads=1, data=(str(data_dir),), entropy_model=str(entropy_dir), block_sizes=(4, 8))
+                threads=1, data=(str(data_dir),), entropy_model=str(entropy_dir), block_sizes=(4, 8), bf16=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -301,13 +303,13 @@ def _broken_corpus(root: Path, how: str) -> Path:
 
 
 BAD_OPTIONS = [
-    (["--seed", "-1"], "--seed must be an integer >= 0"),
-    (["--eval-every", "0"], "--eval-every must be an integer >= 1"),
-    (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1"),
-    (["--eval-bytes", "0"], "--eval-bytes must be an integer >= 1"),
-    (["--eval-bytes-final", "-5"], "--eval-bytes-final must be an integer >= 1"),
-    (["--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
-    (["--prefetch", "-1"], "--prefetch must be an integer >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+    (["--eval-every", "0"], "--eval-every must be an integer in 1..1000000000"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be an integer in 1..1000000000"),
+    (["--eval-bytes", "0"], "--eval-bytes must be an integer in 1..4294967296"),
+    (["--eval-bytes-final", "-5"], "--eval-bytes-final must be an integer in 1..4294967296"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an integer in 0..1000000000"),
+    (["--prefetch", "-1"], "--prefetch must be an integer in 0..1024"),
     (["--target-patch-length", "1"], "--target-patch-length must be a finite number > 1"),
     (["--heldout-fraction", "1"], "--heldout-fraction must be a number in [0, 1)"),
     (["--heldout-fraction", "-0.1"], "--heldout-fraction must be a number in [0, 1)"),
@@ -315,8 +317,17 @@ BAD_OPTIONS = [
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--time-budget", "nan"], "--time-budget must be a finite number >= 0"),
-    (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers >= 1"),
+    (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers in 1..4096"),
     (["--threads", "-1"], "--threads must be an integer >= 0"),
+    # upper bounds: a typo is one line, not minutes of work or an allocator error
+    (["--batch-size", "100000"], "--batch-size must be an integer in 1..65536"),
+    (["--seq-len", str(10**9)], "--seq-len must be an integer in 8..1048576"),
+    (["--steps", str(10**12)], "--steps must be an integer in 1..1000000000"),
+    # options that do not apply are refused, not ignored
+    (["--block-sizes", "4", "8"], "--block-sizes applies only to `train blt` (the BLT-D objective); drop it for `train entropy`"),
+    (["--target-patch-length", "3"], "--target-patch-length applies only to `train blt`"),
+    (["--stop-after", "-1"], "--stop-after must be an integer in 1..1000000000 (or unset), got -1"),
+    (["--stop-after", "0"], "--stop-after must be an integer in 1..1000000000 (or unset), got 0"),
 ]
 
 
@@ -360,9 +371,9 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
     from blt_decode.training import TrainingError
 
     for field, value, message in (
-        ("steps", True, "--steps must be an integer >= 1, got True"),
-        ("eval_every", 2.0, "--eval-every must be an integer >= 1, got 2.0"),
-        ("block_sizes", (True, 4), "--block-sizes must be one or more integers >= 1"),
+        ("steps", True, "--steps must be an integer in 1..1000000000, got True"),
+        ("eval_every", 2.0, "--eval-every must be an integer in 1..1000000000, got 2.0"),
+        ("block_sizes", (True, 4), "--block-sizes must be one or more integers in 1..4096"),
         ("t_min", 0.0, "t_min must be a number in (0, 1)"),
         ("t_min", 1.0, "t_min must be a number in (0, 1)"),
         ("lr", True, "--lr must be a finite number > 0, got True"),
@@ -372,7 +383,7 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
         with pytest.raises(TrainingError) as info:
             TrainConfig(kind="entropy", out_dir=str(tmp_path), **{field: value})
         assert message in str(info.value) and "\n" not in str(info.value), (field, str(info.value))
-    assert TrainConfig(kind="entropy", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0
+    assert TrainConfig(kind="blt", out_dir=str(tmp_path), lr=1, block_sizes=[4, 8]).lr == 1.0
 
 
 def test_built_corpus_shards_stay_inside_the_directory_and_match_their_sha256(tmp_path):
@@ -472,3 +483,26 @@ def test_code_corpus_licence_expressions_free_text_vendored_trees_and_heldout_pa
     assert trained == {"spdx_or.py", "text_ok.py", "tool/__init__.py", "ns/beta/__init__.py"}, trained
     assert {d.name.split("/", 1)[1] for d in corpus.heldout} == {
         "pygments/__init__.py", "pygments/lexer.py", "ns/alpha/__init__.py"}
+
+
+# -- train-bench ---------------------------------------------------------------------------------------
+def test_train_bench_measures_presets_and_precisions_side_by_side(tmp_path, data_dir):
+    out = run(CLI + ["train-bench", "--presets", "tiny", "--precisions", "float32,bfloat16", "--batch-size", "2",
+                     "--seq-len", "32", "--steps", "2", "--warmup", "1", "--block-sizes", "4", "--data", str(data_dir),
+                     "--json", str(tmp_path / "tb.json")], timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "| tiny | float32 | 2 x 32 |" in out.stdout and "| tiny | bfloat16 | 2 x 32 |" in out.stdout
+    result = json.loads((tmp_path / "tb.json").read_text())
+    assert result["gemm_bf16_gflops"] > 0 and result["gemm_f32_gflops"] > 0
+    with torch.device("meta"):
+        counts = blt_decode.BLTModel(BLT_PRESETS["tiny"]).param_counts()
+    positions = 2 * 32  # batch x seq: encoder and decoder run over every byte, the decoder also over blocks
+    least = 6 * (counts.encoder + counts.decoder) * positions
+    most = 6 * (counts.encoder + counts.global_ + counts.decoder * (1 + 4)) * positions
+    for row in result["rows"]:
+        assert row["bytes_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_rss_mb"] > 50
+        assert least < row["model_tflop_per_step"] * 1e12 < most
+    for args, message in ((["--presets", "huge"], "unknown BLT preset 'huge'"),
+                          (["--precisions", "float16"], "precisions are float32, bfloat16")):
+        bad = run(CLI + ["train-bench"] + args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

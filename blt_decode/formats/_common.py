@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -73,18 +74,32 @@ def read_torch_weights(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"missing weights file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write before refusing such a file; the refusal
+            # below is the one line the user gets
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Weights only load failed" in message or "Unsupported global" in message:
-            # weights_only refuses any global that is not a tensor type or a plain container
+            # weights_only refuses any global that is not a tensor type or a plain container; torch's own
+            # first line advises weights_only=False, which would run the code: give the reason instead
             raise CheckpointError(
-                f"{path} holds more than plain tensors (refusing to execute pickled code): {_first_line(message)}"
+                f"{path} holds more than plain tensors (refusing to execute pickled code): {_refusal_reason(message)}"
             ) from None
         raise CheckpointError(f"{path} is corrupt or not a torch file: {_first_line(message)}") from None
     except Exception as exc:  # noqa: BLE001 - a file parser's failure on arbitrary bytes, reported against the file
         # torch's readers raise RuntimeError, EOFError, KeyError, ... on bytes that are not a torch file
         raise CheckpointError(f"{path} is corrupt or truncated: {_first_line(str(exc)) or type(exc).__name__}") from None
+
+
+def _refusal_reason(message: str) -> str:
+    """What torch's weights-only unpickler refused (an unsupported global or opcode), without its advice."""
+    for line in message.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and ("GLOBAL" in line or line.startswith("Unsupported")):
+            return line
+    return "the weights-only unpickler refused it"
 
 
 def _first_line(message: str) -> str:

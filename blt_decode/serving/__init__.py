@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from blt_decode.errors import MissingExtraError
+from blt_decode.errors import MissingExtraError, install_hint
 
 #: the packages each extra brings, by import name
 EXTRAS = {
@@ -37,9 +37,9 @@ def require(extra: str, what: str) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise MissingExtraError(
-                f"{what} needs the '{extra}' extra ({exc.name or module} is not installed): "
-                f"pip install 'blt-decode[{extra}]'"
+                f"{what} needs the '{extra}' extra ({exc.name or module} is not installed): {install_hint(extra)}"
             ) from None
+
 
 
 def local_ray_environment() -> None:

@@ -1,17 +1,22 @@
 """The OpenAI-compatible HTTP app over one :class:`~blt_decode.engine.Engine` (FastAPI), and running it
 with uvicorn.
 
-Routes: ``POST /v1/completions`` (streaming with server-sent events ending in ``data: [DONE]``),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every
+Routes: ``POST /v1/completions`` (streaming with server-sent events ending in ``data: [DONE]``; ``logprobs``
+and ``echo``), ``POST /v1/chat/completions`` (the same, its messages rendered by the chat template),
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text), and the
+byte tokenizer's ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes, for
+lm-eval's remote tokenizer; :mod:`~blt_decode.serving.tokens`). Every
 prompt of every request becomes a request of the one engine, which steps in a background thread and
 batches all live requests together (continuous batching); the event loop follows their streams through
 :class:`~blt_decode.serving.bridge.RequestStreams` and never waits on the engine.
 
 Errors are OpenAI-style, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-or a value the validator refuses (unknown strategy, bad option, prompt over the limit, ...), 401 without
-the API key, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field
-of the wrong type, 500 if decoding itself fails. A client that disconnects has its requests cancelled
-(their slots are freed at the engine's next step).
+or a value the validator refuses (unknown strategy, bad option, prompt, ``max_tokens`` or stop list over
+its limit, a decode state that would not fit the free memory, ...), 401 without the API key, 404 for an
+unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field of the wrong type, 503
+when the engine cannot run a request (memory ran out while admitting it; its thread has stopped), 500 if
+decoding itself fails. Validation runs in a worker thread, so no request holds up the event loop. A
+client that disconnects has its requests cancelled (their slots are freed at the engine's next step).
 """
 
 from __future__ import annotations
@@ -36,18 +41,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import blt_decode
-from blt_decode import plugins
+from blt_decode import plugins, stops, tokenizer
 from blt_decode.engine import Engine, EngineError
 from blt_decode.errors import BLTDecodeError
 from blt_decode.model import BLTModel
 from blt_decode.request import prepare
+from blt_decode.serving import tokens
 from blt_decode.serving.bridge import ChoiceText, RequestStreams
+from blt_decode.serving.chat import PLAIN, ChatTemplate
 from blt_decode.serving.metrics import ServerMetrics
 from blt_decode.serving.openai_schema import (
     APIError,
     CompletionRequest,
+    StartedPrompt,
     api_error,
+    chat_to_completion,
     finish_reason,
+    parse_chat_request,
     parse_request,
     to_requests,
 )
@@ -84,10 +94,12 @@ class ServerConfig:
 
 
 def create_app(engine: Engine, *, model_name: str = "default", api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, stop_engine: bool = True) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, stop_engine: bool = True,
+               chat_template: ChatTemplate = PLAIN) -> FastAPI:
     """The app over ``engine``. The engine's background thread is started when the app starts (ASGI
     lifespan) and, with ``stop_engine``, stopped when it shuts down. ``api_key``: every route but
-    ``/health`` then needs ``Authorization: Bearer <api_key>``."""
+    ``/health`` then needs ``Authorization: Bearer <api_key>``. ``chat_template`` renders the messages
+    of ``/v1/chat/completions`` (:mod:`blt_decode.serving.chat`)."""
     config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
                           backend=engine.backend.name)
     metrics = ServerMetrics(engine)
@@ -163,30 +175,84 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> Response:
-        body = parse_request(await _read_body(request, config.max_body_bytes))
+    @app.get("/tokenizer_info")
+    def tokenizer_info() -> dict[str, Any]:
+        """The byte tokenizer, in the shape lm-eval's remote tokenizer (and vLLM's clients) read."""
+        return {"tokenizer_class": "bytes", "eos_token": tokens.SPECIAL[tokens.EOS], "bos_token": tokens.SPECIAL[tokens.BOS],
+                "pad_token": None, "vocab_size": tokens.EOS + 1, "model_max_length": engine.model.config.max_seqlen - 1,
+                "chat_template": chat_template.source}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        data = _json_object(await _read_body(request, config.max_body_bytes))
+        prompt, special = data.get("prompt"), data.get("add_special_tokens", False)
+        if not isinstance(prompt, str) or not isinstance(special, bool):
+            raise APIError(400, "the body must hold 'prompt' (a string) and optionally 'add_special_tokens' (a boolean)",
+                           param="prompt", code="invalid_value")
+        ids = tokens.tokenize(prompt, special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.model.config.max_seqlen - 1}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        ids = _json_object(await _read_body(request, config.max_body_bytes)).get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= tokens.EOS
+                                                for t in ids):
+            raise APIError(400, f"the body must hold 'tokens': a list of token ids 0..{tokens.EOS}", param="tokens",
+                           code="invalid_value")
+        return {"prompt": tokens.detokenize(ids)}
+
+    async def run_completion(request: Request, body: CompletionRequest, kind: type["_Completion"]) -> Response:
         if body.model != config.model_name:
             raise _unknown_model(body.model, config.model_name)
         try:
-            requests = to_requests(body)
-            prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]  # all before any is queued
-            for p in prepared:
-                if p.capacity > engine.max_capacity:
-                    raise EngineError(f"the request needs {p.capacity} positions; this server allows {engine.max_capacity}")
+            # in a worker thread: up to MAX_PROMPTS prompts to check and stop lists to compile must not hold
+            # up the event loop (/health and every other stream) however big the request is
+            requests, prepared = await asyncio.to_thread(_validate, body, engine)
         except BLTDecodeError as exc:
             raise api_error(exc, body) from None
         streams = RequestStreams(engine, requests)
         strategy = prepared[0].strategy.name
         for p in prepared:
             metrics.submitted(strategy, len(p.prompt))
-        completion = _Completion(body, streams, prepared, config, metrics)
+        completion = kind(body, streams, prepared, config, metrics)
         if body.stream:
             return StreamingResponse(completion.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(_finite(await completion.whole(request)))
 
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        return await run_completion(request, parse_request(await _read_body(request, config.max_body_bytes)), _Completion)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        chat = parse_chat_request(await _read_body(request, config.max_body_bytes))
+        if chat.model != config.model_name:
+            raise _unknown_model(chat.model, config.model_name)
+        return await run_completion(request, chat_to_completion(chat, chat_template), _ChatCompletion)
+
     return app
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _validate(body: CompletionRequest, engine: Engine) -> tuple[list[Any], list[Any]]:
+    """The body's requests and their validation (all before any is queued), with their stop lists'
+    matchers built (:func:`blt_decode.stops.automaton` keeps them for the request's streams)."""
+    requests = to_requests(body)
+    prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]
+    for p in prepared:
+        engine.check_admissible(p)
+        stops.automaton(p.stops)
+    return requests, prepared
 
 
 class BearerAuth:
@@ -260,17 +326,61 @@ async def _read_body(request: Request, limit: int) -> bytes:
 class _Completion:
     """One ``/v1/completions`` request in flight: its streams, texts and responses."""
 
+    id_prefix, whole_object, chunk_object = "cmpl", "text_completion", "text_completion"
+
     def __init__(self, body: CompletionRequest, streams: RequestStreams, prepared: list[Any],
                  config: ServerConfig, metrics: ServerMetrics):
         self.body, self.streams, self.prepared, self.config, self.metrics = body, streams, prepared, config, metrics
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.strategy = prepared[0].strategy.name
         self.texts = [ChoiceText(p.stops, body.include_stop_str_in_output) for p in prepared]
         self.ended = [False] * len(prepared)
 
-    def _head(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.config.model_name}
+    def _head(self, chunk: bool = False) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object if chunk else self.whole_object, "created": self.created,
+                "model": self.config.model_name}
+
+    # -- the response's shape (chat overrides these) ----------------------------------------------------
+    def _choice(self, index: int, text: str, finish: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+    def _piece(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+    def _opening(self) -> list[dict[str, Any]]:
+        """Choices of a first streamed chunk, before any text (none for completions)."""
+        return []
+
+    def _scored(self, index: int) -> tuple[bytes, Any] | None:
+        """The bytes whose logprobs the choice reports and their :class:`~blt_decode.api.Score` (the
+        model's next-byte distribution over prompt + returned text), or None when none are asked for."""
+        if self.body.logprobs is None and not self.body.echo:
+            return None
+        from blt_decode.api import score
+
+        prompt, returned = self.prepared[index].prompt, self.texts[index].returned
+        if not prompt + returned:
+            return b"", None
+        s = score(self.streams.engine.model, prompt + returned, top_logprobs=self.body.logprobs or 0)
+        start = 0 if self.body.echo else len(prompt)
+        return (prompt + returned)[start:], attrs.evolve(
+            s, logprobs=s.logprobs[start:], greedy=s.greedy[start:],
+            top_ids=None if s.top_ids is None else s.top_ids[start:],
+            top_logprobs=None if s.top_logprobs is None else s.top_logprobs[start:])
+
+    def _logprobs(self, index: int, data: bytes, scored: Any) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        started = self.body.echo and isinstance(self.streams.requests[index].prompt, StartedPrompt)
+        if scored is None:
+            return tokens.completion_logprobs(b"", [], None, None, bos=started)
+        top = self.body.logprobs > 0
+        return tokens.completion_logprobs(data, scored.logprobs, scored.top_ids if top else None,
+                                          scored.top_logprobs if top else None, bos=started)
+
+    def _echoed(self, index: int, text: str) -> str:
+        return tokenizer.display(self.prepared[index].prompt) + text if self.body.echo else text
 
     def _extra(self, indexes: list[int]) -> dict[str, Any]:
         """The ``blt_decode`` field: strategy, options, and per choice the raw output and DecodeStats."""
@@ -296,10 +406,19 @@ class _Completion:
         stream = self.streams.streams[index]
         if stream.error is not None:
             self.metrics.finished(self.strategy, "failed", stream.stats)
+            if isinstance(stream.error, EngineError):  # not admitted (out of memory) or the engine stopped
+                return APIError(503, f"the engine could not run this request: {stream.error}", type="server_error",
+                                code="engine_unavailable")
             return APIError(500, f"decoding failed: {type(stream.error).__name__}: {stream.error}",
                             type="server_error", code="decoding_failed")
         self.metrics.finished(self.strategy, "finished", stream.stats)
         return None
+
+    async def _submit(self) -> None:
+        try:
+            await self.streams.submit()
+        except EngineError as exc:  # an engine whose thread failed takes no more requests
+            raise APIError(503, str(exc), type="server_error", code="engine_unavailable") from None
 
     def _abandoned(self) -> None:
         """The client left (or the response failed): cancel what runs, count it as cancelled."""
@@ -325,16 +444,20 @@ class _Completion:
         if collect.cancelled():  # the client is gone; nobody reads this
             raise APIError(499, "client disconnected", code="client_disconnected")
         texts = collect.result()  # a failed choice raises its APIError here
-        choices = [{"text": texts[i], "index": i, "logprobs": None,
-                    "finish_reason": finish_reason(self.streams.streams[i].stats.stop_reason)}
-                   for i in range(len(texts))]
+        choices = []
+        for i, text in enumerate(texts):
+            # one reference forward per choice, in a worker thread (the event loop serves everyone else)
+            scored = await asyncio.to_thread(self._scored, i)
+            logprobs = None if scored is None else self._logprobs(i, *scored)
+            choices.append(self._choice(i, self._echoed(i, text), finish_reason(self.streams.streams[i].stats.stop_reason),
+                                        logprobs))
         return {**self._head(), "choices": choices, "usage": self._usage(),
                 "blt_decode": self._extra(list(range(len(texts))))}
 
     async def _collect(self) -> list[str]:
         texts = [""] * len(self.prepared)
         try:
-            await self.streams.submit()
+            await self._submit()
             async for index, chunk in self.streams.events():
                 if chunk is not None:
                     self.metrics.generated(self.strategy, len(chunk))
@@ -352,14 +475,16 @@ class _Completion:
         """Server-sent events: a chunk per piece of text, a last chunk per choice with its finish_reason and
         ``blt_decode`` statistics, usage if asked (``stream_options.include_usage``), then ``[DONE]``."""
         try:
-            await self.streams.submit()
+            await self._submit()
+            opening = self._opening()
+            if opening:
+                yield _sse({**self._head(chunk=True), "choices": opening})
             async for index, chunk in self.streams.events():
                 if chunk is not None:
                     self.metrics.generated(self.strategy, len(chunk))
                     text = self.texts[index].feed(chunk)
                     if text:
-                        yield _sse({**self._head(), "choices": [
-                            {"text": text, "index": index, "logprobs": None, "finish_reason": None}]})
+                        yield _sse({**self._head(chunk=True), "choices": [self._piece(index, text, None)]})
                     continue
                 error = self._ended(index)
                 if error is not None:
@@ -368,11 +493,14 @@ class _Completion:
                     continue
                 stream = self.streams.streams[index]
                 text = self.texts[index].finish(stream.stats.stop_reason)
-                yield _sse({**self._head(), "choices": [
-                    {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason(stream.stats.stop_reason)}],
-                    "blt_decode": self._extra([index])})
+                yield _sse({**self._head(chunk=True), "choices": [self._piece(index, text, finish_reason(stream.stats.stop_reason))],
+                            "blt_decode": self._extra([index])})
             if self.body.stream_options is not None and self.body.stream_options.include_usage:
-                yield _sse({**self._head(), "choices": [], "usage": self._usage()})
+                yield _sse({**self._head(chunk=True), "choices": [], "usage": self._usage()})
+            yield "data: [DONE]\n\n"
+        except APIError as error:
+            self.metrics.error(error.status, error.code)
+            yield _sse(error.body())
             yield "data: [DONE]\n\n"
         except Exception as exc:  # the headers are sent: the failure can only be an event (not a disconnect:
             # that cancels this generator with CancelledError/GeneratorExit, which are not Exceptions)
@@ -385,6 +513,32 @@ class _Completion:
             self._abandoned()
 
 
+class _ChatCompletion(_Completion):
+    """One ``/v1/chat/completions`` request: the same decoding, OpenAI's chat shapes."""
+
+    id_prefix, whole_object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def _choice(self, index: int, text: str, finish: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def _piece(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+
+    def _opening(self) -> list[dict[str, Any]]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(self.prepared))]
+
+    def _logprobs(self, index: int, data: bytes, scored: Any) -> dict[str, Any] | None:
+        if self.body.logprobs is None:
+            return None
+        if scored is None:
+            return tokens.chat_logprobs(b"", [], None, None)
+        top = self.body.logprobs > 0
+        return tokens.chat_logprobs(data, scored.logprobs, scored.top_ids if top else None,
+                                    scored.top_logprobs if top else None)
+
+
 async def _wait_for_disconnect(request: Request) -> bool:
     """True once the client has disconnected (the body has been read: only http.disconnect can come)."""
     while True:
@@ -395,13 +549,15 @@ async def _wait_for_disconnect(request: Request) -> bool:
 
 def build_app(model: str | Path | BLTModel = "default", *, backend: str = "eager", max_batch: int = 16,
               model_name: str | None = None, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: Any = None, device: Any = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: Any = None, device: Any = None,
+              chat_template: ChatTemplate = PLAIN) -> FastAPI:
     """Load ``model`` (a spec as :func:`blt_decode.load_model` takes, or a model), make its engine and the
     app over it. ``model_name`` (the ``model`` clients send) defaults to the spec as given."""
     loaded = blt_decode.load_model(model, dtype=dtype, device=device)
     engine = Engine(loaded, backend=backend, max_batch=max_batch)
     name = model_name or (str(model) if not isinstance(model, BLTModel) else "blt")
-    return create_app(engine, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
+    return create_app(engine, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
+                      chat_template=chat_template)
 
 
 def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from blt_decode.engine import Engine, EngineError, EngineStream
 from blt_decode.request import Request
+from blt_decode.stops import StopMatcher
 
 #: how often a request with nothing new checks that the engine's thread still runs (seconds)
 ENGINE_CHECK_S = 5.0
@@ -40,20 +41,13 @@ class ChoiceText:
         self.out = bytearray()
         self.released = 0
         self.end: int | None = None  #: length of the returned bytes, once finished
+        self._stops = StopMatcher(self.stops)  # linear in the output, whatever the stop list
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _held(self) -> int:
         """Bytes at the end that begin some stop sequence (which may yet complete it) or are a whole one
         (which ends the request: :meth:`finish` drops it)."""
-        if self.include_stop:
-            return 0
-        held = 0
-        for stop in self.stops:
-            for n in range(min(len(stop), len(self.out)), held, -1):
-                if self.out.endswith(stop[:n]):
-                    held = n
-                    break
-        return held
+        return 0 if self.include_stop else self._stops.pending
 
     def _release(self, upto: int) -> str:
         if upto <= self.released:
@@ -65,6 +59,7 @@ class ChoiceText:
     def feed(self, chunk: bytes) -> str:
         """Text that can be shown now (possibly empty)."""
         self.out += chunk
+        self._stops.feed(chunk)
         return self._release(len(self.out) - self._held())
 
     def finish(self, stop_reason: str) -> str:
@@ -72,7 +67,7 @@ class ChoiceText:
         output ends with) unless ``include_stop``."""
         end = len(self.out)
         if stop_reason == "stop_sequence" and not self.include_stop:
-            end -= max((len(s) for s in self.stops if self.out.endswith(s)), default=0)
+            end -= self._stops.ended
         # held-back bytes always cover a stop sequence's start, so nothing shown must be taken back
         self.end = max(end, self.released)
         return self._release(self.end) + self._decoder.decode(b"", final=True)

@@ -268,7 +268,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["server"] = measure(f"http://127.0.0.1:{port}", f"blt-decode serve (max-batch {args.max_batch})")
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # never leave the server running
+                process.kill()
+                process.wait()
     if args.ray_replicas:
         result["ray_serve"] = _measure_ray(args, measure)
     result["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -297,25 +301,44 @@ def _measure_ray(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
         ray.shutdown()
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # every count is checked by argparse: a bad one is one line before any server starts (--concurrency 0
+    # used to wait forever for a connection from an empty pool, with the server child running)
+    from blt_decode.checks import int_argument
+    from blt_decode.engine import MAX_BATCH
+
+    counts, sizes = int_argument(1), int_argument(0)
+
     parser.add_argument("--model", default="default", help="model spec served and compared (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=64, help="(default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent streaming clients (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="new bytes per request (default: %(default)s)")
+    parser.add_argument("--requests", type=counts, default=64, help="(default: %(default)s)")
+    parser.add_argument("--concurrency", type=counts, default=16, help="concurrent streaming clients (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=sizes, default=128, help="new bytes per request (default: %(default)s)")
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                         help="cycled over the requests; NAME[:key=value+key=value] (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=16, help="the server's engine slots (default: %(default)s)")
-    parser.add_argument("--ray-replicas", type=int, default=0, metavar="N",
-                        help="also measure Ray Serve with N replicas on a local Ray cluster (needs 'blt-decode[ray]')")
+    parser.add_argument("--max-batch", type=int_argument(1, MAX_BATCH), default=16, help="the server's engine slots (default: %(default)s)")
+    parser.add_argument("--ray-replicas", type=sizes, default=0, metavar="N",
+                        help="also measure Ray Serve with N replicas on a local Ray cluster (needs the ray extra)")
     parser.add_argument("--skip-server", action="store_true", help="measure only Ray Serve")
     parser.add_argument("--no-baseline", action="store_true", help="skip the batch-1 loop (and the output check)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="bound on each phase, seconds (default: %(default)s)")
+    parser.add_argument("--timeout", type=_seconds, default=600.0, help="bound on each phase, seconds (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.skip_server and not args.ray_replicas:
+        raise BLTDecodeError("--skip-server leaves nothing to measure without --ray-replicas N")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     result = run(args)

@@ -7,14 +7,21 @@ errors (``{"error": {"message", "type", "param", "code"}}``) with an HTTP status
 
 Mapping (bytes are the tokens here):
 
-- ``prompt``: a string (UTF-8), a list of strings (one choice each), a list of byte values 0..255 (raw
-  bytes: the way to send a prompt that is not UTF-8) or a list of such lists;
+- ``prompt``: a string (UTF-8), a list of strings (one choice each), a list of API token ids (byte
+  values 0..255, optionally after 256, the sequence start every prompt has anyway: the way to send a
+  prompt that is not UTF-8, see :mod:`~blt_decode.serving.tokens`) or a list of such lists;
 - ``max_tokens`` = ``max_new_bytes`` (default 256, as :func:`blt_decode.generate`);
 - ``temperature`` / ``top_p`` set the strategy's options of those names where it has them
   (autoregressive, BLT-S, BLT-DV); for a strategy without them (BLT-D) only the neutral values
   (temperature 0, top_p 1) are accepted, anything else is a 400 naming the field;
 - ``seed`` = the request's seed; ``stop`` = stop sequences (left out of the returned text, as OpenAI
   does, unless ``include_stop_str_in_output``);
+- ``logprobs`` (0..20: that many alternatives per byte) and ``echo`` (the prompt's text and logprobs
+  first): the log-probability of every byte under the model's next-byte distribution, whichever
+  strategy produced it (not with ``stream``);
+- ``POST /v1/chat/completions`` (:class:`ChatRequest`) renders its messages with the server's chat
+  template (:mod:`~blt_decode.serving.chat`) into one prompt and maps the rest as above
+  (``max_completion_tokens`` or ``max_tokens``; ``logprobs: true`` with ``top_logprobs``);
 - extra body fields: ``strategy`` (a registered name or alias) and ``strategy_options`` (an object).
 """
 
@@ -33,7 +40,9 @@ from blt_decode.errors import (
     PromptTooLongError,
     UnknownStrategyError,
 )
+from blt_decode.api import MAX_TOP_LOGPROBS
 from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request
+from blt_decode.serving import tokens
 
 #: most prompts in one request (each is a request of its own in the engine)
 MAX_PROMPTS = 256
@@ -43,9 +52,14 @@ SAMPLING_FIELDS = {"temperature": 0.0, "top_p": 1.0}
 
 #: OpenAI fields accepted only at their neutral value (what leaving them out means)
 UNSUPPORTED_FIELDS = {
-    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "logit_bias": {}, "suffix": None,
+    "n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None,
 }
+#: most messages of a chat request
+MAX_MESSAGES = 4096
+
+
+class StartedPrompt(bytes):
+    """A prompt sent as API token ids that began with the sequence start (256): echo shows that token."""
 
 
 @attrs.frozen
@@ -71,13 +85,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions`` (OpenAI's fields, then blt-decode's extra ones)."""
+class _RequestFields(BaseModel):
+    """The fields completions and chat requests share (OpenAI's, then blt-decode's extra ones)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    prompt: Any = Field(description="a string, a list of strings, a list of byte values 0..255, or a list of those")
     max_tokens: int | None = Field(None, description="new bytes at most (max_new_bytes)")
     temperature: float | None = None
     top_p: float | None = None
@@ -88,26 +101,35 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     # accepted at their neutral value only (UNSUPPORTED_FIELDS)
     n: int | None = None
-    best_of: int | None = None
-    echo: bool | None = None
-    logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     # blt-decode's extra body fields
     strategy: str = Field("autoregressive", description="decoding strategy by name (see GET /v1/models)")
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options")
     include_stop_str_in_output: bool = False
 
+
+class CompletionRequest(_RequestFields):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: Any = Field(description="a string, a list of strings, a list of byte values 0..255, or a list of those")
+    echo: bool = False
+    logprobs: int | None = Field(None, description="alternatives per byte to report (0..20)")
+    best_of: int | None = None
+    suffix: str | None = None
+
     @field_validator("prompt", mode="plain")
     @classmethod
     def _prompt(cls, value: Any) -> list[str | bytes]:
-        """The prompts, each a str or raw bytes."""
+        """The prompts, each a str or raw bytes (:class:`StartedPrompt` when sent after the start token)."""
         def raw(ids: list[Any]) -> bytes:
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 255 for i in ids):
-                raise ValueError("a prompt given as a list of integers holds byte values 0..255 (bytes are the tokens)")
-            return bytes(ids)
+            started = bool(ids) and ids[0] == tokens.BOS and not isinstance(ids[0], bool)
+            body = ids[1:] if started else ids
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 255 for i in body):
+                raise ValueError("a prompt given as a list of integers holds byte values 0..255 (bytes are the tokens), "
+                                 f"optionally after {tokens.BOS} (the sequence start)")
+            return StartedPrompt(body) if started else bytes(body)
 
         if isinstance(value, str):
             return [value]
@@ -126,8 +148,12 @@ class CompletionRequest(BaseModel):
 def parse_request(body: bytes) -> CompletionRequest:
     """The request body parsed, or :class:`APIError`: 400 for JSON that is not an object or a field that
     does not exist, 422 for a field of the wrong type."""
+    return _parse(CompletionRequest, body)
+
+
+def _parse(model: Any, body: bytes) -> Any:
     try:
-        return CompletionRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         first = errors[0]
@@ -189,6 +215,13 @@ def to_requests(body: CompletionRequest) -> list[Request]:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                        code="invalid_value")  # as OpenAI answers
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {body.logprobs}", param="logprobs",
+                       code="invalid_value")
+    for name, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
+        if body.stream and asked:
+            raise APIError(400, f"{name} is not supported with stream: true (logprobs are computed once a choice has "
+                           "ended); send stream: false", param=name, code="unsupported_parameter")
     prompts: list[str | bytes] = body.prompt
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}", param="prompt",
@@ -229,3 +262,77 @@ def api_error(exc: BLTDecodeError, body: CompletionRequest | None = None) -> API
 def finish_reason(stop_reason: str) -> str:
     """OpenAI's finish_reason for a DecodeStats.stop_reason: "length" at max_tokens, else "stop"."""
     return "length" if stop_reason == "max_new_bytes" else "stop"
+
+
+# -- chat -------------------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"message content of type {part.type!r} is not supported (text only)",
+                               param="messages", code="unsupported_parameter")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatRequest(_RequestFields):
+    """The body of ``POST /v1/chat/completions`` (``max_tokens`` is the older name of
+    ``max_completion_tokens``)."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, description="new bytes at most (max_new_bytes)")
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """A chat request body parsed, or :class:`APIError` as :func:`parse_request` answers."""
+    return _parse(ChatRequest, body)
+
+
+def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
+    """The completion request a chat request amounts to: its messages rendered by ``template`` (a
+    :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
+    before the request's own."""
+    from blt_decode.serving.chat import ChatTemplateError
+
+    if not chat.messages:
+        raise APIError(400, "messages is empty; give at least one message", param="messages", code="invalid_value")
+    if len(chat.messages) > MAX_MESSAGES:
+        raise APIError(400, f"{len(chat.messages)} messages; at most {MAX_MESSAGES}", param="messages", code="invalid_value")
+    if chat.max_tokens is not None and chat.max_completion_tokens is not None and chat.max_tokens != chat.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens",
+                       code="invalid_value")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if chat.top_logprobs is not None and not 0 <= chat.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {chat.top_logprobs}",
+                       param="top_logprobs", code="invalid_value")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in chat.messages]
+    try:
+        prompt = template.render(messages)
+    except ChatTemplateError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    own = [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
+    fields = {name: getattr(chat, name) for name in _RequestFields.model_fields}
+    fields.update(stop=[*template.stops, *own] or None,
+                  max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens)
+    return CompletionRequest.model_construct(
+        **fields, prompt=[prompt],
+        logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, echo=False, best_of=None, suffix=None)

@@ -28,14 +28,20 @@ class BLTDecodeReplica:
 
     def __init__(self, model: str, backend: str = "eager", max_batch: int = 16, model_name: str | None = None,
                  api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1,
-                 dtype: str | None = None, device: str | None = None):
+                 dtype: str | None = None, device: str | None = None, chat_template: str | None = None,
+                 chat_stops: tuple[str, ...] | None = None):
         import torch
+
+        from blt_decode.serving.chat import PLAIN, ChatTemplate
 
         if threads:
             torch.set_num_threads(threads)
+        # the template travels as text (a compiled one does not pickle) and is compiled on the replica
+        chat = ChatTemplate(chat_template if chat_template is not None else PLAIN.source,
+                            tuple(chat_stops) if chat_stops is not None else PLAIN.stops)
         self.settings = dict(model=model, backend=backend, max_batch=max_batch, model_name=model_name,
                              api_key=api_key, max_body_bytes=max_body_bytes,
-                             dtype=getattr(torch, dtype) if dtype else None, device=device)
+                             dtype=getattr(torch, dtype) if dtype else None, device=device, chat_template=chat)
 
     def __serve_build_asgi_app__(self) -> Any:
         from blt_decode.serving.app import build_app

@@ -2,7 +2,8 @@
 plain byte-level transformer baseline; one process or many under torchrun.
 
 Modules: :mod:`~blt_decode.training.loop` (the loop, :class:`TrainConfig`, :func:`train`),
-:mod:`~blt_decode.training.objective` (losses and block corruption), :mod:`~blt_decode.training.data`
+:mod:`~blt_decode.training.objective` (losses and block corruption),
+:mod:`~blt_decode.training.diffusion` (the batched BLT-D training forward), :mod:`~blt_decode.training.data`
 (``--data`` sources, batches, the prefetching loader), :mod:`~blt_decode.training.corpus_code` (the
 site-packages code corpus), :mod:`~blt_decode.training.presets` (model shapes),
 :mod:`~blt_decode.training.checkpoints` (JSON + safetensors, no pickle),
@@ -18,6 +19,7 @@ from blt_decode.training.checkpoints import (
     read_trainer_state,
     save_byte_lm,
 )
+from blt_decode.training.diffusion import DiffusionOutput, block_attention_mask, diffusion_forward
 from blt_decode.training.loop import (
     LOG_FILE,
     TRAINING_JSON,
@@ -49,9 +51,9 @@ from blt_decode.training.presets import (
 )
 
 __all__ = [
-    "BLT_PRESETS", "BYTELM_PRESETS", "BYTE_LM_FORMAT", "ENTROPY_PRESETS", "LEGACY_TRAINER_STATE", "LOG_FILE",
+    "BLT_PRESETS", "BYTELM_PRESETS", "BYTE_LM_FORMAT", "DiffusionOutput", "ENTROPY_PRESETS", "LEGACY_TRAINER_STATE", "LOG_FILE",
     "NoisyBlocks", "TRAINER_STATE", "TRAINER_TENSORS", "TRAINING_JSON", "TrainConfig", "TrainResult",
-    "TrainingError", "blt_preset", "build_model", "byte_lm_bits_per_byte", "calibrate_threshold",
-    "diffusion_loss", "diffusion_loss_sum", "evaluate", "global_share", "load_byte_lm", "lr_at", "make_blocks",
+    "TrainingError", "block_attention_mask", "blt_preset", "build_model", "byte_lm_bits_per_byte", "calibrate_threshold",
+    "diffusion_forward", "diffusion_loss", "diffusion_loss_sum", "evaluate", "global_share", "load_byte_lm", "lr_at", "make_blocks",
     "mean_patch_length", "next_byte_loss", "read_trainer_state", "row_generator", "save_byte_lm", "train",
 ]

