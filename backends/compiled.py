@@ -20,9 +20,11 @@ No silent fallback: a compilation error propagates (``torch._dynamo.config.suppr
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,6 +37,30 @@ from blt_decode.session import DecodeSession
 def compiled_graph_count() -> int:
     """Graphs torch.compile has produced in this process (to check that nothing recompiles)."""
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def compilations_reported(report: Callable[[int, float], None]) -> Iterator[None]:
+    """Within the block, ``report(n, seconds)`` is told of every graph torch.compile finishes compiling
+    (the n-th in the block, and how long it took): dynamo's compile callbacks, so any compiled code counts."""
+    from torch._dynamo.callback import callback_handler as handler
+
+    began, done = [0.0], [0]
+
+    def start(_args: Any) -> None:
+        began[0] = time.perf_counter()
+
+    def end(_args: Any) -> None:
+        done[0] += 1
+        report(done[0], time.perf_counter() - began[0])
+
+    handler.register_start_callback(start)
+    handler.register_end_callback(end)
+    try:
+        yield
+    finally:
+        handler.remove_start_callback(start)
+        handler.remove_end_callback(end)
 
 
 def _copy_out(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -82,13 +108,25 @@ class CompiledBackend:
     def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s"), *,
                rows: tuple[int, ...] = (1,), progress: bool = False) -> float:
         """Compile every graph a generation needs (single-position steps and chunks) before timing
-        starts; returns the seconds it took. Report it apart from decoding speed. (``rows`` and
-        ``progress`` are the static backend's: dynamic shapes serve every batch size here.)"""
+        starts; returns the seconds it took. Report it apart from decoding speed. With ``progress``, a
+        bar on stderr counts the graphs compiled (each strategy's warm-up generation compiles a few).
+        (``rows`` is the static backend's: dynamic shapes serve every batch size here.)"""
+        from tqdm import tqdm
+
         from blt_decode.api import generate
 
         start = time.perf_counter()
-        for strategy in strategies:
-            generate(model, "warm-up prompt", strategy=strategy, backend=self.name, max_new_bytes=12)
+        bar = tqdm(desc="compiling stacks", unit=" graphs", disable=not progress, leave=False, file=sys.stderr)
+
+        def compiled(n: int, seconds: float) -> None:
+            bar.update()
+            bar.set_postfix_str(f"last {seconds:.1f} s")
+
+        with compilations_reported(compiled):
+            for strategy in strategies:
+                bar.set_description(f"compiling stacks ({strategy})")
+                generate(model, "warm-up prompt", strategy=strategy, backend=self.name, max_new_bytes=12)
+        bar.close()
         return time.perf_counter() - start
 
 

@@ -52,8 +52,8 @@ class StaticBackend:
                progress: bool = False) -> float:
         """Compile the graphs of batches of up to ``max(rows)`` requests (every row bucket up to it, every
         chunk bucket, the common global buckets: :meth:`~blt_decode.static_runner.StaticRunner.warmup`)
-        before timing starts; with
-        ``progress``, a bar on stderr. Returns the seconds it took (report it apart from decoding speed;
+        before timing starts, and the lone sessions' graphs if ``rows`` holds 1 (``generate``, and an
+        engine of one slot, run those); with ``progress``, a bar on stderr. Returns the seconds it took (report it apart from decoding speed;
         a second process takes far less, from inductor's on-disk cache). ``strategies`` is accepted for
         the other compiled backend's signature: every strategy uses the same graphs."""
         from tqdm import tqdm
@@ -67,7 +67,7 @@ class StaticBackend:
             bar.set_postfix_str(name)
             bar.refresh()
 
-        self.runner(model).warmup(max_batch=max(rows), progress=step)
+        self.runner(model).warmup(max_batch=max(rows), lone=1 in rows, progress=step)
         bar.close()
         return time.perf_counter() - start
 

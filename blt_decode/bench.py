@@ -193,6 +193,8 @@ class ThroughputRow:
     rows_per_decoder_call: float
     #: share of requests whose output equals the smallest batch size's (1.0: batching changed nothing)
     same_as_smallest_batch: float
+    #: bytes/s divided by the first backend's at the same strategy and batch size (same run)
+    vs_first_backend: float = 1.0
 
 
 @attrs.frozen
@@ -318,6 +320,7 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     dtype, first, in the same process. A backend with a ``warmup(model, rows=..., progress=...)`` method
     (the compiled ones) is warmed with it before the per-row warm-up generations, for every batch size."""
     specs = with_ar_references(specs)
+    backends = list(dict.fromkeys(backends))
     for name in backends:
         plugins.get_backend(name)
     if repeats < 1:
@@ -339,12 +342,14 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
         for spec in specs:  # warm-up: compiles what is left on compiled backends, fills caches on eager
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
-        # the repeats go round the rows (row 1, row 2, ..., row 1, ...), so that a slow spell of a noisy
-        # machine touches every row alike: the bytes/s ratios between rows are then side by side
-        walls: dict[int, list[float]] = {i: [] for i in range(len(specs))}
-        runs: dict[int, tuple[list[bytes], list[DecodeStats]]] = {}
-        bar = tqdm(total=repeats * len(specs), desc=f"bench on {backend}", disable=not progress, leave=False)
-        for _ in range(repeats):
+    # the repeats go round the backends and rows (backend 1 row 1, row 2, ..., backend 2 row 1, ..., then
+    # again), so that a slow spell of a noisy machine touches every row alike: the bytes/s ratios between
+    # rows, and between backends, are then side by side
+    walls: dict[tuple[str, int], list[float]] = {(b, i): [] for b in backends for i in range(len(specs))}
+    runs: dict[tuple[str, int], tuple[list[bytes], list[DecodeStats]]] = {}
+    bar = tqdm(total=repeats * len(backends) * len(specs), desc="bench", disable=not progress, leave=False)
+    for _ in range(repeats):
+        for backend in backends:
             for index, spec in enumerate(specs):
                 outputs, stats, t0 = [], [], time.perf_counter()
                 for p in prompts:
@@ -352,12 +357,13 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                                      max_new_bytes=max_new_bytes, seed=0, **spec.options)
                     outputs.append(g.output)
                     stats.append(g.stats)
-                walls[index].append(time.perf_counter() - t0)
-                runs[index] = (outputs, stats)
+                walls[backend, index].append(time.perf_counter() - t0)
+                runs[backend, index] = (outputs, stats)
                 bar.update()
-        bar.close()
+    bar.close()
+    for backend in backends:
         for index, spec in enumerate(specs):
-            outputs, stats = runs[index]
+            outputs, stats = runs[backend, index]
             passes = sum_passes([s.passes for s in stats])
             gb = sum(s.bandwidth_gb for s in stats)
             key = (backend, sampling_key(spec.options))
@@ -374,7 +380,7 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
             decode_time = sum(s.wall_time_s - s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None)
             decode_bytes = sum(s.decode_bytes_per_second * (s.wall_time_s - s.time_to_first_byte_s)
                                for s in stats if s.decode_bytes_per_second is not None)
-            wall = statistics.median(walls[index])
+            wall = statistics.median(walls[backend, index])
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
                 new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
@@ -415,36 +421,54 @@ def run_throughput(model: BLTModel, specs: Sequence[StrategySpec], backends: Seq
                    batch_sizes: Sequence[int], *, max_new_bytes: int = 256, repeats: int = 1,
                    progress: bool = True) -> list[ThroughputRow]:
     """For every backend, strategy spec and batch size: decode every prompt with the batched engine
-    (:func:`blt_decode.generate_many`) and time it; speed-ups are against the smallest batch size, measured
-    in the same run."""
+    (:func:`blt_decode.generate_many`) and time it; speed-ups are against the smallest batch size, and
+    ``vs_first_backend`` against the first backend at the same batch size, all measured in the same run
+    (the backends take turns at each setting). On a backend with a ``warmup`` (the compiled ones) each
+    setting first runs once untimed, so that no compilation is timed."""
     from blt_decode.engine import Engine
 
-    rows: list[ThroughputRow] = []
     sizes = sorted(set(batch_sizes))
+    measured: dict[tuple[str, str, int], tuple[float, list[bytes], Any]] = {}
+
+    def run_once(backend: str, spec: StrategySpec, size: int) -> tuple[float, list[bytes], Any]:
+        engine = Engine(model, backend=backend, max_batch=size)
+        streams = [engine.submit(p.prompt, strategy=spec.strategy, max_new_bytes=max_new_bytes, seed=i, **spec.options)
+                   for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        engine.run_until_idle()
+        return time.perf_counter() - t0, [s.result().output for s in streams], engine.stats()
+
+    bar = tqdm(total=len(specs) * len(sizes) * len(backends), desc="throughput", disable=not progress, leave=False)
+    for spec in specs:
+        for size in sizes:
+            for backend in backends:
+                bar.set_postfix_str(f"{spec.label} batch {size} on {backend}")
+                if getattr(plugins.get_backend(backend), "warmup", None) is not None:
+                    run_once(backend, spec, size)
+                walls, outputs, stats = [], [], None
+                for _ in range(repeats):
+                    wall, outputs, stats = run_once(backend, spec, size)
+                    walls.append(wall)
+                measured[backend, spec.label, size] = (statistics.median(walls), outputs, stats)
+                bar.update()
+    bar.close()
+    rows: list[ThroughputRow] = []
     for backend in backends:
         for spec in specs:
-            base_rate, base_outputs = None, None
+            _, base_outputs, _ = measured[backend, spec.label, sizes[0]]
+            base_rate = None
             for size in sizes:
-                walls = []
-                for _ in tqdm(range(repeats), desc=f"{spec.label} batch {size} on {backend}", disable=not progress, leave=False):
-                    engine = Engine(model, backend=backend, max_batch=size)
-                    streams = [engine.submit(p.prompt, strategy=spec.strategy, max_new_bytes=max_new_bytes, seed=i,
-                                             **spec.options) for i, p in enumerate(prompts)]
-                    t0 = time.perf_counter()
-                    engine.run_until_idle()
-                    walls.append(time.perf_counter() - t0)
-                outputs = [s.result().output for s in streams]
+                wall, outputs, stats = measured[backend, spec.label, size]
+                first_wall, first_outputs, _ = measured[backends[0], spec.label, size]
                 new_bytes = sum(len(o) for o in outputs)
-                wall = statistics.median(walls)
                 rate = new_bytes / wall
-                if base_rate is None:
-                    base_rate, base_outputs = rate, outputs
-                stats = engine.stats()
+                base_rate = base_rate or rate
                 rows.append(ThroughputRow(
                     label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, batch_size=size,
                     requests=len(prompts), new_bytes=new_bytes, wall_s=wall, bytes_per_second=rate,
                     speedup=rate / base_rate, occupancy=stats.occupancy, rows_per_decoder_call=stats.rows_per_call["decoder"],
                     same_as_smallest_batch=sum(a == b for a, b in zip(outputs, base_outputs)) / len(prompts),
+                    vs_first_backend=rate / (sum(len(o) for o in first_outputs) / first_wall),
                 ))
     return rows
 
@@ -505,6 +529,14 @@ def _notes(result: BenchResult) -> str:
                      "weight GB/s as a share of it: " + ", ".join(
                          f"{r.label} {r.backend} {r.weight_gb_per_second / line.gb_per_second:.0%}" for r in result.rows
                          if r.weight_gb_per_second is not None))
+    ratios = backend_ratios(result)
+    if ratios:
+        first = result.rows[0].backend
+        by_backend: dict[str, list[str]] = {}
+        for (label, backend), ratio in ratios.items():
+            by_backend.setdefault(backend, []).append(f"{label} {ratio:.2f}")
+        notes += [f"{backend} / {first} bytes/s (same run, repeats interleaved): " + ", ".join(parts)
+                  for backend, parts in by_backend.items()]
     if any(r.reference != "ar" for r in result.rows):
         notes.append("sampled rows: vs AR = against " + ", ".join(sorted({r.reference for r in result.rows if r.reference != "ar"}))
                      + " (AR sampling with the same options); exact = AR is left out (same distribution, different draws)")
@@ -520,14 +552,24 @@ def _notes(result: BenchResult) -> str:
     return "\n".join(notes) + "\n"
 
 
+def backend_ratios(result: BenchResult) -> dict[tuple[str, str], float]:
+    """(label, backend) -> the row's bytes/s over the same label's on the first backend of the run, for
+    every backend after the first."""
+    first = result.rows[0].backend if result.rows else None
+    base = {r.label: r.bytes_per_second for r in result.rows if r.backend == first}
+    return {(r.label, r.backend): r.bytes_per_second / base[r.label] for r in result.rows
+            if r.backend != first and base.get(r.label)}
+
+
 def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
-    head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch | occupancy "
-            "| rows / decoder call | same output |")
+    first = rows[0].backend if rows else ""
+    head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch "
+            f"| vs {first} | occupancy | rows / decoder call | same output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r.label} | {r.backend} | {r.batch_size} | {r.requests} | {r.new_bytes} | {r.wall_s:.2f} "
-                     f"| {r.bytes_per_second:.1f} | {r.speedup:.2f} | {r.occupancy:.2f} | {r.rows_per_decoder_call:.1f} "
-                     f"| {r.same_as_smallest_batch:.2f} |")
+                     f"| {r.bytes_per_second:.1f} | {r.speedup:.2f} | {r.vs_first_backend:.2f} | {r.occupancy:.2f} "
+                     f"| {r.rows_per_decoder_call:.1f} | {r.same_as_smallest_batch:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -371,15 +371,16 @@ class StaticRunner:
         return StaticState(self.model, slots, capacity, self)
 
     @torch.no_grad()
-    def warmup(self, *, max_batch: int = 1, chunks: Sequence[int] = CHUNK_BUCKETS, patches: Sequence[int] = (1, 4, 16),
-               spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN), progress: Callable[[int, int, str], None] | None = None
-               ) -> list[tuple]:
-        """Compile now every graph a lone session uses (the lone graphs) and, with ``max_batch`` > 1,
-        every graph of engine batches of up to ``max_batch`` requests (each row bucket up to it): the
-        front, decoder and fused graphs for ``chunks``, the global graph for ``patches`` and ``spans``.
-        They run on padding rows of scratch states. ``progress(done, total, name)`` is told before each.
-        Returns the keys compiled; later calls inside these buckets compile nothing."""
-        modes = [(True, [1])]
+    def warmup(self, *, max_batch: int = 1, lone: bool = True, chunks: Sequence[int] = CHUNK_BUCKETS,
+               patches: Sequence[int] = (1, 4, 16), spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN),
+               progress: Callable[[int, int, str], None] | None = None) -> list[tuple]:
+        """Compile now (with ``lone``) every graph a lone session uses (the lone graphs: also an engine of
+        one slot's) and, with ``max_batch`` > 1, every graph of engine batches of up to ``max_batch``
+        requests (each row bucket up to it): the front, decoder and fused graphs for ``chunks``, the global
+        graph for ``patches`` and ``spans``. They run on padding rows of scratch states. ``progress(done,
+        total, name)`` is told before each. Returns the keys compiled; later calls inside these buckets
+        compile nothing."""
+        modes = [(True, [1])] if lone else []
         if max_batch > 1:
             modes.append((False, sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)})))
         keys = []

@@ -233,3 +233,61 @@ def test_weight_rates_and_the_matrix_vector_roofline(monkeypatch):
     text = bench.markdown(result, full=True)
     assert "matrix-vector roofline: 2.00 GB/s" in text and "| weight GB/s |" in text
     assert f"ar eager {row.weight_gb_per_second / 2.0:.0%}" in text
+
+
+def test_backends_take_turns_and_their_ratios_are_reported():
+    """Repeats go round every backend's rows (a noisy spell touches all alike), the run reports each
+    backend's bytes/s over the first's, and a backend with a warm-up runs each throughput setting once
+    untimed first (so that no compilation is timed)."""
+    from blt_decode import hookimpl, plugins
+    from blt_decode.backends.eager import EagerBackend
+    from blt_decode.runner import EagerRunner
+    from blt_decode.session import DecodeSession
+
+    sessions, engines, warmed = [], [], []
+
+    class Recording(EagerBackend):
+        def __init__(self, name):
+            self.name = name
+
+        def open_session(self, model, capacity):
+            sessions.append(self.name)
+            return DecodeSession(model, capacity, EagerRunner(model))
+
+        def runner(self, model):
+            engines.append(self.name)
+            return super().runner(model)
+
+        def warmup(self, model, strategies=(), *, rows=(1,), progress=False):
+            warmed.append((self.name, rows))
+            return 0.0
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(Recording("rec-a"))
+            register(Recording("rec-b"))
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(Plugin(), name="recording-backends")
+    try:
+        result = bench.run_bench("random:tiny", bench.parse_strategies("ar,blt-s:k=4"), ["rec-a", "rec-b"],
+                                 prompt_sets.load("heldout", 2), max_new_bytes=8, repeats=2, progress=False,
+                                 batch_sizes=(1, 2))
+    finally:
+        plugins.reset()
+    assert warmed == [("rec-a", (1, 2)), ("rec-b", (1, 2))]
+    # a warm-up generation per row and backend, then (every row of a, every row of b) per repeat
+    timed = ["rec-a"] * 4 + ["rec-b"] * 4
+    assert sessions[:4] == ["rec-a", "rec-a", "rec-b", "rec-b"] and sessions[4:] == timed * 2
+    assert engines.count("rec-a") == engines.count("rec-b") == 2 * 2 * 2  # untimed + timed, 2 rows x 2 sizes
+    rows = {(r.label, r.backend): r for r in result.rows}
+    ratios = bench.backend_ratios(result)
+    assert set(ratios) == {("ar", "rec-b"), ("blt-s:k=4", "rec-b")}
+    ar = rows["ar", "rec-b"].bytes_per_second / rows["ar", "rec-a"].bytes_per_second
+    assert ratios["ar", "rec-b"] == pytest.approx(ar)
+    assert f"rec-b / rec-a bytes/s (same run, repeats interleaved): ar {ar:.2f}, " in bench.markdown(result)
+    for r in result.throughput:
+        first = next(f for f in result.throughput if f.backend == "rec-a" and (f.label, f.batch_size) == (r.label, r.batch_size))
+        assert r.vs_first_backend == pytest.approx(r.bytes_per_second / first.bytes_per_second)
+    assert "| vs rec-a |" in bench.throughput_markdown(result.throughput)
