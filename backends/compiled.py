@@ -30,7 +30,8 @@ import torch
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
-from blt_decode.session import DecodeSession, StackRunners
+from blt_decode.runner import EagerRunner, StackRunners
+from blt_decode.session import DecodeSession
 
 
 def compiled_graph_count() -> int:
@@ -97,14 +98,19 @@ class CompiledBackend:
             )
         return self._runners[model]
 
+    def runner(self, model: BLTModel) -> EagerRunner:
+        """The eager runner's logic over the compiled stacks (any batch size)."""
+        return EagerRunner(model, self.runners(model))
+
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
-        return DecodeSession(model, capacity, runners=self.runners(model))
+        return DecodeSession(model, capacity, self.runner(model))
 
     def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s"), *,
-               progress: bool = False) -> float:
+               rows: tuple[int, ...] = (1,), progress: bool = False) -> float:
         """Compile every graph a generation needs (single-position steps and chunks) before timing
         starts; returns the seconds it took. Report it apart from decoding speed. With ``progress``, a
-        bar on stderr counts the graphs compiled (each strategy's warm-up generation compiles a few)."""
+        bar on stderr counts the graphs compiled (each strategy's warm-up generation compiles a few).
+        (``rows`` is the static backend's: dynamic shapes serve every batch size here.)"""
         from tqdm import tqdm
 
         from blt_decode.api import generate

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
-from blt_decode.session import DecodeSession, StackRunners
+from blt_decode.runner import EagerRunner
+from blt_decode.session import DecodeSession
 
 
 class EagerBackend:
     name = "eager"
     description = "plain PyTorch (any device, any dtype); the reference for every other backend"
 
-    def runners(self, model: BLTModel) -> StackRunners:
-        """The model's own modules (the batched engine runs them over many sequences at once)."""
-        return StackRunners.eager(model)
+    def runner(self, model: BLTModel) -> EagerRunner:
+        """The reference runner over the model's own modules (any batch size)."""
+        return EagerRunner(model)
 
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
-        return DecodeSession(model, capacity, runners=self.runners(model))
+        return DecodeSession(model, capacity, self.runner(model))
 
 
 @hookimpl

@@ -149,6 +149,9 @@ class BenchRow:
     bytes_per_block: float | None
     #: label of the autoregressive row the "vs AR" ratios and exact matches compare with
     reference: str = "ar"
+    #: weights read per second of wall time, GB: every module's passes (the patcher's too) times its
+    #: parameters times the model's bytes per parameter, over the same wall time as bytes/s
+    weight_gb_per_second: float | None = None
 
 
 @attrs.frozen
@@ -165,6 +168,8 @@ class BenchResult:
     hf_note: str | None = None
     #: batched-engine throughput rows (``--batch-sizes``); empty when not asked for
     throughput: list["ThroughputRow"] = attrs.field(factory=list)
+    #: the matrix-vector roofline of this run (``--roofline``), None when not measured
+    roofline: "Roofline | None" = None
 
 
 @attrs.frozen
@@ -188,6 +193,60 @@ class ThroughputRow:
     rows_per_decoder_call: float
     #: share of requests whose output equals the smallest batch size's (1.0: batching changed nothing)
     same_as_smallest_batch: float
+    #: bytes/s divided by the first backend's at the same strategy and batch size (same run)
+    vs_first_backend: float = 1.0
+
+
+@attrs.frozen
+class Roofline:
+    """Weight bytes per second of a matrix-vector product on a matrix larger than the last-level cache:
+    the rate at which batch-1 decoding could at best stream a model's weights on this machine."""
+
+    gb_per_second: float
+    matrix_mb: float
+    dtype: str
+    cache_mb: float | None  #: the last-level cache the matrix had to exceed (None: not found, 1 GiB used)
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size in bytes (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=None)
+
+
+@torch.no_grad()
+def matvec_roofline(dtype: torch.dtype, device: torch.device | str = "cpu", *, repeats: int = 5,
+                    size: int | None = None) -> Roofline:
+    """Time ``W @ x`` for a ``dtype`` matrix of ``size`` bytes (default: twice the last-level cache, at
+    least 256 MiB) and report its bytes over the best time: the machine's streaming rate, which batch-1
+    steps of a model larger than the cache are compared with."""
+    cache = last_level_cache_bytes()
+    if size is None:
+        size = max(2 * cache, 256 << 20) if cache else 1 << 30
+    element = torch.tensor([], dtype=dtype).element_size()
+    cols = 4096
+    rows = size // (cols * element)
+    weights = torch.empty(rows, cols, dtype=dtype, device=device).normal_()
+    x = torch.randn(cols, dtype=dtype, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first touches the pages
+        start = time.perf_counter()
+        torch.mv(weights, x)
+        best = min(best, time.perf_counter() - start)
+    return Roofline(weights.numel() * element / best / 1e9, weights.numel() * element / 2**20, str(dtype).removeprefix("torch."),
+                    cache / 2**20 if cache else None)
+
+
+def weight_gb(passes: ForwardPasses, params: ParamCounts, bytes_per_param: int) -> float:
+    """Weights read by these passes, GB, every module included (Eq. 8 leaves the patcher out)."""
+    return (bandwidth_gb(passes, params, bytes_per_param) + passes.patcher * params.patcher * bytes_per_param / 1e9)
 
 
 @torch.no_grad()
@@ -253,18 +312,23 @@ def sum_passes(passes: Sequence[ForwardPasses]) -> ForwardPasses:
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
               max_new_bytes: int = 256, repeats: int = 3, threads: int = 1, compare_hf: bool = False,
               progress: bool = True, prompt_set: str = "custom", dtype: torch.dtype | None = None,
-              device: str | None = None, batch_sizes: Sequence[int] = ()) -> BenchResult:
+              device: str | None = None, batch_sizes: Sequence[int] = (), roofline: bool = False) -> BenchResult:
     """Run every strategy spec on every backend over ``prompts``; ratios are against the autoregressive
     row with the same sampling options on the same backend (greedy for greedy rows; rows are added where
     missing, see :func:`with_ar_references`). ``prompt_set`` labels the prompts in the result (a built-in
-    set's version, or the user's file)."""
+    set's version, or the user's file). ``roofline`` also measures :func:`matvec_roofline` in the model's
+    dtype, first, in the same process. A backend with a ``warmup(model, rows=..., progress=...)`` method
+    (the compiled ones) is warmed with it before the per-row warm-up generations, for every batch size."""
     specs = with_ar_references(specs)
+    backends = list(dict.fromkeys(backends))
     for name in backends:
         plugins.get_backend(name)
     if repeats < 1:
         raise BLTDecodeError(f"repeats must be >= 1, got {repeats}")
     torch.set_num_threads(threads)
     model = api.load_model(model_spec, dtype=dtype, device=device)
+    line = matvec_roofline(model.dtype, model.device) if roofline else None
+    element = torch.tensor([], dtype=model.dtype).element_size()
     released = released_param_counts()
     warmup: dict[str, float] = {}
     rows: list[BenchRow] = []
@@ -272,15 +336,20 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, int, list[bytes]]] = {}
     for backend in backends:
         start = time.perf_counter()
-        for spec in specs:  # warm-up: compiles every graph on compiled backends, fills caches on eager
+        prepare = getattr(plugins.get_backend(backend), "warmup", None)
+        if prepare is not None:  # compiled backends: every graph of the batch sizes measured, with progress
+            prepare(model, rows=tuple(sorted({*batch_sizes, 1})), progress=progress)
+        for spec in specs:  # warm-up: compiles what is left on compiled backends, fills caches on eager
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
-        # the repeats go round the rows (row 1, row 2, ..., row 1, ...), so that a slow spell of a noisy
-        # machine touches every row alike: the bytes/s ratios between rows are then side by side
-        walls: dict[int, list[float]] = {i: [] for i in range(len(specs))}
-        runs: dict[int, tuple[list[bytes], list[DecodeStats]]] = {}
-        bar = tqdm(total=repeats * len(specs), desc=f"bench on {backend}", disable=not progress, leave=False)
-        for _ in range(repeats):
+    # the repeats go round the backends and rows (backend 1 row 1, row 2, ..., backend 2 row 1, ..., then
+    # again), so that a slow spell of a noisy machine touches every row alike: the bytes/s ratios between
+    # rows, and between backends, are then side by side
+    walls: dict[tuple[str, int], list[float]] = {(b, i): [] for b in backends for i in range(len(specs))}
+    runs: dict[tuple[str, int], tuple[list[bytes], list[DecodeStats]]] = {}
+    bar = tqdm(total=repeats * len(backends) * len(specs), desc="bench", disable=not progress, leave=False)
+    for _ in range(repeats):
+        for backend in backends:
             for index, spec in enumerate(specs):
                 outputs, stats, t0 = [], [], time.perf_counter()
                 for p in prompts:
@@ -288,12 +357,13 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                                      max_new_bytes=max_new_bytes, seed=0, **spec.options)
                     outputs.append(g.output)
                     stats.append(g.stats)
-                walls[index].append(time.perf_counter() - t0)
-                runs[index] = (outputs, stats)
+                walls[backend, index].append(time.perf_counter() - t0)
+                runs[backend, index] = (outputs, stats)
                 bar.update()
-        bar.close()
+    bar.close()
+    for backend in backends:
         for index, spec in enumerate(specs):
-            outputs, stats = runs[index]
+            outputs, stats = runs[backend, index]
             passes = sum_passes([s.passes for s in stats])
             gb = sum(s.bandwidth_gb for s in stats)
             key = (backend, sampling_key(spec.options))
@@ -310,7 +380,7 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
             decode_time = sum(s.wall_time_s - s.time_to_first_byte_s for s in stats if s.time_to_first_byte_s is not None)
             decode_bytes = sum(s.decode_bytes_per_second * (s.wall_time_s - s.time_to_first_byte_s)
                                for s in stats if s.decode_bytes_per_second is not None)
-            wall = statistics.median(walls[index])
+            wall = statistics.median(walls[backend, index])
             rows.append(BenchRow(
                 label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, passes=passes,
                 new_bytes=new_bytes, bandwidth_gb=gb, bandwidth_vs_ar=per_byte_ratio(gb, new_bytes, ar_gb, ar_new_bytes),
@@ -329,13 +399,14 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
                 denoise_passes_per_block=denoise / blocks if blocks else None,
                 bytes_per_block=new_bytes / blocks if blocks else None,
                 reference=reference,
+                weight_gb_per_second=weight_gb(passes, model.param_counts(), element) / wall,
             ))
     hf_rate, hf_note = _hf_speed(model, list(prompts), max_new_bytes) if compare_hf else (None, None)
     throughput = run_throughput(model, specs, backends, prompts, batch_sizes, max_new_bytes=max_new_bytes,
                                 progress=progress) if batch_sizes else []
     label = model_spec if isinstance(model_spec, str) else "(model object)"
     return BenchResult(label, prompt_set, len(prompts), max_new_bytes, repeats, threads, warmup, rows, hf_rate, hf_note,
-                       throughput)
+                       throughput, line)
 
 
 def per_byte_ratio(cost: float, new_bytes: int, ar_cost: float, ar_new_bytes: int) -> float | None:
@@ -350,36 +421,54 @@ def run_throughput(model: BLTModel, specs: Sequence[StrategySpec], backends: Seq
                    batch_sizes: Sequence[int], *, max_new_bytes: int = 256, repeats: int = 1,
                    progress: bool = True) -> list[ThroughputRow]:
     """For every backend, strategy spec and batch size: decode every prompt with the batched engine
-    (:func:`blt_decode.generate_many`) and time it; speed-ups are against the smallest batch size, measured
-    in the same run."""
+    (:func:`blt_decode.generate_many`) and time it; speed-ups are against the smallest batch size, and
+    ``vs_first_backend`` against the first backend at the same batch size, all measured in the same run
+    (the backends take turns at each setting). On a backend with a ``warmup`` (the compiled ones) each
+    setting first runs once untimed, so that no compilation is timed."""
     from blt_decode.engine import Engine
 
-    rows: list[ThroughputRow] = []
     sizes = sorted(set(batch_sizes))
+    measured: dict[tuple[str, str, int], tuple[float, list[bytes], Any]] = {}
+
+    def run_once(backend: str, spec: StrategySpec, size: int) -> tuple[float, list[bytes], Any]:
+        engine = Engine(model, backend=backend, max_batch=size)
+        streams = [engine.submit(p.prompt, strategy=spec.strategy, max_new_bytes=max_new_bytes, seed=i, **spec.options)
+                   for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        engine.run_until_idle()
+        return time.perf_counter() - t0, [s.result().output for s in streams], engine.stats()
+
+    bar = tqdm(total=len(specs) * len(sizes) * len(backends), desc="throughput", disable=not progress, leave=False)
+    for spec in specs:
+        for size in sizes:
+            for backend in backends:
+                bar.set_postfix_str(f"{spec.label} batch {size} on {backend}")
+                if getattr(plugins.get_backend(backend), "warmup", None) is not None:
+                    run_once(backend, spec, size)
+                walls, outputs, stats = [], [], None
+                for _ in range(repeats):
+                    wall, outputs, stats = run_once(backend, spec, size)
+                    walls.append(wall)
+                measured[backend, spec.label, size] = (statistics.median(walls), outputs, stats)
+                bar.update()
+    bar.close()
+    rows: list[ThroughputRow] = []
     for backend in backends:
         for spec in specs:
-            base_rate, base_outputs = None, None
+            _, base_outputs, _ = measured[backend, spec.label, sizes[0]]
+            base_rate = None
             for size in sizes:
-                walls = []
-                for _ in tqdm(range(repeats), desc=f"{spec.label} batch {size} on {backend}", disable=not progress, leave=False):
-                    engine = Engine(model, backend=backend, max_batch=size)
-                    streams = [engine.submit(p.prompt, strategy=spec.strategy, max_new_bytes=max_new_bytes, seed=i,
-                                             **spec.options) for i, p in enumerate(prompts)]
-                    t0 = time.perf_counter()
-                    engine.run_until_idle()
-                    walls.append(time.perf_counter() - t0)
-                outputs = [s.result().output for s in streams]
+                wall, outputs, stats = measured[backend, spec.label, size]
+                first_wall, first_outputs, _ = measured[backends[0], spec.label, size]
                 new_bytes = sum(len(o) for o in outputs)
-                wall = statistics.median(walls)
                 rate = new_bytes / wall
-                if base_rate is None:
-                    base_rate, base_outputs = rate, outputs
-                stats = engine.stats()
+                base_rate = base_rate or rate
                 rows.append(ThroughputRow(
                     label=spec.label, strategy=spec.strategy, options=spec.options, backend=backend, batch_size=size,
                     requests=len(prompts), new_bytes=new_bytes, wall_s=wall, bytes_per_second=rate,
                     speedup=rate / base_rate, occupancy=stats.occupancy, rows_per_decoder_call=stats.rows_per_call["decoder"],
                     same_as_smallest_batch=sum(a == b for a, b in zip(outputs, base_outputs)) / len(prompts),
+                    vs_first_backend=rate / (sum(len(o) for o in first_outputs) / first_wall),
                 ))
     return rows
 
@@ -410,7 +499,7 @@ def markdown(result: BenchResult, *, full: bool = False) -> str:
     head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
             + " | bytes/s | decode bytes/s | first byte ms | acceptance | bytes/block | denoise passes/block "
-              "| exact = AR | prefix = AR | chrF | bits/byte under AR |")
+              "| exact = AR | prefix = AR | chrF | bits/byte under AR | weight GB/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result.rows:
         ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
@@ -420,7 +509,7 @@ def markdown(result: BenchResult, *, full: bool = False) -> str:
             + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
               f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
               f"| {_fmt(r.exact_match_vs_ar, '.2f')} | {_fmt(r.matching_prefix_vs_ar, '.2f')} | {_fmt(r.chrf, '.1f')} "
-              f"| {r.bits_per_byte_under_ar:.3f} |"
+              f"| {r.bits_per_byte_under_ar:.3f} | {_fmt(r.weight_gb_per_second, '.3g')} |"
         )
     return "\n".join(lines) + "\n\n" + _notes(result) + _throughput(result)
 
@@ -433,6 +522,21 @@ def _notes(result: BenchResult) -> str:
     notes = [f"model {result.model}, prompt set {result.prompt_set} ({result.prompts} prompts), {result.max_new_bytes} new bytes, "
              f"median of {result.repeats} repeats, torch threads = {result.threads}; warm-up s: "
              + ", ".join(f"{k} {v:.1f}" for k, v in result.warmup_s.items())]
+    if result.roofline is not None:
+        line = result.roofline
+        cache = f"> last-level cache {line.cache_mb:.0f} MiB" if line.cache_mb else "(cache size unknown)"
+        notes.append(f"matrix-vector roofline: {line.gb_per_second:.2f} GB/s ({line.dtype}, {line.matrix_mb:.0f} MiB matrix {cache}); "
+                     "weight GB/s as a share of it: " + ", ".join(
+                         f"{r.label} {r.backend} {r.weight_gb_per_second / line.gb_per_second:.0%}" for r in result.rows
+                         if r.weight_gb_per_second is not None))
+    ratios = backend_ratios(result)
+    if ratios:
+        first = result.rows[0].backend
+        by_backend: dict[str, list[str]] = {}
+        for (label, backend), ratio in ratios.items():
+            by_backend.setdefault(backend, []).append(f"{label} {ratio:.2f}")
+        notes += [f"{backend} / {first} bytes/s (same run, repeats interleaved): " + ", ".join(parts)
+                  for backend, parts in by_backend.items()]
     if any(r.reference != "ar" for r in result.rows):
         notes.append("sampled rows: vs AR = against " + ", ".join(sorted({r.reference for r in result.rows if r.reference != "ar"}))
                      + " (AR sampling with the same options); exact = AR is left out (same distribution, different draws)")
@@ -448,14 +552,24 @@ def _notes(result: BenchResult) -> str:
     return "\n".join(notes) + "\n"
 
 
+def backend_ratios(result: BenchResult) -> dict[tuple[str, str], float]:
+    """(label, backend) -> the row's bytes/s over the same label's on the first backend of the run, for
+    every backend after the first."""
+    first = result.rows[0].backend if result.rows else None
+    base = {r.label: r.bytes_per_second for r in result.rows if r.backend == first}
+    return {(r.label, r.backend): r.bytes_per_second / base[r.label] for r in result.rows
+            if r.backend != first and base.get(r.label)}
+
+
 def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
-    head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch | occupancy "
-            "| rows / decoder call | same output |")
+    first = rows[0].backend if rows else ""
+    head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch "
+            f"| vs {first} | occupancy | rows / decoder call | same output |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r.label} | {r.backend} | {r.batch_size} | {r.requests} | {r.new_bytes} | {r.wall_s:.2f} "
-                     f"| {r.bytes_per_second:.1f} | {r.speedup:.2f} | {r.occupancy:.2f} | {r.rows_per_decoder_call:.1f} "
-                     f"| {r.same_as_smallest_batch:.2f} |")
+                     f"| {r.bytes_per_second:.1f} | {r.speedup:.2f} | {r.vs_first_backend:.2f} | {r.occupancy:.2f} "
+                     f"| {r.rows_per_decoder_call:.1f} | {r.same_as_smallest_batch:.2f} |")
     return "\n".join(lines) + "\n"
 
 

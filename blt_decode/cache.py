@@ -9,9 +9,13 @@ are stale and get overwritten by the next write). The same buffers serve eager a
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+#: ``repeat_kv(keys, values)``: the attention's own widening of key/value heads to its query heads
+RepeatKV = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AttentionGroup(NamedTuple):
@@ -49,7 +53,7 @@ class RowLayout(NamedTuple):
     no padding, however ragged the rows are (a 9-byte verification beside one-byte steps). Attention is
     the one place rows meet their own cache: it lays each group of rows of similar length out as a grid,
     reads each row's keys, and packs the result again; grouping keeps a prompt's prefill from padding
-    the attention of one-byte steps to its length. Built by :func:`blt_decode.session.row_layout`; every
+    the attention of one-byte steps to its length. Built by :func:`blt_decode.runner.row_layout`; every
     layer of the stack uses the same layout.
     """
 
@@ -59,6 +63,84 @@ class RowLayout(NamedTuple):
     positions: torch.Tensor
     #: attention groups (one in the common case of rows of similar length)
     groups: tuple[AttentionGroup, ...]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "KVCache", layer: int,
+               repeat_kv: RepeatKV) -> torch.Tensor:
+        """Store the packed keys/values ([N, kv_heads, head_dim]) and return every packed query's attention
+        output over its row's cache ([N, heads, head_dim]), group by group."""
+        cache.write(layer, self, k, v)
+        out = None
+        for group in self.groups:
+            keys, values = repeat_kv(*cache.read(layer, group))
+            grid_q = group.to_grid(q if group.members is None else q.index_select(0, group.members))
+            o = group.from_grid(F.scaled_dot_product_attention(grid_q.transpose(1, 2), keys, values,
+                                                               attn_mask=group.mask).transpose(1, 2))
+            if group.members is None:
+                out = o
+            else:
+                out = (q.new_empty(q.shape) if out is None else out).index_copy_(0, group.members, o)
+        assert out is not None
+        return out
+
+
+class GridLayout(NamedTuple):
+    """A fixed-shape layout of one stack call (the static runner's): B rows of T positions each, packed
+    as N = B * T positions (padding included; padding is computed, written to scratch room and never
+    read), each row reading K chosen entries of its slot's cache.
+
+    Every size here is fixed by the call's shape bucket, never by the data, so a compiled step has static
+    shapes; which entries a row reads, and the mask, are tensors computed on the device."""
+
+    #: [N] cache slot and [N] position of each packed position (its rotary position and where its keys go)
+    slots: torch.Tensor
+    positions: torch.Tensor
+    #: [B] slot each row reads, and [B, K] the cache positions it reads (in range; masked where not real);
+    #: both None: row b reads slot b's whole cache, as a view (a lone sequence: nothing is gathered)
+    read_slots: torch.Tensor | None
+    read_positions: torch.Tensor | None
+    #: [B, 1, T, K] additive attention mask in the model's dtype (0 or -inf)
+    mask: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: "KVCache", layer: int,
+               repeat_kv: RepeatKV) -> torch.Tensor:
+        """As :meth:`RowLayout.attend`, over the grid: one attention call for every row at once.
+
+        ``cache`` is anything with ``keys``/``values`` buffers ([layers, slots, kv_heads, room, head_dim]).
+        Entries a row reads but may not attend to get zero weight; the runner keeps every entry finite
+        (see :meth:`blt_decode.static_runner.StaticState.clear`), so they contribute exactly nothing."""
+        # a layer index tensor, not an int: writing through cache.keys[layer] (a view) would make the
+        # compiled graph copy the whole layer to functionalize the write; this writes in place
+        at = (torch.full_like(self.slots, layer), self.slots, slice(None), self.positions)
+        cache.keys[at] = k
+        cache.values[at] = v
+        b, t = self.mask.shape[0], self.mask.shape[2]
+        if self.read_slots is None:  # [B, kv_heads, room, head_dim] views
+            keys, values = cache.keys[layer, :b], cache.values[layer, :b]
+        else:  # [B, kv_heads, K, head_dim], gathered
+            where = (self.read_slots[:, None], slice(None), self.read_positions)
+            keys, values = cache.keys[layer][where].transpose(1, 2), cache.values[layer][where].transpose(1, 2)
+        if t == 1:
+            return _attend_one(q, keys, values, self.mask.view(b, -1))
+        keys, values = repeat_kv(keys, values)
+        grid_q = q.view(b, t, *q.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(grid_q, keys, values, attn_mask=self.mask)
+        return out.transpose(1, 2).reshape(q.shape)
+
+
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row (q [B, heads, head_dim]) over keys/values ([B, kv_heads, K,
+    head_dim]) under an additive mask [B, K], written as two reductions: a compiler fuses a gather of the
+    keys into them instead of copying every row's keys out first (what a matrix-product attention
+    needs), and one-query attention is a matrix-vector product anyway. Scores and softmax in at least
+    float32, as the fused attention kernels compute them."""
+    b, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    grouped = q.view(b, kv_heads, heads // kv_heads, 1, dim).to(compute)
+    scores = (grouped * keys[:, :, None].to(compute)).sum(-1) * dim ** -0.5  # [B, kv_heads, group, K]
+    weights = torch.softmax(scores + mask[:, None, None].to(compute), dim=-1)
+    out = (weights[..., None] * values[:, :, None].to(compute)).sum(-2)  # [B, kv_heads, group, dim]
+    return out.reshape(b, heads, dim).to(q.dtype)
 
 
 class KVCache:
@@ -72,7 +154,7 @@ class KVCache:
         self.capacity = capacity
         self.slots = slots
 
-    def write(self, layer: int, rows: RowLayout, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(self, layer: int, rows: "RowLayout | GridLayout", keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the packed ``keys``/``values`` ([N, heads, head_dim]) at their rows' slots and positions."""
         # advanced indices on dims 0 and 2 around a slice: the indexed view is [N, heads, head_dim]
         self.keys[layer][rows.slots, :, rows.positions] = keys

@@ -71,18 +71,27 @@ def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_de
     return api.load_model(spec or args.model, dtype=dtype, device=getattr(args, "device", None))
 
 
-def _compile_note(backend: str) -> None:
-    """Say on stderr that ``backend`` compiles before it is fast, and print a line for every graph it
-    compiles, with its seconds, so that a warm-up is never silent."""
+def _compile_note(backend: str, *, each_graph: bool = True) -> None:
+    """Say on stderr that ``backend`` compiles before it is fast, and (``each_graph``) print a line for
+    every graph it compiles, with its seconds, so that a warm-up is never silent. ``bench`` shows bars
+    instead (``each_graph=False``)."""
     def say(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
     if backend == "compiled":
-        from blt_decode.backends.compiled import compilations_reported
-
         say("compiling the model's stacks with torch.compile; the first generation is slow (25-150 s on a CPU), "
             "later ones are not")
-        _PROCESS_SCOPE.enter_context(compilations_reported(lambda n, seconds: say(f"compiled graph {n} in {seconds:.1f} s")))
+        if each_graph:
+            from blt_decode.backends.compiled import compilations_reported
+
+            _PROCESS_SCOPE.enter_context(compilations_reported(lambda n, seconds: say(f"compiled graph {n} in {seconds:.1f} s")))
+    elif backend == "static":
+        say("the static backend compiles each step graph on first use (seconds each on a CPU; inductor's "
+            "on-disk cache makes the next process much faster)")
+        if each_graph:
+            static = plugins.get_backend("static")
+            static.progress = say
+            _PROCESS_SCOPE.callback(setattr, static, "progress", None)
 
 
 #: what lives as long as the CLI's process (the compile reports of _compile_note)
@@ -451,6 +460,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--batch-sizes", type=_batch_sizes, default=(), metavar="N,N,...",
                     help="also measure the batched engine's throughput (new bytes/s over all prompts) at these batch "
                          "sizes, e.g. 1,4,16,64 (use --prompts at least as large as the largest)")
+    be.add_argument("--roofline", action="store_true",
+                    help="also time a matrix-vector product on a matrix larger than the last-level cache (in the "
+                         "model's dtype) and report each row's weight GB/s as a share of it")
     _add_threads_argument(be)
     be.set_defaults(func=_cmd_bench)
 
@@ -470,12 +482,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
     specs = bench.parse_strategies(args.strategies)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if "compiled" in backends:
-        _compile_note("compiled")
+    for name in ("compiled", "static"):
+        if name in backends:
+            _compile_note(name, each_graph=False)  # the warm-ups show bars
     result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-                             batch_sizes=args.batch_sizes)
+                             batch_sizes=args.batch_sizes, roofline=args.roofline)
     print(bench.markdown(result, full=args.full))
     if args.json:
         Path(args.json).write_text(json.dumps(attrs.asdict(result), indent=1, default=str) + "\n")
@@ -788,9 +801,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from blt_decode.serving.app import build_app, serve
 
-    app = build_app(model_from_args(args), backend=args.backend, max_batch=args.max_batch, model_name=name,
+    model = model_from_args(args)
+    app = build_app(model, backend=args.backend, max_batch=args.max_batch, model_name=name,
                     api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat)
-    _compile_note(args.backend)
+    _compile_note(args.backend, each_graph=False)
+    warmup = getattr(plugins.get_backend(args.backend), "warmup", None)
+    if warmup is not None:  # compile before listening (as vLLM captures its graphs): no request waits on it
+        seconds = warmup(model, rows=(args.max_batch,), progress=True)  # the engine's batches only
+        print(f"{PROG}: {args.backend} backend warmed up for batches of up to {args.max_batch} in {seconds:.1f} s",
+              file=sys.stderr, flush=True)
     print(f"{PROG}: serving {name!r} at {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

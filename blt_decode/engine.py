@@ -5,15 +5,15 @@ primitives (append, draft, verify, denoise, ...) and yields committed ids. The e
 request's strategy in its own *greenlet* (a coroutine that can pause inside any call, even deep in a
 strategy's helper functions). A session primitive, instead of running the model, hands its call to the
 engine and pauses; when every live request has paused on its next call, the engine runs all of them with
-:func:`~blt_decode.session.run_calls` — one forward pass per stack over the batch (ragged lengths,
-per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
+the backend's runner (:mod:`blt_decode.runner`) — one forward pass per stack over the batch (ragged
+lengths, per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
 resumes each request with its own result. Strategy authors see none of this.
 
 One engine step::
 
     admit waiting requests into free slots (continuous batching)
     resume every request with its last result ─▶ each runs until its next primitive call, or ends
-    run_calls(all paused calls) ──▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
+    runner.run(all paused calls) ─▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
     hand each request its logits; retire finished requests and free their slots
 
 A request's output and statistics are exactly those of decoding it alone (same primitives, same
@@ -34,14 +34,14 @@ import greenlet
 import torch
 
 from blt_decode import plugins
-from blt_decode.cache import RowLayout
 from blt_decode.checks import is_int, show
 from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import CancelledError, EngineError
 from blt_decode.loading import load_model
 from blt_decode.model import BLTModel
 from blt_decode.request import PreparedRequest, Request, check_flag, prepare
-from blt_decode.session import Call, DecodeSession, DecodeState, StackRunners, run_calls
+from blt_decode.runner import DecodeState, EagerRunner, Runner
+from blt_decode.session import Call, DecodeSession
 from blt_decode.stats import DecodeStats
 from blt_decode.trace import Trace
 
@@ -52,6 +52,19 @@ CAPACITY_STEP = 256
 MAX_BATCH = 4096
 
 logger = logging.getLogger("blt_decode.engine")
+
+
+def batch_runner(backend: Any, model: BLTModel) -> Runner:
+    """The runner ``backend`` runs batches with: its ``runner(model)``, or the eager runner over its
+    ``runners(model)`` stacks (the older hook); a backend with neither cannot run batched."""
+    if callable(getattr(backend, "runner", None)):
+        return backend.runner(model)
+    if callable(getattr(backend, "runners", None)):
+        return EagerRunner(model, backend.runners(model))
+    raise EngineError(
+        f"backend {backend.name!r} cannot run batched: it has no runner(model) method "
+        "(see docs/plugins.md); use it with generate() one sequence at a time"
+    )
 
 
 @attrs.frozen
@@ -85,20 +98,6 @@ class EngineStats:
         d = attrs.asdict(self)
         d.update(occupancy=self.occupancy, bytes_per_second=self.bytes_per_second)
         return d
-
-
-class _Counter:
-    """Wraps a stack runner to count its batched calls and rows."""
-
-    def __init__(self, name: str, fn: Callable[..., torch.Tensor], tally: dict[str, list[int]]):
-        self.name, self.fn, self.tally = name, fn, tally
-
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        layout = next(a for a in args if isinstance(a, RowLayout))
-        calls_rows = self.tally[self.name]
-        calls_rows[0] += 1
-        calls_rows[1] += sum(g.mask.shape[0] for g in layout.groups)  # rows (requests), not x's positions
-        return self.fn(x, *args, **kwargs)
 
 
 class EngineStream:
@@ -207,25 +206,14 @@ class Engine:
             raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
         self.backend = plugins.get_backend(backend)
-        if not callable(getattr(self.backend, "runners", None)):
-            raise EngineError(
-                f"backend {self.backend.name!r} cannot run batched: it has no runners(model) method "
-                "(see docs/plugins.md); use it with generate() one sequence at a time"
-            )
+        self.runner = batch_runner(self.backend, self.model)
         self._tally: dict[str, list[int]] = {k: [0, 0] for k in ("entropy", "encoder", "global", "decoder")}
-        base: StackRunners = self.backend.runners(self.model)
-        self.runners = StackRunners(
-            entropy=_Counter("entropy", base.entropy, self._tally) if base.entropy is not None else None,
-            encoder=_Counter("encoder", base.encoder, self._tally),
-            global_=_Counter("global", base.global_, self._tally),
-            decoder=_Counter("decoder", base.decoder, self._tally),
-        )
         self.max_batch = max_batch
         #: positions per slot at most; None: what each request needs (prepare bounds its prompt and new
         #: bytes by max_seqlen, its strategy's lookahead by MAX_LOOKAHEAD), within the device's free memory
         self.max_capacity = max_capacity
         self.state: DecodeState | None = None
-        self._position_bytes = _bytes_per_position(self.model, self.runners)
+        self._position_bytes = _bytes_per_position(self.model, self.runner)
         self._check_fits(CAPACITY_STEP, "max_batch")  # the first allocation, before any request arrives
         self._failure: EngineError | None = None  # why the background thread stopped, if it failed
         self._waiting: collections.deque[EngineStream] = collections.deque()
@@ -396,17 +384,10 @@ class Engine:
         if self.state is not None and self.state.capacity >= need:
             return
         capacity = self._grown_capacity(need)
-        new = DecodeState(self.model, self.max_batch, capacity, self.runners)
+        new = self.runner.new_state(self.max_batch, capacity)
         old = self.state
         if old is not None:
-            keep = old.capacity
-            for name in ("ids", "byte_states", "latents", "logits"):
-                getattr(new, name)[:, :keep] = getattr(old, name)
-            for name in ("entropy_cache", "encoder_cache", "global_cache", "decoder_cache"):
-                src, dst = getattr(old, name), getattr(new, name)
-                if src is not None:
-                    dst.keys[..., :keep, :] = src.keys
-                    dst.values[..., :keep, :] = src.values
+            new.copy_from(old)
             for live in self._live.values():
                 live.session.state = new
         self.state = new
@@ -481,12 +462,18 @@ class Engine:
             return
         items = [(live.session, live.call) for _, live in paused]
         try:
-            results = run_calls(self.state, items)
+            results = self.runner.run(self.state, items, self._count)
         except Exception as exc:  # a failure of the batched pass itself: every row in it gets the error
             results = [exc] * len(items)
         for (_, live), result in zip(paused, results):
             live.call = None
             live.result = result
+
+    def _count(self, stack: str, rows: int) -> None:
+        """The runner's report of one batched stack call over ``rows`` requests."""
+        calls_rows = self._tally[stack]
+        calls_rows[0] += 1
+        calls_rows[1] += rows
 
     def _retire_done(self) -> None:
         for slot in [s for s, live in self._live.items() if live.finished]:
@@ -573,14 +560,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _bytes_per_position(model: BLTModel, runners: StackRunners) -> int:
+def _bytes_per_position(model: BLTModel, runner: Runner) -> int:
     """Bytes the decode state takes per slot and position (every tensor of it grows with both), measured
-    on a state of one slot and one position."""
-    probe = DecodeState(model, 1, 1, runners)
-    tensors = [v for v in vars(probe).values() if isinstance(v, torch.Tensor)]
-    tensors += [t for v in vars(probe).values() if hasattr(v, "keys") and hasattr(v, "values")
-                for t in (v.keys, v.values) if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    on a plain state of one slot and one position (a runner's own state may add a scratch slot and a
+    margin of positions, small next to the states this check is about)."""
+    probe = DecodeState(model, 1, 1, runner)
+    return sum(t.numel() * t.element_size() for t in probe.tensors().values())
 
 
 def free_memory_bytes(device: torch.device | str) -> int | None:

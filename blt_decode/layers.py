@@ -83,18 +83,8 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(n, self.n_heads, self.head_dim), *rope)
         k = apply_rope(self.wk(x).view(n, self.n_kv_heads, self.head_dim), *rope)
         v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
-        cache.write(layer, rows, k, v)
-        # only attention needs the rows as grids; the projections above and below run packed
-        out = None
-        for group in rows.groups:
-            keys, values = self._repeat_kv(*cache.read(layer, group))
-            grid_q = group.to_grid(q if group.members is None else q.index_select(0, group.members))
-            o = group.from_grid(F.scaled_dot_product_attention(grid_q.transpose(1, 2), keys, values,
-                                                               attn_mask=group.mask).transpose(1, 2))
-            if group.members is None:
-                out = o
-            else:
-                out = (q.new_empty(q.shape) if out is None else out).index_copy_(0, group.members, o)
+        # only attention needs the rows laid out against their cache; the projections run packed
+        out = rows.attend(q, k, v, cache, layer, self._repeat_kv)
         return self.wo(out.reshape(n, -1))
 
     def _repeat_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

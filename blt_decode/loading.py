@@ -31,10 +31,17 @@ def random_model(preset: str | BLTConfig = "tiny", seed: int = 0, *, mean_patch_
     """A seeded random model. For entropy patching, the threshold is set so that patches on a fixed
     calibration text average ``mean_patch_length`` bytes (random weights give no meaningful absolute
     entropies; the released models average about 4.5 bytes per patch)."""
-    config = PRESETS[preset] if isinstance(preset, str) else preset
-    model = init_weights(BLTModel(config), torch.Generator().manual_seed(seed))
-    if dtype is not None:
-        model = model.to(dtype)
+    config = random_presets()[preset] if isinstance(preset, str) else preset
+    if dtype in (torch.bfloat16, torch.float16):
+        # allocated in its dtype (a BLT-1B shape would need 18 GB in float32 first); same weights as
+        # a float32 model converted, see init_weights
+        with torch.device("meta"):
+            model = BLTModel(config).to(dtype)
+        model = init_weights(model.to_empty(device="cpu"), torch.Generator().manual_seed(seed))
+    else:
+        model = init_weights(BLTModel(config), torch.Generator().manual_seed(seed))
+        if dtype is not None:
+            model = model.to(dtype)
     if config.patching_mode == "entropy" and mean_patch_length is not None:
         ids = torch.tensor([tokenizer.encode(_CALIBRATION_TEXT)])
         with torch.no_grad():
@@ -42,6 +49,14 @@ def random_model(preset: str | BLTConfig = "tiny", seed: int = 0, *, mean_patch_
         theta = float(torch.quantile(ent, 1.0 - 1.0 / mean_patch_length))
         model = with_config(model, attrs.evolve(config, patching_threshold=theta))
     return model.eval()
+
+
+def random_presets() -> dict[str, BLTConfig]:
+    """The shapes ``random:PRESET`` knows: the small random-model presets (tiny, small) and the training
+    presets (blt-10m ... blt-1b, the released BLT-1B shape; see :mod:`blt_decode.training.presets`)."""
+    from blt_decode.training.presets import BLT_PRESETS
+
+    return {**{k: v for k, v in BLT_PRESETS.items() if k not in ("default", "tiny")}, **PRESETS}
 
 
 def with_config(model: BLTModel, config: BLTConfig) -> BLTModel:
@@ -59,7 +74,7 @@ def default_model_available() -> bool:
 def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
     """A model from a spec: a checkpoint directory (native, Hugging Face or original layout, see
     :mod:`blt_decode.formats`), ``"default"`` (the model shipped in the package),
-    ``"random:PRESET"`` or ``"random:PRESET:SEED"`` (presets: tiny, small), or a model (returned as is,
+    ``"random:PRESET"`` or ``"random:PRESET:SEED"`` (presets: :func:`random_presets`), or a model (returned as is,
     moved to ``dtype``/``device`` if given; a model passed in is copied, never converted in place)."""
     dtype, device = _check_dtype(dtype), _check_device(device)
     if isinstance(spec, BLTModel):
@@ -70,11 +85,12 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
         spec_str = str(spec)
         if spec_str.startswith("random:"):
             parts = spec_str.split(":")
-            if len(parts) not in (2, 3) or parts[1] not in PRESETS or (len(parts) == 3 and not parts[2].isdigit()):
+            presets = random_presets()
+            if len(parts) not in (2, 3) or parts[1] not in presets or (len(parts) == 3 and not parts[2].isdigit()):
                 raise UnknownModelError(
-                    f"bad random model spec {spec_str!r}: use random:PRESET or random:PRESET:SEED with PRESET in {sorted(PRESETS)}"
+                    f"bad random model spec {spec_str!r}: use random:PRESET or random:PRESET:SEED with PRESET in {sorted(presets)}"
                 )
-            model = random_model(parts[1], int(parts[2]) if len(parts) == 3 else 0)
+            model = random_model(parts[1], int(parts[2]) if len(parts) == 3 else 0, dtype=dtype)
         elif spec_str == "default":
             # a shipped but unreadable model must say what is wrong with it, not that none is shipped
             if not (DEFAULT_MODEL_DIR / "config.json").is_file():

@@ -263,7 +263,9 @@ def init_weights(model: BLTModel, generator: torch.Generator) -> BLTModel:
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 w = module.weight
                 std = w.shape[-1] ** -0.5
-                w.copy_(torch.nn.init.trunc_normal_(torch.empty_like(w), std=std, a=-3 * std, b=3 * std, generator=generator))
+                # drawn in at least float32, so that a bfloat16 model holds the float32 model's weights rounded
+                drawn = torch.empty(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+                w.copy_(torch.nn.init.trunc_normal_(drawn, std=std, a=-3 * std, b=3 * std, generator=generator))
     return model
 
 

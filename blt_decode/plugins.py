@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "blt_decode.strategies.blt_dv",
     "blt_decode.backends.eager",
     "blt_decode.backends.compiled",
+    "blt_decode.backends.static",
 )
 
 _pm: pluggy.PluginManager | None = None

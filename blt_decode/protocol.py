@@ -62,9 +62,10 @@ class Backend(Protocol):
 
     def open_session(self, model: "BLTModel", capacity: int) -> "DecodeSession":
         """A session of one sequence of up to ``capacity`` positions whose primitives run the model this
-        backend's way. Optional besides: ``runners(model) -> StackRunners``, the callables the batched
-        :class:`~blt_decode.engine.Engine` runs the four stacks with (without it the engine refuses the
-        backend)."""
+        backend's way. Optional besides: ``runner(model) -> Runner`` (:class:`~blt_decode.runner.Runner`),
+        which executes batches of primitive calls for the batched :class:`~blt_decode.engine.Engine`; the
+        older ``runners(model) -> StackRunners`` still works, run by the eager runner. Without either the
+        engine refuses the backend."""
 
 
 @attrs.frozen

@@ -210,6 +210,84 @@ def test_the_default_table_fits_a_terminal_and_full_has_every_column(tmp_path):
     assert table[0] == bench.COMPACT_HEAD and all(len(line) <= 120 for line in table), table
     assert "--full shows every column" in compact.stdout
     full_head = next(line for line in full.stdout.splitlines() if line.startswith("| strategy"))
-    assert full_head.count("|") - 1 == 20 and "vs AR at BLT-1B" in full_head and "bits/byte under AR" in full_head
+    assert full_head.count("|") - 1 == 21 and "vs AR at BLT-1B" in full_head and "bits/byte under AR" in full_head
     row = json.loads(out.read_text())["rows"][0]
     assert {"projected_vs_ar", "bits_per_byte_under_ar", "decode_bytes_per_second", "bytes_per_block"} <= set(row)
+
+
+def test_weight_rates_and_the_matrix_vector_roofline(monkeypatch):
+    import torch
+
+    line = bench.matvec_roofline(torch.float32, size=8 << 20, repeats=2)
+    assert line.gb_per_second > 0 and line.matrix_mb == pytest.approx(8, rel=0.01) and line.dtype == "float32"
+    assert bench.last_level_cache_bytes() is None or bench.last_level_cache_bytes() > 0
+    # every module's weights, the patcher's too, at the model's bytes per parameter
+    passes, params = bench.ForwardPasses(3, 2, 1, 2), bench.ParamCounts(10, 20, 300, 40)
+    assert bench.weight_gb(passes, params, 4) == pytest.approx(4 * (3 * 10 + 2 * 20 + 300 + 2 * 40) / 1e9)
+    monkeypatch.setattr(bench, "matvec_roofline", lambda dtype, device: bench.Roofline(2.0, 1024.0, "float32", 480.0))
+    result = bench.run_bench("random:tiny", bench.parse_strategies("ar"), ["eager"], prompt_sets.load("heldout", 1),
+                             max_new_bytes=8, repeats=1, progress=False, roofline=True)
+    (row,) = result.rows
+    assert row.weight_gb_per_second == pytest.approx(
+        bench.weight_gb(row.passes, bench.api.load_model("random:tiny").param_counts(), 4) / row.wall_s)
+    text = bench.markdown(result, full=True)
+    assert "matrix-vector roofline: 2.00 GB/s" in text and "| weight GB/s |" in text
+    assert f"ar eager {row.weight_gb_per_second / 2.0:.0%}" in text
+
+
+def test_backends_take_turns_and_their_ratios_are_reported():
+    """Repeats go round every backend's rows (a noisy spell touches all alike), the run reports each
+    backend's bytes/s over the first's, and a backend with a warm-up runs each throughput setting once
+    untimed first (so that no compilation is timed)."""
+    from blt_decode import hookimpl, plugins
+    from blt_decode.backends.eager import EagerBackend
+    from blt_decode.runner import EagerRunner
+    from blt_decode.session import DecodeSession
+
+    sessions, engines, warmed = [], [], []
+
+    class Recording(EagerBackend):
+        def __init__(self, name):
+            self.name = name
+
+        def open_session(self, model, capacity):
+            sessions.append(self.name)
+            return DecodeSession(model, capacity, EagerRunner(model))
+
+        def runner(self, model):
+            engines.append(self.name)
+            return super().runner(model)
+
+        def warmup(self, model, strategies=(), *, rows=(1,), progress=False):
+            warmed.append((self.name, rows))
+            return 0.0
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(Recording("rec-a"))
+            register(Recording("rec-b"))
+
+    plugins.reset()
+    plugins.get_plugin_manager().register(Plugin(), name="recording-backends")
+    try:
+        result = bench.run_bench("random:tiny", bench.parse_strategies("ar,blt-s:k=4"), ["rec-a", "rec-b"],
+                                 prompt_sets.load("heldout", 2), max_new_bytes=8, repeats=2, progress=False,
+                                 batch_sizes=(1, 2))
+    finally:
+        plugins.reset()
+    assert warmed == [("rec-a", (1, 2)), ("rec-b", (1, 2))]
+    # a warm-up generation per row and backend, then (every row of a, every row of b) per repeat
+    timed = ["rec-a"] * 4 + ["rec-b"] * 4
+    assert sessions[:4] == ["rec-a", "rec-a", "rec-b", "rec-b"] and sessions[4:] == timed * 2
+    assert engines.count("rec-a") == engines.count("rec-b") == 2 * 2 * 2  # untimed + timed, 2 rows x 2 sizes
+    rows = {(r.label, r.backend): r for r in result.rows}
+    ratios = bench.backend_ratios(result)
+    assert set(ratios) == {("ar", "rec-b"), ("blt-s:k=4", "rec-b")}
+    ar = rows["ar", "rec-b"].bytes_per_second / rows["ar", "rec-a"].bytes_per_second
+    assert ratios["ar", "rec-b"] == pytest.approx(ar)
+    assert f"rec-b / rec-a bytes/s (same run, repeats interleaved): ar {ar:.2f}, " in bench.markdown(result)
+    for r in result.throughput:
+        first = next(f for f in result.throughput if f.backend == "rec-a" and (f.label, f.batch_size) == (r.label, r.batch_size))
+        assert r.vs_first_backend == pytest.approx(r.bytes_per_second / first.bytes_per_second)
+    assert "| vs rec-a |" in bench.throughput_markdown(result.throughput)

@@ -276,14 +276,21 @@ def test_grad_mode_is_left_as_it_was():
     assert torch.is_grad_enabled()
 
 
-def test_tutorial_strategies_batch_unchanged():
-    """The tutorial's third-party strategies, as written in docs/tutorial.md, decode batched as alone."""
+def tutorial_strategies() -> dict:
+    """The tutorial's third-party strategies (docs/tutorial.md's ``blt_rep_penalty.py`` and
+    ``blt_lookup.py``), executed as written, by class name."""
     blocks = re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
     made = {}
     for module, cls in (("blt_rep_penalty.py", "RepetitionPenalty"), ("blt_lookup.py", "Lookup")):
         namespace: dict = {}
         exec(compile(next(c for _, c in blocks if c.startswith(f"# file: {module}")), "tutorial.md", "exec"), namespace)
         made[cls] = namespace[cls]()
+    return made
+
+
+def test_tutorial_strategies_batch_unchanged():
+    """The tutorial's third-party strategies, as written in docs/tutorial.md, decode batched as alone."""
+    made = tutorial_strategies()
     with testing.registered_strategy(made["RepetitionPenalty"]), testing.registered_strategy(made["Lookup"]):
         model = bd.random_model("tiny", 10, dtype=torch.float64)
         reqs = [bd.Request(p, strategy="rep-penalty", options={"penalty": 2.0}, max_new_bytes=24)

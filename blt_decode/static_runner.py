@@ -1,0 +1,642 @@
+"""The static runner: a batch of primitive calls runs as a few fixed-shape graphs over device-resident state.
+
+The eager runner rebuilds row layouts, masks, positions and patch spans from Python lists at every call
+and decides patch closes in Python. Here the bookkeeping lives in the state, on the device (committed
+and drafted lengths, the patch holding every position, patch starts, entropies), the graphs compute
+positions, masks and patch decisions from it and update it in place, and the host only says which slots
+take part, how many ids each adds, and the ids themselves. Each graph has static shapes: rows and chunk
+length rounded up to buckets, padding written to scratch room and never read. One batch of calls is::
+
+    front     (every chunk with appended or drafted ids)   ids, hash embeddings, entropy model, encoder,
+                                                          patch decisions -> close flags
+    host read (1)                                         the close flags: which patches closed
+    global    (only when some patch closed)               patch summaries + the global model
+    decoder   (every chunk)                               logits, and the lengths advanced
+    host read (1)                                         which rows came out finite
+
+A batch without appends (drafts, denoised blocks) runs front and decoder as one graph and reads the
+host once. ``compile=True`` compiles every graph with ``torch.compile(fullgraph=True, dynamic=False)``
+(the ``static`` backend); ``compile=False`` runs the same code eagerly, which is how most exactness
+tests run it. See docs/backends.md.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from blt_decode.cache import GridLayout
+from blt_decode.model import BLTModel
+from blt_decode.patcher import entropy_of_logits
+from blt_decode.runner import DecodeState, Items, Tally, diagnosis, emit_patches_closed, non_finite
+from blt_decode.trace import Drafted
+
+#: chunk lengths a graph is compiled for; a longer append or draft runs in chunks of the largest
+CHUNK_BUCKETS = (1, 16, 64)
+#: rows per graph; more rows run as several graphs of the largest
+ROW_BUCKETS = (1, 4, 16, 64)
+#: patches per global graph (a step closes one, a verification a few, a prompt many); more run as several
+PATCH_BUCKETS = (1, 4, 16, 64)
+#: bytes of a patch the summary reads: the smallest that holds the longest closing patch (then x4)
+MIN_SPAN = 16
+
+#: inductor settings of the graphs. Indices are clamped into range in the graphs, so no per-element
+#: bounds checks; the runner builds every input itself (fixed shapes per graph, the state's layout), so
+#: no per-call size and alignment checks of the ~60 inputs either (dynamo's guards still check them)
+COMPILE_OPTIONS = {"assert_indirect_indexing": False, "size_asserts": False, "alignment_asserts": False}
+
+APPEND, DRAFT, DENOISE = 0, 1, 2
+_KIND = {"append": APPEND, "draft": DRAFT, "denoise": DENOISE}
+#: per row of a descriptor: slot, kind, offset of the chunk in its call, ids in the chunk, last chunk?
+_SLOT, _KIND_COL, _OFFSET, _COUNT, _FINAL, _IDS = range(6)
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    """The smallest size in ``sizes`` >= n (n itself, rounded up to a multiple of the largest, past it)."""
+    for size in sizes:
+        if n <= size:
+            return size
+    return -(-n // sizes[-1]) * sizes[-1]
+
+
+def doubling(n: int, least: int, factor: int = 2) -> int:
+    """``least`` multiplied by ``factor`` until it is >= n."""
+    size = least
+    while size < n:
+        size *= factor
+    return size
+
+
+class KV(NamedTuple):
+    """One stack's cache buffers, as a graph sees them."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class Buffers(NamedTuple):
+    """The state's tensors, the inputs every graph reads and updates in place."""
+
+    ids: torch.Tensor  #: [slots + 1, room] (the last slot is scratch room for padding rows)
+    entropies: torch.Tensor
+    byte_states: torch.Tensor
+    latents: torch.Tensor
+    logits: torch.Tensor
+    lengths: torch.Tensor  #: [slots + 1] committed positions
+    drafts: torch.Tensor  #: [slots + 1] drafted positions after them
+    patch_id: torch.Tensor  #: [slots + 1, room + 1] the patch holding each position (decided ones)
+    patch_starts: torch.Tensor  #: [slots + 1, room + 1] where each patch starts
+    entropy_kv: KV | None
+    encoder_kv: KV
+    global_kv: KV
+    decoder_kv: KV
+
+
+class StaticState(DecodeState):
+    """A :class:`DecodeState` whose sequences' bookkeeping lives on the device too, with a scratch slot
+    and scratch positions for padding."""
+
+    def __init__(self, model: BLTModel, slots: int, capacity: int, runner: "StaticRunner"):
+        # room for a chunk's padding past the capacity, and at least a window and a chunk, so that a
+        # windowed stack always reads its window (one graph for every state: see _layout)
+        margin = max(CHUNK_BUCKETS)
+        cfg = model.config
+        windows = [c.sliding_window for c in (cfg.encoder, cfg.decoder, cfg.global_, cfg.entropy_model)
+                   if c is not None and c.sliding_window is not None]
+        margin = max(margin, max(windows, default=0) + max(CHUNK_BUCKETS) - capacity)
+        super().__init__(model, slots, capacity, runner, margin=margin, extra_slots=1)
+        rows, room = slots + 1, capacity + margin
+        device = model.device
+        self.scratch = slots  # the padding rows' slot
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.drafts = torch.zeros(rows, dtype=torch.long, device=device)
+        self.patch_id = torch.zeros(rows, room + 1, dtype=torch.long, device=device)
+        self.patch_starts = torch.zeros(rows, room + 1, dtype=torch.long, device=device)
+
+        def kv(cache) -> KV | None:
+            return None if cache is None else KV(cache.keys, cache.values)
+
+        self.buffers = Buffers(self.ids, self.entropies, self.byte_states, self.latents, self.logits, self.lengths,
+                               self.drafts, self.patch_id, self.patch_starts, kv(self.entropy_cache),
+                               kv(self.encoder_cache), kv(self.global_cache), kv(self.decoder_cache))
+        # the slot and position extents are symbolic in the compiled graphs: one graph serves every state
+        for tensor in self.tensors().values():
+            slot_dim, room_dim = (1, 3) if tensor.dim() == 5 else (0, 1)
+            torch._dynamo.maybe_mark_dynamic(tensor, slot_dim)
+            if tensor.dim() > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, room_dim)
+
+    @property
+    def room(self) -> int:
+        return self.ids.shape[1]
+
+    def reset(self, slot: int, length: int) -> None:
+        self.lengths[slot] = length
+        self.drafts[slot] = 0
+
+    def restore(self, slot: int, length: int, drafts: int) -> None:
+        """Set a slot's device lengths back to the host's (after a row failed)."""
+        self.lengths[slot] = length
+        self.drafts[slot] = drafts
+
+    def clear(self, slot: int) -> None:
+        """Zero everything a slot holds. Done when a row produced non-finite values: fixed-shape graphs read
+        cache entries a sequence has not written yet (with zero attention weight), and a NaN left there
+        would poison the slot's next sequence through 0 * NaN."""
+        for name, tensor in self.tensors().items():
+            if tensor.dim() == 5:
+                tensor[:, slot] = 0
+            else:
+                tensor[slot] = 0
+
+
+# -- what the graphs compute ---------------------------------------------------------------------------------
+class _Chunk(NamedTuple):
+    """Positions of a descriptor's rows, computed in the graph from the device lengths."""
+
+    slot: torch.Tensor  #: [B]
+    kind: torch.Tensor  #: [B]
+    count: torch.Tensor  #: [B] real positions in the row
+    start: torch.Tensor  #: [B] the row's first position
+    positions: torch.Tensor  #: [B, T]
+    valid: torch.Tensor  #: [B, T] real (not padding)
+    write_slots: torch.Tensor  #: [N] where each packed position writes: its slot, or scratch for padding
+    write_positions: torch.Tensor  #: [N]
+
+
+def _chunk(buf: Buffers, desc: torch.Tensor, t: int) -> _Chunk:
+    slot, kind, offset, count = desc[:, _SLOT], desc[:, _KIND_COL], desc[:, _OFFSET], desc[:, _COUNT]
+    start = buf.lengths[slot] + torch.where(kind == DRAFT, buf.drafts[slot], 0) + offset
+    steps = torch.arange(t, device=desc.device)
+    positions = start[:, None] + steps
+    valid = steps[None, :] < count[:, None]
+    scratch = buf.lengths.shape[0] - 1
+    write_slots = torch.where(valid, slot[:, None], scratch).reshape(-1)
+    write_positions = torch.where(valid, positions, steps.clamp_max(buf.ids.shape[1] - 1)[None, :]).reshape(-1)
+    return _Chunk(slot, kind, count, start, positions, valid, write_slots, write_positions)
+
+
+def _layout(chunk: _Chunk, window: int | None, room: int, dtype: torch.dtype, lone: bool,
+            bidirectional: bool = False) -> GridLayout:
+    """The layout of a stack over a chunk's rows. ``lone``: one sequence in slot 0, which reads its whole
+    cache as a view. Otherwise a row gathers the entries of its window, the ``window + T - 1`` positions
+    ending at its last one, or, without a window (or when the state is smaller than that), all ``room``
+    positions of its slot. Either way a size fixed by the model, the chunk bucket and the state, never by
+    the data."""
+    t = chunk.positions.shape[1]
+    if window is not None and window + t - 1 < room and not lone:
+        span = torch.arange(window + t - 1, device=chunk.start.device)
+        read = chunk.start[:, None] - (window - 1) + span  # [B, K], ends at the chunk's last position
+    else:
+        read = torch.arange(room, device=chunk.start.device)[None, :].expand(chunk.start.shape[0], -1)
+    q, j = chunk.positions[:, :, None], read[:, None, :]
+    allowed = (j >= 0) & (j < room) & (j <= q)
+    if window is not None:
+        allowed &= (q - j) < window
+    if bidirectional:  # a denoised block sees all of itself, whatever the window
+        block = (j >= chunk.start[:, None, None]) & (j < (chunk.start + chunk.count)[:, None, None])
+        allowed |= (chunk.kind == DENOISE)[:, None, None] & block & (j < room)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    if lone:
+        return GridLayout(chunk.write_slots, chunk.write_positions, None, None, mask[:, None])
+    return GridLayout(chunk.write_slots, chunk.write_positions, chunk.slot, read.clamp(0, room - 1), mask[:, None])
+
+
+def _close_flags(model: BLTModel, buf: Buffers, chunk: _Chunk, entropies: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: does position t+1 start a patch (the rule of :class:`~blt_decode.patcher.Patcher`,
+    computed on the device), for the real positions of appended rows."""
+    patcher = model.patcher
+    flags = chunk.positions == 0
+    if patcher.threshold is not None and entropies is not None:
+        # compared in float64, as the eager runner compares the entropy's Python float with the threshold
+        flags = flags | (entropies.to(torch.float64) > patcher.threshold)
+    live = chunk.valid & (chunk.kind == APPEND)[:, None]
+    if patcher.max_patch_length is None:
+        return flags & live
+    # a patch also closes when it holds max_patch_length bytes: sequential in the chunk, unrolled
+    current = buf.patch_starts[chunk.slot, buf.patch_id[chunk.slot, chunk.start]]
+    out = []
+    for step in range(chunk.positions.shape[1]):
+        position = chunk.positions[:, step]
+        flag = flags[:, step] | (position + 1 - current >= patcher.max_patch_length)
+        out.append(flag)
+        current = torch.where(flag & live[:, step], position + 1, current)
+    return torch.stack(out, 1) & live
+
+
+def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool, decide: bool = True) -> torch.Tensor:
+    """Appended and drafted ids: write them, embed them, run the entropy model (when ``decide``) and the
+    encoder, store entropies and byte states, and decide patch closes, updating the device's patch
+    bookkeeping. Returns [B, T + 1] int8: the close flags, then 1 where the row's entropies are finite."""
+    chunk = _chunk(buf, desc, t)
+    room = buf.ids.shape[1]
+    ids = desc[:, _IDS:]
+    slots, positions = chunk.write_slots, chunk.write_positions
+    buf.ids[slots, positions] = ids.reshape(-1)
+    cfg, dtype = model.config, model.dtype
+    states = model.local_encoder(model.embed_at(buf.ids, slots, positions),
+                                 _layout(chunk, cfg.encoder.sliding_window, room, dtype, lone), buf.encoder_kv)
+    buf.byte_states[slots, positions] = states
+    if not decide:
+        return torch.zeros(0, dtype=torch.int8, device=desc.device)
+    entropies = None
+    finite = torch.ones_like(chunk.valid)
+    if model.entropy_model is not None and model.patcher.uses_entropy:
+        layout = _layout(chunk, cfg.entropy_model.sliding_window, room, dtype, lone)
+        entropies = entropy_of_logits(model.entropy_model(ids.reshape(-1), layout, buf.entropy_kv)).view(ids.shape)
+        buf.entropies[slots, positions] = entropies.reshape(-1)
+        finite = torch.isfinite(entropies)
+    flags = _close_flags(model, buf, chunk, entropies)
+    # patch bookkeeping of the appended positions: the patch holding position t+1, and new patch starts
+    live = (chunk.valid & (chunk.kind == APPEND)[:, None]).reshape(-1)
+    first = buf.patch_id[chunk.slot, chunk.start]
+    holding = (first[:, None] + flags.cumsum(1)).reshape(-1)
+    after = torch.where(live, chunk.positions.reshape(-1) + 1, 0)
+    scratch_slot = torch.full_like(slots, buf.lengths.shape[0] - 1)
+    buf.patch_id[torch.where(live, slots, scratch_slot), after] = holding
+    opened = flags.reshape(-1)
+    buf.patch_starts[torch.where(opened, slots, scratch_slot), torch.where(opened, holding, 0)] = after
+    ok = (finite | ~chunk.valid).all(1)
+    return torch.cat([flags, ok[:, None]], 1).to(torch.int8)
+
+
+def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder over every row (appended, drafted, denoised), then the rows' lengths advanced where the
+    chunk is the call's last. Returns logits [B, T, vocab] and [B, 3] bool: inputs, latents, logits finite."""
+    chunk = _chunk(buf, desc, t)
+    room = buf.ids.shape[1]
+    slots, positions = chunk.write_slots, chunk.write_positions
+    denoised = (chunk.kind == DENOISE)[:, None].expand(-1, t).reshape(-1)
+    # a block enters through the byte embedding only; appended and drafted ids through the encoder
+    embedded = model.local_encoder.tok_embeddings(desc[:, _IDS:].reshape(-1))
+    x = torch.where(denoised[:, None], embedded, buf.byte_states[slots, positions])
+    # appended position p reads the latent of the patch before p+1's; drafts and blocks the last closed one
+    length = buf.lengths[chunk.slot]
+    last_closed = buf.patch_id[chunk.slot, length] - 1
+    aligned = buf.patch_id[chunk.slot[:, None], (chunk.positions + 1).clamp_max(room)] - 1
+    latent_index = torch.where((chunk.kind == APPEND)[:, None], aligned, last_closed[:, None]).clamp_min(0)
+    latents = buf.latents[chunk.slot[:, None].expand(-1, t).reshape(-1), latent_index.reshape(-1)]
+    layout = _layout(chunk, model.config.decoder.sliding_window, room, model.dtype, lone, bidirectional=True)
+    logits = model.local_decoder(x, latents, layout, buf.decoder_kv)
+    buf.logits[slots, positions] = logits
+    # lengths: an append commits its chunk, a draft adds to the drafts; appends and blocks drop drafts
+    final = desc[:, _FINAL] == 1
+    end = chunk.start + chunk.count
+    buf.lengths[chunk.slot] = torch.where(final & (chunk.kind == APPEND), end, length)
+    buf.drafts[chunk.slot] = torch.where(final, torch.where(chunk.kind == DRAFT, end - length, 0), buf.drafts[chunk.slot])
+    real = chunk.valid.reshape(-1)
+
+    def finite(values: torch.Tensor) -> torch.Tensor:
+        return (torch.isfinite(values).all(-1) | ~real).view(-1, t).all(1)
+
+    return logits.view(-1, t, logits.shape[-1]), torch.stack([finite(x), finite(latents), finite(logits)], 1)
+
+
+def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, t: int, lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch without appends: drafts' encoder pass and every row's decoder pass in one graph."""
+    _front(model, buf, desc, t, lone, decide=False)
+    return _decode(model, buf, desc, t, lone)
+
+
+def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, patches: int, span: int, lone: bool) -> None:
+    """Patch summaries and the global model for closed patches; the latents go to the state.
+
+    ``lone``: ``desc`` is [1, 3] (slot, first patch, count): one row of ``patches`` queries, the patch
+    indices from the first, so that the slot's global cache is read once. Otherwise [patches, 2] (slot,
+    patch index): a row per patch, each reading its own slot. A patch's summary reads the last ``span``
+    byte states up to its end."""
+    room = buf.ids.shape[1]
+    if lone:
+        slot, first, count = desc[:, 0], desc[:, 1], desc[:, 2]
+        steps = torch.arange(patches, device=desc.device)
+        index = (first[:, None] + steps).clamp_max(room - 1)  # [1, P]
+        valid = steps[None, :] < count[:, None]
+        scratch = buf.lengths.shape[0] - 1
+        chunk = _Chunk(slot, torch.zeros_like(slot), count, first, index, valid,
+                       torch.where(valid, slot[:, None], scratch).reshape(-1), torch.where(valid, index, steps[None, :]).reshape(-1))
+        slots, index = slot[:, None].expand(-1, patches).reshape(-1), index.reshape(-1)
+    else:
+        slots, index = desc[:, 0], desc[:, 1]
+        chunk = _Chunk(slots, torch.zeros_like(slots), torch.ones_like(slots), index, index[:, None],
+                       torch.ones_like(index[:, None], dtype=torch.bool), slots, index)
+    start, end = buf.patch_starts[slots, index], buf.patch_starts[slots, (index + 1).clamp_max(room)]
+    where = end[:, None] - span + torch.arange(span, device=desc.device)
+    inside = (where >= start[:, None]) & (where >= 0)
+    vectors = model.local_encoder.summarize(buf.byte_states[slots[:, None], where.clamp(0, room - 1)], inside)
+    layout = _layout(chunk, model.config.global_.sliding_window, room, model.dtype, lone)
+    buf.latents[chunk.write_slots, chunk.write_positions] = model.global_transformer(vectors, layout, buf.global_kv)
+
+
+# -- running calls -------------------------------------------------------------------------------------------
+class _Row(NamedTuple):
+    index: int  #: the call's index in the batch
+    kind: int
+    ids: tuple[int, ...]
+    start: int  #: the host's view of where the call writes (committed length, plus drafts for drafts)
+
+
+class _Piece(NamedTuple):
+    row: _Row
+    offset: int  #: of the chunk in its call
+    count: int
+
+    @property
+    def final(self) -> bool:
+        return self.offset + self.count == len(self.row.ids)
+
+
+class StaticRunner:
+    """Runs batches of primitive calls as fixed-shape graphs (see the module docstring).
+
+    ``compile=False`` runs the graphs' code eagerly (for exactness tests; same results as compiled up to
+    rounding). ``progress`` is told of every graph compiled, with its seconds. ``syncs`` counts the
+    runner's host reads (every read the runner makes goes through :meth:`_read`)."""
+
+    def __init__(self, model: BLTModel, *, compile: bool = True, progress: Callable[[str], None] | None = None):
+        if model.training:
+            raise ValueError("the static runner needs a model in eval mode")
+        self.model = model
+        self.compile = compile
+        self.progress = progress
+        self.syncs = 0
+        self._graphs: dict[tuple, Callable] = {}
+        #: the model's dtype and device when the runner was made (its graphs are for those)
+        self.made_for = (model.dtype, model.device)
+        self.compile_seconds: dict[tuple, float] = {}
+
+    def new_state(self, slots: int, capacity: int) -> StaticState:
+        return StaticState(self.model, slots, capacity, self)
+
+    @torch.no_grad()
+    def warmup(self, *, max_batch: int = 1, lone: bool = True, chunks: Sequence[int] = CHUNK_BUCKETS,
+               patches: Sequence[int] = (1, 4, 16), spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN),
+               progress: Callable[[int, int, str], None] | None = None) -> list[tuple]:
+        """Compile now (with ``lone``) every graph a lone session uses (the lone graphs: also an engine of
+        one slot's) and, with ``max_batch`` > 1, every graph of engine batches of up to ``max_batch``
+        requests (each row bucket up to it): the front, decoder and fused graphs for ``chunks``, the global
+        graph for ``patches`` and ``spans``. They run on padding rows of scratch states. ``progress(done,
+        total, name)`` is told before each. Returns the keys compiled; later calls inside these buckets
+        compile nothing."""
+        modes = [(True, [1])] if lone else []
+        if max_batch > 1:
+            modes.append((False, sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)})))
+        keys = []
+        for lone, rows in modes:
+            keys += [(kind, b, t, lone) for b in rows for t in chunks for kind in ("front", "decode", "front_decode")]
+            keys += [("global", p, span, lone) for p in patches for span in spans]
+        keys = [k for k in keys if not getattr(self._graphs.get(k), "done", False)]
+        states = {True: self.new_state(1, 1), False: self.new_state(2, 1)}
+        for done, key in enumerate(keys):
+            if progress is not None:
+                progress(done, len(keys), " ".join(map(str, key)))
+            kind, size, length, lone = key
+            state = states[lone]
+            scratch = 0 if lone else state.scratch  # a lone graph's row is slot 0's: it must be the real slot
+            if kind == "global":
+                rows = [[scratch, 0, 0]] if lone else [[state.scratch, 0]] * size
+                self.graph(*key)(self.model, state.buffers, torch.tensor(rows, device=self.model.device), size, length, lone)
+                continue
+            desc = torch.tensor([[scratch, APPEND, 0, 0, 0, *[0] * length]] * size, device=self.model.device)
+            self.graph(*key)(self.model, state.buffers, desc, length, lone)
+        if progress is not None:
+            progress(len(keys), len(keys), "done")
+        return keys
+
+    # -- graphs ---------------------------------------------------------------------------------------
+    def graph(self, kind: str, *sizes: int) -> Callable:
+        """The step function of ``kind`` ("front", "decode", "front_decode", "global") for the static
+        ``sizes`` (rows, chunk length and lone; patches, span and lone for "global"), compiled on first use."""
+        key = (kind, *sizes)
+        fn = self._graphs.get(key)
+        if fn is None:
+            base = {"front": _front, "decode": _decode, "front_decode": _front_decode, "global": _global}[kind]
+            if self.compile:
+                name = "_".join([kind, *(str(s) for s in sizes)])
+                compiled = torch.compile(_renamed(base, name), fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+                fn = _Compiled(compiled, key, self)
+            else:
+                fn = base
+            self._graphs[key] = fn
+        return fn
+
+    def _read(self, tensor: torch.Tensor) -> list:
+        """The runner's every host read goes through here (counted in :attr:`syncs`)."""
+        self.syncs += 1
+        return tensor.tolist()
+
+    # -- a batch --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, state: StaticState, items: Items, tally: Tally | None = None) -> list[torch.Tensor | BaseException]:
+        model = self.model
+        count = tally or (lambda stack, n: None)
+        rows = []
+        for i, (s, c) in enumerate(items):
+            kind = _KIND[c.kind]
+            rows.append(_Row(i, kind, tuple(c.block if kind == DENOISE else c.ids),
+                             s.length + (s._draft_length if kind == DRAFT else 0)))
+        # a call longer than the largest chunk runs in rounds (a block in one: it sees itself both ways)
+        largest = max(CHUNK_BUCKETS)
+        rounds: list[list[_Piece]] = []
+        for r in rows:
+            step = len(r.ids) if r.kind == DENOISE else largest
+            for k, offset in enumerate(range(0, len(r.ids), step)):
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append(_Piece(r, offset, min(step, len(r.ids) - offset)))
+        appends = [r for r in rows if r.kind == APPEND]
+        # a state of one slot: its sequence reads its caches as views, nothing is gathered
+        lone = state.slots == 1
+        results = _Results(rows)
+        closed_before = {r.index: items[r.index][0].closed_patches for r in appends}
+        failed_entropy: set[int] = set()
+        if not appends:  # drafts and blocks: encoder and decoder in one graph per group
+            for pieces in rounds:
+                for t, group in _groups(pieces):
+                    results.add(group, *self.graph("front_decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone))
+        else:
+            decides = model.entropy_model is not None and model.patcher.uses_entropy
+            flags = []
+            for pieces in rounds:  # every round's front first: none of it depends on patch decisions
+                for t, group in _groups([p for p in pieces if p.row.kind != DENOISE]):
+                    flags.append((group, self.graph("front", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone)))
+            if decides:
+                count("entropy", len(appends))
+            # the one host read of the patch decisions, every round's and row's at once
+            read = self._read(torch.cat([f.flatten() for _, f in flags]))
+            closing = [[] for _ in rounds]
+            at = 0
+            for group, f in flags:
+                width = f.shape[1]
+                for b, p in enumerate(group):
+                    if p.row.kind == APPEND:
+                        row = read[at + b * width : at + (b + 1) * width]
+                        closing[p.offset // largest] += self._extend_starts(items[p.row.index][0], p, row)
+                        if not row[-1]:
+                            failed_entropy.add(p.row.index)
+                at += f.numel()
+            for r, pieces in enumerate(rounds):
+                if closing[r]:
+                    self._global_pass(state, items, closing[r], lone)
+                for t, group in _groups(pieces):
+                    results.add(group, *self.graph("decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                        model, state.buffers, self._descriptor(state, items, group, t), t, lone))
+        closers = {r.index for r in appends if r.index not in failed_entropy
+                   and items[r.index][0].closed_patches > closed_before[r.index]}
+        if any(r.kind != DENOISE for r in rows):
+            count("encoder", sum(r.kind != DENOISE for r in rows))
+        if closers:
+            count("global", len(closers))
+        count("decoder", len(rows))
+        # the one host read of the results: which rows came out finite
+        return self._finish(state, items, rows, results, failed_entropy, closers, closed_before)
+
+    @staticmethod
+    def _extend_starts(session, piece: "_Piece", flags: list[int]) -> list[tuple[int, int]]:
+        """Add the patch starts a piece's close flags decided to the session's (the host's copy, which
+        strategies read); returns the (slot, patch index) of every patch that closed."""
+        first = piece.row.start + piece.offset
+        if first == 0:
+            session.starts = [0]
+        closed = []
+        for step in range(piece.count):
+            if flags[step]:
+                session.starts.append(first + step + 1)
+                closed.append((session.slot, len(session.starts) - 2))
+        return closed
+
+    def _global_pass(self, state: StaticState, items: Items, patches: list[tuple[int, int]], lone: bool) -> None:
+        """The global graph(s) over closed ``patches`` ((slot, patch index); spans known on the host)."""
+        starts = {s.slot: s.starts for s, _ in items}
+        largest = max(PATCH_BUCKETS)
+        for at in range(0, len(patches), largest):
+            part = patches[at : at + largest]
+            size = bucket(len(part), PATCH_BUCKETS)
+            span = doubling(max(starts[slot][i + 1] - starts[slot][i] for slot, i in part), MIN_SPAN, 4)
+            if lone:  # one slot's consecutive patches
+                desc = [[part[0][0], part[0][1], len(part)]]
+            else:
+                desc = [[slot, i] for slot, i in part] + [[state.scratch, 0]] * (size - len(part))
+            self.graph("global", size, span, lone)(self.model, state.buffers, torch.tensor(desc, device=self.model.device),
+                                                   size, span, lone)
+
+    def _descriptor(self, state: StaticState, items: Items, pieces: list["_Piece"], t: int) -> torch.Tensor:
+        size = bucket(len(pieces), ROW_BUCKETS)
+        desc = [[items[p.row.index][0].slot, p.row.kind, p.offset, p.count, int(p.final),
+                 *p.row.ids[p.offset : p.offset + p.count], *[0] * (t - p.count)] for p in pieces]
+        desc += [[state.scratch, APPEND, 0, 0, 0, *[0] * t]] * (size - len(pieces))
+        return torch.tensor(desc, device=self.model.device)
+
+    def _finish(self, state: StaticState, items: Items, rows: list[_Row], results: "_Results", failed_entropy: set[int],
+                closers: set[int], closed_before: dict[int, int]) -> list[torch.Tensor | BaseException]:
+        ok = results.finite(self._read)
+        model = self.model
+        out: list[torch.Tensor | BaseException] = []
+        for r in rows:
+            s, c = items[r.index]
+            n = len(r.ids)
+            if r.kind == APPEND and model.patcher.uses_entropy:
+                s.stats.add(patcher=1)
+            if r.index in failed_entropy:
+                out.append(non_finite("entropy model (patcher)", r.start, r.start + n))
+                self._fail(state, s)
+                continue
+            if r.kind != DENOISE:
+                s.stats.add(encoder=1)
+            if r.index in closers:
+                s.stats.add(global_=1)
+                if s.trace is not None:
+                    first = closed_before[r.index]
+                    entropies = state.entropy_history(s.slot, r.start + n) if model.patcher.uses_entropy else None
+                    emit_patches_closed(s, first, s.closed_patches - first, entropies, model.patcher.threshold)
+            s.stats.add(decoder=1)
+            inputs_ok, latents_ok, logits_ok = ok[r.index]
+            if not logits_ok:
+                out.append(diagnosis(inputs_ok, latents_ok, r.start, n))
+                self._fail(state, s)
+                continue
+            if r.kind == APPEND:
+                s.length = r.start + n
+                s._draft_length = 0
+            elif r.kind == DRAFT:
+                s._draft_length += n
+                s.emit(Drafted(r.start, c.ids))
+            else:
+                s._draft_length = 0
+                s.stats.add(denoise_passes=1)
+            out.append(results.logits(r.index))
+        return out
+
+    @staticmethod
+    def _fail(state: StaticState, session) -> None:
+        """A row failed: its device lengths back to the host's, and its slot cleared of non-finite values."""
+        state.clear(session.slot)
+        state.restore(session.slot, session.length, session._draft_length)
+
+
+class _Results:
+    """The decoder graphs' outputs, per call: logits of each of its pieces, and finite flags."""
+
+    def __init__(self, rows: list[_Row]):
+        self._logits: dict[int, list[torch.Tensor]] = {r.index: [] for r in rows}
+        self._status: list[tuple[list[_Piece], torch.Tensor]] = []
+
+    def add(self, pieces: list[_Piece], logits: torch.Tensor, status: torch.Tensor) -> None:
+        for b, p in enumerate(pieces):
+            self._logits[p.row.index].append(logits[b, : p.count])
+        self._status.append((pieces, status[: len(pieces)]))
+
+    def logits(self, index: int) -> torch.Tensor:
+        parts = self._logits[index]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def finite(self, read: Callable[[torch.Tensor], list]) -> dict[int, list[bool]]:
+        """Per call: are its inputs, latents and logits finite, over all its pieces (one host read)."""
+        flat = read(torch.cat([status for _, status in self._status]).flatten())
+        ok: dict[int, list[bool]] = {}
+        at = 0
+        for pieces, _ in self._status:
+            for p in pieces:
+                previous = ok.get(p.row.index, [True, True, True])
+                ok[p.row.index] = [a and bool(b) for a, b in zip(previous, flat[at : at + 3])]
+                at += 3
+        return ok
+
+
+def _groups(pieces: list[_Piece]) -> list[tuple[int, list[_Piece]]]:
+    """Pieces grouped by chunk bucket, each group split to at most the largest row bucket."""
+    by_size: dict[int, list[_Piece]] = {}
+    for p in pieces:
+        by_size.setdefault(bucket(p.count, CHUNK_BUCKETS), []).append(p)
+    largest = max(ROW_BUCKETS)
+    return [(t, group[at : at + largest]) for t, group in sorted(by_size.items()) for at in range(0, len(group), largest)]
+
+
+def _renamed(fn: Callable, name: str) -> Callable:
+    """``fn`` under its own code object: torch.compile keeps its compiled graphs per code object, so every
+    shape bucket gets its own (no guard checks against other buckets' graphs at each call)."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+class _Compiled:
+    """A compiled graph that reports its first call (the compilation) to the runner's progress."""
+
+    def __init__(self, fn: Callable, key: tuple, runner: StaticRunner):
+        self.fn, self.key, self.runner, self.done = fn, key, runner, False
+
+    def __call__(self, *args: object) -> object:
+        if self.done:
+            return self.fn(*args)
+        began = time.perf_counter()
+        result = self.fn(*args)
+        seconds = time.perf_counter() - began
+        self.done = True
+        self.runner.compile_seconds[self.key] = seconds
+        if self.runner.progress is not None:
+            self.runner.progress(f"compiled {self.key[0]} graph {self.key[1:]} in {seconds:.1f} s")
+        return result
