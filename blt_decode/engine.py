@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import attrs
 import greenlet
@@ -52,6 +52,7 @@ CAPACITY_STEP = 256
 MAX_BATCH = 4096
 
 logger = logging.getLogger("blt_decode.engine")
+T = TypeVar("T")
 
 
 def batch_runner(backend: Any, model: BLTModel) -> Runner:
@@ -347,6 +348,18 @@ class Engine:
         self._check_foreground()
         while not self.idle:
             self.step()
+
+    def as_finished(self, tagged: Sequence[tuple[T, EngineStream]]) -> Iterator[list[tuple[T, EngineStream]]]:
+        """Step (in this thread) until every stream of ``tagged`` has ended, yielding after each step the
+        ``(tag, stream)`` pairs whose stream ended in it, in submission order (steps that end none yield
+        nothing). Batch jobs write each finished request as soon as it ends."""
+        pending = list(tagged)
+        while pending:
+            self.step()
+            finished = [pair for pair in pending if pair[1].done]
+            if finished:
+                pending = [pair for pair in pending if not pair[1].done]
+                yield finished
 
     def _admit(self) -> None:
         while self._waiting and len(self._live) < self.max_batch:

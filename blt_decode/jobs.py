@@ -238,15 +238,9 @@ def run_job(model: "str | Path | BLTModel", items: list[JobItem], output: str | 
     todo = [item for item in items if item.id not in done_before]
     engine = Engine(model, backend=backend, max_batch=batch_size)
     streams = [(item, engine.submit_request(item.request)) for item in todo]
-    pending = list(streams)
     failed = new_bytes = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="req", disable=not progress) as bar:
-        while pending:
-            engine.step()
-            finished = [(item, s) for item, s in pending if s.done]
-            if not finished:
-                continue
-            pending = [(item, s) for item, s in pending if not s.done]
+        for finished in engine.as_finished(streams):
             append_records(output, (result_record(item.id, s.output, s.stats, s.error) for item, s in finished))
             failed += sum(s.error is not None for _, s in finished)
             new_bytes += sum(len(s.output or b"") for _, s in finished)

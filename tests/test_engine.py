@@ -300,6 +300,21 @@ def test_tutorial_strategies_batch_unchanged():
         testing.assert_batched_equals_alone(model, reqs, batch_size=2)
 
 
+def test_as_finished_yields_each_request_once_when_it_ends():
+    model = bd.random_model("tiny", 10, dtype=torch.float64)
+    engine = Engine(model, max_batch=2)
+    sizes = {"long": 30, "short": 3, "middle": 12}
+    tagged = [(tag, engine.submit_request(bd.Request(b"ab", max_new_bytes=n))) for tag, n in sizes.items()]
+    seen: list[str] = []
+    for finished in engine.as_finished(tagged):
+        assert finished and all(stream.done for _, stream in finished)
+        seen += [tag for tag, _ in finished]
+    assert sorted(seen) == sorted(sizes) and seen.index("short") < seen.index("long")
+    assert engine.idle
+    for tag, stream in tagged:
+        assert stream.output == bd.generate(model, b"ab", max_new_bytes=sizes[tag]).output
+
+
 def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():
     """``submit_request(..., listener=...)``: the hook a server's async bridge follows streams with."""
     model = bd.random_model("tiny", 10)

@@ -238,14 +238,9 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
         streams = [(w, engine.submit_request(Request(w.problem["prompt"], strategy=spec.strategy, options=spec.options,
                                                      max_new_bytes=max_new_bytes, stop=stops, seed=w.sample)))
                    for w in todo]
-        pending, new_bytes, started = list(streams), 0, time.perf_counter()
+        new_bytes, started = 0, time.perf_counter()
         with tqdm(total=len(streams), desc=f"humaneval {spec.label}", unit="completion", disable=not progress) as bar:
-            while pending:
-                engine.step()
-                finished = [(w, s) for w, s in pending if s.done]
-                if not finished:
-                    continue
-                pending = [(w, s) for w, s in pending if not s.done]
+            for finished in engine.as_finished(streams):
                 lines = []
                 for w, s in finished:
                     if s.error is not None:
