@@ -94,7 +94,8 @@ def _compile_note(backend: str, *, each_graph: bool = True) -> None:
             _PROCESS_SCOPE.callback(setattr, static, "progress", None)
 
 
-#: what lives as long as the CLI's process (the compile reports of _compile_note)
+#: what lives as long as one command (the compile reports of _compile_note); main() closes it, so a
+#: process that runs several commands does not repeat their reports
 _PROCESS_SCOPE = contextlib.ExitStack()
 
 
@@ -942,6 +943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BLTDecodeError, OSError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        _PROCESS_SCOPE.close()
 
 
 if __name__ == "__main__":
