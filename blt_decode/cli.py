@@ -434,10 +434,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     path = Path(args.src)
     src_format = formats.detect_format(path) if path.is_dir() else args.src
     model = api.load_model(args.src, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    formats.save_checkpoint(model, dst, args.to)
+    dtype = str(model.dtype).removeprefix("torch.")
+    metadata = _native_metadata(path) if src_format == "native" else {}
+    if args.to == "native":  # a native checkpoint's training metadata survives a change of dtype
+        from blt_decode.checkpoint import save_model
+
+        save_model(model, dst, metadata={**metadata, "converted": {"from": str(args.src), "dtype": dtype}})
+    else:
+        formats.save_checkpoint(model, dst, args.to)
     n = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {str(model.dtype).removeprefix('torch.')}")
+    note = "" if not metadata or args.to == "native" else f" (its metadata is not carried: the {args.to} layout has no place for it)"
+    print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {dtype}{note}")
     return 0
+
+
+def _native_metadata(path: Path) -> dict:
+    """The ``metadata`` of the native checkpoint directory ``path`` (training provenance), or {}."""
+    from blt_decode.checkpoint import CONFIG_FILE
+    from blt_decode.formats._common import read_json
+
+    metadata = read_json(path / CONFIG_FILE).get("metadata")
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
