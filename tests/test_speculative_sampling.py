@@ -105,7 +105,7 @@ def test_blt_s_first_bytes_are_distributed_exactly_as_ar(model, support_backend,
     assert len(got) > 3  # a real distribution, not a point mass
 
 
-CODE = [OFFSET + b for b in b" r\n"]  # what the default model continues code with
+CODE = [OFFSET + b for b in b' "\n']  # what the default model continues code with (indentation, a docstring)
 
 
 @pytest.mark.parametrize("options,n,ids", [

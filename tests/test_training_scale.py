@@ -73,7 +73,7 @@ def test_presets_keep_blt_proportions():
     assert global_share(BLT_PRESETS["blt-1b"]) == pytest.approx(0.879, abs=0.005)
     for name in ("blt-10m", "blt-40m", "blt-150m"):
         assert 0.87 <= global_share(BLT_PRESETS[name]) <= 0.93, name
-    assert global_share(BLT_PRESETS["default"]) == pytest.approx(0.775, abs=0.005)  # the shipped model's shape
+    assert global_share(BLT_PRESETS["default"]) == pytest.approx(0.775, abs=0.005)  # the small recipe's shape (the model shipped before blt-10m)
 
 
 def test_preset_file_and_errors(tmp_path, data_dir, entropy_dir):
