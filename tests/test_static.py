@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blt_decode as bd
-from blt_decode import plugins, testing
+from blt_decode import api, plugins, testing
 from blt_decode.backends.compiled import compiled_graph_count
 from blt_decode.backends.static import StaticBackend
 from blt_decode.static_runner import StaticRunner
@@ -245,7 +245,7 @@ def test_default_model_float32_tie_flips_are_reported():
     near-tie may pick another byte. Every strategy (BLT-S k=auto too), alone and batched: the test prints
     how many generations differ (never hidden by a tolerance), checks that the ones that agree made the
     same passes, and fails above 1 in 8."""
-    if not bd.default_model_available():
+    if not api.default_model_available():
         pytest.skip("no default model shipped")
     from blt_decode.prompt_sets import load
 
