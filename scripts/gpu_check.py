@@ -2,7 +2,7 @@
 
 Each step is a subprocess under coreutils ``timeout`` (its whole process group is killed at the limit)
 with its output in a log of its own; a failed or timed-out step is recorded and the run goes on. A
-part has a wall-clock budget (A 300 s, B 480 s): a step gets at most what is left of it. After every
+part has a wall-clock budget (A 270 s, B 420 s): a step gets at most what is left of it. After every
 step ``results.json`` and ``summary.md`` are rewritten and the logs and step outputs re-packed into
 ``artifacts.tar.gz``, so a run cut off by the device tool's limit still returns what it did. At most
 8 files come back from the device machine, so $OUT holds only those, part B's model pieces and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import glob
 import hashlib
 import io
 import json
@@ -34,8 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / "gpu-carry"
-#: wall-clock budget of each part (the issue: A at most 5 minutes, B at most 8)
-PART_SECONDS = {"A": 300.0, "B": 480.0}
+#: wall-clock budget of each part. The issue allows A 5 minutes and B 8, but the lease is 15 minutes in all,
+#: the machine's start (1-2 min) included: 270 + 420 s and the calls' margins leave room for that start
+PART_SECONDS = {"A": 270.0, "B": 420.0}
 #: pieces of a file brought back from $OUT (the device tool returns files of at most 16 MiB)
 PIECE_BYTES = 15 << 20
 #: the default model's shape (docs/training.md, "The shipped default model")
@@ -67,12 +67,12 @@ class Run:
     # every step goes through here
     def step(self, name: str, cmd: list[str] | None, cap_s: float, *, skip: str | None = None,
              needs_cuda: bool = False, data: Path | None = None, env: dict[str, str] | None = None,
-             min_s: float = 5.0) -> dict[str, Any]:
+             min_s: float = 5.0, always: bool = False) -> dict[str, Any]:
         record: dict[str, Any] = {"name": name, "part": self.part, "status": "skipped", "reason": None,
                                   "seconds": 0.0, "timeout_s": None, "returncode": None,
                                   "log": f"logs/{name}.log", "data": None}
         left = self.deadline - time.monotonic()
-        if self.only and not any(fnmatch.fnmatch(name, p) for p in self.only):
+        if self.only and not always and not any(fnmatch.fnmatch(name, p) for p in self.only):
             record["reason"] = f"not selected by --only {','.join(self.only)}"
         elif skip is not None:
             record["reason"] = skip
@@ -159,9 +159,10 @@ def setup_steps(run: Run) -> None:
     facts_json = run.work / "facts.json"
     run.step("nvidia-smi", ["nvidia-smi"], 20,
              skip="dry run" if run.dry else (None if shutil.which("nvidia-smi") else "nvidia-smi is not on the PATH"))
-    run.step("install-greenlet", _greenlet_install(run), 60, skip=_greenlet_skip(run))
+    # the installs and the facts run whatever --only says: every other step needs them
+    run.step("install-greenlet", _greenlet_install(run), 60, skip=_greenlet_skip(run), always=True)
     run.step("install-package", [run.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                                 "--no-index", "-e", str(ROOT)], 120, skip=_package_skip(run))
+                                 "--no-index", "-e", str(ROOT)], 120, skip=_package_skip(run), always=True)
     if not run.dry and not _package_importable(run):
         # pip could not install it: a copy with the package-dir mapping of pyproject.toml, on PYTHONPATH
         stage = run.work / "stage"
@@ -170,7 +171,7 @@ def setup_steps(run: Run) -> None:
         shutil.copytree(ROOT / "backends", stage / "blt_decode" / "backends")
         run.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stage), run.env.get("PYTHONPATH")]))
         run.results["facts"]["package_from"] = f"staged copy on PYTHONPATH ({stage})"
-    run.step("facts", run.task("facts", "--json", str(facts_json)), 60, data=facts_json)
+    run.step("facts", run.task("facts", "--json", str(facts_json)), 60, data=facts_json, always=True)
     facts = run.results["steps"][-1]["data"] or {}
     run.results["facts"].update(facts)
     run.cuda = bool(facts.get("cuda_available")) and not run.dry
@@ -186,9 +187,10 @@ def _greenlet_skip(run: Run) -> str | None:
 
 
 def _greenlet_install(run: Run) -> list[str]:
-    wheels = sorted(CARRY.glob("greenlet-*-cp312-*.whl")) or sorted(CARRY.glob("greenlet-*.whl"))
+    wheels = sorted((CARRY / "wheels").glob("greenlet-*-cp312-*.whl"))
     if not wheels:
-        return ["sh", "-c", f"echo 'no greenlet wheel in {CARRY} (carry gpu-carry/, docs/benchmarks.md GPU run)'; exit 1"]
+        return ["sh", "-c", f"echo 'no greenlet wheel in {CARRY}/wheels (python3 scripts/gpu_check.py --prepare-carry "
+                            f"here, then carry gpu-carry/wheels: docs/benchmarks.md, GPU run)'; exit 1"]
     return [run.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", str(wheels[-1])]
 
 
@@ -218,7 +220,8 @@ def _package_importable(run: Run) -> bool:
 # -- part A ---------------------------------------------------------------------------------------------
 def part_a(run: Run) -> None:
     dry, work = run.dry, run.work
-    backends = _compiled_backends(run)
+    # the registered backends other than eager, read at run time by the facts step (`blt-decode backends`)
+    backends = [b for b in run.results["facts"].get("backends") or [] if b != "eager"]
     run.results["facts"]["compiled_backends"] = backends
     # 1. the CUDA tests that need no compiled backend, then (later) the compiled ones
     junit = work / "junit-eager.xml"
@@ -251,7 +254,7 @@ def part_a(run: Run) -> None:
     # 4. training throughput of the default model's shape in bfloat16
     tb = work / "train-bench.json"
     tb_args = (["--presets", "tiny", "--precisions", "float32", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
-                "--warmup", "1", "--block-sizes", "4", "--data", str(_tiny_corpus(run))] if dry else
+                "--warmup", "1", "--block-sizes", "4", "--data", str(ROOT / "scripts")] if dry else
                ["--presets", SHIPPED_PRESET, "--precisions", "bfloat16", "--batch-size", "32", "--seq-len", "512",
                 "--steps", "6", "--warmup", "3", "--block-sizes", "4", "8", "--data", "stdlib", "--threads", "8"])
     run.step("train-bench", run.cli("train-bench", *tb_args, "--device", run.device, "--json", str(tb)), 75,
@@ -275,16 +278,6 @@ def _bench_args(run: Run) -> list[str]:
                 "--max-new-bytes", "8", "--repeats", "1", "--batch-sizes", "1,2", "--full"]
     return ["--device", "cuda", "--strategies", "ar,blt-s:k=8", "--prompt-set", "heldout-code", "--prompts", "64",
             "--max-new-bytes", "32", "--repeats", "1", "--batch-sizes", "1,16,64", "--full"]
-
-
-def _compiled_backends(run: Run) -> list[str]:
-    """The registered backends other than eager, read at run time (``blt-decode backends``)."""
-    probe = "import json, blt_decode as bd; print(json.dumps(bd.backend_names()))"
-    done = subprocess.run([run.python, "-c", probe], cwd=run.work, env=run.env, capture_output=True, text=True)
-    try:
-        return [b for b in json.loads(done.stdout.strip().splitlines()[-1]) if b != "eager"]
-    except (ValueError, IndexError):
-        return []
 
 
 def _junit_status(record: dict[str, Any], junit: Path) -> None:
@@ -314,15 +307,6 @@ def _junit_status(record: dict[str, Any], junit: Path) -> None:
         record["status"], record["reason"] = "skipped", "; ".join(reasons)
     elif record["status"] == "failed" and counts["tests"] == 0 and counts["errors"] == 0:
         record["status"], record["reason"] = "skipped", "no test selected"
-
-
-def _tiny_corpus(run: Run) -> Path:
-    """A small code corpus for the dry run (two distributions every install of the package has)."""
-    out = run.work / "corpora" / "tiny-code"
-    if not (out / "corpus.json").is_file():
-        subprocess.run(run.cli("corpus", "build", "code", "--out", str(out), "--dist", "attrs", "pluggy",
-                               "--max-bytes", "400000"), cwd=run.work, env=run.env, capture_output=True)
-    return out
 
 
 # -- part B ---------------------------------------------------------------------------------------------
@@ -657,6 +641,77 @@ def task_export(args: argparse.Namespace) -> dict[str, Any]:
             "config": "model-config.json", "dtype": "bfloat16"}
 
 
+# -- preparing the carried folder, on the CPU machine (network: PyPI for the wheel only) ---------------------
+#: the carried corpus keeps the held-out shard and training shards up to this many MB: the issue allows 40,
+#: but the checkout (28 MiB, the default model most of it) and what is carried travel together, 64 MiB at most
+CARRY_CORPUS_MB = 30
+#: the device tool's limit on the checkout plus the carried paths
+TRAVEL_LIMIT = 64 << 20
+
+
+def shipped_corpus_distributions() -> list[str]:
+    """The distributions of the code corpus the shipped default model was trained on, from the corpus
+    version string in its config (``blt-code-v1+pyX.Y+NAME-VERSION+...+DIGEST``)."""
+    import re
+
+    config = json.loads((ROOT / "blt_decode" / "default_model" / "config.json").read_text())
+    version = config["metadata"]["corpus"].split("|")[0]
+    names = []
+    for token in version.split("+")[2:-1]:
+        match = re.match(r"^(.*)-([0-9][^-]*)$", token)
+        if match:  # a bare token is a local version's suffix (torch-2.13.0+cpu)
+            names.append(match.group(1))
+    return names
+
+
+def prepare_carry(python: str) -> int:
+    """Fill gpu-carry/ (git-ignored) with what part B and the installs need: greenlet's cp312 manylinux
+    wheel, the code corpus rebuilt from the shipped model's distributions (the same held-out split) with
+    training shards cut to fit CARRY_CORPUS_MB, and the plays from the cache (``corpus fetch plays``)."""
+    (CARRY / "wheels").mkdir(parents=True, exist_ok=True)
+    subprocess.run([python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                    "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(CARRY / "wheels"),
+                    "greenlet"], check=True)
+    with tempfile.TemporaryDirectory(prefix="carry-corpus-") as tmp:
+        code = Path(tmp) / "code"
+        subprocess.run([python, "-m", "blt_decode", "corpus", "build", "code", "--out", str(code),
+                        "--dist", *shipped_corpus_distributions()], check=True, stdout=subprocess.DEVNULL)
+        manifest = json.loads((code / "corpus.json").read_text())
+        total = len([s for s in manifest["shards"] if s["split"] == "train"])
+        kept, size = [], 0
+        for shard in manifest["shards"]:  # every held-out shard; training shards in order while they fit
+            nbytes = (code / shard["file"]).stat().st_size
+            if shard["split"] == "train" and size + nbytes > CARRY_CORPUS_MB * 10**6:
+                (code / shard["file"]).unlink()
+                continue
+            kept.append(shard)
+            size += nbytes
+        n_train = len([s for s in kept if s["split"] == "train"])
+        manifest["shards"] = kept
+        # the version names the cut, so a checkpoint trained on it never claims the whole corpus
+        manifest["version"] += f"+first-{n_train}-of-{total}-train-shards"
+        manifest["train_bytes"] = sum(s["text_bytes"] for s in kept if s["split"] == "train")
+        (code / "corpus.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        with tarfile.open(CARRY / "code-corpus.tar", "w") as tar:  # the shards are gzip already
+            tar.add(code, arcname="code")
+    cache = Path(os.environ.get("BLT_DECODE_CACHE") or Path.home() / ".cache" / "blt-decode")
+    if (cache / "plays").is_dir():
+        with tarfile.open(CARRY / "plays.tar.gz", "w:gz") as tar:
+            tar.add(cache / "plays", arcname="plays")
+    else:
+        print(f"gpu-check: no plays in {cache}: run `blt-decode corpus fetch plays` first, or train without them")
+    carried = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    checkout = sum((ROOT / f).stat().st_size for f in tracked.decode().split("\0") if f and (ROOT / f).is_file())
+    for path in sorted(CARRY.rglob("*")):
+        if path.is_file():
+            print(f"{path.stat().st_size / 2**20:8.1f} MiB  {path.relative_to(ROOT)}")
+    print(f"checkout {checkout / 2**20:.1f} MiB + carried {carried / 2**20:.1f} MiB = {(checkout + carried) / 2**20:.1f} MiB "
+          f"of the tool's {TRAVEL_LIMIT >> 20} MiB")
+    return 0 if checkout + carried < TRAVEL_LIMIT else 1
+
+
 TASKS = {"facts": task_facts, "roofline": task_roofline, "build-model": task_build_model,
          "hf-generate": task_hf_generate, "entropy": task_entropy, "export": task_export}
 
@@ -667,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("A", "B", "all"), default="all",
                         help="A: tests and benches (<= 5 min); B: training (<= 8 min); all: both (dry runs; on the "
                              "GPU one part per call, each call is at most 10 minutes) (default: %(default)s)")
+    parser.add_argument("--prepare-carry", action="store_true",
+                        help="on the CPU machine, before a GPU run: fill gpu-carry/ (greenlet wheel, code corpus, plays)")
     parser.add_argument("--only", default=None, metavar="NAME,...",
                         help="run only the steps whose names match these patterns (fnmatch), e.g. 'bench-*-static'")
     parser.add_argument("--out", default=os.environ.get("OUT") or "out-gpu-dry", help="results folder (default: $OUT)")
@@ -693,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
         return 0
 
+    if args.prepare_carry:
+        return prepare_carry(sys.executable)
     run = Run(args)
     parts = ["A", "B"] if args.part == "all" else [args.part]
     failed = False
