@@ -55,6 +55,7 @@ class Run:
         self.python = sys.executable
         self.env = dict(os.environ)
         self.cuda = False
+        self.require_gpu = False  # set once the facts are in
         self.device = "cpu"
         self.part = "-"
         self.deadline = float("inf")
@@ -76,7 +77,8 @@ class Run:
             record["reason"] = f"not selected by --only {','.join(self.only)}"
         elif skip is not None:
             record["reason"] = skip
-        elif needs_cuda and not self.cuda:
+        elif (needs_cuda or (self.require_gpu and not self.dry)) and not self.cuda:
+            # outside a dry run every step after the facts is sized for the GPU: none runs on a CPU
             record["reason"] = NO_CUDA + (" (a dry run uses the CPU)" if self.dry else "")
         elif left < min_s:
             record["reason"] = f"part {self.part}'s {PART_SECONDS[self.part]:.0f} s budget is spent ({left:.0f} s left)"
@@ -142,8 +144,11 @@ def _atomic_write(path: Path, content: str | bytes) -> None:
 
 
 def _last_line(log: Path) -> str | None:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:400] if len(lines) > 1 else None
+    """The line that says what failed: the last error line (pip and pytest end with hints and summaries),
+    else the last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()[1:] if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or line.startswith(("E ", "FAILED"))]
+    return (errors or lines or [None])[-1][:400] if lines else None
 
 
 def _git_head() -> str | None:
@@ -171,12 +176,19 @@ def setup_steps(run: Run) -> None:
         shutil.copytree(ROOT / "backends", stage / "blt_decode" / "backends")
         run.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stage), run.env.get("PYTHONPATH")]))
         run.results["facts"]["package_from"] = f"staged copy on PYTHONPATH ({stage})"
+        record = run.results["steps"][-1]
+        if record["status"] == "failed" and _package_importable(run, anywhere=True):
+            # what the step was for is done: say how, and do not count it as a failure
+            record["status"] = "ok"
+            record["reason"] = f"pip install -e failed ({record['reason']}); a staged copy on PYTHONPATH instead"
+            run.save()
     run.step("facts", run.task("facts", "--json", str(facts_json)), 60, data=facts_json, always=True)
     facts = run.results["steps"][-1]["data"] or {}
     run.results["facts"].update(facts)
     run.cuda = bool(facts.get("cuda_available")) and not run.dry
     run.device = "cuda" if run.cuda else "cpu"
     run.results["facts"]["device_used"] = run.device
+    run.require_gpu = True
 
 
 def _greenlet_skip(run: Run) -> str | None:
@@ -187,9 +199,11 @@ def _greenlet_skip(run: Run) -> str | None:
 
 
 def _greenlet_install(run: Run) -> list[str]:
-    wheels = sorted((CARRY / "wheels").glob("greenlet-*-cp312-*.whl"))
+    # the wheel for this interpreter (the GPU machine's is CPython 3.12)
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheels = sorted((CARRY / "wheels").glob(f"greenlet-*-{tag}-*.whl"))
     if not wheels:
-        return ["sh", "-c", f"echo 'no greenlet wheel in {CARRY}/wheels (python3 scripts/gpu_check.py --prepare-carry "
+        return ["sh", "-c", f"echo 'no {tag} greenlet wheel in {CARRY}/wheels (python3 scripts/gpu_check.py --prepare-carry "
                             f"here, then carry gpu-carry/wheels: docs/benchmarks.md, GPU run)'; exit 1"]
     return [run.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", str(wheels[-1])]
 
@@ -207,14 +221,14 @@ def _importable(run: Run, module: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def _package_importable(run: Run) -> bool:
+def _package_importable(run: Run, anywhere: bool = False) -> bool:
     probe = ("import blt_decode, blt_decode.strategies, blt_decode.backends, pathlib, sys; "
              "print(pathlib.Path(blt_decode.__file__).resolve())")
     done = subprocess.run([run.python, "-c", probe], cwd=run.work, env=run.env, capture_output=True, text=True)
     if done.returncode:
         return False
     # the dry run takes whatever is installed; on the device machine it must be this checkout's code
-    return run.dry or Path(done.stdout.strip()).is_relative_to(ROOT)
+    return run.dry or anywhere or Path(done.stdout.strip()).is_relative_to(ROOT)
 
 
 # -- part A ---------------------------------------------------------------------------------------------
