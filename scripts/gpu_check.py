@@ -41,6 +41,9 @@ PIECE_BYTES = 15 << 20
 #: the default model's shape (docs/training.md, "The shipped default model")
 SHIPPED_PRESET = "blt-10m"
 NO_CUDA = "no CUDA GPU visible to torch here"
+#: tests/test_cuda.py's tests of a compiled backend, parametrised by its name (part A runs them per backend)
+COMPILED_TESTS = ("test_compiled_backend_equals_eager_on_cuda_alone", "test_compiled_backend_batched_equals_eager_on_cuda",
+                  "test_compiled_backend_cuda_graphs_replay_without_capture_or_sync")
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class Run:
     # every step goes through here
     def step(self, name: str, cmd: list[str] | None, cap_s: float, *, skip: str | None = None,
              needs_cuda: bool = False, data: Path | None = None, env: dict[str, str] | None = None,
-             min_s: float = 5.0, always: bool = False) -> dict[str, Any]:
+             min_s: float = 5.0, always: bool = False, after: Any = None) -> dict[str, Any]:
         record: dict[str, Any] = {"name": name, "part": self.part, "status": "skipped", "reason": None,
                                   "seconds": 0.0, "timeout_s": None, "returncode": None,
                                   "log": f"logs/{name}.log", "data": None}
@@ -108,6 +111,8 @@ class Run:
                     record["data"] = json.loads(data.read_text())
                 except ValueError:
                     record["data"] = None
+            if after is not None:  # e.g. junit counts, which can turn "ok" into "skipped"
+                after(record)
             with (self.out / "steps.log").open("a") as fh:
                 fh.write(f"\n===== {name}: {record['status']} in {record['seconds']} s =====\n")
                 fh.write(log.read_text(errors="replace")[-20000:])
@@ -130,10 +135,10 @@ class Run:
         _atomic_write(self.out / "summary.md", summary_markdown(self.results))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path in sorted(self.work.rglob("*")):
-                # step outputs and logs only: models and corpora stay on the machine
-                if path.is_file() and path.stat().st_size <= 4 << 20:
-                    tar.add(path, arcname=str(path.relative_to(self.work)))
+            # the steps' outputs and logs only: models, corpora and checkpoints stay on the machine
+            for path in sorted([*self.work.glob("*.json"), *self.work.glob("*.jsonl"), *self.work.glob("*.xml"),
+                                *self.work.glob("logs/*.log")]):
+                tar.add(path, arcname=str(path.relative_to(self.work)))
         _atomic_write(self.out / "artifacts.tar.gz", buffer.getvalue())
 
 
@@ -239,10 +244,11 @@ def part_a(run: Run) -> None:
     run.results["facts"]["compiled_backends"] = backends
     # 1. the CUDA tests that need no compiled backend, then (later) the compiled ones
     junit = work / "junit-eager.xml"
-    pytest = [run.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
-              str(ROOT / "tests" / "test_cuda.py"), "-o", "junit_logging=all", "-rA"]
-    record = run.step("cuda-tests-eager", pytest + ["-k", "not compiled", f"--junitxml={junit}"], 90)
-    _junit_status(record, junit)
+    pytest = [run.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), "-o",
+              "junit_logging=all", "-rA"]
+    cuda_tests = str(ROOT / "tests" / "test_cuda.py")
+    run.step("cuda-tests-eager", pytest + [cuda_tests, "-k", "not compiled", f"--junitxml={junit}"], 90,
+             after=lambda record, junit=junit: _junit_status(record, junit))
     # 2. the HBM roofline: a matrix-vector product over a matrix far larger than the L2
     roof = work / "roofline.json"
     run.step("roofline", run.task("roofline", "--device", run.device, "--mib", "64" if dry else "4096",
@@ -275,10 +281,13 @@ def part_a(run: Run) -> None:
              data=tb, skip=None if dry or run.cuda else NO_CUDA)
     # 5. what needs the compiled backends: their CUDA tests, then their benches (warm-up seconds included)
     not_compiled = "dry run: the compiled backends are not compiled on the CPU (minutes); the GPU run does" if dry else None
-    junit = work / "junit-compiled.xml"
-    record = run.step("cuda-tests-compiled", pytest + ["-k", "compiled", f"--junitxml={junit}"], 120, skip=not_compiled)
-    _junit_status(record, junit)
     for backend in backends:
+        # one process per backend: its warm-up (and inductor's) is its own, and a backend that does not
+        # finish in its limit leaves the others' results whole
+        junit = work / f"junit-{backend}.xml"
+        nodes = [f"{cuda_tests}::{test}[{backend}]" for test in COMPILED_TESTS]
+        run.step(f"cuda-tests-{backend}", pytest + nodes + [f"--junitxml={junit}"],
+                 120, skip=not_compiled, after=lambda record, junit=junit: _junit_status(record, junit))
         for model, extra, missing in (("default", [], None), (str(blt1b), ["--dtype", "bfloat16"], have_blt1b)):
             label = "default" if model == "default" else "blt1b"
             path = work / f"bench-{label}-{backend}.json"
@@ -332,9 +341,12 @@ def part_b(run: Run) -> None:
              data=work / "entropy.json")
     cuda_skip = None if dry or run.cuda else NO_CUDA
     common = ["--entropy-model", str(entropy), "--data", *data, "--device", run.device, "--seed", "0", "--no-progress"]
+    if not dry:  # the loader thread and the patch layouts run on the host: give them cores
+        common += ["--threads", "8"]
     if dry:
+        # float32: on a CPU bfloat16's first steps are oneDNN kernel set-up, seconds of the dry run
         shape = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "64", "--block-sizes", "4", "8",
-                 "--lr", "3e-3", "--warmup-steps", "1"]
+                 "--lr", "3e-3", "--warmup-steps", "1", "--no-bf16"]
     else:
         shape = ["--preset", SHIPPED_PRESET, "--batch-size", str(run.args.train_batch_size), "--seq-len", "512",
                  "--block-sizes", "4", "8", "--lr", str(run.args.train_lr), "--warmup-steps", "100"]
@@ -350,7 +362,8 @@ def part_b(run: Run) -> None:
     left = run.deadline - time.monotonic()
     # the training time budget: what the part has left, less start-up, the final evaluation and saves, and the export
     budget = 10.0 if dry else max(30.0, min(run.args.train_seconds, left - 120))
-    steps = 4 if dry else (max(200, int(rate * budget / step_bytes)) if rate else 3000)
+    # 95 %: the periodic evaluations and checkpoints of the real run take some of its budget
+    steps = 4 if dry else (max(200, int(0.95 * rate * budget / step_bytes)) if rate else 3000)
     record["data"] = {"bytes_per_s": rate, "train_time_budget_s": budget, "steps_chosen": steps}
     run.save()
     run_dir = work / "run"
@@ -568,25 +581,27 @@ def task_hf_generate(args: argparse.Namespace) -> dict[str, Any]:
     from blt_decode.sampling import NEVER_GENERATED
 
     device = args.device
-    model = bd.load_model(args.model, device=device)
+    # converted on the CPU (the writers read tensors there), then both models moved to the device
+    model = bd.load_model(args.model, dtype=getattr(torch, args.dtype))
     prompts = [p.prompt for p in load("heldout-code", args.prompts)]
     hf_dir = Path(tempfile.mkdtemp(prefix="hf-blt-"))
     formats.save_checkpoint(model, hf_dir, "hf")
     hf = BltForCausalLM.from_pretrained(hf_dir, dtype=model.dtype).to(device).eval()
     shutil.rmtree(hf_dir, ignore_errors=True)
+    model = model.to(device)
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def hf_run(use_cache: bool) -> tuple[float, list[bytes]]:
+    def hf_run(use_cache: bool, prompts: list[bytes] = prompts, new_bytes: int = args.new_bytes) -> tuple[float, list[bytes]]:
         outs, total = [], 0
         sync()
         start = time.perf_counter()
         with torch.no_grad():
             for p in prompts:
                 ids = torch.tensor([tokenizer.encode(p)], device=device)
-                out = hf.generate(ids, max_new_tokens=args.new_bytes, min_new_tokens=args.new_bytes, do_sample=False,
+                out = hf.generate(ids, max_new_tokens=new_bytes, min_new_tokens=new_bytes, do_sample=False,
                                   use_cache=use_cache, suppress_tokens=list(NEVER_GENERATED), eos_token_id=None,
                                   pad_token_id=tokenizer.PAD_ID)
                 new = out[0, ids.shape[1]:].tolist()
@@ -597,7 +612,7 @@ def task_hf_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch."), "prompts": len(prompts),
                               "new_bytes": args.new_bytes, "device": device}
-    hf_run(False)  # warm-up (kernel selection, allocator)
+    hf_run(False, prompts[:1], 4)  # warm-up (kernel selection, allocator)
     for use_cache in (True, False):  # its cache when it has one; the re-run forward as bench's --compare-hf does
         try:
             rate, hf_outs = hf_run(use_cache)
