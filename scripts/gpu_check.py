@@ -244,8 +244,9 @@ def part_a(run: Run) -> None:
     run.results["facts"]["compiled_backends"] = backends
     # 1. the CUDA tests that need no compiled backend, then (later) the compiled ones
     junit = work / "junit-eager.xml"
+    # xunit1: the junit flavour that keeps the tests' record_property values (tie flips, captures, replays)
     pytest = [run.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), "-o",
-              "junit_logging=all", "-rA"]
+              "junit_logging=all", "-o", "junit_family=xunit1", "-rA"]
     cuda_tests = str(ROOT / "tests" / "test_cuda.py")
     run.step("cuda-tests-eager", pytest + [cuda_tests, "-k", "not compiled", f"--junitxml={junit}"], 90,
              after=lambda record, junit=junit: _junit_status(record, junit))
@@ -257,6 +258,7 @@ def part_a(run: Run) -> None:
     #    its own step. The default model in float32 (how it is shipped to be run) and a BLT-1B shape in bf16.
     blt1b = work / "blt1b"
     bench = _bench_args(run)
+    bench_1b = _bench_args(run, new_bytes=16)  # 2.9 GB of weights a step: fewer bytes fit the part's minutes
     run.step("bench-default-eager", run.cli("bench", "--model", "random:tiny" if dry else "default",
                                            *bench, "--backends", "eager", "--json", str(work / "bench-default-eager.json")),
              75, data=work / "bench-default-eager.json")
@@ -264,7 +266,7 @@ def part_a(run: Run) -> None:
                                               "--hash-vocab", "4099", "--dtype", "bfloat16", "--out", str(blt1b),
                                               "--json", str(work / "blt1b.json")), 90, data=work / "blt1b.json")
     have_blt1b = None if record["status"] == "ok" else "no BLT-1B-shaped model: build-blt1b did not finish"
-    run.step("bench-blt1b-eager", run.cli("bench", "--model", str(blt1b), "--dtype", "bfloat16", *bench,
+    run.step("bench-blt1b-eager", run.cli("bench", "--model", str(blt1b), "--dtype", "bfloat16", *bench_1b,
                                          "--backends", "eager", "--json", str(work / "bench-blt1b-eager.json")),
              75, skip=have_blt1b, data=work / "bench-blt1b-eager.json")
     hf = work / "hf-generate.json"
@@ -288,19 +290,19 @@ def part_a(run: Run) -> None:
         nodes = [f"{cuda_tests}::{test}[{backend}]" for test in COMPILED_TESTS]
         run.step(f"cuda-tests-{backend}", pytest + nodes + [f"--junitxml={junit}"],
                  120, skip=not_compiled, after=lambda record, junit=junit: _junit_status(record, junit))
-        for model, extra, missing in (("default", [], None), (str(blt1b), ["--dtype", "bfloat16"], have_blt1b)):
+        for model, extra, missing in (("default", bench, None), (str(blt1b), ["--dtype", "bfloat16", *bench_1b], have_blt1b)):
             label = "default" if model == "default" else "blt1b"
             path = work / f"bench-{label}-{backend}.json"
-            run.step(f"bench-{label}-{backend}", run.cli("bench", "--model", model, *extra, *bench, "--backends", backend,
+            run.step(f"bench-{label}-{backend}", run.cli("bench", "--model", model, *extra, "--backends", backend,
                                                         "--json", str(path)), 120, skip=not_compiled or missing, data=path)
 
 
-def _bench_args(run: Run) -> list[str]:
+def _bench_args(run: Run, new_bytes: int = 32) -> list[str]:
     if run.dry:
         return ["--device", "cpu", "--strategies", "ar,blt-s:k=8", "--prompt-set", "heldout-code", "--prompts", "2",
                 "--max-new-bytes", "8", "--repeats", "1", "--batch-sizes", "1,2", "--full"]
     return ["--device", "cuda", "--strategies", "ar,blt-s:k=8", "--prompt-set", "heldout-code", "--prompts", "64",
-            "--max-new-bytes", "32", "--repeats", "1", "--batch-sizes", "1,16,64", "--full"]
+            "--max-new-bytes", str(new_bytes), "--repeats", "1", "--batch-sizes", "1,16,64", "--full"]
 
 
 def _junit_status(record: dict[str, Any], junit: Path) -> None:
@@ -708,10 +710,11 @@ def prepare_carry(python: str) -> int:
                         "--dist", *shipped_corpus_distributions()], check=True, stdout=subprocess.DEVNULL)
         manifest = json.loads((code / "corpus.json").read_text())
         total = len([s for s in manifest["shards"] if s["split"] == "train"])
-        kept, size = [], 0
-        for shard in manifest["shards"]:  # every held-out shard; training shards in order while they fit
+        kept, size, full = [], 0, False
+        for shard in manifest["shards"]:  # every held-out shard; the training shards' prefix that fits
             nbytes = (code / shard["file"]).stat().st_size
-            if shard["split"] == "train" and size + nbytes > CARRY_CORPUS_MB * 10**6:
+            if shard["split"] == "train" and (full or size + nbytes > CARRY_CORPUS_MB * 10**6):
+                full = True  # a prefix, so that the version's "first N" is true
                 (code / shard["file"]).unlink()
                 continue
             kept.append(shard)
