@@ -449,7 +449,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
                 gbs = one.get("weight_gb_per_second") if t["batch_size"] == 1 else None
                 share = f"{gbs / roof['matvec_gb_per_s']:.1%}" if gbs and roof.get("matvec_gb_per_s") else "-"
                 bench_rows.append(f"| {model} | {backend} | {t['label']} | {t['batch_size']} | {t['bytes_per_second']:.1f} | "
-                                  f"{gbs if gbs is None else round(gbs, 2)} | {share} | {warm if warm is None else round(warm, 1)} | "
+                                  f"{'-' if gbs is None else round(gbs, 2)} | {share} | {'-' if warm is None else round(warm, 1)} | "
                                   f"{t.get('same_as_smallest_batch')} |")
     if bench_rows:
         lines += ["", "Decoding (new bytes/s over all prompts; weight GB/s is batch 1 alone, all prompts one by one):", "",
@@ -460,7 +460,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"transformers' BltForCausalLM.generate on the BLT-1B-shaped weights ({hf.get('dtype')}, "
                       f"{hf.get('prompts')} prompts x {hf.get('new_bytes')} bytes, greedy): {hf.get('hf_bytes_per_s')} bytes/s "
                       f"(use_cache={hf.get('hf_use_cache')}); ours, eager AR on the same prompts: {hf.get('ours_bytes_per_s')} bytes/s; "
-                      f"same bytes: {hf.get('same_output')}"]
+                      f"same bytes: {hf.get('same_output')} (bfloat16 near-ties of random weights can differ)"]
     tb = (by_name.get("train-bench") or {}).get("data") or {}
     for row in tb.get("rows", []):
         lines += ["", f"train-bench {row['preset']} {row['precision']} {row['batch_size']} x {row['seq_len']} on "
