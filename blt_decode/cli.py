@@ -650,6 +650,8 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
                     help="(default: 4 8 16)")
     tb.add_argument("--compile", action="store_true", help="train with --compile (its warm-up is reported)")
+    tb.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="train on this device; MFU is against a bfloat16 product timed there (default: %(default)s)")
     tb.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     _add_threads_argument(tb, help="torch CPU threads of each training process (default: %(default)s; 0 = torch's "
                                    "default); training's large matrix products use every core it is given")
@@ -674,7 +676,7 @@ def _cmd_train_bench(args: argparse.Namespace) -> int:
 
     result = throughput.run(names, precisions, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                             warmup=args.warmup, repeats=args.repeats, threads=args.threads, data=args.data,
-                            block_sizes=args.block_sizes, compile=args.compile, progress=progress)
+                            block_sizes=args.block_sizes, compile=args.compile, progress=progress, device=args.device)
     print(throughput.markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")

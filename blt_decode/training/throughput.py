@@ -5,7 +5,8 @@ from scratch over a random entropy model, on in-memory batches of real data so t
 left out) in a subprocess of its own, so its peak memory is its own; the configurations alternate
 within every repeat, so machine noise hits them alike. Model FLOP utilisation is the model's FLOPs
 (6 x parameters x positions for each stack, the decoder over the clean bytes and the real block bytes)
-per second over a bfloat16 matrix-product rate measured in the same run.
+per second over a bfloat16 matrix-product rate measured in the same run, on the device trained on (on
+CUDA a large product, :data:`CUDA_GEMM_SHAPE`, since the CPU's small one would not fill a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from blt_decode.errors import TrainingError
 
 #: the matrix product whose bfloat16 rate MFU is measured against (the shapes of the issue's measurement)
 GEMM_SHAPE = (2048, 256, 704)
+#: on CUDA: a product large enough to reach the matrix units' rate (the 2048 x 256 x 704 one is launch-bound there)
+CUDA_GEMM_SHAPE = (8192, 8192, 8192)
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -45,6 +48,7 @@ class TrainBenchRow:
     peak_rss_mb: float  #: the largest peak resident memory of the subprocesses measuring this row
     trainable_params: int
     warmup_s: float  #: median wall time of the untimed first steps (compilation, with --compile)
+    peak_cuda_mb: float | None = None  #: the largest CUDA memory peak of the subprocesses (None on CPU)
 
 
 @attrs.frozen
@@ -54,26 +58,35 @@ class TrainBenchResult:
     gemm_f32_gflops: float
     threads: int
     data: tuple[str, ...]
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
 
-def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] = GEMM_SHAPE, seconds: float = 0.2,
-              windows: int = 5) -> float:
+def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] | None = None, seconds: float = 0.2,
+              windows: int = 5, device: str = "cpu") -> float:
     """GFLOP/s of an ``[m, k] x [k, n]`` matrix product in ``dtype`` (this process's thread setting): the
     best of ``windows`` timings of ``seconds`` each, since a busy machine only ever slows a window down
-    and MFU is measured against what the hardware attains."""
-    m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    and MFU is measured against what the hardware attains. On CUDA the device is synchronised before
+    each clock read (its products are asynchronous)."""
+    m, k, n = shape or (CUDA_GEMM_SHAPE if device == "cuda" else GEMM_SHAPE)
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(3):
         a @ b
+    sync()
     best = 0.0
     for _ in range(windows):
         reps, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             a @ b
             reps += 1
+            sync()
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -99,7 +112,8 @@ def model_flops_per_step(model: Any, batches: Sequence[torch.Tensor], block_size
 
 
 def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, steps: int, warmup: int,
-                threads: int, data: Sequence[str], block_sizes: Sequence[int], compile: bool = False) -> dict[str, Any]:
+                threads: int, data: Sequence[str], block_sizes: Sequence[int], compile: bool = False,
+                device: str = "cpu") -> dict[str, Any]:
     """One configuration, in this process: ``warmup + steps`` steps of the training loop."""
     from blt_decode.corpus import BatchSampler
     from blt_decode.model import EntropyModel
@@ -119,7 +133,8 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
                              batch_size=batch_size, steps=warmup + steps, lr=1e-3, warmup_steps=1,
                              eval_every=10**9, eval_bytes_final=1, checkpoint_every=10**9,
                              bf16=precision == "bfloat16", threads=threads, entropy_model=str(Path(tmp) / "entropy"),
-                             block_sizes=tuple(block_sizes), synthetic_data=True, data=tuple(data), compile=compile)
+                             block_sizes=tuple(block_sizes), synthetic_data=True, data=tuple(data), compile=compile,
+                             device=device)
         train(config, corpus=corpus, progress=False, log=lambda message: None)
         log = [json.loads(line) for line in (Path(config.out_dir) / LOG_FILE).read_text().splitlines()]
         first, last = log[warmup - 1], log[-1]
@@ -135,8 +150,10 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
 
     return {"bytes_per_s": rate, "flops_per_step": flops, "step_bytes": batch_size * (seq_len - 1),
             "trainable_params": trainable, "warmup_s": first["wall_time_s"],
-            # the process's peak resident memory (KiB on Linux): model, optimizer state, activations
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            # the process's peak resident memory (KiB on Linux): model, optimizer state, activations (on
+            # CUDA the host side only; the GPU's peak is peak_cuda_mb)
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -152,17 +169,20 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 8, seq_len: int = 512,
         steps: int = 4, warmup: int = 2, repeats: int = 1, threads: int | None = None,
         data: Sequence[str] = ("builtin",), block_sizes: Sequence[int] = (4, 8, 16), compile: bool = False,
-        progress: Any = None) -> TrainBenchResult:
+        progress: Any = None, device: str = "cpu") -> TrainBenchResult:
     """Every (preset, precision) for ``repeats`` rounds, alternating; see the module docstring."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    gemm = {dtype: gemm_rate(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train-bench --device cuda: no CUDA device is available here (use --device cpu)")
+    gemm = {dtype: gemm_rate(dtype, device=device) for dtype in (torch.bfloat16, torch.float32)}
     configs = [(p, q) for p in presets for q in precisions]
     results: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for _ in range(repeats):
         for preset, precision in configs:
             spec = dict(preset=preset, precision=precision, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                        warmup=warmup, threads=threads, data=list(data), block_sizes=list(block_sizes), compile=compile)
+                        warmup=warmup, threads=threads, data=list(data), block_sizes=list(block_sizes), compile=compile,
+                        device=device)
             results[(preset, precision)].append(_child(spec))
             if progress is not None:
                 progress(preset, precision, results[(preset, precision)][-1]["bytes_per_s"])
@@ -176,14 +196,16 @@ def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 
                                   rates, first["flops_per_step"] / 1e12,
                                   first["flops_per_step"] / step_s / (gemm[torch.bfloat16] * 1e9),
                                   max(r["peak_rss_mb"] for r in runs), first["trainable_params"],
-                                  statistics.median(r["warmup_s"] for r in runs)))
-    return TrainBenchResult(tuple(rows), gemm[torch.bfloat16], gemm[torch.float32], threads, tuple(data))
+                                  statistics.median(r["warmup_s"] for r in runs),
+                                  max((r.get("peak_cuda_mb") or 0.0) for r in runs) if device == "cuda" else None))
+    return TrainBenchResult(tuple(rows), gemm[torch.bfloat16], gemm[torch.float32], threads, tuple(data), device)
 
 
 def markdown(result: TrainBenchResult) -> str:
     """The result as a markdown table (bytes/s, their ratio to the first row of the same preset, MFU)."""
     compiled = " (--compile)" if result.rows and result.rows[0].compile else ""
-    lines = [f"bfloat16 GEMM {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}: {result.gemm_bf16_gflops:.0f} GFLOP/s "
+    shape = CUDA_GEMM_SHAPE if result.device == "cuda" else GEMM_SHAPE
+    lines = [f"bfloat16 GEMM {shape[0]}x{shape[1]}x{shape[2]} on {result.device}: {result.gemm_bf16_gflops:.0f} GFLOP/s "
              f"(float32 {result.gemm_f32_gflops:.0f}); torch threads = {result.threads}; data {' '.join(result.data)}{compiled}",
              "", "| preset | precision | batch x seq | bytes/s | vs first row | TFLOP/step | MFU | peak RSS MB | warm-up s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
