@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from blt_decode import plugins
 from blt_decode.errors import (
     BLTDecodeError,
+    ChatTemplateBusyError,
     ChatTemplateError,
     InvalidOptionsError,
     InvalidRequestError,
@@ -42,7 +43,7 @@ from blt_decode.errors import (
     UnknownStrategyError,
 )
 from blt_decode.api import MAX_TOP_LOGPROBS
-from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request
+from blt_decode.request import DEFAULT_MAX_NEW_BYTES, MAX_STOP_SEQUENCES, Request
 from blt_decode.serving import tokens
 
 #: most prompts in one request (each is a request of its own in the engine)
@@ -307,14 +308,36 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return _parse(ChatRequest, body)
 
 
-def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
-    """The completion request a chat request amounts to: its messages rendered by ``template`` (a
-    :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
-    before the request's own."""
+#: the roles a message may have -> the role the chat template sees (OpenAI's "developer" is its newer name
+#: for the system role); anything else is refused rather than left out of the prompt without a word
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_messages(chat: ChatRequest) -> list[dict[str, str]]:
+    """The messages as the chat template sees them (roles mapped by :data:`CHAT_ROLES`), or :class:`APIError`
+    for an empty or too long list, a role the server does not render, or content that is not text."""
     if not chat.messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages", code="invalid_value")
     if len(chat.messages) > MAX_MESSAGES:
         raise APIError(400, f"{len(chat.messages)} messages; at most {MAX_MESSAGES}", param="messages", code="invalid_value")
+    messages = []
+    for index, m in enumerate(chat.messages):
+        role = CHAT_ROLES.get(m.role)
+        if role is None:
+            shown = m.role if len(m.role) <= 40 else m.role[:40] + "..."
+            raise APIError(400, f"messages[{index}].role is {shown!r}; the roles allowed are {', '.join(CHAT_ROLES)} "
+                           "(developer is rendered as system; tool messages are not supported)",
+                           param=f"messages.{index}.role", code="invalid_value")
+        messages.append({"role": role, "content": m.text(), **({"name": m.name} if m.name else {})})
+    return messages
+
+
+def chat_to_completion(chat: ChatRequest, template: Any, prompt: str | None = None) -> CompletionRequest:
+    """The completion request a chat request amounts to: ``prompt`` (its messages rendered by ``template``,
+    a :class:`~blt_decode.serving.chat.ChatTemplate`; rendered here, in this thread, when not given: the
+    server renders in a worker process) as the one prompt, the template's stop sequences before the
+    request's own."""
+    messages = chat_messages(chat)
     if chat.max_tokens is not None and chat.max_completion_tokens is not None and chat.max_tokens != chat.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens",
                        code="invalid_value")
@@ -323,15 +346,26 @@ def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
     if chat.top_logprobs is not None and not 0 <= chat.top_logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {chat.top_logprobs}",
                        param="top_logprobs", code="invalid_value")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in chat.messages]
-    try:
-        prompt = template.render(messages)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
     own = [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
+    if own and len(own) + len(template.stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop holds {len(own)} sequences and the server adds its {len(template.stops)} chat stop "
+                       f"sequences; at most {MAX_STOP_SEQUENCES} are allowed in all", param="stop", code="invalid_value")
+    if prompt is None:
+        try:
+            prompt = template.render(messages)
+        except ChatTemplateError as exc:
+            raise chat_template_error(exc) from None
     fields = {name: getattr(chat, name) for name in _RequestFields.model_fields}
     fields.update(stop=[*template.stops, *own] or None,
                   max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens)
     return CompletionRequest.model_construct(
         **fields, prompt=[prompt],
         logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, echo=False, best_of=None, suffix=None)
+
+
+def chat_template_error(exc: ChatTemplateError) -> APIError:
+    """A template that failed, passed a limit or timed out on these messages: 400 naming the template;
+    every template worker busy: 503."""
+    if isinstance(exc, ChatTemplateBusyError):
+        return APIError(503, str(exc), type="server_error", code="chat_template_busy")
+    return APIError(400, str(exc), param="messages", code="chat_template_error")
