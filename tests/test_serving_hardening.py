@@ -48,7 +48,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    template = ChatTemplate(HOSTILE, name="hostile.jinja")
+    template = ChatTemplate(HOSTILE, ("\n<|user|>",), name="hostile.jinja")
     app = create_app(Engine(model, max_batch=4), model_name="tiny", chat_template=template,
                      render_limits=RenderLimits(timeout_s=3.0))
     with ServerThread(app) as srv:
@@ -84,6 +84,27 @@ def test_other_roles_are_refused_naming_the_allowed_ones(server, role):
     error = resp.json()["error"]
     assert error["param"] == "messages.1.role" and error["code"] == "invalid_value", error
     assert "system, developer, user, assistant" in error["message"] and len(error["message"]) < 300, error
+
+
+@pytest.mark.parametrize("message,extra,status,code,param,words", [
+    ({"role": "user", "content": [{"type": "text"}]}, {}, 400, "invalid_value", "messages",
+     "messages[0].content[0] is of type 'text' but has no 'text'"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}, {}, 400,
+     "unsupported_parameter", "messages", "messages[0].content[0]: message content of type 'image_url' is not supported"),
+    ({"role": "user", "content": "hi"}, {"max_completion_tokens": -1}, 400, "invalid_value", "max_completion_tokens",
+     "max_completion_tokens must be an integer >= 0"),
+    ({"role": "user", "content": "hi"}, {"stop": [f"s{i}" for i in range(32)]}, 400, "invalid_value", "stop",
+     "the server adds its 1 chat stop sequences; at most 32"),
+])
+def test_neighbouring_chat_fields_get_errors_that_name_what_was_sent(server, message, extra, status, code, param, words):
+    """A text part without text was called unsupported, an image part was refused by the name of its
+    payload, a bad max_completion_tokens was blamed on max_tokens (which the client did not send), and
+    32 stops plus the template's were refused as '33 sequences' the client never sent."""
+    resp = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S,
+                      json={"model": "tiny", "messages": [message], **extra})
+    assert resp.status_code == status, resp.text[:300]
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == (code, param) and words in error["message"], error
 
 
 # -- the template in a worker ------------------------------------------------------------------------------

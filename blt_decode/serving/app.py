@@ -250,7 +250,13 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
             prompt = await renderer.render_async(chat_messages(chat))
         except ChatTemplateError as exc:
             raise chat_template_error(exc) from None
-        return await run_completion(request, chat_to_completion(chat, chat_template, prompt), _ChatCompletion)
+        try:
+            return await run_completion(request, chat_to_completion(chat, chat_template, prompt), _ChatCompletion)
+        except APIError as exc:  # the client sent max_completion_tokens: name that, not the field it maps to
+            if exc.param == "max_tokens" and chat.max_completion_tokens is not None:
+                raise attrs.evolve(exc, param="max_completion_tokens",
+                                   message=exc.message.replace("max_tokens", "max_completion_tokens")) from None
+            raise
 
     return app
 

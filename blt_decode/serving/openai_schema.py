@@ -268,7 +268,9 @@ def finish_reason(stop_reason: str) -> str:
 
 # -- chat -------------------------------------------------------------------------------------------
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # other fields allowed: a part of another type carries its own (image_url, input_audio, ...), and is
+    # refused by its type ("text only"), not by the name of its payload
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
@@ -281,14 +283,23 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, index: int = 0) -> str:
+        """The content as one text (``index``: the message's, for errors)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise APIError(400, f"message content of type {part.type!r} is not supported (text only)",
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type != "text":
+                shown = part.type if len(part.type) <= 40 else part.type[:40] + "..."
+                raise APIError(400, f"{where}: message content of type {shown!r} is not supported (text only)",
                                param="messages", code="unsupported_parameter")
+            if part.text is None:
+                raise APIError(400, f"{where} is of type 'text' but has no 'text' string", param="messages",
+                               code="invalid_value")
+            if part.model_extra:
+                raise APIError(400, f"unrecognized request argument(s): {', '.join(f'{where}.{k}' for k in part.model_extra)}",
+                               param="messages", code="unknown_parameter")
             parts.append(part.text)
         return "".join(parts)
 
@@ -328,7 +339,7 @@ def chat_messages(chat: ChatRequest) -> list[dict[str, str]]:
             raise APIError(400, f"messages[{index}].role is {shown!r}; the roles allowed are {', '.join(CHAT_ROLES)} "
                            "(developer is rendered as system; tool messages are not supported)",
                            param=f"messages.{index}.role", code="invalid_value")
-        messages.append({"role": role, "content": m.text(), **({"name": m.name} if m.name else {})})
+        messages.append({"role": role, "content": m.text(index), **({"name": m.name} if m.name else {})})
     return messages
 
 
