@@ -149,14 +149,17 @@ def test_template_errors_are_400s_naming_the_template(server, content, words):
 
 
 def test_the_template_is_not_evaluated_when_it_is_compiled():
-    """Jinja2 folds constant expressions when it compiles: `{{ 'x' * 10**10 }}` allocated 10 GB in the
-    server itself when the template was loaded. Nothing is evaluated before a render (in a worker).
-    Compiled in a child under a 2 GiB address-space limit, so that a regression fails here, not the machine."""
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+    """Jinja2 folds constant expressions when it compiles: `{{ 'x' * 10**10 }}` was computed by the server
+    itself as it loaded the template. Nothing is evaluated before a render (in a worker): compiling two
+    1 GB expressions leaves the compiling process's peak memory where importing blt-decode puts it. In a
+    child under a 3 GiB address-space limit, so that a regression fails here, not the machine."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
             "from blt_decode.serving.chat import ChatTemplate\n"
-            "ChatTemplate(\"{{ 'x' * 10**10 }}{{ 'y'|center(10000000000) }}{{ 9**9**9 }}\", name='folded.jinja')\n")
+            "ChatTemplate(\"{{ 'x' * 1000000000 }}{{ 'y'|center(1000000000) }}\", name='folded.jinja')\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) < 900, f"{run.stdout.split()[-1]} MiB at peak"  # ~225 MiB here
 
 
 # -- start-up checks ------------------------------------------------------------------------------------------
@@ -169,12 +172,9 @@ def test_the_template_is_not_evaluated_when_it_is_compiled():
     (["--keep-alive-timeout", "1e9"], "--keep-alive-timeout must be"),
     (["--max-connections", "0"], "--max-connections must be"),
 ])
-def test_serve_refuses_bad_chat_stops_and_limits_at_start_up(capsys, args, words):
-    from blt_decode.cli import main
-
-    assert main(["serve", "--model", "random:tiny", *args]) == 2
-    err = capsys.readouterr().err
-    assert words in err and len(err.strip().splitlines()) == 1, err
+def test_serve_refuses_bad_chat_stops_and_limits_at_start_up(args, words):
+    run = _serve(*args)
+    assert run.returncode == 2 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 @pytest.mark.parametrize("source,words", [
@@ -183,14 +183,25 @@ def test_serve_refuses_bad_chat_stops_and_limits_at_start_up(capsys, args, words
     ("{{ messages[0].content + 1 }}", "can only concatenate str"),
     ("{% if messages[0].role == 'system' %}{{ raise_exception('no system messages') }}{% endif %}", "no system messages"),
 ])
-def test_serve_refuses_a_template_that_cannot_render_a_sample_conversation(tmp_path, capsys, source, words):
-    from blt_decode.cli import main
-
+def test_serve_refuses_a_template_that_cannot_render_a_sample_conversation(tmp_path, source, words):
     path = tmp_path / "template.jinja"
     path.write_text(source)
-    assert main(["serve", "--model", "random:tiny", "--chat-template", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert words in err and str(path) in err and len(err.strip().splitlines()) == 1, err
+    run = _serve("--chat-template", str(path))
+    assert run.returncode == 2 and words in run.stderr and str(path) in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    """`blt-decode serve` in a child on a free port: the old server started (and served for ever) here, so
+    a regression is a timeout after TIMEOUT_S, not a hung test run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        return subprocess.run([sys.executable, "-m", "blt_decode.cli", "serve", "--model", "random:tiny",
+                               "--port", str(port), *args], capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve {' '.join(args)} started instead of refusing")
 
 
 # -- disconnects and slow clients ------------------------------------------------------------------------------
