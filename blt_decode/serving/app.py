@@ -17,8 +17,10 @@ unknown model or route, 408 for a request head or body that does not arrive in t
 (:class:`~blt_decode.serving.connections.ConnectionLimits`), 413 for a body over ``max_body_bytes``, 422
 for a field of the wrong type, 503 when the engine cannot run a request (memory ran out while admitting
 it; its thread has stopped) or every chat template worker is busy, 500 if decoding itself fails. A client
-that disconnects before its body has arrived is counted as status 499 (nobody receives the answer). Validation runs in a worker thread, so no request holds up the event loop. A
-client that disconnects has its requests cancelled (their slots are freed at the engine's next step).
+that disconnects before its body has arrived is counted as status 499 (nobody receives the answer).
+Validation runs in a worker thread and chat templates in worker processes, so no request holds up the
+event loop. A client that disconnects has its requests cancelled (their slots are freed at the engine's
+next step).
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         if chat.model != config.model_name:
             raise _unknown_model(chat.model, config.model_name)
         try:  # a template is a program: in a worker process, under a time and a size limit, off the event loop
-            prompt = await renderer.render_async(chat_messages(chat))
+            prompt = await renderer.render_async(chat_messages(chat, chat_template))
         except ChatTemplateError as exc:
             raise chat_template_error(exc) from None
         try:

@@ -324,13 +324,28 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def chat_messages(chat: ChatRequest) -> list[dict[str, str]]:
-    """The messages as the chat template sees them (roles mapped by :data:`CHAT_ROLES`), or :class:`APIError`
-    for an empty or too long list, a role the server does not render, or content that is not text."""
+def chat_messages(chat: ChatRequest, template: Any) -> list[dict[str, str]]:
+    """The messages as the chat template sees them (roles mapped by :data:`CHAT_ROLES`), after every
+    check a chat request gets before its render (cheap ones first: a render may take a while), or
+    :class:`APIError`: an empty or too long list, a role the server does not render, content that is not
+    text, contradicting token limits, ``top_logprobs`` without ``logprobs``, more stops than the limit with
+    ``template``'s."""
     if not chat.messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages", code="invalid_value")
     if len(chat.messages) > MAX_MESSAGES:
         raise APIError(400, f"{len(chat.messages)} messages; at most {MAX_MESSAGES}", param="messages", code="invalid_value")
+    if chat.max_tokens is not None and chat.max_completion_tokens is not None and chat.max_tokens != chat.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens",
+                       code="invalid_value")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if chat.top_logprobs is not None and not 0 <= chat.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {chat.top_logprobs}",
+                       param="top_logprobs", code="invalid_value")
+    own = _own_stops(chat)
+    if own and len(own) + len(template.stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop holds {len(own)} sequences and the server adds its {len(template.stops)} chat stop "
+                       f"sequences; at most {MAX_STOP_SEQUENCES} are allowed in all", param="stop", code="invalid_value")
     messages = []
     for index, m in enumerate(chat.messages):
         role = CHAT_ROLES.get(m.role)
@@ -343,31 +358,24 @@ def chat_messages(chat: ChatRequest) -> list[dict[str, str]]:
     return messages
 
 
+def _own_stops(chat: ChatRequest) -> list[str]:
+    return [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
+
+
 def chat_to_completion(chat: ChatRequest, template: Any, prompt: str | None = None) -> CompletionRequest:
-    """The completion request a chat request amounts to: ``prompt`` (its messages rendered by ``template``,
-    a :class:`~blt_decode.serving.chat.ChatTemplate`; rendered here, in this thread, when not given: the
-    server renders in a worker process) as the one prompt, the template's stop sequences before the
-    request's own."""
-    messages = chat_messages(chat)
-    if chat.max_tokens is not None and chat.max_completion_tokens is not None and chat.max_tokens != chat.max_completion_tokens:
-        raise APIError(400, "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens",
-                       code="invalid_value")
-    if chat.top_logprobs is not None and not chat.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-    if chat.top_logprobs is not None and not 0 <= chat.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {chat.top_logprobs}",
-                       param="top_logprobs", code="invalid_value")
-    own = [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
-    if own and len(own) + len(template.stops) > MAX_STOP_SEQUENCES:
-        raise APIError(400, f"stop holds {len(own)} sequences and the server adds its {len(template.stops)} chat stop "
-                       f"sequences; at most {MAX_STOP_SEQUENCES} are allowed in all", param="stop", code="invalid_value")
+    """The completion request a chat request amounts to: its messages rendered by ``template`` (a
+    :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
+    before the request's own. ``prompt``: the messages already checked and rendered (the server renders
+    ``chat_messages(chat, template)`` in a worker process); without it they are checked and rendered here,
+    in this thread."""
     if prompt is None:
+        messages = chat_messages(chat, template)
         try:
             prompt = template.render(messages)
         except ChatTemplateError as exc:
             raise chat_template_error(exc) from None
     fields = {name: getattr(chat, name) for name in _RequestFields.model_fields}
-    fields.update(stop=[*template.stops, *own] or None,
+    fields.update(stop=[*template.stops, *_own_stops(chat)] or None,
                   max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens)
     return CompletionRequest.model_construct(
         **fields, prompt=[prompt],
