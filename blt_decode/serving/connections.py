@@ -134,8 +134,10 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
             super().on_response_complete()
             self._head_bytes = False
             self._disarm()
-            if not self.transport.is_closing():
-                self._arm()  # for the next head; an idle connection is closed sooner by the keep-alive timeout
+            # for the next head (unless a pipelined one has just started); an idle connection is closed
+            # sooner by the keep-alive timeout when it is the shorter
+            if not self.transport.is_closing() and self._waiting_for_head():
+                self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
