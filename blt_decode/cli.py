@@ -750,7 +750,17 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                          "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
     sv.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
                     help="stop sequence of every chat request (repeatable; default: '\\nUser:' with the plain "
-                         "template, none with --chat-template)")
+                         "template, none with --chat-template; each 1..256 bytes, at most 32)")
+    sv.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="a connection that has not sent a whole request head within this time (from its opening "
+                         "or its previous response) gets a 408 and is closed (default: %(default)s)")
+    sv.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="a request body that has not all arrived within this time gets a 408 (default: %(default)s)")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="an idle kept-alive connection is closed after this time (default: %(default)s)")
+    sv.add_argument("--max-connections", type=int, default=512, metavar="N",
+                    help="connections and requests in progress at once; a request over it gets a 503 "
+                         "(default: %(default)s)")
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
     sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
@@ -783,9 +793,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or args.model
     from blt_decode.serving.chat import PLAIN, ChatTemplate
 
+    from blt_decode.serving.connections import ConnectionLimits
+
+    # every limit a request is held to is checked here, in one line, before the model loads: a bad flag
+    # would otherwise start a server that fails every request (or holds every slow client)
+    limits = ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                              keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections)
     chat = PLAIN if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
     if args.chat_stop is not None:
         chat = ChatTemplate(chat.source, tuple(args.chat_stop), name=chat.name)
+    if args.chat_template is not None:
+        chat.check()  # renders a sample conversation as requests are rendered (a worker, under the limits)
     try:  # a port in use is one line now, not a uvicorn traceback after the model has loaded
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -823,7 +841,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     model = model_from_args(args)
     app = build_app(model, backend=args.backend, max_batch=args.max_batch, model_name=name,
-                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat)
+                    api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=chat, limits=limits)
     _compile_note(args.backend, each_graph=False)
     warmup = getattr(plugins.get_backend(args.backend), "warmup", None)
     if warmup is not None:  # compile before listening (as vLLM captures its graphs): no request waits on it

@@ -117,6 +117,10 @@ class ChatTemplateError(BLTDecodeError):
     """A chat template that cannot be read or compiled, or messages it cannot render."""
 
 
+class ChatTemplateBusyError(ChatTemplateError):
+    """Every chat-template worker stayed busy for the whole render time limit (the server answers 503)."""
+
+
 class MissingExtraError(BLTDecodeError, ImportError):
     """A feature needs packages of an optional extra that is not installed; the message says which
     ``pip install -e ".[EXTRA]"`` (in the checkout, as the README installs blt-decode) brings them."""

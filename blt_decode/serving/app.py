@@ -13,10 +13,14 @@ batches all live requests together (continuous batching); the event loop follows
 Errors are OpenAI-style, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
 or a value the validator refuses (unknown strategy, bad option, prompt, ``max_tokens`` or stop list over
 its limit, a decode state that would not fit the free memory, ...), 401 without the API key, 404 for an
-unknown model or route, 413 for a body over ``max_body_bytes``, 422 for a field of the wrong type, 503
-when the engine cannot run a request (memory ran out while admitting it; its thread has stopped), 500 if
-decoding itself fails. Validation runs in a worker thread, so no request holds up the event loop. A
-client that disconnects has its requests cancelled (their slots are freed at the engine's next step).
+unknown model or route, 408 for a request head or body that does not arrive in time
+(:class:`~blt_decode.serving.connections.ConnectionLimits`), 413 for a body over ``max_body_bytes``, 422
+for a field of the wrong type, 503 when the engine cannot run a request (memory ran out while admitting
+it; its thread has stopped) or every chat template worker is busy, 500 if decoding itself fails. A client
+that disconnects before its body has arrived is counted as status 499 (nobody receives the answer).
+Validation runs in a worker thread and chat templates in worker processes, so no request holds up the
+event loop. A client that disconnects has its requests cancelled (their slots are freed at the engine's
+next step).
 """
 
 from __future__ import annotations
@@ -39,22 +43,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import blt_decode
 from blt_decode import plugins, stops, tokenizer
 from blt_decode.engine import Engine, EngineError
-from blt_decode.errors import BLTDecodeError
+from blt_decode.errors import BLTDecodeError, ChatTemplateError
 from blt_decode.model import BLTModel
 from blt_decode.request import prepare
 from blt_decode.serving import tokens
 from blt_decode.serving.bridge import ChoiceText, RequestStreams
-from blt_decode.serving.chat import PLAIN, ChatTemplate
+from blt_decode.serving.chat import PLAIN, ChatTemplate, RenderLimits, TemplateRenderer
+from blt_decode.serving.connections import ConnectionLimits
 from blt_decode.serving.metrics import ServerMetrics
 from blt_decode.serving.openai_schema import (
     APIError,
     CompletionRequest,
     StartedPrompt,
     api_error,
+    chat_messages,
+    chat_template_error,
     chat_to_completion,
     finish_reason,
     parse_chat_request,
@@ -91,19 +99,24 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     backend: str = "eager"
+    limits: ConnectionLimits = ConnectionLimits()
 
 
 def create_app(engine: Engine, *, model_name: str = "default", api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, stop_engine: bool = True,
-               chat_template: ChatTemplate = PLAIN) -> FastAPI:
+               chat_template: ChatTemplate = PLAIN, render_limits: RenderLimits = RenderLimits(),
+               limits: ConnectionLimits = ConnectionLimits()) -> FastAPI:
     """The app over ``engine``. The engine's background thread is started when the app starts (ASGI
     lifespan) and, with ``stop_engine``, stopped when it shuts down. ``api_key``: every route but
     ``/health`` then needs ``Authorization: Bearer <api_key>``. ``chat_template`` renders the messages
-    of ``/v1/chat/completions`` (:mod:`blt_decode.serving.chat`)."""
+    of ``/v1/chat/completions`` (:mod:`blt_decode.serving.chat`) in worker processes under
+    ``render_limits``. ``limits``: the body deadline here; :func:`serve` and :class:`ServerThread` apply
+    the rest (``app.state.config.limits``)."""
     config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
-                          backend=engine.backend.name)
+                          backend=engine.backend.name, limits=limits)
     metrics = ServerMetrics(engine)
     created = int(time.time())
+    renderer = TemplateRenderer(chat_template, render_limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +124,7 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
         try:
             yield
         finally:
+            renderer.close()
             if stop_engine:
                 await asyncio.to_thread(engine.stop)
 
@@ -126,7 +140,12 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        if exc.status == 499:  # nobody reads this answer: one line in the log, not a server error
+            logger.info("client disconnected during %s %s", request.method, request.url.path)
+        response = error_response(exc)
+        if exc.status == 408:  # the rest of the body may still come: end the connection rather than read it
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -184,7 +203,7 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        data = _json_object(await _read_body(request, config.max_body_bytes))
+        data = _json_object(await _read_body(request, config))
         prompt, special = data.get("prompt"), data.get("add_special_tokens", False)
         if not isinstance(prompt, str) or not isinstance(special, bool):
             raise APIError(400, "the body must hold 'prompt' (a string) and optionally 'add_special_tokens' (a boolean)",
@@ -194,7 +213,7 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        ids = _json_object(await _read_body(request, config.max_body_bytes)).get("tokens")
+        ids = _json_object(await _read_body(request, config)).get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= tokens.EOS
                                                 for t in ids):
             raise APIError(400, f"the body must hold 'tokens': a list of token ids 0..{tokens.EOS}", param="tokens",
@@ -222,14 +241,24 @@ def create_app(engine: Engine, *, model_name: str = "default", api_key: str | No
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        return await run_completion(request, parse_request(await _read_body(request, config.max_body_bytes)), _Completion)
+        return await run_completion(request, parse_request(await _read_body(request, config)), _Completion)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        chat = parse_chat_request(await _read_body(request, config.max_body_bytes))
+        chat = parse_chat_request(await _read_body(request, config))
         if chat.model != config.model_name:
             raise _unknown_model(chat.model, config.model_name)
-        return await run_completion(request, chat_to_completion(chat, chat_template), _ChatCompletion)
+        try:  # a template is a program: in a worker process, under a time and a size limit, off the event loop
+            prompt = await renderer.render_async(chat_messages(chat, chat_template))
+        except ChatTemplateError as exc:
+            raise chat_template_error(exc) from None
+        try:
+            return await run_completion(request, chat_to_completion(chat, chat_template, prompt), _ChatCompletion)
+        except APIError as exc:  # the client sent max_completion_tokens: name that, not the field it maps to
+            if exc.param == "max_tokens" and chat.max_completion_tokens is not None:
+                raise attrs.evolve(exc, param="max_completion_tokens",
+                                   message=exc.message.replace("max_tokens", "max_completion_tokens")) from None
+            raise
 
     return app
 
@@ -309,18 +338,30 @@ def _unknown_model(asked: str, served: str) -> APIError:
                     param="model", code="model_not_found")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def _read_body(request: Request, config: ServerConfig) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``max_body_bytes``, with 408 if it has
+    not all arrived within ``limits.body_timeout_s``; a client that leaves before sending it all is a 499."""
+    limit, seconds = config.max_body_bytes, config.limits.body_timeout_s
     too_big = APIError(413, f"request body over {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(read(), seconds)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise APIError(408, f"the request body did not arrive within {seconds:g} s", code="request_timeout") from None
+    except ClientDisconnect:
+        raise APIError(499, "the client disconnected before sending the whole body",
+                       code="client_disconnected") from None
 
 
 class _Completion:
@@ -550,21 +591,28 @@ async def _wait_for_disconnect(request: Request) -> bool:
 def build_app(model: str | Path | BLTModel = "default", *, backend: str = "eager", max_batch: int = 16,
               model_name: str | None = None, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, dtype: Any = None, device: Any = None,
-              chat_template: ChatTemplate = PLAIN) -> FastAPI:
+              chat_template: ChatTemplate = PLAIN, render_limits: RenderLimits = RenderLimits(),
+              limits: ConnectionLimits = ConnectionLimits()) -> FastAPI:
     """Load ``model`` (a spec as :func:`blt_decode.load_model` takes, or a model), make its engine and the
     app over it. ``model_name`` (the ``model`` clients send) defaults to the spec as given."""
     loaded = blt_decode.load_model(model, dtype=dtype, device=device)
     engine = Engine(loaded, backend=backend, max_batch=max_batch)
     name = model_name or (str(model) if not isinstance(model, BLTModel) else "blt")
     return create_app(engine, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
-                      chat_template=chat_template)
+                      chat_template=chat_template, render_limits=render_limits, limits=limits)
+
+
+def _limits(app: Any) -> ConnectionLimits:
+    config = getattr(getattr(app, "state", None), "config", None)
+    return getattr(config, "limits", None) or ConnectionLimits()
 
 
 def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+    """Run ``app`` with uvicorn until interrupted, under the app's connection limits."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                **_limits(app).uvicorn_settings())
 
 
 class ServerThread:
@@ -577,7 +625,7 @@ class ServerThread:
         import uvicorn
 
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                                    timeout_graceful_shutdown=5))
+                                                    timeout_graceful_shutdown=5, **_limits(app).uvicorn_settings()))
         self.host, self.start_timeout_s = host, start_timeout_s
         self.thread = threading.Thread(target=self.server.run, name="blt-decode-uvicorn", daemon=True)
         self.port: int | None = None

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from blt_decode import plugins
 from blt_decode.errors import (
     BLTDecodeError,
+    ChatTemplateBusyError,
     ChatTemplateError,
     InvalidOptionsError,
     InvalidRequestError,
@@ -42,7 +43,7 @@ from blt_decode.errors import (
     UnknownStrategyError,
 )
 from blt_decode.api import MAX_TOP_LOGPROBS
-from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request
+from blt_decode.request import DEFAULT_MAX_NEW_BYTES, MAX_STOP_SEQUENCES, Request
 from blt_decode.serving import tokens
 
 #: most prompts in one request (each is a request of its own in the engine)
@@ -267,7 +268,9 @@ def finish_reason(stop_reason: str) -> str:
 
 # -- chat -------------------------------------------------------------------------------------------
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # other fields allowed: a part of another type carries its own (image_url, input_audio, ...), and is
+    # refused by its type ("text only"), not by the name of its payload
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
@@ -280,14 +283,23 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, index: int = 0) -> str:
+        """The content as one text (``index``: the message's, for errors)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise APIError(400, f"message content of type {part.type!r} is not supported (text only)",
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type != "text":
+                shown = part.type if len(part.type) <= 40 else part.type[:40] + "..."
+                raise APIError(400, f"{where}: message content of type {shown!r} is not supported (text only)",
                                param="messages", code="unsupported_parameter")
+            if part.text is None:
+                raise APIError(400, f"{where} is of type 'text' but has no 'text' string", param="messages",
+                               code="invalid_value")
+            if part.model_extra:
+                raise APIError(400, f"unrecognized request argument(s): {', '.join(f'{where}.{k}' for k in part.model_extra)}",
+                               param="messages", code="unknown_parameter")
             parts.append(part.text)
         return "".join(parts)
 
@@ -307,10 +319,17 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return _parse(ChatRequest, body)
 
 
-def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
-    """The completion request a chat request amounts to: its messages rendered by ``template`` (a
-    :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
-    before the request's own."""
+#: the roles a message may have -> the role the chat template sees (OpenAI's "developer" is its newer name
+#: for the system role); anything else is refused rather than left out of the prompt without a word
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_messages(chat: ChatRequest, template: Any) -> list[dict[str, str]]:
+    """The messages as the chat template sees them (roles mapped by :data:`CHAT_ROLES`), after every
+    check a chat request gets before its render (cheap ones first: a render may take a while), or
+    :class:`APIError`: an empty or too long list, a role the server does not render, content that is not
+    text, contradicting token limits, ``top_logprobs`` without ``logprobs``, more stops than the limit with
+    ``template``'s."""
     if not chat.messages:
         raise APIError(400, "messages is empty; give at least one message", param="messages", code="invalid_value")
     if len(chat.messages) > MAX_MESSAGES:
@@ -323,15 +342,49 @@ def chat_to_completion(chat: ChatRequest, template: Any) -> CompletionRequest:
     if chat.top_logprobs is not None and not 0 <= chat.top_logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {chat.top_logprobs}",
                        param="top_logprobs", code="invalid_value")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in chat.messages]
-    try:
-        prompt = template.render(messages)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
-    own = [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
+    own = _own_stops(chat)
+    if own and len(own) + len(template.stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"stop holds {len(own)} sequences and the server adds its {len(template.stops)} chat stop "
+                       f"sequences; at most {MAX_STOP_SEQUENCES} are allowed in all", param="stop", code="invalid_value")
+    messages = []
+    for index, m in enumerate(chat.messages):
+        role = CHAT_ROLES.get(m.role)
+        if role is None:
+            shown = m.role if len(m.role) <= 40 else m.role[:40] + "..."
+            raise APIError(400, f"messages[{index}].role is {shown!r}; the roles allowed are {', '.join(CHAT_ROLES)} "
+                           "(developer is rendered as system; tool messages are not supported)",
+                           param=f"messages.{index}.role", code="invalid_value")
+        messages.append({"role": role, "content": m.text(index), **({"name": m.name} if m.name else {})})
+    return messages
+
+
+def _own_stops(chat: ChatRequest) -> list[str]:
+    return [] if chat.stop is None else [chat.stop] if isinstance(chat.stop, str) else list(chat.stop)
+
+
+def chat_to_completion(chat: ChatRequest, template: Any, prompt: str | None = None) -> CompletionRequest:
+    """The completion request a chat request amounts to: its messages rendered by ``template`` (a
+    :class:`~blt_decode.serving.chat.ChatTemplate`) as the one prompt, the template's stop sequences
+    before the request's own. ``prompt``: the messages already checked and rendered (the server renders
+    ``chat_messages(chat, template)`` in a worker process); without it they are checked and rendered here,
+    in this thread."""
+    if prompt is None:
+        messages = chat_messages(chat, template)
+        try:
+            prompt = template.render(messages)
+        except ChatTemplateError as exc:
+            raise chat_template_error(exc) from None
     fields = {name: getattr(chat, name) for name in _RequestFields.model_fields}
-    fields.update(stop=[*template.stops, *own] or None,
+    fields.update(stop=[*template.stops, *_own_stops(chat)] or None,
                   max_tokens=chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens)
     return CompletionRequest.model_construct(
         **fields, prompt=[prompt],
         logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, echo=False, best_of=None, suffix=None)
+
+
+def chat_template_error(exc: ChatTemplateError) -> APIError:
+    """A template that failed, passed a limit or timed out on these messages: 400 naming the template;
+    every template worker busy: 503."""
+    if isinstance(exc, ChatTemplateBusyError):
+        return APIError(503, str(exc), type="server_error", code="chat_template_busy")
+    return APIError(400, str(exc), param="messages", code="chat_template_error")
