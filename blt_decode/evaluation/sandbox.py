@@ -216,9 +216,9 @@ def unsafe_layers(text: str | None) -> frozenset:
     if text is None:
         return frozenset()
     names = _to_layers(text)
-    _check_layers(None, attrs.fields(SandboxConfig).unsafe_without, names)
-    if not names:
-        raise SandboxError(f"--unsafe-sandbox: expected layer names among {', '.join(LAYERS)}, got {text!r}")
+    if not names or not names <= set(LAYERS):
+        raise SandboxError(f"--unsafe-sandbox: expected comma-separated layer names among {', '.join(LAYERS)}, "
+                           f"got {text!r}")
     missing = missing_layers(SandboxConfig())
     present = sorted(names - set(missing))
     if present:
