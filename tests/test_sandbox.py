@@ -28,6 +28,10 @@ from blt_decode.evaluation import sandbox
 from blt_decode.evaluation.sandbox import SandboxConfig, SandboxError, run_program
 
 MISSING = sandbox.missing_layers()
+#: device nodes of this machine that a program must not open for writing (a read-only mount does not stop
+#: writes to a device node): disks, loop devices, consoles, the kernel log
+DEVICES = [d for d in ("/dev/kmsg", "/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/loop0", "/dev/tty1", "/dev/console",
+                       "/dev/mem", "/dev/kvm", "/dev/fuse") if os.path.exists(d)]
 #: everything this machine has; what it lacks is accepted (for the tests of limits, not of containment)
 AVAILABLE = SandboxConfig(timeout_s=5, unsafe_without=frozenset(MISSING))
 FULL = SandboxConfig(timeout_s=5)
@@ -37,7 +41,10 @@ HOOK_ONLY = SandboxConfig(timeout_s=5, namespaces=False, seccomp=False, unsafe_w
 needs_kernel = pytest.mark.skipif(bool(MISSING), reason=f"kernel layers missing here: {MISSING}")
 CONFIGS = [pytest.param(FULL, marks=needs_kernel, id="all-layers"),
            pytest.param(KERNEL, marks=needs_kernel, id="kernel-layers-without-hook"),
-           pytest.param(HOOK_ONLY, id="audit-hook-alone-unsafe")]
+           pytest.param(HOOK_ONLY, id="audit-hook-alone-unsafe"),
+           # where a kernel layer is missing: whatever the machine has, as --unsafe-sandbox runs it
+           pytest.param(AVAILABLE, marks=pytest.mark.skipif(not MISSING, reason="no layer missing here"),
+                        id="the-layers-this-machine-has")]
 
 
 # -- the world outside the sandbox ------------------------------------------------------------------------
@@ -98,7 +105,7 @@ class World:
     def header(self) -> str:
         """Constants the escape programs use."""
         return (f"OUT = {str(self.outside)!r}\nPORT = {self.listener.port}\nPARENT = {os.getpid()}\n"
-                f"VICTIM = {self.victim.pid}\nMARK = {self.marker!r}\n"
+                f"VICTIM = {self.victim.pid}\nMARK = {self.marker!r}\nDEVICES = {DEVICES!r}\n"
                 "import os\nprint('SCRATCH=' + os.getcwd(), flush=True)\n")
 
     def survivors(self, result) -> list[int]:
@@ -193,6 +200,9 @@ ESCAPES = {
     "socket_connect": _attempt("import socket; socket.create_connection(('127.0.0.1', PORT), timeout=2)",
                                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
                                "s.sendto(b'x', ('127.0.0.1', PORT))"),
+    "open_device_nodes": "for dev in DEVICES:\n" + "".join(
+        "    " + line + "\n" for line in _attempt("os.close(os.open(dev, os.O_WRONLY | os.O_NONBLOCK)); print('OPENED', dev)"
+                                                  ).splitlines()),
     "write_outside": _attempt("open(OUT + '/canary.txt', 'w').write('escaped')", "open(OUT + '/new.txt', 'w')",
                               "os.rename('inside.txt', OUT + '/moved.txt')"),
 }

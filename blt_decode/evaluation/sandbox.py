@@ -9,8 +9,8 @@ these layers (:func:`isolation` says which ran; docs/evaluation.md has the threa
   ``--map-root-user`` as an unprivileged user where user namespaces are allowed). A PID namespace (the
   run's processes die with it, at the end of every run; no other process is visible or signalable; /proc
   shows only the run's), no network but a loopback that is down, every mount read-only but the scratch
-  directory, which is a tmpfs of ``scratch_mb`` MiB; then ``setpriv`` drops every capability and sets
-  no-new-privs.
+  directory, which is a tmpfs of ``scratch_mb`` MiB, a minimal /dev (no disks, consoles or kernel log);
+  then ``setpriv`` drops every capability and sets no-new-privs.
 - ``seccomp``: a BPF filter installed by :mod:`blt_decode.evaluation._guard` right before the program
   runs: no new processes (threads only), no exec, no signals but to itself, no ptrace, AF_UNIX sockets
   only, no mknod, mount, namespace, xattr-writing, bpf, perf, keyring or io_uring calls.
@@ -57,13 +57,20 @@ NPROC = 512
 #: evaluating process kills it at the wall-clock limit
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net")
 #: the shell step that runs as PID 1 of the new namespaces: the scratch directory becomes a tmpfs of
-#: $1 MiB, every other mount read-only, and the program runs (as a child, so that the shell, not the
-#: program, is the namespace's init: the program keeps ordinary signal semantics) with all capabilities
-#: dropped; when the shell exits, the kernel kills whatever is left in the namespace
+#: $1 MiB, every other mount read-only, /dev a minimal one (null, zero, full, random, urandom: a read-only
+#: mount does not stop writes to a device node, so the machine's disks, loop devices, consoles and
+#: /dev/kmsg must not be there at all; staged in $3 and moved over /dev), and the program runs (as a
+#: child, so that the shell, not the program, is the namespace's init: the program keeps ordinary signal
+#: semantics) with all capabilities dropped; when the shell exits, the kernel kills whatever is left in
+#: the namespace
 _NAMESPACE_SETUP = (
-    'set -e; mb=$1; scratch=$2; shift 2; '
+    'set -e; mb=$1; scratch=$2; dev=$3; shift 3; '
     'mount -t tmpfs -o "size=${mb}m,nr_inodes=16384,mode=0700,nosuid,nodev" blt-scratch "$scratch"; '
     'findmnt -rn -o TARGET | while read -r m; do [ "$m" = "$scratch" ] || mount -o remount,bind,ro "$m"; done; '
+    'mount -t tmpfs -o size=64k,nr_inodes=64,mode=0755,nosuid,noexec blt-dev "$dev"; '
+    'for d in null zero full random urandom; do : > "$dev/$d"; mount --bind "/dev/$d" "$dev/$d"; done; '
+    'ln -s /proc/self/fd "$dev/fd"; ln -s fd/0 "$dev/stdin"; ln -s fd/1 "$dev/stdout"; ln -s fd/2 "$dev/stderr"; '
+    'mount --rbind "$dev" /dev; mount -o remount,bind,ro /dev; '
     'set +e; setpriv --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"; exit $?'
 )
 #: bytes of each output stream kept in an Execution (the tail)
@@ -149,7 +156,10 @@ def _namespace_prefix() -> tuple[tuple[str, ...] | None, str]:
             prefix = ("unshare", *flags, "--", "sh", "-c", _NAMESPACE_SETUP, "sh")
             shown = "unshare " + " ".join(f for f in flags if f in ("--map-root-user", "--pid", "--mount", "--net"))
             try:
-                run = subprocess.run([*prefix, "1", probe, "true"], capture_output=True, timeout=30)
+                os.makedirs(os.path.join(probe, "scratch"), exist_ok=True)
+                os.makedirs(os.path.join(probe, "dev"), exist_ok=True)
+                run = subprocess.run([*prefix, "1", os.path.join(probe, "scratch"), os.path.join(probe, "dev"), "true"],
+                                     capture_output=True, timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 reasons.append(f"{shown}: {exc}")
                 continue
@@ -236,8 +246,8 @@ def isolation(config: SandboxConfig = SandboxConfig()) -> str:
     if "namespaces" in missing:
         parts.append(f"namespaces: OFF ({missing['namespaces']})")
     else:
-        parts.append(f"namespaces: PID, network, mount (read-only but a {config.scratch_mb} MiB tmpfs scratch), "
-                     f"capabilities dropped ({_namespace_prefix()[1]})")
+        parts.append(f"namespaces: PID, network, mount (read-only but a {config.scratch_mb} MiB tmpfs scratch; a "
+                     f"minimal /dev), capabilities dropped ({_namespace_prefix()[1]})")
     if "seccomp" in missing:
         parts.append(f"seccomp: OFF ({missing['seccomp']})")
     else:
@@ -307,7 +317,8 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
         prefix: tuple[str, ...] = ()
         found = _namespace_prefix()[0] if config.namespaces else None
         if found is not None:
-            prefix = (*found, str(config.scratch_mb), str(scratch))
+            (work / "dev").mkdir(mode=0o700)
+            prefix = (*found, str(config.scratch_mb), str(scratch), str(work / "dev"))
         seccomp = config.seccomp and _seccomp_probe()[0]
         report_r, report_w = os.pipe()
         command = [*prefix, sys.executable, "-I", "-S", "-B", "-c", _GUARD, str(scratch), str(program),
