@@ -263,6 +263,24 @@ def test_scratch_has_a_total_size(world, config):
                            "open('c', 'wb').write(b'x')\n", small).passed
 
 
+@pytest.mark.parametrize("config", [pytest.param(FULL, marks=needs_kernel, id="all-layers"),
+                                    pytest.param(KERNEL, marks=needs_kernel, id="kernel-layers-without-hook")])
+def test_home_directories_are_hidden(config):
+    """The program's user may read its home (root's, or yours under --map-root-user): the namespace hides
+    /root and /home, but for the interpreter's installation."""
+    home = Path.home()
+    if not str(home).startswith(("/root/", "/home/")) and str(home) != "/root":
+        pytest.skip(f"the home directory {home} is neither under /root nor /home")
+    secret = home / f".blt-sandbox-secret-{os.getpid()}"
+    secret.write_text("s3cr3t-token")
+    try:
+        result = run_program(f"print('READ', open({str(secret)!r}).read())\n", config)
+    finally:
+        secret.unlink()
+    assert result.status == "failed" and "s3cr3t" not in result.stdout + result.stderr, result
+    assert "FileNotFoundError" in result.stderr, result
+
+
 # -- what must keep working -------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", CONFIGS)
 def test_ordinary_file_work_and_threads_run(config):

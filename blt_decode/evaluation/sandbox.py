@@ -9,7 +9,8 @@ these layers (:func:`isolation` says which ran; docs/evaluation.md has the threa
   ``--map-root-user`` as an unprivileged user where user namespaces are allowed). A PID namespace (the
   run's processes die with it, at the end of every run; no other process is visible or signalable; /proc
   shows only the run's), no network but a loopback that is down, every mount read-only but the scratch
-  directory, which is a tmpfs of ``scratch_mb`` MiB, a minimal /dev (no disks, consoles or kernel log);
+  directory, which is a tmpfs of ``scratch_mb`` MiB, /root and /home hidden (but for the interpreter), a
+  minimal /dev (no disks, consoles or kernel log);
   then ``setpriv`` drops every capability and sets no-new-privs.
 - ``seccomp``: a BPF filter installed by :mod:`blt_decode.evaluation._guard` right before the program
   runs: no new processes (threads only), no exec, no signals but to itself, no ptrace, AF_UNIX sockets
@@ -56,23 +57,45 @@ NPROC = 512
 #: the flags of every namespace candidate; --kill-child: the namespace dies with unshare when the
 #: evaluating process kills it at the wall-clock limit
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net")
-#: the shell step that runs as PID 1 of the new namespaces: the scratch directory becomes a tmpfs of
-#: $1 MiB, every other mount read-only, /dev a minimal one (null, zero, full, random, urandom: a read-only
-#: mount does not stop writes to a device node, so the machine's disks, loop devices, consoles and
-#: /dev/kmsg must not be there at all; staged in $3 and moved over /dev), and the program runs (as a
-#: child, so that the shell, not the program, is the namespace's init: the program keeps ordinary signal
-#: semantics) with all capabilities dropped; when the shell exits, the kernel kills whatever is left in
-#: the namespace
+#: the shell step that runs as PID 1 of the new namespaces. Arguments: the scratch size in MiB, the
+#: scratch directory, two empty staging directories, the home directories to hide (colon-separated) and
+#: the Python installation to keep visible inside them (or ""). The scratch directory becomes a tmpfs,
+#: every other mount read-only; /root and /home become empty read-only tmpfs (the program runs as root
+#: without capabilities, or as the user: it could read keys and tokens there) but for the interpreter's
+#: own installation, bound back; /dev becomes a minimal one (a read-only mount does not stop writes to a
+#: device node: the machine's disks, loop devices, consoles and /dev/kmsg must not be there at all).
+#: The program runs as a child (so that the shell, not the program, is the namespace's init and the
+#: program keeps ordinary signal semantics) with all capabilities dropped; when the shell exits, the
+#: kernel kills whatever is left in the namespace.
 _NAMESPACE_SETUP = (
-    'set -e; mb=$1; scratch=$2; dev=$3; shift 3; '
+    'set -e; mb=$1; scratch=$2; dev=$3; stage=$4; hide=$5; keep=$6; shift 6; '
     'mount -t tmpfs -o "size=${mb}m,nr_inodes=16384,mode=0700,nosuid,nodev" blt-scratch "$scratch"; '
     'findmnt -rn -o TARGET | while read -r m; do [ "$m" = "$scratch" ] || mount -o remount,bind,ro "$m"; done; '
+    '[ -z "$keep" ] || mount --bind "$keep" "$stage"; '
+    'IFS=:; for h in $hide; do mount -t tmpfs -o size=64k,nr_inodes=256,mode=0755,nosuid,nodev blt-hidden "$h"; '
+    'case "$keep" in "$h"/*) mkdir -p "$keep"; mount --bind "$stage" "$keep";; esac; '
+    'mount -o remount,bind,ro "$h"; done; unset IFS; '
     'mount -t tmpfs -o size=64k,nr_inodes=64,mode=0755,nosuid,noexec blt-dev "$dev"; '
     'for d in null zero full random urandom; do : > "$dev/$d"; mount --bind "/dev/$d" "$dev/$d"; done; '
     'ln -s /proc/self/fd "$dev/fd"; ln -s fd/0 "$dev/stdin"; ln -s fd/1 "$dev/stdout"; ln -s fd/2 "$dev/stderr"; '
     'mount --rbind "$dev" /dev; mount -o remount,bind,ro /dev; '
     'set +e; setpriv --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"; exit $?'
 )
+
+
+def _hidden(work: Path) -> tuple[str, str]:
+    """The home directories to hide from a program whose files are in ``work``, and the interpreter's
+    installation to keep visible in them: a directory holding ``work`` (a TMPDIR in a home) or the
+    interpreter where its installation cannot be told stays visible."""
+    python = os.path.realpath(sys.executable)
+    keep = os.path.realpath(sys.base_prefix)
+    if not python.startswith(keep + os.sep):
+        keep = os.path.dirname(os.path.dirname(python))
+    hide = [h for h in ("/root", "/home") if os.path.isdir(h) and not os.path.islink(h)
+            and not str(work).startswith(h + os.sep)]
+    return ":".join(hide), keep if any(keep.startswith(h + os.sep) for h in hide) else ""
+
+
 #: bytes of each output stream kept in an Execution (the tail)
 KEPT_OUTPUT = 4000
 _CHECKS = Validators(SandboxError)
@@ -145,7 +168,7 @@ class Execution:
 @functools.lru_cache(maxsize=None)
 def _namespace_prefix() -> tuple[tuple[str, ...] | None, str]:
     """The command prefix that runs a program in new namespaces on this machine, or None and why not.
-    Found once by running ``true`` through each candidate."""
+    Found once by running the interpreter through each candidate."""
     missing = [tool for tool in ("unshare", "setpriv", "findmnt", "mount", "sh") if shutil.which(tool) is None]
     if missing:
         return None, f"{', '.join(missing)} not found"
@@ -156,9 +179,10 @@ def _namespace_prefix() -> tuple[tuple[str, ...] | None, str]:
             prefix = ("unshare", *flags, "--", "sh", "-c", _NAMESPACE_SETUP, "sh")
             shown = "unshare " + " ".join(f for f in flags if f in ("--map-root-user", "--pid", "--mount", "--net"))
             try:
-                os.makedirs(os.path.join(probe, "scratch"), exist_ok=True)
-                os.makedirs(os.path.join(probe, "dev"), exist_ok=True)
-                run = subprocess.run([*prefix, "1", os.path.join(probe, "scratch"), os.path.join(probe, "dev"), "true"],
+                for name in ("scratch", "dev", "stage"):
+                    os.makedirs(os.path.join(probe, name), exist_ok=True)
+                run = subprocess.run([*prefix, "1", *(os.path.join(probe, name) for name in ("scratch", "dev", "stage")),
+                                      *_hidden(Path(probe)), sys.executable, "-I", "-S", "-B", "-c", "import os"],
                                      capture_output=True, timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 reasons.append(f"{shown}: {exc}")
@@ -247,7 +271,7 @@ def isolation(config: SandboxConfig = SandboxConfig()) -> str:
         parts.append(f"namespaces: OFF ({missing['namespaces']})")
     else:
         parts.append(f"namespaces: PID, network, mount (read-only but a {config.scratch_mb} MiB tmpfs scratch; a "
-                     f"minimal /dev), capabilities dropped ({_namespace_prefix()[1]})")
+                     f"minimal /dev; /root and /home hidden), capabilities dropped ({_namespace_prefix()[1]})")
     if "seccomp" in missing:
         parts.append(f"seccomp: OFF ({missing['seccomp']})")
     else:
@@ -318,7 +342,8 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
         found = _namespace_prefix()[0] if config.namespaces else None
         if found is not None:
             (work / "dev").mkdir(mode=0o700)
-            prefix = (*found, str(config.scratch_mb), str(scratch), str(work / "dev"))
+            (work / "stage").mkdir(mode=0o700)
+            prefix = (*found, str(config.scratch_mb), str(scratch), str(work / "dev"), str(work / "stage"), *_hidden(work))
         seccomp = config.seccomp and _seccomp_probe()[0]
         report_r, report_w = os.pipe()
         command = [*prefix, sys.executable, "-I", "-S", "-B", "-c", _GUARD, str(scratch), str(program),
