@@ -57,32 +57,10 @@ NPROC = 512
 #: the flags of every namespace candidate; --kill-child: the namespace dies with unshare when the
 #: evaluating process kills it at the wall-clock limit
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net")
-#: the shell step that runs as PID 1 of the new namespaces. Arguments: the scratch size in MiB, the
-#: scratch directory, two empty staging directories, the home directories to hide (colon-separated) and
-#: the Python installation to keep visible inside them (or ""). The scratch directory becomes a tmpfs,
-#: every other mount read-only; /root and /home become empty read-only tmpfs (the program runs as root
-#: without capabilities, or as the user: it could read keys and tokens there) but for the interpreter's
-#: own installation, bound back; /dev becomes a minimal one (a read-only mount does not stop writes to a
-#: device node: the machine's disks, loop devices, consoles and /dev/kmsg must not be there at all).
-#: The program runs as a child (so that the shell, not the program, is the namespace's init and the
-#: program keeps ordinary signal semantics) with all capabilities dropped; when the shell exits, the
-#: kernel kills whatever is left in the namespace.
-_NAMESPACE_SETUP = (
-    'set -e; mb=$1; scratch=$2; dev=$3; stage=$4; hide=$5; keep=$6; shift 6; '
-    'mount -t tmpfs -o "size=${mb}m,nr_inodes=16384,mode=0700,nosuid,nodev" blt-scratch "$scratch"; '
-    'findmnt -rn -o TARGET | while read -r m; do [ "$m" = "$scratch" ] || mount -o remount,bind,ro "$m"; done; '
-    '[ -z "$keep" ] || mount --bind "$keep" "$stage"; '
-    'IFS=:; for h in $hide; do mount -t tmpfs -o size=64k,nr_inodes=256,mode=0755,nosuid,nodev blt-hidden "$h"; '
-    'case "$keep" in "$h"/*) mkdir -p "$keep"; mount --bind "$stage" "$keep";; esac; '
-    'mount -o remount,bind,ro "$h"; done; unset IFS; '
-    'mount -t tmpfs -o size=64k,nr_inodes=64,mode=0755,nosuid,noexec blt-dev "$dev"; '
-    'for d in null zero full random urandom; do : > "$dev/$d"; mount --bind "/dev/$d" "$dev/$d"; done; '
-    'ln -s /proc/self/fd "$dev/fd"; ln -s fd/0 "$dev/stdin"; ln -s fd/1 "$dev/stdout"; ln -s fd/2 "$dev/stderr"; '
-    'mount --rbind "$dev" /dev; mount -o remount,bind,ro /dev; '
-    'set +e; setpriv --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"; exit $?'
-)
-
-
+#: what runs as PID 1 of the new namespaces: the guard's ``--namespace-init`` (mounts by system calls,
+#: then the program under ``setpriv``, as its child). Arguments: the scratch size in MiB, the scratch
+#: directory, two empty staging directories, the home directories to hide (colon-separated) and the
+#: Python installation to keep visible inside them (or ""), "--", the command
 def _hidden(work: Path) -> tuple[str, str]:
     """The home directories to hide from a program whose files are in ``work``, and the interpreter's
     installation to keep visible in them: a directory holding ``work`` (a TMPDIR in a home) or the
@@ -169,20 +147,20 @@ class Execution:
 def _namespace_prefix() -> tuple[tuple[str, ...] | None, str]:
     """The command prefix that runs a program in new namespaces on this machine, or None and why not.
     Found once by running the interpreter through each candidate."""
-    missing = [tool for tool in ("unshare", "setpriv", "findmnt", "mount", "sh") if shutil.which(tool) is None]
+    missing = [tool for tool in ("unshare", "setpriv") if shutil.which(tool) is None]
     if missing:
         return None, f"{', '.join(missing)} not found"
     probe = os.path.realpath(tempfile.mkdtemp(prefix="blt-sandbox-probe-"))
     reasons = []
     try:
         for flags in (_UNSHARE, ("--map-root-user", *_UNSHARE)):
-            prefix = ("unshare", *flags, "--", "sh", "-c", _NAMESPACE_SETUP, "sh")
+            prefix = ("unshare", *flags, "--", sys.executable, "-I", "-S", "-B", "-c", _GUARD, "--namespace-init")
             shown = "unshare " + " ".join(f for f in flags if f in ("--map-root-user", "--pid", "--mount", "--net"))
             try:
                 for name in ("scratch", "dev", "stage"):
                     os.makedirs(os.path.join(probe, name), exist_ok=True)
                 run = subprocess.run([*prefix, "1", *(os.path.join(probe, name) for name in ("scratch", "dev", "stage")),
-                                      *_hidden(Path(probe)), sys.executable, "-I", "-S", "-B", "-c", "import os"],
+                                      *_hidden(Path(probe)), "--", sys.executable, "-I", "-S", "-B", "-c", "import os"],
                                      capture_output=True, timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 reasons.append(f"{shown}: {exc}")
@@ -317,7 +295,7 @@ def _ending(report: bytes, returncode: int, in_namespace: bool) -> str:
     if lines and lines[-1].startswith(("exit ", "exception ")):
         word, _, what = lines[-1].partition(" ")
         return f"exit status {what}" if word == "exit" else f"exception {what}"
-    # the namespace's shell reports a child killed by signal N as exit status 128 + N
+    # the namespace's init reports a child killed by signal N as exit status 128 + N, as a shell does
     number = -returncode if returncode < 0 else returncode - 128 if in_namespace and 128 < returncode < 128 + 65 else None
     if number is not None:
         try:
@@ -331,7 +309,7 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
     """Run ``source`` (a whole Python program) in a sandboxed subprocess and say how it ended."""
     check(config)
     data = source.encode("utf-8") if isinstance(source, str) else bytes(source)
-    # the real path: the namespace step finds the scratch mount by its name as findmnt shows it
+    # the real path: the namespace init mounts the scratch tmpfs there by name
     work = Path(os.path.realpath(tempfile.mkdtemp(prefix="blt-sandbox-")))
     try:
         scratch = work / "scratch"
@@ -343,7 +321,8 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
         if found is not None:
             (work / "dev").mkdir(mode=0o700)
             (work / "stage").mkdir(mode=0o700)
-            prefix = (*found, str(config.scratch_mb), str(scratch), str(work / "dev"), str(work / "stage"), *_hidden(work))
+            prefix = (*found, str(config.scratch_mb), str(scratch), str(work / "dev"), str(work / "stage"), *_hidden(work),
+                      "--")
         seccomp = config.seccomp and _seccomp_probe()[0]
         report_r, report_w = os.pipe()
         command = [*prefix, sys.executable, "-I", "-S", "-B", "-c", _GUARD, str(scratch), str(program),
