@@ -49,14 +49,18 @@ CONFIGS = [pytest.param(FULL, marks=needs_kernel, id="all-layers"),
 
 # -- the world outside the sandbox ------------------------------------------------------------------------
 class _Listener:
-    """A TCP server on loopback that records whether anybody connected."""
+    """A TCP server on loopback (or, given a path, a unix socket server there) that records whether
+    anybody connected."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
 
     def __enter__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = socket.socket(socket.AF_UNIX) if self.path else socket.socket()
+        self.sock.bind(self.path or ("127.0.0.1", 0))
         self.sock.listen()
         self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        self.port = None if self.path else self.sock.getsockname()[1]
         self.connections = 0
         self.stop = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -98,6 +102,7 @@ class World:
     outside: Path
     canary: Path
     listener: _Listener
+    unix_listener: _Listener
     victim: subprocess.Popen
     marker: str
     signals: list
@@ -106,6 +111,7 @@ class World:
         """Constants the escape programs use."""
         return (f"OUT = {str(self.outside)!r}\nPORT = {self.listener.port}\nPARENT = {os.getpid()}\n"
                 f"VICTIM = {self.victim.pid}\nMARK = {self.marker!r}\nDEVICES = {DEVICES!r}\n"
+                f"UNIX_SOCKET = {self.unix_listener.path!r}\n"
                 "import os\nprint('SCRATCH=' + os.getcwd(), flush=True)\n")
 
     def survivors(self, result) -> list[int]:
@@ -121,7 +127,7 @@ class World:
         assert sorted(p.name for p in self.outside.iterdir()) == ["canary.txt"], (list(self.outside.iterdir()), result)
         assert self.canary.read_text() == "original"
         assert "user.escape" not in os.listxattr(self.canary)
-        assert self.listener.connections == 0, result
+        assert self.listener.connections == 0 and self.unix_listener.connections == 0, result
         with pytest.raises(subprocess.TimeoutExpired):  # the unrelated process lives
             self.victim.wait(timeout=0.5)
         assert self.signals == [], "the evaluating parent was signalled"
@@ -139,8 +145,8 @@ def world(tmp_path):
     victim = subprocess.Popen(["sleep", "600"], start_new_session=True)
     marker = f"{int.from_bytes(os.urandom(4), 'big') % 10**6 + 10**6}.{os.getpid()}"  # a unique sleep length
     try:
-        with _Listener() as listener:
-            yield World(outside, canary, listener, victim, marker, received)
+        with _Listener() as listener, _Listener(str(tmp_path / "unix.sock")) as unix_listener:
+            yield World(outside, canary, listener, unix_listener, victim, marker, received)
     finally:
         victim.kill()
         victim.wait()
@@ -203,6 +209,10 @@ ESCAPES = {
     "open_device_nodes": "for dev in DEVICES:\n" + "".join(
         "    " + line + "\n" for line in _attempt("os.close(os.open(dev, os.O_WRONLY | os.O_NONBLOCK)); print('OPENED', dev)"
                                                   ).splitlines()),
+    "unix_socket_connect": _attempt(  # a socket file of the machine (think docker.sock, dbus)
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect(UNIX_SOCKET)",
+        "import socket; a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); a.connect(UNIX_SOCKET)",
+        "import socket; a, b = socket.socketpair(); a.connect(UNIX_SOCKET)"),
     "write_outside": _attempt("open(OUT + '/canary.txt', 'w').write('escaped')", "open(OUT + '/new.txt', 'w')",
                               "os.rename('inside.txt', OUT + '/moved.txt')"),
 }
@@ -419,14 +429,16 @@ def _guard_namespace() -> dict:
     return namespace
 
 
-def _run_bpf(prog, arch: int, nr: int, arg0: int = 0) -> int:
+def _run_bpf(prog, arch: int, nr: int, arg0: int = 0, arg1: int = 0) -> int:
     """A classic-BPF interpreter for the instructions the guard emits, over one struct seccomp_data."""
-    data = {0: nr, 4: arch, 16: arg0 & 0xFFFFFFFF}
+    data = {0: nr, 4: arch, 16: arg0 & 0xFFFFFFFF, 24: arg1 & 0xFFFFFFFF}
     pc, acc = 0, 0
     while True:
         code, jt, jf, k = prog[pc]
         if code == 0x20:
             acc = data.get(k, 0)
+        elif code == 0x54:
+            acc &= k
         elif code == 0x06:
             return k
         else:
@@ -453,8 +465,10 @@ def test_the_seccomp_filter_on_each_architecture(machine):
     assert _run_bpf(prog, arch, nr["kill"], os.getpid()) == allow  # itself
     assert _run_bpf(prog, arch, nr["kill"], 1) == eperm
     assert _run_bpf(prog, arch, nr["tgkill"], os.getpid()) == allow
-    assert _run_bpf(prog, arch, nr["socket"], 1) == allow  # AF_UNIX
-    assert _run_bpf(prog, arch, nr["socket"], 2) == eperm  # AF_INET
+    assert _run_bpf(prog, arch, nr["socket"], 1) == eperm and _run_bpf(prog, arch, nr["socket"], 2) == eperm
+    assert _run_bpf(prog, arch, nr["socketpair"], 1, 1 | 0x80000) == allow  # AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC
+    assert _run_bpf(prog, arch, nr["socketpair"], 1, 2) == eperm  # a datagram pair could sendto() a socket file
+    assert _run_bpf(prog, arch, nr["socketpair"], 2, 1) == eperm
     assert _run_bpf(prog, arch, 0) == allow and _run_bpf(prog, arch, 63) == allow  # read / uname and the like
     assert _run_bpf(prog, 0x40000003, 1) == 0x80000000  # i386: an unknown ABI kills the process
     if machine == "x86_64":

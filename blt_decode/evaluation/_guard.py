@@ -42,16 +42,14 @@ _NR = {
     "delete_module": (176, 106), "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225),
     "acct": (163, 89), "quotactl": (179, 60),
 }
-#: handled by their own blocks below, not by the plain deny list
-_SPECIAL = {"clone", "clone3", "kill", "tgkill", "socket", "socketpair"}
-_EPERM, _ENOSYS, _AF_UNIX, _CLONE_THREAD = 1, 38, 1, 0x00010000
+_EPERM, _ENOSYS, _AF_UNIX, _SOCK_STREAM, _CLONE_THREAD = 1, 38, 1, 1, 0x00010000
 #: CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET: never, even for a thread
 _CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 _RET_KILL_PROCESS, _RET_ALLOW, _RET_ERRNO = 0x80000000, 0x7FFF0000, 0x00050000
-_LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_LD_ABS, _JEQ, _JGE, _JSET, _RET, _ALU_AND = 0x20, 0x15, 0x35, 0x45, 0x06, 0x54
 #: offsets in struct seccomp_data: nr, arch, then args[0] (its low 32 bits on these little-endian machines;
 #: the kernel reads int arguments from the low half, so checking that half is exact)
-_OFF_NR, _OFF_ARCH, _OFF_ARG0 = 0, 4, 16
+_OFF_NR, _OFF_ARCH, _OFF_ARG0, _OFF_ARG1 = 0, 4, 16, 24
 
 
 def _arch_block(arch: int, self_pid: int) -> list:
@@ -71,8 +69,10 @@ def _arch_block(arch: int, self_pid: int) -> list:
             prog += [(_JEQ, 0, 1, nr), (_RET, 0, 0, _RET_ERRNO | _ENOSYS)]
         elif name in ("kill", "tgkill"):  # only to this process itself (raise(), abort(), os.kill(getpid()))
             prog += [(_JEQ, 0, 4, nr), (_LD_ABS, 0, 0, _OFF_ARG0), (_JEQ, 0, 1, self_pid), (_RET, 0, 0, _RET_ALLOW), deny]
-        elif name in ("socket", "socketpair"):  # AF_UNIX only: no network, no netlink, no raw packets
-            prog += [(_JEQ, 0, 4, nr), (_LD_ABS, 0, 0, _OFF_ARG0), (_JEQ, 0, 1, _AF_UNIX), (_RET, 0, 0, _RET_ALLOW), deny]
+        elif name == "socketpair":  # a connected AF_UNIX stream pair only (asyncio's self-pipe): it reaches
+            # nothing outside the process; a datagram pair could still sendto() a socket file of the machine
+            prog += [(_JEQ, 0, 7, nr), (_LD_ABS, 0, 0, _OFF_ARG0), (_JEQ, 0, 4, _AF_UNIX), (_LD_ABS, 0, 0, _OFF_ARG1),
+                     (_ALU_AND, 0, 0, 0xF), (_JEQ, 0, 1, _SOCK_STREAM), (_RET, 0, 0, _RET_ALLOW), deny]
         else:
             prog += [(_JEQ, 0, 1, nr), deny]
     return prog + [(_RET, 0, 0, _RET_ALLOW)]
@@ -249,7 +249,7 @@ def _mount_points() -> list:
 def _namespace_init(argv: list) -> None:
     """``--namespace-init``: PID 1 of the run's new PID, mount and network namespaces (``unshare`` runs
     it with every capability there). It makes every mount read-only (keeping the flags a user namespace
-    may not clear), the scratch directory a tmpfs of its size, /root and /home empty but for the
+    may not clear), the scratch directory a tmpfs of its size, /root, /home and /run empty but for the
     interpreter's installation (bound back through a staging directory), /dev a minimal one (a read-only
     mount does not stop writes to device nodes: disks, loop devices, consoles, /dev/kmsg must not be
     there), then runs the rest of ``argv`` under ``setpriv`` (every capability dropped, no-new-privs) as

@@ -9,12 +9,13 @@ these layers (:func:`isolation` says which ran; docs/evaluation.md has the threa
   ``--map-root-user`` as an unprivileged user where user namespaces are allowed). A PID namespace (the
   run's processes die with it, at the end of every run; no other process is visible or signalable; /proc
   shows only the run's), no network but a loopback that is down, every mount read-only but the scratch
-  directory, which is a tmpfs of ``scratch_mb`` MiB, /root and /home hidden (but for the interpreter), a
+  directory, which is a tmpfs of ``scratch_mb`` MiB, /root, /home and /run hidden (but for the interpreter), a
   minimal /dev (no disks, consoles or kernel log);
   then ``setpriv`` drops every capability and sets no-new-privs.
 - ``seccomp``: a BPF filter installed by :mod:`blt_decode.evaluation._guard` right before the program
-  runs: no new processes (threads only), no exec, no signals but to itself, no ptrace, AF_UNIX sockets
-  only, no mknod, mount, namespace, xattr-writing, bpf, perf, keyring or io_uring calls.
+  runs: no new processes (threads only), no exec, no signals but to itself, no ptrace, no sockets but a
+  connected AF_UNIX stream pair, no mknod, mount, namespace, xattr-writing, bpf, perf, keyring or
+  io_uring calls.
 - ``audit hook``: an extra layer inside the interpreter (refuses sockets, processes, ctypes and writes
   outside scratch with a clear message). Python's audit hooks are no security boundary: the kernel layers
   are.
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 
@@ -62,14 +63,15 @@ _UNSHARE = ("--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net
 #: directory, two empty staging directories, the home directories to hide (colon-separated) and the
 #: Python installation to keep visible inside them (or ""), "--", the command
 def _hidden(work: Path) -> tuple[str, str]:
-    """The home directories to hide from a program whose files are in ``work``, and the interpreter's
+    """The directories to hide from a program whose files are in ``work`` (homes, where its uid could read
+    keys and tokens; /run, where the machine's daemons keep their sockets), and the interpreter's
     installation to keep visible in them: a directory holding ``work`` (a TMPDIR in a home) or the
     interpreter where its installation cannot be told stays visible."""
     python = os.path.realpath(sys.executable)
     keep = os.path.realpath(sys.base_prefix)
     if not python.startswith(keep + os.sep):
         keep = os.path.dirname(os.path.dirname(python))
-    hide = [h for h in ("/root", "/home") if os.path.isdir(h) and not os.path.islink(h)
+    hide = [h for h in ("/root", "/home", "/run") if os.path.isdir(h) and not os.path.islink(h)
             and not str(work).startswith(h + os.sep)]
     return ":".join(hide), keep if any(keep.startswith(h + os.sep) for h in hide) else ""
 
@@ -249,12 +251,12 @@ def isolation(config: SandboxConfig = SandboxConfig()) -> str:
         parts.append(f"namespaces: OFF ({missing['namespaces']})")
     else:
         parts.append(f"namespaces: PID, network, mount (read-only but a {config.scratch_mb} MiB tmpfs scratch; a "
-                     f"minimal /dev; /root and /home hidden), capabilities dropped ({_namespace_prefix()[1]})")
+                     f"minimal /dev; /root, /home and /run hidden), capabilities dropped ({_namespace_prefix()[1]})")
     if "seccomp" in missing:
         parts.append(f"seccomp: OFF ({missing['seccomp']})")
     else:
         parts.append("seccomp: no new processes (threads only), no exec, no signals but to itself, no ptrace, "
-                     f"AF_UNIX sockets only, no mknod/mount/xattr writes ({_seccomp_probe()[1]})")
+                     f"no sockets but AF_UNIX stream pairs, no mknod/mount/xattr writes ({_seccomp_probe()[1]})")
     parts.append("audit hook: no sockets, processes, ctypes; no writes outside the scratch directory"
                  if config.audit_hook else "audit hook: off")
     return "; ".join(parts)
