@@ -142,6 +142,7 @@ def world(tmp_path):
     canary.write_text("original")
     received = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(signal.SIGUSR1))
+    previous_io = signal.signal(signal.SIGIO, lambda *_: received.append(signal.SIGIO))
     victim = subprocess.Popen(["sleep", "600"], start_new_session=True)
     marker = f"{int.from_bytes(os.urandom(4), 'big') % 10**6 + 10**6}.{os.getpid()}"  # a unique sleep length
     try:
@@ -151,6 +152,7 @@ def world(tmp_path):
         victim.kill()
         victim.wait()
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGIO, previous_io)
         for pid in _processes_with(marker.encode()):  # only ever non-empty in the control
             os.kill(pid, signal.SIGKILL)
 
@@ -185,6 +187,10 @@ SURVIVORS = {
 ESCAPES = {
     "pidfd_signal_parent": _attempt("import signal; signal.pidfd_send_signal(os.pidfd_open(PARENT), signal.SIGUSR1)",
                                     "import signal; os.kill(PARENT, signal.SIGUSR1)"),
+    "sigio_to_parent": (  # a signal without kill(): the kernel sends SIGIO/the F_SETSIG signal to the owner
+        "import fcntl, signal\nr, w = os.pipe()\n"
+        + _attempt("fcntl.fcntl(r, fcntl.F_SETOWN, PARENT)", "fcntl.fcntl(r, 10, signal.SIGUSR1)",
+                   "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC); os.write(w, b'x')")),
     "kill_unrelated_process": _attempt("import signal; signal.pidfd_send_signal(os.pidfd_open(VICTIM), signal.SIGKILL)",
                                        "os.kill(VICTIM, 9)", "os.killpg(VICTIM, 9)"),
     "switch_hook_off_then_write": _attempt(
@@ -238,7 +244,7 @@ def test_escapes_are_contained(world, config, how):
     world.assert_contained(result)
 
 
-@pytest.mark.parametrize("how", ["fork_exec", "kill_unrelated_process", "pidfd_signal_parent",
+@pytest.mark.parametrize("how", ["fork_exec", "kill_unrelated_process", "pidfd_signal_parent", "sigio_to_parent",
                                  "dir_fd_dotdot_after_chdir", "read_parent_environ", "setxattr_outside"])
 def test_the_escapes_escape_without_a_sandbox(world, tmp_path, how):
     """The control: the same programs, run by a bare python, do what the sandbox stops."""
@@ -253,6 +259,7 @@ def test_the_escapes_escape_without_a_sandbox(world, tmp_path, how):
         "fork_exec": lambda: _processes_with(world.marker.encode()) != [],
         "kill_unrelated_process": lambda: world.victim.wait(timeout=5) is not None,
         "pidfd_signal_parent": lambda: world.signals != [],
+        "sigio_to_parent": lambda: world.signals != [],
         "dir_fd_dotdot_after_chdir": lambda: (world.outside / "escaped.txt").exists(),
         "read_parent_environ": lambda: "READ" in run.stdout,
         "setxattr_outside": lambda: "user.escape" in os.listxattr(world.canary),
@@ -459,6 +466,9 @@ def test_the_seccomp_filter_on_each_architecture(machine):
     assert _run_bpf(prog, arch, nr["clone"], 0x01200011) == eperm  # glibc's fork: SIGCHLD|CHILD_SETTID|CLEARTID
     assert _run_bpf(prog, arch, nr["clone"], thread_flags | 0x40000000) == eperm  # a thread in a new netns
     assert _run_bpf(prog, arch, nr["clone3"]) == enosys
+    assert _run_bpf(prog, arch, nr["fcntl"], 3, 8) == eperm and _run_bpf(prog, arch, nr["fcntl"], 3, 10) == eperm
+    assert _run_bpf(prog, arch, nr["fcntl"], 3, 1) == allow  # F_GETFD
+    assert _run_bpf(prog, arch, nr["ioctl"], 0, 0x5412) == eperm and _run_bpf(prog, arch, nr["ioctl"], 0, 0x5401) == allow
     for name in ("execve", "ptrace", "mknodat", "mount", "setxattr", "pidfd_send_signal", "pidfd_open", "bpf",
                  "unshare", "io_uring_setup", "tkill", "personality", "keyctl", "perf_event_open"):
         assert _run_bpf(prog, arch, nr[name]) == eperm, name

@@ -40,8 +40,12 @@ _NR = {
     "name_to_handle_at": (303, 264), "open_by_handle_at": (304, 265), "kexec_load": (246, 104),
     "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
     "delete_module": (176, 106), "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225),
-    "acct": (163, 89), "quotactl": (179, 60),
+    "acct": (163, 89), "quotactl": (179, 60), "fcntl": (72, 25), "ioctl": (16, 29),
 }
+#: commands refused by value (the call itself is needed): fcntl F_SETOWN, F_SETOWN_EX and ioctl FIOSETOWN,
+#: SIOCSPGRP would have the kernel send SIGIO/SIGURG to any process (a signal without kill()); F_SETSIG
+#: would choose that signal; TIOCSTI types into a terminal
+_REFUSED_COMMANDS = {"fcntl": (8, 15, 10), "ioctl": (0x8901, 0x8902, 0x5412)}
 _EPERM, _ENOSYS, _AF_UNIX, _SOCK_STREAM, _CLONE_THREAD = 1, 38, 1, 1, 0x00010000
 #: CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET: never, even for a thread
 _CLONE_NEW = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
@@ -73,6 +77,11 @@ def _arch_block(arch: int, self_pid: int) -> list:
             # nothing outside the process; a datagram pair could still sendto() a socket file of the machine
             prog += [(_JEQ, 0, 7, nr), (_LD_ABS, 0, 0, _OFF_ARG0), (_JEQ, 0, 4, _AF_UNIX), (_LD_ABS, 0, 0, _OFF_ARG1),
                      (_ALU_AND, 0, 0, 0xF), (_JEQ, 0, 1, _SOCK_STREAM), (_RET, 0, 0, _RET_ALLOW), deny]
+        elif name in _REFUSED_COMMANDS:  # deny when the command (the second argument) is one of these
+            values = _REFUSED_COMMANDS[name]
+            prog += [(_JEQ, 0, len(values) + 3, nr), (_LD_ABS, 0, 0, _OFF_ARG1)]
+            prog += [(_JEQ, len(values) - i, 0, v) for i, v in enumerate(values)]
+            prog += [(_RET, 0, 0, _RET_ALLOW), deny]
         else:
             prog += [(_JEQ, 0, 1, nr), deny]
     return prog + [(_RET, 0, 0, _RET_ALLOW)]
@@ -124,6 +133,7 @@ def _make_hook(root: str, own_pid: int, total_bytes: int):
     str_, bytes_, int_, bool_, isinstance_, len_, PathLike = str, bytes, int, bool, isinstance, len, os.PathLike
     Perm, OSError_ = PermissionError, OSError
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    owner_commands = frozenset(c for cs in _REFUSED_COMMANDS.values() for c in cs)
     own = f"/proc/{own_pid}"
     # processes, signals to others, native code, sockets and name lookups; gc's walks over every object
     # (they would reach the hook's closure)
@@ -207,6 +217,8 @@ def _make_hook(root: str, own_pid: int, total_bytes: int):
             for i in fds:
                 if i < len_(args) and isinstance_(args[i], int_) and args[i] not in (-1, -100) and not fd_inside(args[i]):
                     raise Perm(f"sandbox: {event} with a dir_fd outside the scratch directory is not allowed")
+        elif event in ("fcntl.fcntl", "fcntl.ioctl") and args[1] in owner_commands:
+            raise Perm(f"sandbox: {event} command {args[1]:#x} (a signal to another process) is not allowed")
         elif event == "object.__setattr__" and args[0] is hook:
             raise Perm("sandbox: changing the audit hook is not allowed")
 
