@@ -896,6 +896,10 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--memory-mb", type=int_argument(64, 1 << 20), default=1024,
                     help="address-space limit per program in MiB (default: %(default)s)")
     he.add_argument("--workers", type=int_argument(1, 64), default=2, help="programs run at once (default: %(default)s)")
+    he.add_argument("--unsafe-sandbox", metavar="LAYER[,LAYER]", default=None,
+                    help="run generated code although this machine lacks these sandbox layers (namespaces, "
+                         "seccomp); only layers that are really missing may be named; without it, a missing layer "
+                         "stops the run (docs/evaluation.md)")
     _add_threads_argument(he)
     he.set_defaults(func=_cmd_humaneval)
 
@@ -917,8 +921,10 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
     if args.plot:
         bench.require_matplotlib()  # before the run, not after it
     specs = bench.parse_strategies(args.strategies)
-    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    config = sandbox.SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb,
+                                   unsafe_without=sandbox.unsafe_layers(args.unsafe_sandbox))
     print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
+    sandbox.check(config)  # a missing layer stops the run here, before any decoding
     _compile_note(args.backend)
     result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
                                      samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,

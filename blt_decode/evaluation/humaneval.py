@@ -206,6 +206,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
         raise HumanEvalError(f"samples must be in 1..{MAX_SAMPLES}, got {samples}")
     if not 1 <= workers <= 64:
         raise HumanEvalError(f"workers must be in 1..64, got {workers}")
+    sandbox.check(sandbox_config)  # a sandbox layer missing here stops the run before any decoding
     specs = bench.with_ar_references(specs)
     if samples > 1 and all(_samples_for(s, samples) == 1 for s in specs):
         raise HumanEvalError(f"--samples {samples} needs a sampling strategy (e.g. ar:temperature=0.8); every "
@@ -271,7 +272,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
             r, execution = futures[future], future.result()
             jobs.append_records(output, [{"kind": "result", "id": r["id"], "strategy": r["strategy"], "task_id": r["task_id"],
                                           "sample": r["sample"], "passed": execution.passed, "status": execution.status,
-                                          "wall_s": execution.wall_s, "stderr_tail": execution.stderr[-500:]}])
+                                          "ended": execution.ended, "wall_s": execution.wall_s, "stderr_tail": execution.stderr[-500:]}])
             bar.update()
     return summarize(output, specs, problems, samples, model_label=str(label), batch_size=batch_size, backend=backend)
 
