@@ -261,17 +261,20 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
     if args.json:
         raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
     jobs.check_output_path(args.input, args.output)
-    model = model_from_args(args)
-    defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
-                "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
-    items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
-    _compile_note(args.backend)
-    started = time.perf_counter()
-    if args.ray is not None:
-        summary = _run_job_on_ray(args, items)
-    else:
-        summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
-    wall = time.perf_counter() - started
+    # held from the start (both paths; run_job takes it again, re-entrantly): a second run on the same output
+    # is refused before it loads a model
+    with jobs.locked_output(args.output):
+        model = model_from_args(args)
+        defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
+                    "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
+        items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
+        _compile_note(args.backend)
+        started = time.perf_counter()
+        if args.ray is not None:
+            summary = _run_job_on_ray(args, items)
+        else:
+            summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
+        wall = time.perf_counter() - started
     if not args.quiet:
         print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
               f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
