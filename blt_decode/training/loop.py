@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.checks import is_int, show
+from blt_decode.checks import is_int, loads_json, show
 from blt_decode.checkpoint import load_native
 from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.errors import TrainingError
@@ -307,8 +307,8 @@ def _trim_log(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = loads_json(line)
+        except ValueError:  # a torn line, or not JSON at all (nested too deeply, say): dropped as torn
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
@@ -366,8 +366,11 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
     step, extra = 0, {}
     if resume:
         _check_corpus(state_json.get("corpus"), corpus, str(source), say)
-        step, extra = int(state_json["step"]), dict(state_json["extra"])
-        torch.set_rng_state(state_tensors["rng/torch_cpu"])
+        step, extra = state_json["step"], dict(state_json["extra"])  # types checked by read_trainer_state
+        try:
+            torch.set_rng_state(state_tensors["rng/torch_cpu"])
+        except (RuntimeError, ValueError) as exc:  # bytes of the wrong length
+            raise TrainingError(f"{source}: 'rng/torch_cpu' is not a CPU random state ({str(exc).splitlines()[0]})") from None
     elif isinstance(model, BLTModel) and config.init is None and model.patcher.uses_entropy:
         # spread the calibration sample over the stream deterministically
         rng = np.random.default_rng([config.seed, 10**9])
