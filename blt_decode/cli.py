@@ -23,7 +23,7 @@ import torch
 
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
-from blt_decode.checks import int_argument
+from blt_decode.checks import int_argument, max_threads, number_argument, threads_argument
 from blt_decode.errors import BLTDecodeError, CLIError
 
 
@@ -44,14 +44,24 @@ def strategy_options(strategy_name: str, pairs: Sequence[str]) -> dict[str, Any]
     return options.parse_option_strings(plugins.get_strategy(strategy_name), pairs)
 
 
+#: the most bytes read from a prompt file (--prompt-file, bench's prompts): more than the longest sequence
+#: any model may have (config.MAX_SEQLEN, 1 MiB) times bench's most prompts; /dev/zero is not read to the end
+MAX_PROMPT_FILE_BYTES = 64 << 20
+
+
 def _read_file(path: str, what: str) -> bytes:
-    """A file's raw bytes (``-`` = standard input), or one clear error."""
-    if path == "-":
-        return sys.stdin.buffer.read()
+    """A file's raw bytes (``-`` = standard input), at most :data:`MAX_PROMPT_FILE_BYTES`, or one clear error."""
     try:
-        return Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+        else:
+            with Path(path).open("rb") as fh:
+                data = fh.read(MAX_PROMPT_FILE_BYTES + 1)
     except OSError as exc:
         raise CLIError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise CLIError(f"{what} {path!r} holds more than {MAX_PROMPT_FILE_BYTES >> 20} MiB, the most read as prompts")
+    return data
 
 
 def prompt_from_args(args: argparse.Namespace) -> bytes:
@@ -153,7 +163,9 @@ _DECODING_THREADS_HELP = (
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
-    parser.add_argument("--threads", type=_non_negative_int, default=1, help=help)
+    # at most the CPU count: more never helps, and an absurd count crashed OpenMP (exit 139)
+    parser.add_argument("--threads", type=threads_argument, default=1,
+                        help=help + f" At most the number of CPUs ({max_threads()} here).")
 
 
 MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
@@ -442,13 +454,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "native":  # a native checkpoint's training metadata survives a change of dtype
         from blt_decode.checkpoint import save_model
 
-        save_model(model, dst, metadata={**metadata, "converted": {"from": str(args.src), "dtype": dtype}})
+        save_model(model, dst, metadata={**metadata, "converted": {**_source_record(args.src), "dtype": dtype}})
     else:
         formats.save_checkpoint(model, dst, args.to)
     n = sum(p.numel() for p in model.parameters())
     note = "" if not metadata or args.to == "native" else f" (its metadata is not carried: the {args.to} layout has no place for it)"
     print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {dtype}{note}")
     return 0
+
+
+def _source_record(src: str) -> dict[str, str]:
+    """What ``convert`` records of its source: its name and, for a directory, a sha256 of its files, never
+    its local path (the checkpoint is meant to be shared). The name is a model spec as given, a directory's
+    path as given when it is relative and stays below the working directory (runs/blt/final), else the
+    directory's own name."""
+    from blt_decode.checkpoint import source_digest
+    from blt_decode.loading import DEFAULT_MODEL_DIR
+
+    if src == "default":  # the spec, as load_model reads it, before any directory of that name
+        return {"from": "default", "source_sha256": source_digest(DEFAULT_MODEL_DIR)}
+    path = Path(src)
+    if not path.is_dir():
+        return {"from": src}  # random:PRESET[:SEED] names its weights exactly
+    inside = not path.is_absolute() and ".." not in path.parts and not src.startswith("~") and path.parts
+    return {"from": path.as_posix() if inside else path.resolve().name, "source_sha256": source_digest(path)}
 
 
 def _native_metadata(path: Path) -> dict:
@@ -701,11 +730,15 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
     build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
                        help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
-    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
-    build.add_argument("--heldout-fraction", type=float, default=0.02,
-                       help="share of bytes held out, by whole distribution (default: %(default)s)")
+    from blt_decode.training.corpus_code import MAX_CORPUS_BYTES, MAX_SHARD_BYTES
+
+    build.add_argument("--max-bytes", type=int_argument(1, MAX_CORPUS_BYTES), default=None,
+                       help=f"stop after this much text (a small fixed subset); 1..{MAX_CORPUS_BYTES} (default: all)")
+    build.add_argument("--heldout-fraction", type=number_argument(0, 1, high_open=True), default=0.02,
+                       help="share of bytes held out, by whole distribution, in [0, 1) (default: %(default)s)")
     build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
-    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
+    build.add_argument("--shard-mb", type=int_argument(1, MAX_SHARD_BYTES >> 20), default=32,
+                       help=f"text per shard in MiB, 1..{MAX_SHARD_BYTES >> 20} (default: %(default)s)")
     co.set_defaults(func=_cmd_corpus)
 
 
@@ -952,9 +985,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.format = "none" if args.html else "terminal"
     try:
         threads = getattr(args, "threads", None)
-        # inside the try: `train --threads` is a plain int, and torch raises a RuntimeError on a negative one
-        if threads is not None and threads < 0:
-            raise BLTDecodeError(f"--threads must be an integer >= 0 (0 = torch's default), got {threads}")
+        # inside the try: `train --threads` is a plain int, torch raises a RuntimeError on a negative one and
+        # OpenMP crashed the process (exit 139) on 100000
+        if threads is not None and not 0 <= threads <= max_threads():
+            raise BLTDecodeError(f"--threads must be an integer in 0..{max_threads()} (0 = torch's default; at most "
+                                 f"this machine's CPUs), got {threads}")
         if threads:
             torch.set_num_threads(threads)
         return args.func(args)
