@@ -211,7 +211,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                           "seed, stop); the flags above are the defaults (see docs/engine.md)")
     gen.add_argument("--output", metavar="JSONL", default=None,
                      help="batch job results, one JSON line per request in the order they finish (match them by id); "
-                          "the ids of an existing file's result lines are skipped (resume)")
+                          "the ids of an existing file's result lines are skipped (resume); a regular file, written by "
+                          "one run at a time (a lock; a second run is refused naming the first)")
     gen.add_argument("--batch-size", type=_slots, default=16,
                      help="requests decoded at once by the batched engine (default: %(default)s)")
     gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -904,7 +905,7 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
     he.add_argument("--output", default="humaneval.jsonl", metavar="JSONL",
                     help="completions and test results, a line each; an existing file's finished work is skipped "
-                         "(resume) (default: %(default)s)")
+                         "(resume); a regular file, written by one run at a time (default: %(default)s)")
     he.add_argument("--json", metavar="PATH", help="write the table as JSON")
     he.add_argument("--plot", metavar="PATH", help="write a PNG of pass@1 vs bandwidth (needs matplotlib)")
     he.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
