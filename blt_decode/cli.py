@@ -218,7 +218,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
                           "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
-    gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
+    gen.add_argument("--ray-actors", type=int_argument(1, 1024), default=2,
+                     help="actors in the pool (with --ray), 1..1024 (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -502,7 +503,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--prompt-file", default=None, metavar="PATH",
                     help="your own prompts instead, separated by lines holding only --- (- for stdin)")
     be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
-    be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--repeats", type=int_argument(0, 1000), default=3,
+                    help="timed repeats, 0..1000; bytes/s is their median (default: %(default)s)")
     be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
                     "that fits a terminal; --json always holds every figure)")
     be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
@@ -673,11 +675,17 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
                                                                          "(default: %(default)s)")
     tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
                                                                      "(default: %(default)s)")
-    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
-    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
-    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
-    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
-    tb.add_argument("--repeats", type=_positive_int, default=1,
+    from blt_decode.config import MAX_SEQLEN
+    from blt_decode.training.config import MAX_BATCH_SIZE
+
+    # the bounds of train's own flags (TrainConfig), and at most 10**6 steps and 1000 rounds of measuring
+    tb.add_argument("--batch-size", type=int_argument(1, MAX_BATCH_SIZE), default=8,
+                    help=f"1..{MAX_BATCH_SIZE} (default: %(default)s)")
+    tb.add_argument("--seq-len", type=int_argument(8, MAX_SEQLEN), default=512, help=f"8..{MAX_SEQLEN} (default: %(default)s)")
+    tb.add_argument("--steps", type=int_argument(1, 10**6), default=4,
+                    help="timed steps per measurement, 1..10**6 (default: %(default)s)")
+    tb.add_argument("--warmup", type=int_argument(1, 10**6), default=2, help="untimed steps first, 1..10**6 (default: %(default)s)")
+    tb.add_argument("--repeats", type=int_argument(1, 1000), default=1,
                     help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
     tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
     tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",

@@ -103,6 +103,13 @@ BAD = {
                        "--shard-mb: expected an integer in 1..1024"),
     "negative max-bytes": (["corpus", "build", "code", "--out", "/nonexistent/c", "--max-bytes", "-5"],
                            "--max-bytes: expected an integer in 1.."),
+    # neighbours: other flags that take sizes (an IndexError, or work without end)
+    "more exactness prompts than the stdlib has": (["exactness", *TINY, "--prompts", "100000"], "--prompts must be in 1.."),
+    "bench repeats without end": (["bench", *TINY, "--repeats", str(10**9)], "--repeats: expected an integer in 0..1000"),
+    "train-bench sequence beyond any model": (["train-bench", "--seq-len", str(10**9)], "--seq-len: expected an integer in 8.."),
+    "train-bench steps without end": (["train-bench", "--steps", str(10**9)], "--steps: expected an integer in 1..1000000"),
+    "ray actors without end": (["generate", *TINY, "--input", "i", "--output", "o", "--ray-actors", str(10**6)],
+                               "--ray-actors: expected an integer in 1..1024"),
 }
 
 
