@@ -333,7 +333,11 @@ def lock_record_path(path: str | Path) -> Path:
 def _holder(path: Path) -> str:
     """Who holds ``path`` (from its lock record), in words; read bounded, as any file here."""
     try:
-        with lock_record_path(path).open("rb") as fh:
+        # non-blocking, and only a regular file: a FIFO planted there must not hang the refusal
+        fd = os.open(lock_record_path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
             record = loads_json(fh.read(4096))
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record["since"])))
         return f"pid {int(record['pid'])} on {str(record['host'])[:100]}, since {since}"

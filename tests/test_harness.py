@@ -115,7 +115,10 @@ def test_any_strategy_and_its_options_generate_through_the_engine(model):
 
 @pytest.mark.parametrize("kwargs,words", [({"strategy": "bogus"}, "unknown strategy"), ({"k": 4}, "option"),
                                           ({"strategy": "blt-s", "k": 0}, "option 'k'"),
-                                          ({"batch_size": "auto"}, "batch_size=auto"), ({"dtype": "int8"}, "dtype")])
+                                          ({"batch_size": "auto"}, "batch_size=auto"), ({"dtype": "int8"}, "dtype"),
+                                          ({"batch_size": "5000"}, r"batch_size must be an integer in 1\.\.4096"),
+                                          ({"seed": 2**64}, r"seed must be an integer in 0\.\."),
+                                          ({"device": "meta"}, "use one of cpu, cuda")])
 def test_bad_model_args_are_typed_errors(model, kwargs, words):
     with pytest.raises(bd.BLTDecodeError, match=words):
         harness.BLTDecodeLM(model=model, **kwargs)

@@ -290,3 +290,11 @@ def test_the_lock_nests_within_one_process(tmp_path):
             pass
         assert jobs.lock_record_path(out).exists()
     assert not out.exists() and not jobs.lock_record_path(out).exists()  # created empty here: removed
+
+
+def test_a_lock_record_that_is_a_fifo_does_not_hang_the_refusal(tmp_path):
+    """Who holds an output is read from OUTPUT.lock without blocking: a FIFO planted there (a holder that
+    could not write its record) gives 'has not said who it is', not a refusal that never comes."""
+    out = tmp_path / "out.jsonl"
+    os.mkfifo(jobs.lock_record_path(out))
+    assert jobs._holder(out) == "a process that has not said who it is"

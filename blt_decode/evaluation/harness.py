@@ -44,7 +44,7 @@ from blt_decode.checks import describe_integer, is_int, show
 from blt_decode.errors import InvalidRequestError, MissingExtraError
 from blt_decode.evaluation import before_stop
 from blt_decode.model import BLTModel
-from blt_decode.request import Request
+from blt_decode.request import MAX_SEED, Request
 from blt_decode.stats import DecodeStats, ForwardPasses
 
 try:
@@ -115,11 +115,11 @@ class ModelRun:
 RUNS: list[ModelRun] = []
 
 
-def _int_arg(name: str, value: Any, low: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+def _int_arg(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 100:
         value = int(value)
-    if not is_int(value) or value < low:
-        raise InvalidRequestError(f"{name} must be {describe_integer(low, None)}, got {show(value)}")
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise InvalidRequestError(f"{name} must be {describe_integer(low, high)}, got {show(value)}")
     return value
 
 
@@ -134,8 +134,10 @@ class BLTDecodeLM(LM):
         super().__init__()
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             raise InvalidRequestError("batch_size=auto is not supported by the blt-decode model; give a number")
-        self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.seed = _int_arg("seed", seed, 0)
+        from blt_decode.engine import MAX_BATCH
+
+        self.batch_size = _int_arg("batch_size", batch_size, 1, MAX_BATCH)  # the engine's bound
+        self.seed = _int_arg("seed", seed, 0, MAX_SEED)
         self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks, 1)
         if dtype is not None and dtype not in _DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
