@@ -596,3 +596,25 @@ def test_hostile_json_in_training_files_is_one_line(tmp_path):
     preset.write_text(deep)
     with pytest.raises(TrainingError, match="nested too deeply"):
         blt_preset(str(preset))
+
+
+def test_resuming_trims_the_log_within_bounds_and_refuses_a_log_that_is_not_a_file(stopped_run, tmp_path):
+    """OUT/log.jsonl is the other output a resumed run reads back: a device there (/dev/zero) was read
+    without end; a line that is not a record (nested 100 000 deep, or longer than 1 MiB) is dropped as torn."""
+    import shutil
+
+    from blt_decode.training import TrainingError
+    from blt_decode.training.loop import _trim_log
+
+    out, _ = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    log = copy / "log.jsonl"
+    first = log.read_text().splitlines()[0]
+    log.write_text(first + "\n" + "[" * 100_000 + "\n" + "x" * ((1 << 20) + 5) + "\n" + '{"step": 99, "loss": 1.0}\n')
+    _trim_log(log, 1)
+    assert log.read_text() == first + "\n"
+    log.unlink()
+    log.symlink_to("/dev/zero")
+    with pytest.raises(TrainingError, match="a character device, not a regular file"):
+        _trim_log(log, 1)
