@@ -6,8 +6,10 @@ randomly initialised (the checks are shared with the other formats in :mod:`blt_
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -36,13 +38,40 @@ def is_native_checkpoint(path: Path) -> bool:
         return False
 
 
+def shareable(metadata: Any) -> Any:
+    """``metadata`` with every absolute local path (a string starting with ``/`` or ``~``) cut to its last
+    component: a checkpoint is meant to be shared, and the directories of the machine that wrote it (a home
+    directory, a user name, a temporary directory) are no business of those it is shared with. Relative
+    paths (``runs/blt/final``, ``corpora/code``) are kept: they say how the run was made."""
+    if isinstance(metadata, dict):
+        return {key: shareable(value) for key, value in metadata.items()}
+    if isinstance(metadata, (list, tuple)):
+        return [shareable(value) for value in metadata]
+    if isinstance(metadata, str) and metadata.startswith(("/", "~")):
+        return PurePosixPath(metadata).name or metadata[:1]
+    return metadata
+
+
+def source_digest(path: Path) -> str:
+    """sha256 of a checkpoint directory's files (their names and bytes, in name order, subdirectories
+    included): what ``convert`` records of its source instead of the source's local path."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_model(model: BLTModel, path: str | Path, *, metadata: dict | None = None) -> Path:
-    """Write ``model`` to the directory ``path`` in the native format."""
+    """Write ``model`` to the directory ``path`` in the native format (``metadata`` as :func:`shareable`
+    makes it: no absolute local path)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict()}
     if metadata:
-        payload["metadata"] = metadata
+        payload["metadata"] = shareable(metadata)
     (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE))

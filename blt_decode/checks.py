@@ -10,8 +10,11 @@ decided here, once; each record raises its own error type and names its fields i
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import numbers
+import os
+import stat
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -74,6 +77,61 @@ def int_argument(least: int, most: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def number_argument(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                    high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number within the bounds (``nan`` and ``inf`` refused), else argparse's
+    one-line usage error naming the allowed range."""
+    allowed = describe_number(low, high, low_open=low_open, high_open=high_open)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not finite_in_range(value, low, high, low_open=low_open, high_open=high_open):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def max_threads() -> int:
+    """The most torch CPU threads a caller may ask for: the CPUs of this machine (``os.cpu_count()``).
+    More never helps (decoding wants fewer, training all cores), and an absurd count (``--threads
+    100000``) crashed the process in OpenMP's thread creation (exit 139) instead of being refused."""
+    return max(os.cpu_count() or 1, 1)
+
+
+def threads_argument(text: str) -> int:
+    """An argparse ``type`` for ``--threads``: 0 (torch's default) up to :func:`max_threads`."""
+    return int_argument(0, max_threads())(text)
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, with every way a hostile text can fail it as one ``ValueError`` whose message is a
+    line: malformed JSON, an integer longer than Python's digit limit (a ValueError of its own), and
+    nesting deeper than the interpreter's recursion limit (``[[[[...`` raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except UnicodeDecodeError:  # bytes given
+        raise ValueError("not UTF-8 text") from None
+    except ValueError:  # the only other: an integer literal longer than Python's int digit limit
+        raise ValueError("not valid JSON (an integer of more digits than Python converts)") from None
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for messages refusing it): ``a pipe``, ``a character device``..."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _bound(number: int) -> str:

@@ -23,7 +23,7 @@ import torch
 
 import blt_decode
 from blt_decode import api, formats, options, plugins, prompt_sets, tokenizer
-from blt_decode.checks import int_argument
+from blt_decode.checks import int_argument, max_threads, number_argument, threads_argument
 from blt_decode.errors import BLTDecodeError, CLIError
 
 
@@ -44,14 +44,24 @@ def strategy_options(strategy_name: str, pairs: Sequence[str]) -> dict[str, Any]
     return options.parse_option_strings(plugins.get_strategy(strategy_name), pairs)
 
 
+#: the most bytes read from a prompt file (--prompt-file, bench's prompts): more than the longest sequence
+#: any model may have (config.MAX_SEQLEN, 1 MiB) times bench's most prompts; /dev/zero is not read to the end
+MAX_PROMPT_FILE_BYTES = 64 << 20
+
+
 def _read_file(path: str, what: str) -> bytes:
-    """A file's raw bytes (``-`` = standard input), or one clear error."""
-    if path == "-":
-        return sys.stdin.buffer.read()
+    """A file's raw bytes (``-`` = standard input), at most :data:`MAX_PROMPT_FILE_BYTES`, or one clear error."""
     try:
-        return Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+        else:
+            with Path(path).open("rb") as fh:
+                data = fh.read(MAX_PROMPT_FILE_BYTES + 1)
     except OSError as exc:
         raise CLIError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise CLIError(f"{what} {path!r} holds more than {MAX_PROMPT_FILE_BYTES >> 20} MiB, the most read as prompts")
+    return data
 
 
 def prompt_from_args(args: argparse.Namespace) -> bytes:
@@ -153,7 +163,9 @@ _DECODING_THREADS_HELP = (
 
 
 def _add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
-    parser.add_argument("--threads", type=_non_negative_int, default=1, help=help)
+    # at most the CPU count: more never helps, and an absurd count crashed OpenMP (exit 139)
+    parser.add_argument("--threads", type=threads_argument, default=1,
+                        help=help + f" At most the number of CPUs ({max_threads()} here).")
 
 
 MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'default' (the model shipped in the package), or random:PRESET[:SEED]"
@@ -199,13 +211,15 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
                           "seed, stop); the flags above are the defaults (see docs/engine.md)")
     gen.add_argument("--output", metavar="JSONL", default=None,
                      help="batch job results, one JSON line per request in the order they finish (match them by id); "
-                          "the ids of an existing file's result lines are skipped (resume)")
+                          "the ids of an existing file's result lines are skipped (resume); a regular file, written by "
+                          "one run at a time (a lock; a second run is refused naming the first)")
     gen.add_argument("--batch-size", type=_slots, default=16,
                      help="requests decoded at once by the batched engine (default: %(default)s)")
     gen.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="with --input: run the job on Ray Data, an actor pool with one model per actor; alone, a "
                           "local Ray cluster is started, with ADDRESS it is joined (needs the ray extra)")
-    gen.add_argument("--ray-actors", type=_positive_int, default=2, help="actors in the pool (with --ray) (default: %(default)s)")
+    gen.add_argument("--ray-actors", type=int_argument(1, 1024), default=2,
+                     help="actors in the pool (with --ray), 1..1024 (default: %(default)s)")
     _add_threads_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -261,17 +275,20 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
     if args.json:
         raise CLIError("--json prints one generation; with --input every result is a JSON line in --output")
     jobs.check_output_path(args.input, args.output)
-    model = model_from_args(args)
-    defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
-                "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
-    items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
-    _compile_note(args.backend)
-    started = time.perf_counter()
-    if args.ray is not None:
-        summary = _run_job_on_ray(args, items)
-    else:
-        summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
-    wall = time.perf_counter() - started
+    # held from the start (both paths; run_job takes it again, re-entrantly): a second run on the same output
+    # is refused before it loads a model
+    with jobs.locked_output(args.output):
+        model = model_from_args(args)
+        defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
+                    "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
+        items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
+        _compile_note(args.backend)
+        started = time.perf_counter()
+        if args.ray is not None:
+            summary = _run_job_on_ray(args, items)
+        else:
+            summary = jobs.run_job(model, items, args.output, batch_size=args.batch_size, backend=args.backend)
+        wall = time.perf_counter() - started
     if not args.quiet:
         print(f"{PROG}: {summary.done} requests done ({summary.new_bytes} new bytes in {wall:.1f} s = "
               f"{summary.new_bytes / wall if wall > 0 else 0:.1f} bytes/s), {summary.skipped} already in {args.output}"
@@ -439,13 +456,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to == "native":  # a native checkpoint's training metadata survives a change of dtype
         from blt_decode.checkpoint import save_model
 
-        save_model(model, dst, metadata={**metadata, "converted": {"from": str(args.src), "dtype": dtype}})
+        save_model(model, dst, metadata={**metadata, "converted": {**_source_record(args.src), "dtype": dtype}})
     else:
         formats.save_checkpoint(model, dst, args.to)
     n = sum(p.numel() for p in model.parameters())
     note = "" if not metadata or args.to == "native" else f" (its metadata is not carried: the {args.to} layout has no place for it)"
     print(f"converted {args.src} ({src_format}) -> {dst} ({args.to}), {n:,} parameters in {dtype}{note}")
     return 0
+
+
+def _source_record(src: str) -> dict[str, str]:
+    """What ``convert`` records of its source: its name and, for a directory, a sha256 of its files, never
+    its local path (the checkpoint is meant to be shared). The name is a model spec as given, a directory's
+    path as given when it is relative and stays below the working directory (runs/blt/final), else the
+    directory's own name."""
+    from blt_decode.checkpoint import source_digest
+    from blt_decode.loading import DEFAULT_MODEL_DIR
+
+    if src == "default":  # the spec, as load_model reads it, before any directory of that name
+        return {"from": "default", "source_sha256": source_digest(DEFAULT_MODEL_DIR)}
+    path = Path(src)
+    if not path.is_dir():
+        return {"from": src}  # random:PRESET[:SEED] names its weights exactly
+    inside = not path.is_absolute() and ".." not in path.parts and not src.startswith("~") and path.parts
+    return {"from": path.as_posix() if inside else path.resolve().name, "source_sha256": source_digest(path)}
 
 
 def _native_metadata(path: Path) -> dict:
@@ -469,7 +503,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--prompt-file", default=None, metavar="PATH",
                     help="your own prompts instead, separated by lines holding only --- (- for stdin)")
     be.add_argument("--max-new-bytes", type=int, default=256, help="(default: %(default)s)")
-    be.add_argument("--repeats", type=_non_negative_int, default=3, help="timed repeats; bytes/s is their median (default: %(default)s)")
+    be.add_argument("--repeats", type=int_argument(0, 1000), default=3,
+                    help="timed repeats, 0..1000; bytes/s is their median (default: %(default)s)")
     be.add_argument("--full", action="store_true", help="print every column (the default table is the compact one "
                     "that fits a terminal; --json always holds every figure)")
     be.add_argument("--json", metavar="PATH", help="write every row, with every figure, as JSON")
@@ -640,11 +675,17 @@ def _add_train_bench_parser(sub: argparse._SubParsersAction) -> None:
                                                                          "(default: %(default)s)")
     tb.add_argument("--precisions", default="float32,bfloat16", help="comma-separated: float32, bfloat16 "
                                                                      "(default: %(default)s)")
-    tb.add_argument("--batch-size", type=_positive_int, default=8, help="(default: %(default)s)")
-    tb.add_argument("--seq-len", type=_positive_int, default=512, help="(default: %(default)s)")
-    tb.add_argument("--steps", type=_positive_int, default=4, help="timed steps per measurement (default: %(default)s)")
-    tb.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first (default: %(default)s)")
-    tb.add_argument("--repeats", type=_positive_int, default=1,
+    from blt_decode.config import MAX_SEQLEN
+    from blt_decode.training.config import MAX_BATCH_SIZE
+
+    # the bounds of train's own flags (TrainConfig), and at most 10**6 steps and 1000 rounds of measuring
+    tb.add_argument("--batch-size", type=int_argument(1, MAX_BATCH_SIZE), default=8,
+                    help=f"1..{MAX_BATCH_SIZE} (default: %(default)s)")
+    tb.add_argument("--seq-len", type=int_argument(8, MAX_SEQLEN), default=512, help=f"8..{MAX_SEQLEN} (default: %(default)s)")
+    tb.add_argument("--steps", type=int_argument(1, 10**6), default=4,
+                    help="timed steps per measurement, 1..10**6 (default: %(default)s)")
+    tb.add_argument("--warmup", type=int_argument(1, 10**6), default=2, help="untimed steps first, 1..10**6 (default: %(default)s)")
+    tb.add_argument("--repeats", type=int_argument(1, 1000), default=1,
                     help="rounds over all configurations, alternating; bytes/s is their median (default: %(default)s)")
     tb.add_argument("--data", nargs="+", default=["builtin"], metavar="SPEC", help="as for train (default: builtin)")
     tb.add_argument("--block-sizes", nargs="+", type=_positive_int, default=[4, 8, 16], metavar="B",
@@ -700,11 +741,15 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, help="output directory (corpus.json + gzip JSONL shards); --data reads it")
     build.add_argument("--dist", nargs="+", default=[], metavar="PATTERN",
                        help="only distributions whose name matches (fnmatch), e.g. torch 'type*' (default: all)")
-    build.add_argument("--max-bytes", type=int, default=None, help="stop after this much text (a small fixed subset)")
-    build.add_argument("--heldout-fraction", type=float, default=0.02,
-                       help="share of bytes held out, by whole distribution (default: %(default)s)")
+    from blt_decode.training.corpus_code import MAX_CORPUS_BYTES, MAX_SHARD_BYTES
+
+    build.add_argument("--max-bytes", type=int_argument(1, MAX_CORPUS_BYTES), default=None,
+                       help=f"stop after this much text (a small fixed subset); 1..{MAX_CORPUS_BYTES} (default: all)")
+    build.add_argument("--heldout-fraction", type=number_argument(0, 1, high_open=True), default=0.02,
+                       help="share of bytes held out, by whole distribution, in [0, 1) (default: %(default)s)")
     build.add_argument("--heldout", nargs="+", default=[], metavar="NAME", help="hold out these distributions instead")
-    build.add_argument("--shard-mb", type=int, default=32, help="text per shard in MiB (default: %(default)s)")
+    build.add_argument("--shard-mb", type=int_argument(1, MAX_SHARD_BYTES >> 20), default=32,
+                       help=f"text per shard in MiB, 1..{MAX_SHARD_BYTES >> 20} (default: %(default)s)")
     co.set_defaults(func=_cmd_corpus)
 
 
@@ -888,7 +933,7 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
     he.add_argument("--output", default="humaneval.jsonl", metavar="JSONL",
                     help="completions and test results, a line each; an existing file's finished work is skipped "
-                         "(resume) (default: %(default)s)")
+                         "(resume); a regular file, written by one run at a time (default: %(default)s)")
     he.add_argument("--json", metavar="PATH", help="write the table as JSON")
     he.add_argument("--plot", metavar="PATH", help="write a PNG of pass@1 vs bandwidth (needs matplotlib)")
     he.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S",
@@ -975,9 +1020,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.format = "none" if args.html else "terminal"
     try:
         threads = getattr(args, "threads", None)
-        # inside the try: `train --threads` is a plain int, and torch raises a RuntimeError on a negative one
-        if threads is not None and threads < 0:
-            raise BLTDecodeError(f"--threads must be an integer >= 0 (0 = torch's default), got {threads}")
+        # inside the try: `train --threads` is a plain int, torch raises a RuntimeError on a negative one and
+        # OpenMP crashed the process (exit 139) on 100000
+        if threads is not None and not 0 <= threads <= max_threads():
+            raise BLTDecodeError(f"--threads must be an integer in 0..{max_threads()} (0 = torch's default; at most "
+                                 f"this machine's CPUs), got {threads}")
         if threads:
             torch.set_num_threads(threads)
         return args.func(args)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import api, tokenizer
+from blt_decode.errors import PromptSetError
 from blt_decode.model import BLTModel
 
 
@@ -24,6 +25,9 @@ def stdlib_snippets(count: int, length: int = 48) -> list[bytes]:
     """``count`` deterministic prompts: the first ``length`` bytes of evenly spaced stdlib modules."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2 * length)
+    if not 1 <= count <= len(files):  # more than there are was an IndexError
+        raise PromptSetError(f"--prompts must be in 1..{len(files)} (this Python's stdlib modules of more than "
+                             f"{2 * length} bytes), got {count}")
     step = max(1, len(files) // count)
     return [files[i].read_bytes()[:length] for i in range(0, step * count, step)][:count]
 

@@ -10,13 +10,18 @@ import attrs
 import torch
 
 from blt_decode import tokenizer
+from blt_decode.checks import show
 from blt_decode.checkpoint import load_native
 from blt_decode.config import PRESETS, BLTConfig
 from blt_decode.errors import InvalidRequestError, UnknownModelError
 from blt_decode.formats import load_checkpoint
 from blt_decode.model import BLTModel, init_weights
+from blt_decode.request import MAX_SEED
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+#: the torch device types a model can decode and train on here (others: "meta" holds no data, "mps" and
+#: "xpu" are untested; each would fail later with an error from deep inside torch)
+DEVICE_TYPES = ("cpu", "cuda")
 
 # A fixed text used to set the entropy threshold of random models (see random_model)
 _CALIBRATION_TEXT = (
@@ -86,11 +91,16 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
         if spec_str.startswith("random:"):
             parts = spec_str.split(":")
             presets = random_presets()
-            if len(parts) not in (2, 3) or parts[1] not in presets or (len(parts) == 3 and not parts[2].isdigit()):
+            # the seed in ASCII digits (str.isdigit also takes '²', which int() refuses), at most MAX_SEED
+            # (torch's manual_seed overflows beyond it), and short enough for int() (its digit limit)
+            seed_text = parts[2] if len(parts) == 3 else "0"
+            if len(parts) not in (2, 3) or parts[1] not in presets or not (seed_text.isascii() and seed_text.isdigit()) \
+                    or len(seed_text) > len(str(MAX_SEED)) or int(seed_text) > MAX_SEED:
                 raise UnknownModelError(
-                    f"bad random model spec {spec_str!r}: use random:PRESET or random:PRESET:SEED with PRESET in {sorted(presets)}"
+                    f"bad random model spec {show(spec_str)}: use random:PRESET or random:PRESET:SEED with PRESET in "
+                    f"{sorted(presets)} and SEED an integer in 0..2**64-1"
                 )
-            model = random_model(parts[1], int(parts[2]) if len(parts) == 3 else 0, dtype=dtype)
+            model = random_model(parts[1], int(seed_text), dtype=dtype)
         elif spec_str == "default":
             # a shipped but unreadable model must say what is wrong with it, not that none is shipped
             if not (DEFAULT_MODEL_DIR / "config.json").is_file():
@@ -127,6 +137,9 @@ def _check_device(device: str | torch.device | None) -> torch.device | None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidRequestError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {str(exc).splitlines()[0]}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise InvalidRequestError(f"device {device!r} cannot run a model: use one of {', '.join(DEVICE_TYPES)} "
+                                  f"(cuda:N for a GPU of several)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidRequestError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")

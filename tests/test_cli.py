@@ -84,6 +84,32 @@ BAD = {
     "too many stops": (["generate", *TINY, *["--stop", "s"] * 33, "x"], "at most 32 are allowed"),
     "batch size over the bound": (["generate", *TINY, "--input", "-", "--output", "o.jsonl", "--batch-size", "5000"],
                                   "expected an integer in 1..4096"),
+    # issue 33: each of these was a traceback or a crash
+    "device that cannot decode": (["generate", *TINY, "--device", "meta", "x"], "use one of cpu, cuda"),
+    "device that cannot decode, bench": (["bench", *TINY, "--device", "meta", "--repeats", "1"], "use one of cpu, cuda"),
+    "threads beyond the CPUs": (["generate", *TINY, "--threads", "100000", "x"], "--threads: expected an integer in 0.."),
+    "threads beyond the CPUs, serve": (["serve", *TINY, "--threads", "100000"], "--threads: expected an integer in 0.."),
+    "threads beyond the CPUs, train": (["train", "entropy", "--out", "/nonexistent/run", "--threads", "100000"],
+                                       "--threads must be an integer in 0.."),
+    "random seed overflow": (["convert", "random:tiny:99999999999999999999999", "/nonexistent/out", "--to", "native"],
+                             "SEED an integer in 0..2**64-1"),
+    "random seed past 2**64-1": (["generate", "--model", f"random:tiny:{2**64}", "x"], "SEED an integer in 0..2**64-1"),
+    "random seed not ASCII digits": (["generate", "--model", "random:tiny:\u00b2", "x"], "bad random model spec"),
+    "heldout fraction 2": (["corpus", "build", "code", "--out", "/nonexistent/c", "--heldout-fraction", "2"],
+                           "--heldout-fraction: expected a number in [0, 1), got '2'"),
+    "heldout fraction nan": (["corpus", "build", "code", "--out", "/nonexistent/c", "--heldout-fraction", "nan"],
+                             "--heldout-fraction: expected a number in [0, 1), got 'nan'"),
+    "shard of 0 MiB": (["corpus", "build", "code", "--out", "/nonexistent/c", "--shard-mb", "0"],
+                       "--shard-mb: expected an integer in 1..1024"),
+    "negative max-bytes": (["corpus", "build", "code", "--out", "/nonexistent/c", "--max-bytes", "-5"],
+                           "--max-bytes: expected an integer in 1.."),
+    # neighbours: other flags that take sizes (an IndexError, or work without end)
+    "more exactness prompts than the stdlib has": (["exactness", *TINY, "--prompts", "100000"], "--prompts must be in 1.."),
+    "bench repeats without end": (["bench", *TINY, "--repeats", str(10**9)], "--repeats: expected an integer in 0..1000"),
+    "train-bench sequence beyond any model": (["train-bench", "--seq-len", str(10**9)], "--seq-len: expected an integer in 8.."),
+    "train-bench steps without end": (["train-bench", "--steps", str(10**9)], "--steps: expected an integer in 1..1000000"),
+    "ray actors without end": (["generate", *TINY, "--input", "i", "--output", "o", "--ray-actors", str(10**6)],
+                               "--ray-actors: expected an integer in 1..1024"),
 }
 
 
@@ -146,6 +172,60 @@ def test_convert_reads_every_model_spec(tmp_path):
     assert out.returncode == 0, out.stderr
     loaded = bd.load_model(tmp_path / "out")
     assert bd.generate(loaded, "x", max_new_bytes=8).output == bd.generate("random:tiny:3", "x", max_new_bytes=8).output
+
+
+def test_no_local_path_goes_into_a_converted_checkpoint(tmp_path):
+    """convert recorded its source's absolute path ("from": "/..."), and carried training metadata with
+    absolute paths (a run's --out): a checkpoint is meant to be shared. The source is recorded by name and
+    sha256 of its files; absolute paths in carried metadata keep only their last component."""
+    from blt_decode.checkpoint import save_model
+
+    src = tmp_path / "trained" / "final"
+    save_model(bd.random_model("tiny"), src, metadata={"training": {"out_dir": str(tmp_path / "trained"),
+                                                                    "data": [str(tmp_path / "corpus"), "stdlib"]}})
+    for source, name in ((str(src), "final"), ("random:tiny:3", "random:tiny:3")):
+        out = tmp_path / f"out-{name.replace(':', '-')}"
+        run = run_cli("convert", source, str(out), "--to", "native")
+        assert run.returncode == 0, run.stderr
+        for file in out.iterdir():
+            assert str(tmp_path).encode() not in file.read_bytes(), file
+        converted = json.loads((out / "config.json").read_text())["metadata"]["converted"]
+        assert converted["from"] == name
+    meta = json.loads((tmp_path / "out-final" / "config.json").read_text())["metadata"]
+    assert meta["training"] == {"out_dir": "trained", "data": ["corpus", "stdlib"]}
+    assert len(meta["converted"]["source_sha256"]) == 64
+    # a relative source below the working directory is its own name: how the shipped model was made
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", "convert", "trained/final", "rel", "--to", "native"],
+                         capture_output=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["metadata"]["converted"]["from"] == "trained/final"
+
+
+def test_the_shipped_default_model_records_no_local_path():
+    from blt_decode.loading import DEFAULT_MODEL_DIR
+
+    meta = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["metadata"]
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(meta) if s.startswith(("/", "~"))]
+    assert meta["converted"] == {"from": "runs/v3/default-blt10m/final", "dtype": "bfloat16"}
+
+
+def test_a_prompt_file_is_read_within_a_bound(tmp_path):
+    """--prompt-file /dev/zero read until memory ran out; a file is read up to 64 MiB, and no further."""
+    big = tmp_path / "zeros.bin"
+    with big.open("wb") as fh:
+        fh.truncate((64 << 20) + 1)  # sparse
+    for command in (["generate", *TINY, "--prompt-file", str(big)], ["bench", *TINY, "--prompt-file", str(big)]):
+        out = run_cli(*command)
+        err = out.stderr.decode().strip()
+        assert out.returncode == 2 and len(err.splitlines()) == 1 and "more than 64 MiB" in err, err
 
 
 def test_trace_colours_only_on_a_terminal_and_never_with_no_color():

@@ -630,13 +630,14 @@ def test_cli_convert_dtype(saved, tmp_path):
 
 
 def test_cli_convert_native_to_native_keeps_the_training_metadata(model, tmp_path, capsys):
-    from blt_decode.checkpoint import save_model
+    from blt_decode.checkpoint import save_model, source_digest
 
     save_model(model, tmp_path / "src", metadata={"training": {"kind": "blt", "steps": 7}, "corpus": "c-v1"})
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "bf16"), "--to", "native", "--dtype", "bfloat16"]) == 0
     meta = json.loads((tmp_path / "bf16" / "config.json").read_text())["metadata"]
     assert meta["training"] == {"kind": "blt", "steps": 7} and meta["corpus"] == "c-v1"
-    assert meta["converted"] == {"from": str(tmp_path / "src"), "dtype": "bfloat16"}
+    # the source by name and content, not by its local path (tmp_path is absolute: its last component)
+    assert meta["converted"] == {"from": "src", "source_sha256": source_digest(tmp_path / "src"), "dtype": "bfloat16"}
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert "metadata is not carried" in capsys.readouterr().out

@@ -115,7 +115,10 @@ def test_any_strategy_and_its_options_generate_through_the_engine(model):
 
 @pytest.mark.parametrize("kwargs,words", [({"strategy": "bogus"}, "unknown strategy"), ({"k": 4}, "option"),
                                           ({"strategy": "blt-s", "k": 0}, "option 'k'"),
-                                          ({"batch_size": "auto"}, "batch_size=auto"), ({"dtype": "int8"}, "dtype")])
+                                          ({"batch_size": "auto"}, "batch_size=auto"), ({"dtype": "int8"}, "dtype"),
+                                          ({"batch_size": "5000"}, r"batch_size must be an integer in 1\.\.4096"),
+                                          ({"seed": 2**64}, r"seed must be an integer in 0\.\."),
+                                          ({"device": "meta"}, "use one of cpu, cuda")])
 def test_bad_model_args_are_typed_errors(model, kwargs, words):
     with pytest.raises(bd.BLTDecodeError, match=words):
         harness.BLTDecodeLM(model=model, **kwargs)
@@ -184,6 +187,25 @@ def test_the_lm_eval_command_line_runs_the_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tiny_mc" in out and "acc" in out and "blt-decode blt-d:block_size=4 on eager: 2 generations" in out
+
+
+def test_documented_model_args_batch_size_and_device_work_beside_lm_evals_flags(tmp_path, capsys):
+    """lm-eval passes its --batch_size and --device values (defaults included) beside --model_args; the keys
+    both documented as model_args failed with "got multiple values for keyword argument". The key written
+    in --model_args wins; the flag fills only what model_args leaves out."""
+    from blt_decode.cli import main
+
+    write_tasks(tmp_path)
+    rc = main(["eval", "lm-eval", "--model_args", "model=random:tiny:3,batch_size=4,device=cpu", "--tasks", "tiny_mc",
+               "--include_path", str(tmp_path), "--limit", "2", "--batch_size", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tiny_mc" in out and "scored 5 texts" in out  # the first two questions: 3 + 2 choices
+    flags = {"batch_size": 2, "max_batch_size": None, "device": "cpu"}  # what lm-eval's evaluator hands over
+    lm = harness.BLTDecodeLM.create_from_arg_string("model=random:tiny:3,batch_size=4,device=cpu", flags)
+    assert lm.batch_size == 4 and lm.model.device.type == "cpu"
+    assert harness.BLTDecodeLM.create_from_arg_string("model=random:tiny:3", flags).batch_size == 2
+    assert harness.BLTDecodeLM.create_from_arg_obj({"model": "random:tiny:3", "batch_size": 3}, flags).batch_size == 3
 
 
 def test_the_documented_commands_run_on_the_example_tasks(tmp_path, capsys, monkeypatch):

@@ -200,3 +200,109 @@ def test_the_documented_command_runs(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
     rows = json.loads((tmp_path / "he.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["ar", "blt-s:k=8", "blt-d:block_size=8", "blt-dv:block_size=8"]
+
+
+# -- the results file: malformed records, special files, one writer (issue 33) -------------------------------
+HE_ARGS = ["eval", "humaneval", "--model", "random:tiny", "--limit", "1", "--max-new-bytes", "8", "--strategies", "ar"]
+
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def finished_file(tmp_path_factory):
+    """A finished results file of exactly the run HE_ARGS asks for (so resuming it reads every line)."""
+    out = tmp_path_factory.mktemp("he") / "he.jsonl"
+    he.run_humaneval("random:tiny", bench.parse_strategies("ar"), out, limit=1, max_new_bytes=8, progress=False)
+    return out
+
+
+def _without_results(records):
+    return [r for r in records if r["kind"] != "result"]  # so that the completion is judged (read) again
+
+
+def _set(kind, field, value, drop_results=False):
+    def change(records):
+        for r in records:
+            if r["kind"] == kind:
+                if value is KeyError:
+                    del r[field]
+                else:
+                    r[field] = value
+        return _without_results(records) if drop_results else records
+    return change
+
+
+def _set_passes(records):
+    for r in records:
+        if r["kind"] == "completion":
+            del r["stats"]["passes"]["decoder"]
+    return records
+
+
+@pytest.mark.parametrize("change,words", [
+    (_set("completion", "output_bytes_hex", KeyError, drop_results=True), "'completion' record has no 'output_bytes_hex'"),
+    (_set("completion", "output_bytes_hex", "zz", drop_results=True), "'output_bytes_hex' must be a string of hex digits"),
+    (_set("result", "passed", "yes"), "'passed' must be true or false, got 'yes'"),
+    (_set("result", "sample", "0"), "'sample' must be an integer >= 0"),
+    (_set("timing", "wall_s", "slow"), "'wall_s' must be a number"),
+    (_set("run", "max_new_bytes", [8]), "'max_new_bytes' must be an integer >= 1"),
+    (_set_passes, "stats 'passes' must be an object of integers"),
+], ids=["missing hex", "bad hex", "passed a string", "sample a string", "wall_s a string", "run field a list",
+        "passes incomplete"])
+def test_a_results_file_with_malformed_records_is_one_line(finished_file, tmp_path, change, words):
+    """Lines that are JSON but not records of their kind were a KeyError, a TypeError or a ValueError
+    halfway through the run; now the file is refused up front, naming the line and the field."""
+    records = change(_records(finished_file))
+    out = tmp_path / "he.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = out.read_bytes()
+    run = _run_cli(*HE_ARGS, "--output", str(out))
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert err[-1].startswith("blt-decode: error:") and "he.jsonl:" in err[-1] and words in err[-1], err[-1]
+    assert not any(line.startswith("blt-decode: error:") for line in err[:-1])
+    assert out.read_bytes() == before  # refused untouched
+
+
+def test_the_unchanged_file_resumes_as_finished(finished_file, tmp_path):
+    out = tmp_path / "he.jsonl"
+    out.write_bytes(finished_file.read_bytes())
+    run = _run_cli(*HE_ARGS, "--output", str(out))
+    assert run.returncode == 0 and "| ar | 1 |" in run.stdout, run.stderr[-3000:]
+    assert out.read_bytes() == finished_file.read_bytes()
+
+
+def test_a_results_file_that_is_a_pipe_is_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "he.jsonl"
+    os.mkfifo(fifo)
+    run = _run_cli(*HE_ARGS, "--output", str(fifo))
+    assert run.returncode == 2 and "a pipe, not a regular file" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_second_run_on_one_results_file_is_refused(tmp_path, model):
+    """A second evaluation writing the same file would decode and judge everything again, twice."""
+    import subprocess
+    import sys
+
+    from blt_decode import jobs
+
+    out = tmp_path / "he.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom blt_decode import jobs\n"
+                               "with jobs.locked_output(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(jobs.JobError, match=f"being written by another run \\(pid {holder.pid} on "):
+            he.run_humaneval(model, bench.parse_strategies("ar"), out, limit=1, max_new_bytes=8, progress=False)
+    finally:
+        holder.communicate("", timeout=60)
+    assert not out.exists()  # the holder created it empty and removed it; the refused run wrote nothing

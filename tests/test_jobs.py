@@ -164,3 +164,137 @@ def test_a_duplicate_implicit_id_says_where_it_comes_from(tmp_path):
     src.write_text('{"id": 1, "prompt": "x"}\n{"prompt": "y"}\n')
     with pytest.raises(jobs.JobError, match=r"in.jsonl:2: duplicate id '1' \(this line has no 'id'"):
         jobs.read_requests(src)
+
+
+# -- special files, bounded reading, one writer at a time (issue 33) -----------------------------------------
+def _one_line_error(run) -> str:
+    err = run.stderr.strip()
+    assert run.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("blt-decode: error:"), err
+    return err
+
+
+@pytest.mark.parametrize("kind", ["/dev/full", "/dev/null", "fifo", "directory"])
+def test_an_output_that_is_not_a_regular_file_is_refused(job, tmp_path, kind):
+    """/dev/full read zeros until the OOM killer came (22.6 GB), a FIFO blocked forever: the output is read
+    back to resume, so only a regular file is taken, and nothing is read from anything else."""
+    src, _ = job
+    output = {"fifo": tmp_path / "fifo", "directory": tmp_path}.get(kind, kind)
+    if kind == "fifo":
+        os.mkfifo(output)
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", "generate", "--model", "random:tiny", "--input",
+                          str(src), "--output", str(output)], capture_output=True, text=True, timeout=120)
+    err = _one_line_error(run)
+    assert "not a regular file" in err and str(output) in err, err
+    with pytest.raises(jobs.JobError, match="not a regular file"):
+        jobs.finished_ids(output)
+
+
+def test_output_to_its_own_stdout_pipe_is_refused_not_read_back(job):
+    """`--output /dev/stdout | cat` read its own output pipe to resume, and hung."""
+    src, _ = job
+    run = subprocess.run([sys.executable, "-m", "blt_decode.cli", "generate", "--model", "random:tiny", "--input",
+                          str(src), "--output", "/dev/stdout"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, timeout=120)
+    assert "a pipe, not a regular file" in _one_line_error(run) and run.stdout == ""
+
+
+def test_reading_is_bounded_by_line_and_file_size(tmp_path, monkeypatch):
+    long_line = tmp_path / "zeros.jsonl"
+    with long_line.open("wb") as fh:  # sparse: 17 MiB of NUL bytes and no newline, as /dev/zero gives
+        fh.truncate(jobs.MAX_LINE_BYTES + (1 << 20))
+    with pytest.raises(jobs.JobError, match=r"zeros.jsonl:1: a line longer than 16 MiB"):
+        jobs.finished_ids(long_line)
+    assert long_line.stat().st_size == jobs.MAX_LINE_BYTES + (1 << 20)  # refused untouched, not truncated as torn
+    with pytest.raises(jobs.JobError, match=r"zeros.jsonl:1: a line longer than 16 MiB"):
+        jobs.read_requests(long_line)
+    many = tmp_path / "many.jsonl"
+    many.write_text('{"prompt": "x"}\n' * 100)
+    monkeypatch.setattr(jobs, "MAX_FILE_BYTES", 1000)  # the bound, not 4 GiB of test data
+    with pytest.raises(jobs.JobError, match="many.jsonl is larger than"):
+        jobs.read_requests(many)
+
+
+@pytest.mark.parametrize("line,words", [
+    ("[" * 100_000, "nested too deeply"),
+    ('{"prompt": "x", "seed": ' + "9" * 5000 + "}", "more digits than Python converts"),
+])
+def test_a_hostile_input_line_is_one_line_not_a_traceback(tmp_path, line, words):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "fine"}\n' + line + "\n")
+    err = _one_line_error(run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output",
+                                  str(tmp_path / "out.jsonl")))
+    assert "in.jsonl:2:" in err and words in err, err
+    assert not (tmp_path / "out.jsonl").exists()  # created for the lock, removed again: the run wrote nothing
+    out = tmp_path / "out.jsonl"
+    out.write_text(line + "\n")
+    with pytest.raises(jobs.JobError, match=f"out.jsonl:1: .*{words}"):
+        jobs.finished_ids(out)
+
+
+def _wait_for(path, process, seconds=300):
+    """Until ``path`` exists (the holder has taken its lock), or the holder died."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_two_runs_on_one_output_the_second_is_refused_naming_the_first(job):
+    """Two `generate --input ... --output same.jsonl` at once wrote every record twice. The first takes a
+    lock on the output before it reads its input (here a pipe the test fills later, so the first run is
+    certainly still running when the second starts); the second exits 2 naming the first's pid."""
+    src, out = job
+    first = subprocess.Popen([sys.executable, "-m", "blt_decode.cli", "generate", "--model", "random:tiny", "--input",
+                              "/dev/stdin", "--output", str(out), "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(jobs.lock_record_path(out), first)
+        second = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out))
+        err = _one_line_error(second)
+        assert f"is being written by another run (pid {first.pid} on " in err, err
+        _, first_err = first.communicate(src.read_text(), timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_err
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(map(str, ["0", "raw", "2", 42, "4"]))  # each request once
+    assert not jobs.lock_record_path(out).exists()  # the record goes with the lock
+    again = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out))
+    assert again.returncode == 0 and "0 requests done" in again.stderr and len(out.read_text().splitlines()) == 5
+
+
+def test_a_killed_holder_leaves_no_lock_behind(job):
+    """The kernel drops a flock with its process: a run killed mid-job does not block the next one (its
+    stale record is overwritten)."""
+    src, out = job
+    holder = subprocess.Popen([sys.executable, "-m", "blt_decode.cli", "generate", "--model", "random:tiny", "--input",
+                               "/dev/stdin", "--output", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    _wait_for(jobs.lock_record_path(out), holder)
+    holder.kill()
+    holder.wait(timeout=60)
+    assert jobs.lock_record_path(out).exists()  # stale
+    run = run_cli("generate", "--model", "random:tiny", "--input", str(src), "--output", str(out))
+    assert run.returncode == 0, run.stderr
+    assert len(out.read_text().splitlines()) == len(LINES)
+
+
+def test_the_lock_nests_within_one_process(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with jobs.locked_output(out):
+        with jobs.locked_output(out):  # run_job inside the CLI's hold
+            pass
+        assert jobs.lock_record_path(out).exists()
+    assert not out.exists() and not jobs.lock_record_path(out).exists()  # created empty here: removed
+
+
+def test_a_lock_record_that_is_a_fifo_does_not_hang_the_refusal(tmp_path):
+    """Who holds an output is read from OUTPUT.lock without blocking: a FIFO planted there (a holder that
+    could not write its record) gives 'has not said who it is', not a refusal that never comes."""
+    out = tmp_path / "out.jsonl"
+    os.mkfifo(jobs.lock_record_path(out))
+    assert jobs._holder(out) == "a process that has not said who it is"

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -318,7 +319,8 @@ BAD_OPTIONS = [
     (["--lr", "0"], "--lr must be a finite number > 0"),
     (["--time-budget", "nan"], "--time-budget must be a finite number >= 0"),
     (["--block-sizes", "0", "4"], "--block-sizes must be one or more integers in 1..4096"),
-    (["--threads", "-1"], "--threads must be an integer >= 0"),
+    (["--threads", "-1"], "--threads must be an integer in 0.."),
+    (["--threads", "100000"], "--threads must be an integer in 0.."),
     # upper bounds: a typo is one line, not minutes of work or an allocator error
     (["--batch-size", "100000"], "--batch-size must be an integer in 1..65536"),
     (["--seq-len", str(10**9)], "--seq-len must be an integer in 8..1048576"),
@@ -506,3 +508,113 @@ def test_train_bench_measures_presets_and_precisions_side_by_side(tmp_path, data
                           (["--precisions", "float16"], "precisions are float32, bfloat16")):
         bad = run(CLI + ["train-bench"] + args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+# -- a trainer state with fields of the wrong type (issue 33) ------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped_run(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run stopped after its first step (a complete checkpoint), and the flags that resume it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    flags = ["train", "entropy", "--out", str(out), "--data", str(data_dir), "--steps", "3", *TINY]
+    first = run([*CLI, *flags, "--stop-after", "1", "--checkpoint-every", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    return out, flags + ["--checkpoint-every", "1", "--resume"]
+
+
+def _state_with(out: Path, tmp_path: Path, change) -> Path:
+    """A copy of the run whose trainer_state.json is changed by ``change(state)``."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    path = copy / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+    return copy
+
+
+def test_resuming_a_state_whose_step_is_not_an_integer_is_one_line(stopped_run, tmp_path):
+    """`"step": "two"` was a ValueError traceback after the model and the corpus had loaded."""
+    out, flags = stopped_run
+    copy = _state_with(out, tmp_path, lambda s: s.update(step="two"))
+    resumed = run([*CLI, *[str(copy) if f == str(out) else f for f in flags]])
+    err = resumed.stderr.strip()
+    assert resumed.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "trainer_state.json: 'step' must be an integer in 0..1000000000, got 'two'" in err, err
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda s: s.update(step=-1), "'step' must be an integer in 0..1000000000, got -1"),
+    (lambda s: s.update(step=True), "'step' must be an integer"),
+    (lambda s: s.update(config=["lr"]), "'config' must be an object"),
+    (lambda s: s.update(corpus=7), "'corpus' must be a string or null"),
+    (lambda s: s.pop("extra"), "has no 'extra' field"),
+    (lambda s: s["extra"].update(bytes_seen="many"), "'extra'.bytes_seen must be an integer >= 0"),
+    (lambda s: s["extra"].update(wall_time_s=float("inf")), "'extra'.wall_time_s must be a finite number >= 0"),
+    (lambda s: s["param_groups"][0].update(lr="fast"), "'param_groups'[0].lr must be a number"),
+    (lambda s: s["param_groups"][0].update(params=[1, 2]), "'param_groups'[0].params must be a list of parameter names"),
+    (lambda s: s.update(scalar_state={"x": {"step": "one"}}), "'scalar_state'.x.step must be a number"),
+    (lambda s: s.update(scalar_state={"nope": {"step": 1}}), "'scalar_state' names 'nope', no parameter"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_field_of_the_trainer_state_is_checked_by_type(stopped_run, tmp_path, change, words):
+    from blt_decode.training import TrainConfig, TrainingError
+
+    out, _ = stopped_run
+    copy = _state_with(out, tmp_path, change)
+    saved = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["config"]
+    config = TrainConfig(**{**saved, "out_dir": str(copy)})
+    with pytest.raises(TrainingError, match=re.escape(words)) as info:
+        train(config, resume=True, **QUIET)
+    assert "\n" not in str(info.value)
+
+
+def test_hostile_json_in_training_files_is_one_line(tmp_path):
+    """Neighbours of the job reader: a --data JSONL line nested 100 000 deep, a log.jsonl line likewise
+    (train plot), and a --preset file that never ends were a RecursionError or unbounded reads."""
+    from blt_decode.errors import CorpusError
+    from blt_decode.training import TrainingError
+    from blt_decode.training.plot import read_log
+    from blt_decode.training.presets import blt_preset
+
+    deep = "[" * 100_000
+    (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n' + deep + "\n")
+    with pytest.raises(CorpusError, match=r"docs.jsonl:2: not valid JSON \(nested too deeply\)"):
+        load_data([str(tmp_path / "docs.jsonl")])
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: not UTF-8 text"):
+        load_data([str(tmp_path / "bad.jsonl")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + deep + "\n")
+    with pytest.raises(TrainingError, match=r"log.jsonl:2 is not valid JSON \(nested too deeply\)"):
+        read_log(tmp_path / "run")
+    preset = tmp_path / "preset.json"
+    with preset.open("wb") as fh:
+        fh.truncate((16 << 20) + 1)  # sparse; /dev/zero alike
+    with pytest.raises(TrainingError, match="larger than 16 MiB"):
+        blt_preset(str(preset))
+    preset.write_text(deep)
+    with pytest.raises(TrainingError, match="nested too deeply"):
+        blt_preset(str(preset))
+
+
+def test_resuming_trims_the_log_within_bounds_and_refuses_a_log_that_is_not_a_file(stopped_run, tmp_path):
+    """OUT/log.jsonl is the other output a resumed run reads back: a device there (/dev/zero) was read
+    without end; a line that is not a record (nested 100 000 deep, or longer than 1 MiB) is dropped as torn."""
+    import shutil
+
+    from blt_decode.training import TrainingError
+    from blt_decode.training.loop import _trim_log
+
+    out, _ = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    log = copy / "log.jsonl"
+    first = log.read_text().splitlines()[0]
+    log.write_text(first + "\n" + "[" * 100_000 + "\n" + "x" * ((1 << 20) + 5) + "\n" + '{"step": 99, "loss": 1.0}\n')
+    _trim_log(log, 1)
+    assert log.read_text() == first + "\n"
+    log.unlink()
+    log.symlink_to("/dev/zero")
+    with pytest.raises(TrainingError, match="a character device, not a regular file"):
+        _trim_log(log, 1)

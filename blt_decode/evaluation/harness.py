@@ -20,7 +20,9 @@ are the tokens:
 
 ``model_args`` keys: ``model`` (any spec load_model takes), ``strategy``, ``backend``, ``batch_size``,
 ``dtype``, ``device``, ``seed``, ``max_gen_toks``; every other key is an option of the strategy, parsed
-by its declared type (``k=8``, ``block_size=16``). The decoding statistics of everything the model
+by its declared type (``k=8``, ``block_size=16``). ``batch_size`` and ``device`` written in ``model_args``
+win over lm-eval's ``--batch_size`` and ``--device`` flags, which fill them only when ``model_args`` leaves
+them out. The decoding statistics of everything the model
 generated (forward passes, Eq. 8 bandwidth, acceptance, bytes/s) are summed in :meth:`BLTDecodeLM.statistics`.
 """
 
@@ -42,7 +44,7 @@ from blt_decode.checks import describe_integer, is_int, show
 from blt_decode.errors import InvalidRequestError, MissingExtraError
 from blt_decode.evaluation import before_stop
 from blt_decode.model import BLTModel
-from blt_decode.request import Request
+from blt_decode.request import MAX_SEED, Request
 from blt_decode.stats import DecodeStats, ForwardPasses
 
 try:
@@ -113,11 +115,11 @@ class ModelRun:
 RUNS: list[ModelRun] = []
 
 
-def _int_arg(name: str, value: Any, low: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+def _int_arg(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 100:
         value = int(value)
-    if not is_int(value) or value < low:
-        raise InvalidRequestError(f"{name} must be {describe_integer(low, None)}, got {show(value)}")
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise InvalidRequestError(f"{name} must be {describe_integer(low, high)}, got {show(value)}")
     return value
 
 
@@ -132,8 +134,10 @@ class BLTDecodeLM(LM):
         super().__init__()
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             raise InvalidRequestError("batch_size=auto is not supported by the blt-decode model; give a number")
-        self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.seed = _int_arg("seed", seed, 0)
+        from blt_decode.engine import MAX_BATCH
+
+        self.batch_size = _int_arg("batch_size", batch_size, 1, MAX_BATCH)  # the engine's bound
+        self.seed = _int_arg("seed", seed, 0, MAX_SEED)
         self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks, 1)
         if dtype is not None and dtype not in _DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -152,6 +156,21 @@ class BLTDecodeLM(LM):
         self.stats = HarnessStatistics()
         self.run = ModelRun(self.strategy, dict(self.options), self.backend, self.stats)
         RUNS.append(self.run)
+
+    # lm-eval builds a model from --model_args plus its own flags' values (batch_size, max_batch_size,
+    # device; it always passes them, its defaults included, so a flag given cannot be told from its default)
+    # as cls(**model_args, **flags): a key in both was "got multiple values for keyword argument". Here the
+    # key written in --model_args wins, and the flag's value fills only what model_args leaves out.
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "BLTDecodeLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> "BLTDecodeLM":
+        flags = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **flags)
 
     # -- likelihoods ----------------------------------------------------------------------------------
     def _score_pairs(self, pairs: Sequence[tuple[bytes, bytes]], disable_tqdm: bool) -> list[tuple[float, bool]]:

@@ -18,7 +18,9 @@ does only what is missing: an interrupted run loses at most the requests in flig
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -32,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import bench, jobs, prompt_sets, tokenizer
+from blt_decode.checks import is_int, show
 from blt_decode.errors import HumanEvalError
 from blt_decode.evaluation import before_stop, sandbox
 from blt_decode.loading import load_model
@@ -146,16 +149,87 @@ class HumanEvalResult:
 KINDS = ("run", "completion", "result", "timing")
 
 
-def _is_record(record: Any) -> bool:
-    return isinstance(record, dict) and record.get("kind") in KINDS and isinstance(record.get("id"), str)
+def _integer(least: int) -> Any:
+    return lambda v: is_int(v) and v >= least
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _hex(v: Any) -> bool:
+    return isinstance(v, str) and all(c in "0123456789abcdefABCDEF" for c in v) and len(v) % 2 == 0
+
+
+#: the fields each kind of record must hold, with their check and what the check allows (in words); the
+#: reading code indexes them, so a file a person edited or a different program wrote is refused when read,
+#: naming the line and the field, not a KeyError or a TypeError halfway through a run
+RECORD_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "run": {"model_fingerprint": (_text, "a string"), "problems_fingerprint": (_text, "a string"),
+            "max_new_bytes": (_integer(1), "an integer >= 1"),
+            "stop": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+            "timeout_s": (_number, "a number"), "memory_mb": (_integer(1), "an integer >= 1"),
+            "sandbox": (_text, "a string")},
+    "completion": {"strategy": (_text, "a string"), "task_id": (_text, "a string"),
+                   "sample": (_integer(0), "an integer >= 0"), "completion": (_text, "a string"),
+                   "output_bytes_hex": (_hex, "a string of hex digits"), "stats": (lambda v: isinstance(v, dict), "an object")},
+    "result": {"strategy": (_text, "a string"), "task_id": (_text, "a string"), "sample": (_integer(0), "an integer >= 0"),
+               "passed": (lambda v: isinstance(v, bool), "true or false"), "status": (_text, "a string"),
+               "wall_s": (_number, "a number")},
+    "timing": {"strategy": (_text, "a string"), "requests": (_integer(0), "an integer >= 0"),
+               "new_bytes": (_integer(0), "an integer >= 0"), "wall_s": (_number, "a number")},
+}
+#: the statistics of a completion that the table sums (DecodeStats.to_dict writes them all)
+STATS_FIELDS = {"bandwidth_gb": (_number, "a number"), "new_bytes": (_integer(0), "an integer >= 0"),
+                "drafted_bytes": (_integer(0), "an integer >= 0"), "accepted_bytes": (_integer(0), "an integer >= 0")}
+PASSES_FIELDS = tuple(f.name for f in attrs.fields(ForwardPasses))
+
+
+def _fields_problem(record: dict[str, Any], fields: dict[str, tuple[Any, str]], what: str) -> str | None:
+    for name, (check, allowed) in fields.items():
+        if name not in record:
+            return f"{what} has no {name!r} field"
+        if not check(record[name]):
+            return f"{what}'s {name!r} must be {allowed}, got {show(record[name], 40)}"
+    return None
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with one line of a results file as a record of its kind, or None: the checks of
+    :data:`RECORD_FIELDS` (fields may be added, none may be missing or of another type), a completion's
+    statistics, and an id that is its strategy, task and sample."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a HumanEval record (an object)"
+    kind = record.get("kind")
+    if kind not in KINDS:
+        return f"'kind' must be one of {', '.join(KINDS)}, got {show(kind, 40)}"
+    if not isinstance(record.get("id"), str):
+        return f"a {kind!r} record's 'id' must be a string, got {show(record.get('id'), 40)}"
+    wrong = _fields_problem(record, RECORD_FIELDS[kind], f"a {kind!r} record")
+    if wrong:
+        return wrong
+    if kind in ("completion", "result") and record["id"] != _key(record["strategy"], record["task_id"], record["sample"]):
+        return f"a {kind!r} record's id {show(record['id'], 60)} is not its strategy|task_id|sample"
+    if kind == "completion":
+        stats = record["stats"]
+        wrong = _fields_problem(stats, STATS_FIELDS, "a completion's 'stats'")
+        if wrong:
+            return wrong
+        passes = stats.get("passes")
+        if not isinstance(passes, dict) or set(passes) != set(PASSES_FIELDS) \
+                or not all(is_int(v) and v >= 0 for v in passes.values()):
+            return f"a completion's stats 'passes' must be an object of integers >= 0 with keys {', '.join(PASSES_FIELDS)}"
+    return None
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a results file (a torn last line is repaired first, as batch jobs do)."""
-    jobs.finished_ids(path, _is_record)  # refuses a file that is not a results file; drops a torn last line
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every record of a results file, each checked (:func:`record_problem`), read within the bounds of
+    batch jobs' files (:func:`blt_decode.jobs.read_results`; a torn last line is repaired first)."""
+    return jobs.read_results(path, record_problem, keep=True)[1]
 
 
 def _check_run(records: list[dict[str, Any]], run: dict[str, Any], path: Path) -> bool:
@@ -188,6 +262,20 @@ def _samples_for(spec: bench.StrategySpec, samples: int) -> int:
     return 1 if bench.sampling_key(spec.options) == bench.GREEDY_KEY else samples
 
 
+def _holding_output(function: Any) -> Any:
+    """Run ``function`` holding the lock of its ``output`` argument (:func:`blt_decode.jobs.locked_output`):
+    two runs appending to one results file would both decode and judge everything, writing it twice."""
+
+    @functools.wraps(function)
+    def holding(*args: Any, **kwargs: Any) -> Any:
+        output = inspect.signature(function).bind(*args, **kwargs).arguments["output"]
+        with jobs.locked_output(output):
+            return function(*args, **kwargs)
+
+    return holding
+
+
+@_holding_output
 def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySpec], output: str | Path, *,
                   limit: int | None = None, samples: int = 1, max_new_bytes: int = 512, batch_size: int = 16,
                   backend: str = "eager", sandbox_config: sandbox.SandboxConfig = sandbox.SandboxConfig(),
@@ -281,7 +369,9 @@ def summarize(output: str | Path, specs: Sequence[bench.StrategySpec], problems:
               *, model_label: str, batch_size: int, backend: str) -> HumanEvalResult:
     """The table of a results file, for these strategies, problems and samples."""
     records = _read_records(Path(output))
-    run = next(r for r in records if r.get("kind") == "run")
+    run = next((r for r in records if r.get("kind") == "run"), None)
+    if run is None:
+        raise HumanEvalError(f"{output} holds no 'run' line: not a HumanEval results file")
     completions = {r["id"]: r for r in records if r.get("kind") == "completion"}
     results = {r["id"]: r for r in records if r.get("kind") == "result"}
     released = bench.released_param_counts()

@@ -29,6 +29,10 @@ _MISSING = object()
 
 
 # -- files ------------------------------------------------------------------------------------------
+#: the largest JSON file of a checkpoint read (config.json, a sharded checkpoint's index: KiB to a few MiB)
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; a missing, unreadable, non-UTF-8, truncated or non-object file is a
     CheckpointError naming the file.
@@ -37,9 +41,12 @@ def read_json(path: Path) -> dict[str, Any]:
     locale's default encoding would misread or reject them differently per machine).
     """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)  # bounded: a config.json that is a device is not read to the end
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB: not a checkpoint's JSON file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

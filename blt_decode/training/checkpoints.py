@@ -12,6 +12,7 @@ written by rank 0 of any process layout (1 process, DDP, FSDP) resumes in any ot
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,7 +21,8 @@ import attrs
 import torch
 from safetensors.torch import load_file, save_file
 
-from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model
+from blt_decode.checks import is_int, loads_json, show
+from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model, shareable
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.errors import CheckpointError, ConfigError, TrainingError
 from blt_decode.model import BLTModel, EntropyModel
@@ -32,6 +34,9 @@ BYTE_LM_FORMAT = "blt-decode-byte-lm"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_STATE_FORMAT = "blt-decode-trainer-state"
+#: the largest trainer_state.json read (it holds options and hyper-parameters, a few KiB; the tensors are
+#: in the safetensors file)
+MAX_TRAINER_STATE_BYTES = 64 << 20
 #: what earlier versions wrote: a pickle, never read (unpickling a crafted file runs code)
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 
@@ -43,7 +48,7 @@ def save_byte_lm(module: EntropyModel, path: str | Path, *, metadata: dict | Non
     full tensors gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    payload = {"format": BYTE_LM_FORMAT, "version": 1, "config": attrs.asdict(module.cfg), "metadata": metadata or {}}
+    payload = {"format": BYTE_LM_FORMAT, "version": 1, "config": attrs.asdict(module.cfg), "metadata": shareable(metadata or {})}
     (path / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
     tensors = state if state is not None else module.state_dict()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / "model.safetensors"))
@@ -106,7 +111,8 @@ def save_any(model: BLTModel | EntropyModel, path: Path, metadata: dict[str, Any
         else:
             path.mkdir(parents=True, exist_ok=True)
             # the native format as checkpoint.save_model writes it, from gathered tensors
-            payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(), "metadata": metadata}
+            payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(),
+                       "metadata": shareable(metadata)}
             (path / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / WEIGHTS_FILE))
     else:
@@ -147,8 +153,12 @@ def optimizer_state_from_files(names: Sequence[str], payload: dict[str, Any], te
     for key, value in tensors.items():
         if key.startswith("optimizer/"):
             name, _, field = key.removeprefix("optimizer/").rpartition("/")
+            if name not in index:
+                raise TrainingError(f"{source}: optimizer state {key!r} names no parameter of this model")
             state.setdefault(index[name], {})[field] = value
     for name, fields in payload.get("scalar_state", {}).items():
+        if name not in index:
+            raise TrainingError(f"{source}: 'scalar_state' names {show(name)}, no parameter of this model")
         state.setdefault(index[name], {}).update(fields)
     groups = []
     for group in payload["param_groups"]:
@@ -188,7 +198,10 @@ def write_checkpoint(model: BLTModel | EntropyModel, directory: Path, *, metadat
 def _complete(directory: Path) -> bool:
     # trainer_state.json is written last (write_checkpoint), so a readable one marks a finished write
     try:
-        json.loads((directory / TRAINER_STATE).read_text())
+        path = directory / TRAINER_STATE
+        if not path.is_file() or path.stat().st_size > MAX_TRAINER_STATE_BYTES:
+            return False
+        loads_json(path.read_bytes())
     except (OSError, ValueError):
         return False
     return (directory / TRAINER_TENSORS).is_file()
@@ -226,18 +239,84 @@ def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch
                 f"so start the run again")
         raise TrainingError(f"{directory} holds no {TRAINER_STATE}: not a training checkpoint")
     try:
-        payload = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        size = state_path.stat().st_size
+        if size > MAX_TRAINER_STATE_BYTES:  # JSON of options and hyper-parameters: kilobytes
+            raise TrainingError(f"{state_path} is {size} bytes, more than a trainer state's "
+                                f"{MAX_TRAINER_STATE_BYTES >> 20} MiB: not a trainer state")
+        payload = loads_json(state_path.read_bytes())
+    except (OSError, ValueError) as exc:
         raise TrainingError(f"{state_path} is not readable JSON ({exc})") from None
-    if payload.get("format") != TRAINER_STATE_FORMAT or payload.get("version") != 1:
+    if not isinstance(payload, dict) or payload.get("format") != TRAINER_STATE_FORMAT or payload.get("version") != 1:
         raise TrainingError(f"{state_path} is not a version-1 {TRAINER_STATE_FORMAT} file")
+    check_trainer_state(payload, str(state_path))
     if not tensor_path.is_file():
         raise TrainingError(f"{directory} holds {TRAINER_STATE} but no {TRAINER_TENSORS}")
     try:
         tensors = load_file(str(tensor_path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise TrainingError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
+    rng = tensors.get("rng/torch_cpu")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise TrainingError(f"{tensor_path} holds no 'rng/torch_cpu' tensor of bytes (the CPU random state)")
     return payload, tensors
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: the trainer state's ``extra`` entries that resuming reads, with their checks (others are carried as they are)
+_EXTRA_FIELDS: dict[str, tuple[Any, str]] = {
+    "bytes_seen": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "wall_time_s": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "patching_threshold": (_is_number, "a finite number"),
+    "init": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_trainer_state(payload: dict[str, Any], source: str) -> None:
+    """Every field of a trainer state that resuming reads, by type, so that a hand-edited or corrupt file
+    (``"step": "two"``) is one :class:`TrainingError` naming the file and the field, not a ValueError or a
+    KeyError in the middle of resuming."""
+    from blt_decode.training.config import MAX_STEPS
+
+    def refuse(field: str, allowed: str, value: Any) -> TrainingError:
+        return TrainingError(f"{source}: {field} must be {allowed}, got {show(value)}")
+
+    for name in ("step", "config", "extra", "param_groups"):
+        if name not in payload:
+            raise TrainingError(f"{source} has no {name!r} field: not a complete trainer state")
+    if not is_int(payload["step"]) or not 0 <= payload["step"] <= MAX_STEPS:
+        raise refuse("'step'", f"an integer in 0..{MAX_STEPS}", payload["step"])
+    if not isinstance(payload["config"], dict):
+        raise refuse("'config'", "an object (the run's options)", payload["config"])
+    if payload.get("corpus") is not None and not isinstance(payload["corpus"], str):
+        raise refuse("'corpus'", "a string or null", payload["corpus"])
+    extra = payload["extra"]
+    if not isinstance(extra, dict):
+        raise refuse("'extra'", "an object", extra)
+    for name, (check, allowed) in _EXTRA_FIELDS.items():
+        if name in extra and not check(extra[name]):
+            raise refuse(f"'extra'.{name}", allowed, extra[name])
+    groups = payload["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise refuse("'param_groups'", "a list of objects", groups)
+    for number, group in enumerate(groups):
+        params = group.get("params")
+        if not isinstance(params, list) or not all(isinstance(n, str) for n in params):
+            raise refuse(f"'param_groups'[{number}].params", "a list of parameter names", params)
+        for key, value in group.items():
+            plain = value is None or isinstance(value, bool) or _is_number(value) \
+                or (isinstance(value, list) and all(_is_number(v) for v in value))
+            if key != "params" and not plain:
+                raise refuse(f"'param_groups'[{number}].{key}", "a number, true/false, null or a list of numbers", value)
+    scalars = payload.get("scalar_state", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+        raise refuse("'scalar_state'", "an object of objects (per parameter)", scalars)
+    for name, fields in scalars.items():
+        for key, value in fields.items():
+            if not (_is_number(value) or isinstance(value, bool)):
+                raise refuse(f"'scalar_state'.{name}.{key}", "a number", value)
 
 
 def config_of(model: BLTModel | EntropyModel) -> BLTConfig | TransformerConfig:

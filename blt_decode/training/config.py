@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import attrs
 
-from blt_decode.checks import Validators, is_int, show, to_float, to_int
+from blt_decode.checks import Validators, is_int, max_threads, show, to_float, to_int
 from blt_decode.config import MAX_SEQLEN
 from blt_decode.errors import TrainingError
 
@@ -85,8 +85,9 @@ class TrainConfig:
     bf16: bool | None = attrs.field(default=None, validator=CHECKS.flag(optional=True), metadata=flag(
         "--bf16", "bfloat16 autocast, float32 master weights (default: on for cuda and for CPUs with native bfloat16 "
                   "instructions, amx_bf16 or avx512_bf16; off elsewhere, where it is slower; training/precision.py)"))
-    threads: int | None = attrs.field(default=None, validator=CHECKS.integer(0, 4096, optional=True),
-                                      metadata=flag("--threads", "torch CPU threads (default: torch's choice)"))
+    threads: int | None = attrs.field(default=None, validator=CHECKS.integer(0, max_threads(), optional=True),
+                                      metadata=flag("--threads", "torch CPU threads, at most the CPU count "
+                                                                 "(default: torch's choice)"))
     # -- data ------------------------------------------------------------------------------------
     data: tuple[str, ...] = attrs.field(default=("builtin",), converter=tuple, metadata=flag(
         "--data", "training data: files, directories, .jsonl[.gz] files (text field), `corpus build` directories, "

@@ -43,10 +43,15 @@ from typing import Callable, Iterable, Sequence
 
 import attrs
 
+from blt_decode.checks import describe_integer, describe_number, finite_in_range, is_int, show, to_float
 from blt_decode.errors import CorpusError
 from blt_decode.training.data import MANIFEST, SITE_CODE_KIND
 
 CODE_CORPUS_VERSION = "blt-code-v1"
+#: the most text ``max_bytes`` may ask for (1 TiB: far beyond the Python sources of any installation, which
+#: are a few GB at most) and the largest shard (1 GiB: a shard is compressed in memory)
+MAX_CORPUS_BYTES = 1 << 40
+MAX_SHARD_BYTES = 1 << 30
 #: SPDX identifiers treated as permissive (no copyleft, no field-of-use restriction)
 PERMISSIVE = frozenset({
     "MIT", "MIT-0", "MIT-CMU", "X11", "BSD-2-CLAUSE", "BSD-3-CLAUSE", "BSD-3-CLAUSE-CLEAR", "0BSD", "BSD",
@@ -355,6 +360,21 @@ def _drop_heldout_packages(kept: list[dict], held: set[str], skipped: list[dict]
     return result
 
 
+def _check_recipe(max_bytes: int | None, heldout_fraction: float, shard_bytes: int) -> None:
+    """The sizes and the fraction, up front (before minutes of reading sources), each refused with the range
+    it must be in: a fraction of 2 or nan would hold out everything or nothing, a shard of 0 bytes would
+    write a file per document, and a negative max_bytes read one distribution and then said nothing useful."""
+    if max_bytes is not None and (not is_int(max_bytes) or not 1 <= max_bytes <= MAX_CORPUS_BYTES):
+        raise CorpusError(f"max_bytes (--max-bytes) must be {describe_integer(1, MAX_CORPUS_BYTES)} or unset, "
+                          f"got {show(max_bytes)}")
+    if not finite_in_range(to_float(heldout_fraction), 0, 1, high_open=True):
+        raise CorpusError(f"heldout_fraction (--heldout-fraction) must be {describe_number(0, 1, high_open=True)}, "
+                          f"got {show(heldout_fraction)}")
+    if not is_int(shard_bytes) or not 1 <= shard_bytes <= MAX_SHARD_BYTES:
+        raise CorpusError(f"shard_bytes must be {describe_integer(1, MAX_SHARD_BYTES)} (--shard-mb 1..."
+                          f"{MAX_SHARD_BYTES >> 20}), got {show(shard_bytes)}")
+
+
 def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_bytes: int | None = None,
                       heldout_fraction: float = 0.02, heldout: Sequence[str] = (), shard_bytes: int = 32 << 20,
                       paths: Sequence[str] | None = None, log: Callable[[str], None] = print) -> BuildResult:
@@ -364,6 +384,7 @@ def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_b
     ``max_bytes``: stop once this much text is collected (distributions in name order, so a small, fixed
     subset for tests); ``heldout``: names to hold out instead of the hash rule; ``paths``: where to look
     for distributions (default ``sys.path``)."""
+    _check_recipe(max_bytes, heldout_fraction, shard_bytes)
     started = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():

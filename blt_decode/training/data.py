@@ -25,7 +25,6 @@ import fnmatch
 import gzip
 import hashlib
 import io
-import json
 import queue
 import sys
 import threading
@@ -38,6 +37,7 @@ import torch
 
 from blt_decode import corpus as builtin
 from blt_decode.corpus import BatchSampler, Corpus, Document, digest
+from blt_decode.checks import loads_json
 from blt_decode.errors import CorpusError, TrainingError
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
@@ -60,17 +60,23 @@ def read_jsonl(path: Path) -> list[bytes]:
     """The ``text`` field of every line of a JSONL file (``.gz`` read transparently), UTF-8 encoded."""
     opener = gzip.open if path.name.endswith(".gz") else open
     texts = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
-            texts.append(record["text"].encode("utf-8"))
+    try:
+        with opener(path, "rb") as fh:  # bytes, decoded a line at a time: an error names its line
+            for number, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = loads_json(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise CorpusError(f"{path}:{number}: not UTF-8 text") from None
+                except ValueError as exc:  # malformed, nested too deeply, an integer past the digit limit
+                    raise CorpusError(f"{path}:{number}: {exc}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise CorpusError(f"{path}:{number}: expected an object with a string 'text' field")
+                texts.append(record["text"].encode("utf-8"))
+    except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
+        raise CorpusError(f"{path} is not readable JSONL{' (gzip)' if path.name.endswith('.gz') else ''}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return texts
 
 
@@ -103,8 +109,8 @@ def _split(docs: list[Document], fraction: float) -> tuple[list[Document], list[
 def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        manifest = loads_json(path.read_bytes())
+    except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
         raise CorpusError(f"{path} is not a readable JSON manifest (truncated or corrupt?): {reason}; "
                           f"rebuild the corpus with `blt-decode corpus build`") from None
@@ -143,7 +149,7 @@ def _read_shard(root: Path, shard: object, number: int) -> tuple[str, list[tuple
     try:
         with gzip.open(io.BytesIO(data), "rt", encoding="utf-8") as fh:
             for line_number, line in enumerate(fh, 1):
-                record = json.loads(line)
+                record = loads_json(line)
                 if not isinstance(record, dict) or not isinstance(record.get("name"), str) \
                         or not isinstance(record.get("text"), str):
                     raise CorpusError(f"{path}:{line_number}: expected an object with string 'name' and 'text'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blt_decode import tokenizer
-from blt_decode.checks import is_int, show
+from blt_decode.checks import file_kind, is_int, loads_json, show
 from blt_decode.checkpoint import load_native
 from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.errors import TrainingError
@@ -299,20 +300,32 @@ def check_run_directory(out: Path, resume: bool) -> None:
                             f"or give --out a new directory")
 
 
+#: the longest line of log.jsonl kept on resume (a step's record is a few hundred bytes)
+MAX_LOG_LINE_BYTES = 1 << 20
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop the log's records of steps after ``step`` (the checkpoint a run resumes from): those steps run
     again and are logged again, once. A torn last line (a kill while writing) goes too."""
     if not path.exists():
         return
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a device or a pipe there would be read without end
+        raise TrainingError(f"{path} is {file_kind(mode)}, not a regular file: the run's log must be a file")
     kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    path.write_text("".join(kept))
+    with path.open("rb") as fh:
+        while raw := fh.readline(MAX_LOG_LINE_BYTES + 1):
+            if len(raw) > MAX_LOG_LINE_BYTES:  # not a record this loop wrote: skip to the line's end
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(MAX_LOG_LINE_BYTES + 1)
+                continue
+            try:
+                record = loads_json(raw)
+            except ValueError:  # a torn line, or not JSON at all (nested too deeply, say): dropped as torn
+                continue
+            if isinstance(record, dict) and is_int(record.get("step")) and record["step"] <= step:
+                kept.append(raw.rstrip(b"\n") + b"\n")
+    path.write_bytes(b"".join(kept))
 
 
 def train(config: TrainConfig, *, corpus: Corpus | None = None, resume: bool = False,
@@ -366,8 +379,11 @@ def _train(config: TrainConfig, world: distributed.World, corpus: Corpus | None,
     step, extra = 0, {}
     if resume:
         _check_corpus(state_json.get("corpus"), corpus, str(source), say)
-        step, extra = int(state_json["step"]), dict(state_json["extra"])
-        torch.set_rng_state(state_tensors["rng/torch_cpu"])
+        step, extra = state_json["step"], dict(state_json["extra"])  # types checked by read_trainer_state
+        try:
+            torch.set_rng_state(state_tensors["rng/torch_cpu"])
+        except (RuntimeError, ValueError) as exc:  # bytes of the wrong length
+            raise TrainingError(f"{source}: 'rng/torch_cpu' is not a CPU random state ({str(exc).splitlines()[0]})") from None
     elif isinstance(model, BLTModel) and config.init is None and model.patcher.uses_entropy:
         # spread the calibration sample over the stream deterministically
         rng = np.random.default_rng([config.seed, 10**9])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from blt_decode.checks import loads_json
 from blt_decode.errors import TrainingError, install_hint
 from blt_decode.training.loop import LOG_FILE
 
@@ -19,9 +19,9 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TrainingError(f"{path}:{number} is not JSON") from None
+                records.append(loads_json(line))
+            except ValueError as exc:
+                raise TrainingError(f"{path}:{number} is {exc}") from None
     if not records:
         raise TrainingError(f"{path} is empty")
     return records

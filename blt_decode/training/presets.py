@@ -9,12 +9,12 @@ documented training commands still reproduce it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from blt_decode.checks import loads_json
 from blt_decode.config import BLTConfig, TransformerConfig, stack_config
 from blt_decode.errors import ConfigError, TrainingError
 
@@ -85,10 +85,18 @@ def global_share(config: BLTConfig) -> float:
     return counts.global_ / (counts.encoder + counts.global_ + counts.decoder)
 
 
+#: the largest --preset file read (a model config, or a checkpoint's config.json with its metadata: KiB)
+MAX_PRESET_BYTES = 16 << 20
+
+
 def _read_preset_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_PRESET_BYTES + 1)  # bounded: --preset /dev/zero is not read to the end
+        if len(raw) > MAX_PRESET_BYTES:
+            raise TrainingError(f"--preset {path}: larger than {MAX_PRESET_BYTES >> 20} MiB, not a model config")
+        data = loads_json(raw)
+    except (OSError, ValueError) as exc:
         raise TrainingError(f"--preset {path}: not a readable JSON file ({exc})") from None
     if not isinstance(data, dict):
         raise TrainingError(f"--preset {path}: expected a JSON object")
