@@ -77,6 +77,14 @@ class CompiledBackend:
             self._runners[model] = StaticRunner(model, compile=self.compile, progress=self._progress)
         return self._runners[model]
 
+    def cuda_graph_stats(self) -> dict[str, int]:
+        """CUDA graphs captured and replays of them, over this backend's runners (zeros off a GPU)."""
+        total = {"captures": 0, "replays": 0}
+        for runner in list(self._runners.values()):
+            for key, n in runner.cuda_graph_stats.items():
+                total[key] += n
+        return total
+
     def _progress(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)

@@ -22,6 +22,7 @@ tests run it. See docs/backends.md.
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 from typing import Callable, NamedTuple, Sequence
@@ -45,11 +46,18 @@ MIN_SPAN = 16
 #: a graph reads the cache entries up to the call's live length rounded up to a multiple of this (a
 #: symbolic size: one graph for every length, and no 0/1 specialisation)
 REACH_STEP = 16
+#: the least room of a state (so that short generations share one; a graph reads only its reach of it)
+MIN_CAPACITY = 256
+#: states a runner keeps for reuse
+KEPT_STATES = 4
 
 #: inductor settings of the graphs. Indices are clamped into range in the graphs, so no per-element
 #: bounds checks; the runner builds every input itself (fixed shapes per graph, the state's layout), so
 #: no per-call size and alignment checks of the ~60 inputs either (dynamo's guards still check them)
-COMPILE_OPTIONS = {"assert_indirect_indexing": False, "size_asserts": False, "alignment_asserts": False}
+COMPILE_OPTIONS = {"assert_indirect_indexing": False, "size_asserts": False, "alignment_asserts": False,
+                   # one-row matrix products (a batch-1 step's every projection) as fused loops instead of a
+                   # BLAS call each: measured 2.9x faster batch-1 AR on the shipped model (docs/benchmarks.md)
+                   "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 APPEND, DRAFT, DENOISE = 0, 1, 2
 _KIND = {"append": APPEND, "draft": DRAFT, "denoise": DENOISE}
@@ -378,9 +386,25 @@ class StaticRunner:
         self.cuda_graph_stats = {"captures": 0, "replays": 0}
         self._cuda_pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self._reach_buffer = torch.empty(0, dtype=torch.int8, device=model.device)
+        #: the states this runner made, least recently used first (see new_state)
+        self._states: list[StaticState] = []
 
     def new_state(self, slots: int, capacity: int) -> StaticState:
-        return StaticState(self.model, slots, capacity, self)
+        """A state of ``slots`` slots and at least ``capacity`` positions: one this runner made before and
+        nobody holds any more, if one fits, else a new one. Reusing states keeps their addresses (what a
+        captured CUDA graph replays) and saves allocating them per generation; a reused slot's leftovers
+        are never read (:meth:`DecodeSession.__init__` resets its lengths)."""
+        for state in self._states:
+            # held by nobody but this list (the loop variable and getrefcount's argument are the others)
+            if state.slots == slots and capacity <= state.capacity and sys.getrefcount(state) <= 3:
+                self._states.remove(state)
+                self._states.append(state)  # most recently used last
+                return state
+        state = StaticState(self.model, slots, max(capacity, MIN_CAPACITY), self)
+        self._states.append(state)
+        if len(self._states) > KEPT_STATES:  # forget the least recently used one (its holder keeps it alive)
+            self._states.pop(0)
+        return state
 
     @torch.no_grad()
     def warmup(self, *, max_batch: int = 1, lone: bool = True, chunks: Sequence[int] = CHUNK_BUCKETS,
@@ -400,7 +424,9 @@ class StaticRunner:
             keys += [(kind, b, t, lone) for b in rows for t in chunks for kind in ("front", "decode", "front_decode")]
             keys += [("global", p, span, lone) for p in patches for span in spans]
         keys = [k for k in keys if not getattr(self._graphs.get(k), "done", False)]
-        states = {True: self.new_state(1, 1), False: self.new_state(2, 1)}
+        # the states the sessions and an engine of max_batch slots will take next (new_state reuses them):
+        # on a CUDA device the warm-up's captures are theirs
+        states = {True: self.new_state(1, 1), False: self.new_state(max(2, max_batch), 1)}
         for done, key in enumerate(keys):
             if progress is not None:
                 progress(done, len(keys), " ".join(map(str, key)))
