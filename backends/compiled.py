@@ -1,21 +1,11 @@
-"""The compiled backend: the four transformer stacks' chunk calls run through ``torch.compile``.
+"""The compiled backend: every batch of primitive calls runs as a few compiled fixed-shape graphs.
 
-What is compiled is exactly what a decode step spends its time in: the entropy-model, encoder, global
-and decoder stacks over a chunk of positions against their KV caches (a decoder step, a draft step, the
-encoder/patch step, the global step, a verification pass). The session's Python logic (patch
-decisions, rollback, strategy loops) stays eager and is shared with the eager backend.
-
-Shapes. Stacks are compiled with ``dynamic=True``: the chunk length and the cache length are symbolic,
-so a generation of a new length reuses the graphs compiled during warm-up. torch.compile specialises
-sizes 0 and 1, so each stack gets two graphs, one for single-position steps and one for chunks (prefill,
-verification); with the decoder's block layout (``mask``/``positions``, BLT-D) a third. The KV caches
-are the session's preallocated buffers, written in place.
-
-CUDA. On a CUDA device the stacks compile with ``mode="reduce-overhead"`` (CUDA graphs). The compiled
-region has no host synchronisation: entropies are copied to the host (``tolist``) by the session, outside
-the compiled stacks. Graph-owned outputs are copied out (``clone``) before the next call can reuse them.
-
-No silent fallback: a compilation error propagates (``torch._dynamo.config.suppress_errors`` stays off).
+The runner is :class:`~blt_decode.static_runner.StaticRunner`: device-resident bookkeeping, one graph per
+call kind and shape bucket, compiled with ``torch.compile(fullgraph=True)`` (inductor's C++ kernels on a
+CPU; on a CUDA device each graph is also captured as a CUDA graph and replayed). Graphs compile on first
+use or in :meth:`CompiledBackend.warmup`; inductor keeps what it built in its on-disk cache, so a second
+process warms up much faster. ``static`` is an alias (the name of this runner's first backend). See
+docs/backends.md.
 """
 
 from __future__ import annotations
@@ -30,8 +20,8 @@ import torch
 
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
-from blt_decode.runner import EagerRunner, StackRunners
 from blt_decode.session import DecodeSession
+from blt_decode.static_runner import StaticRunner
 
 
 def compiled_graph_count() -> int:
@@ -63,73 +53,69 @@ def compilations_reported(report: Callable[[int, float], None]) -> Iterator[None
         handler.remove_end_callback(end)
 
 
-def _copy_out(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    # CUDA graphs own their output buffers and overwrite them on the next replay
-    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return fn(*args, **kwargs).clone()
-
-    return run
-
-
 class CompiledBackend:
     name = "compiled"
-    description = "torch.compile'd stack calls (dynamic shapes, no per-length recompiles; CUDA graphs on GPU)"
+    #: the name this backend had when two compiled backends existed (issue 34 merged them)
+    aliases = ("static",)
+    description = ("fixed-shape decode steps over device-resident state, compiled whole with torch.compile "
+                   "(CUDA graphs on a GPU); fastest after a warm-up ('static' is an alias)")
 
-    def __init__(self) -> None:
-        self._runners: "weakref.WeakKeyDictionary[BLTModel, StackRunners]" = weakref.WeakKeyDictionary()
+    def __init__(self, *, compile: bool = True, name: str | None = None, progress: Callable[[str], None] | None = None):
+        self.compile = compile
+        if name is not None:
+            self.name = name
+            self.aliases = ()
+        #: told of every graph compiled (the CLI prints to stderr); None: silent
+        self.progress = progress
+        self._runners: "weakref.WeakKeyDictionary[BLTModel, StaticRunner]" = weakref.WeakKeyDictionary()
 
-    def runners(self, model: BLTModel) -> StackRunners:
-        """Compiled callables for ``model``'s stacks, made once per model (compilation itself is lazy)."""
-        if model not in self._runners:
-            cuda = model.device.type == "cuda"
-            mode = "reduce-overhead" if cuda else None
-
-            def compile_stack(module: torch.nn.Module | None) -> Callable[..., torch.Tensor] | None:
-                if module is None:
-                    return None
-                compiled = torch.compile(module, dynamic=True, mode=mode)
-                return _copy_out(compiled) if cuda else compiled
-
-            self._runners[model] = StackRunners(
-                entropy=compile_stack(model.entropy_model),
-                encoder=compile_stack(model.local_encoder),
-                global_=compile_stack(model.global_transformer),
-                decoder=compile_stack(model.local_decoder),
-            )
+    def runner(self, model: BLTModel) -> StaticRunner:
+        """The model's runner, made once per model (its graphs compile on first use; a model moved to
+        another dtype or device gets a new one)."""
+        runner = self._runners.get(model)
+        if runner is None or runner.made_for != (model.dtype, model.device):
+            self._runners[model] = StaticRunner(model, compile=self.compile, progress=self._progress)
         return self._runners[model]
 
-    def runner(self, model: BLTModel) -> EagerRunner:
-        """The eager runner's logic over the compiled stacks (any batch size)."""
-        return EagerRunner(model, self.runners(model))
+    def cuda_graph_stats(self) -> dict[str, int]:
+        """CUDA graphs captured and replays of them, over this backend's runners (zeros off a GPU)."""
+        total = {"captures": 0, "replays": 0}
+        for runner in list(self._runners.values()):
+            for key, n in runner.cuda_graph_stats.items():
+                total[key] += n
+        return total
+
+    def _progress(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
 
     def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
         return DecodeSession(model, capacity, self.runner(model))
 
-    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = ("autoregressive", "blt-s"), *,
-               rows: tuple[int, ...] = (1,), progress: bool = False) -> float:
-        """Compile every graph a generation needs (single-position steps and chunks) before timing
-        starts; returns the seconds it took. Report it apart from decoding speed. With ``progress``, a
-        bar on stderr counts the graphs compiled (each strategy's warm-up generation compiles a few).
-        (``rows`` is the static backend's: dynamic shapes serve every batch size here.)"""
+    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = (), *, rows: tuple[int, ...] = (1,),
+               progress: bool = False) -> float:
+        """Compile the graphs of batches of up to ``max(rows)`` requests (every row bucket up to it, every
+        chunk bucket, the global buckets: :meth:`~blt_decode.static_runner.StaticRunner.warmup`) before
+        timing starts, and the lone sessions' graphs if ``rows`` holds 1 (``generate``, and an engine of
+        one slot, run those); with ``progress``, a bar on stderr. Returns the seconds it took (report it
+        apart from decoding speed; a second process takes far less, from inductor's on-disk cache).
+        ``strategies`` is accepted and unused: every strategy runs on the same graphs."""
         from tqdm import tqdm
 
-        from blt_decode.api import generate
-
         start = time.perf_counter()
-        bar = tqdm(desc="compiling stacks", unit=" graphs", disable=not progress, leave=False, file=sys.stderr)
+        bar = tqdm(desc="compiling step graphs", unit="graph", disable=not progress, leave=False, file=sys.stderr)
 
-        def compiled(n: int, seconds: float) -> None:
-            bar.update()
-            bar.set_postfix_str(f"last {seconds:.1f} s")
+        def step(done: int, total: int, name: str) -> None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(name)
+            bar.refresh()
 
-        with compilations_reported(compiled):
-            for strategy in strategies:
-                bar.set_description(f"compiling stacks ({strategy})")
-                generate(model, "warm-up prompt", strategy=strategy, backend=self.name, max_new_bytes=12)
+        self.runner(model).warmup(max_batch=max(rows), lone=1 in rows, progress=step)
         bar.close()
         return time.perf_counter() - start
 
 
 @hookimpl
 def register_backends(register):
-    register(CompiledBackend())
+    register(CompiledBackend(progress=None))

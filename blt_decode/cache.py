@@ -95,7 +95,7 @@ class GridLayout(NamedTuple):
     slots: torch.Tensor
     positions: torch.Tensor
     #: [B] slot each row reads, and [B, K] the cache positions it reads (in range; masked where not real);
-    #: both None: row b reads slot b's whole cache, as a view (a lone sequence: nothing is gathered)
+    #: both None: row b reads slot b's first K entries, as a view (a lone sequence: nothing is gathered)
     read_slots: torch.Tensor | None
     read_positions: torch.Tensor | None
     #: [B, 1, T, K] additive attention mask in the model's dtype (0 or -inf)
@@ -114,8 +114,9 @@ class GridLayout(NamedTuple):
         cache.keys[at] = k
         cache.values[at] = v
         b, t = self.mask.shape[0], self.mask.shape[2]
-        if self.read_slots is None:  # [B, kv_heads, room, head_dim] views
-            keys, values = cache.keys[layer, :b], cache.values[layer, :b]
+        if self.read_slots is None:  # [B, kv_heads, K, head_dim] views of the first K entries
+            k_len = self.mask.shape[-1]
+            keys, values = cache.keys[layer, :b, :, :k_len], cache.values[layer, :b, :, :k_len]
         else:  # [B, kv_heads, K, head_dim], gathered
             where = (self.read_slots[:, None], slice(None), self.read_positions)
             keys, values = cache.keys[layer][where].transpose(1, 2), cache.values[layer][where].transpose(1, 2)

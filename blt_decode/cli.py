@@ -88,20 +88,16 @@ def _compile_note(backend: str, *, each_graph: bool = True) -> None:
     def say(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
-    if backend == "compiled":
-        say("compiling the model's stacks with torch.compile; the first generation is slow (25-150 s on a CPU), "
-            "later ones are not")
-        if each_graph:
-            from blt_decode.backends.compiled import compilations_reported
-
-            _PROCESS_SCOPE.enter_context(compilations_reported(lambda n, seconds: say(f"compiled graph {n} in {seconds:.1f} s")))
-    elif backend == "static":
-        say("the static backend compiles each step graph on first use (seconds each on a CPU; inductor's "
-            "on-disk cache makes the next process much faster)")
-        if each_graph:
-            static = plugins.get_backend("static")
-            static.progress = say
-            _PROCESS_SCOPE.callback(setattr, static, "progress", None)
+    if plugins.get_backend(backend).name != "compiled":
+        return
+    if backend != "compiled":
+        say(f"backend {backend!r} is an alias of 'compiled'")
+    say("the compiled backend compiles each step graph on first use (seconds each on a CPU; inductor's "
+        "on-disk cache makes the next process much faster)")
+    if each_graph:
+        compiled = plugins.get_backend("compiled")
+        compiled.progress = say
+        _PROCESS_SCOPE.callback(setattr, compiled, "progress", None)
 
 
 #: what lives as long as one command (the compile reports of _compile_note); main() closes it, so a
@@ -346,7 +342,9 @@ def _add_backends_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     registered = plugins.backends()
-    _print_table([(name, registered[name].description) for name in plugins.backend_names()])
+    rows = [(name, registered[name].description) for name in plugins.backend_names()]
+    rows += [(alias, f"alias of {backend.name}") for alias, backend in sorted(registered.items()) if alias != backend.name]
+    _print_table(rows)
     return 0
 
 
@@ -535,9 +533,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
     specs = bench.parse_strategies(args.strategies)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for name in ("compiled", "static"):
-        if name in backends:
-            _compile_note(name, each_graph=False)  # the warm-ups show bars
+    for name in backends:
+        _compile_note(name, each_graph=False)  # the warm-ups show bars
     result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
                              threads=args.threads or 1, compare_hf=args.compare_hf, prompt_set=prompt_set,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,

@@ -31,6 +31,7 @@ def register_backends(register):
 
     Call ``register(backend)`` once per backend object: an object satisfying
     :class:`blt_decode.protocol.Backend` (the contract), whose sessions run the model its way (eager,
-    compiled, static, ...), optionally with ``runner(model)`` for the batched engine. Duplicate names raise :class:`~blt_decode.errors.DuplicateNameError` naming both
+    compiled, ...), optionally with ``runner(model)`` for the batched engine and ``aliases`` (other names
+    it answers to). Duplicate names raise :class:`~blt_decode.errors.DuplicateNameError` naming both
     plugins.
     """

@@ -26,7 +26,6 @@ DEFAULT_PLUGINS = (
     "blt_decode.strategies.blt_dv",
     "blt_decode.backends.eager",
     "blt_decode.backends.compiled",
-    "blt_decode.backends.static",
 )
 
 _pm: pluggy.PluginManager | None = None
@@ -138,7 +137,8 @@ def strategy_names() -> list[str]:
 
 
 def backend_names() -> list[str]:
-    return sorted(backends())
+    """Canonical names of the registered backends (aliases left out)."""
+    return sorted({b.name for b in backends().values()})
 
 
 def get_strategy(name: str) -> Any:
@@ -152,4 +152,4 @@ def get_backend(name: str) -> Any:
     try:
         return backends()[name]
     except KeyError:
-        raise UnknownBackendError(name, backend_names()) from None
+        raise UnknownBackendError(name, sorted(backends())) from None
