@@ -24,7 +24,7 @@ import attrs
 import torch
 from hypothesis import strategies as st
 
-from blt_decode.api import Generation, generate, random_model
+from blt_decode.api import Generation, generate, generate_many, random_model
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.model import BLTModel
 from blt_decode.request import Request
@@ -163,6 +163,33 @@ def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *,
             if a != b:
                 raise AssertionError(f"{where}: batched {name} = {a!r}, alone {name} = {b!r}")
     return batched
+
+
+def tie_flips(reference: tuple[BLTModel, str], candidate: tuple[BLTModel, str], prompts: Sequence[bytes | str],
+              settings: Sequence[StrategySpec], *, max_new_bytes: int = 64, batch_size: int = 4) -> tuple[int, int, list[str]]:
+    """How often ``candidate`` (a model and a backend: another device, dtype or backend) picks other bytes
+    than ``reference`` at near-ties: every prompt under every (strategy, options) setting, decoded by the
+    reference alone and by the candidate alone and batched. Returns (generations that differ, generations,
+    where they differ); a generation that agrees must have made the same forward passes (asserted)."""
+    (ref_model, ref_backend), (model, backend) = reference, candidate
+    differ, total, where = 0, 0, []
+    for setting in settings:
+        strategy, options = _spec(setting)
+        ref = [generate(ref_model, p, strategy=strategy, backend=ref_backend, max_new_bytes=max_new_bytes, **options)
+               for p in prompts]
+        alone = [generate(model, p, strategy=strategy, backend=backend, max_new_bytes=max_new_bytes, **options)
+                 for p in prompts]
+        batched = generate_many(model, list(prompts), strategy=strategy, backend=backend, batch_size=batch_size,
+                                max_new_bytes=max_new_bytes, **options)
+        for r, a, b, p in zip(ref, alone, batched, prompts):
+            for mode, g in (("alone", a), ("batched", b)):
+                total += 1
+                if g.output != r.output:
+                    differ += 1
+                    where.append(f"{strategy} {options} {mode} on {p[:20]!r}")
+                else:
+                    assert g.stats.passes == r.stats.passes, (strategy, options, mode)
+    return differ, total, where
 
 
 def config_summary(model: BLTModel) -> str:

@@ -253,20 +253,7 @@ def test_default_model_float32_tie_flips_are_reported():
     prompts = [p.prompt for p in load("heldout", 4)]
     settings = [("autoregressive", {}), ("blt-s", {"k": 8}), ("blt-s", {"k": "auto"}), ("blt-d", {"block_size": 8}),
                 ("blt-dv", {"block_size": 8})]
-    differ, total, where = 0, 0, []
-    for strategy, options in settings:
-        eager = [bd.generate(model, p, strategy=strategy, max_new_bytes=64, **options) for p in prompts]
-        alone = [bd.generate(model, p, strategy=strategy, backend="compiled", max_new_bytes=64, **options) for p in prompts]
-        batched = bd.generate_many(model, prompts, strategy=strategy, backend="compiled", batch_size=4, max_new_bytes=64,
-                                   **options)
-        for e, a, b, p in zip(eager, alone, batched, prompts):
-            for mode, g in (("alone", a), ("batched", b)):
-                total += 1
-                if g.output != e.output:
-                    differ += 1
-                    where.append(f"{strategy} {options} {mode} on {p[:20]!r}")
-                else:
-                    assert g.stats.passes == e.stats.passes, (strategy, options, mode)
+    differ, total, where = testing.tie_flips((model, "eager"), (model, "compiled"), prompts, settings)
     print(f"float32 tie flips on the default model: {differ} of {total} generations differ from eager {where}")
     assert differ * 8 <= total, where
 

@@ -102,19 +102,7 @@ def test_eager_cuda_tie_flips_against_eager_cpu_on_the_default_model(record_prop
     gpu = bd.load_model("default", device="cuda")
     prompts = [p.prompt for p in load("heldout-code", 4)]
     settings = [("autoregressive", {}), ("blt-s", {"k": 8}), ("blt-d", {"block_size": 8}), ("blt-dv", {"block_size": 8})]
-    differ, total, where = 0, 0, []
-    for strategy, options in settings:
-        ref = [bd.generate(cpu, p, strategy=strategy, max_new_bytes=64, **options) for p in prompts]
-        alone = [bd.generate(gpu, p, strategy=strategy, max_new_bytes=64, **options) for p in prompts]
-        batched = bd.generate_many(gpu, prompts, strategy=strategy, batch_size=4, max_new_bytes=64, **options)
-        for r, a, b, p in zip(ref, alone, batched, prompts):
-            for mode, g in (("alone", a), ("batched", b)):
-                total += 1
-                if g.output != r.output:
-                    differ += 1
-                    where.append(f"{strategy} {options} {mode} on {p[:20]!r}")
-                else:
-                    assert g.stats.passes == r.stats.passes, (strategy, options, mode)
+    differ, total, where = testing.tie_flips((cpu, "eager"), (gpu, "eager"), prompts, settings)
     record_property("tie_flips", f"{differ} of {total}")
     print(f"eager CUDA vs eager CPU, float32, default model: {differ} of {total} generations differ {where}")
     assert differ <= TIE_FLIP_BOUND * total, where
