@@ -92,7 +92,7 @@ def _compile_note(backend: str, *, each_graph: bool = True) -> None:
         return
     if backend != "compiled":
         say(f"backend {backend!r} is an alias of 'compiled'")
-    say("the compiled backend compiles each step graph on first use (seconds each on a CPU; inductor's "
+    say("compiled backend: compiling each step graph on first use (seconds each on a CPU; inductor's "
         "on-disk cache makes the next process much faster)")
     if each_graph:
         compiled = plugins.get_backend("compiled")
