@@ -56,7 +56,8 @@ KEPT_STATES = 4
 #: no per-call size and alignment checks of the ~60 inputs either (dynamo's guards still check them)
 COMPILE_OPTIONS = {"assert_indirect_indexing": False, "size_asserts": False, "alignment_asserts": False,
                    # one-row matrix products (a batch-1 step's every projection) as fused loops instead of a
-                   # BLAS call each: measured 2.9x faster batch-1 AR on the shipped model (docs/benchmarks.md)
+                   # BLAS call each (batch-1 AR on the shipped model, an A/B in one process on a busy
+                   # machine: median 187 against 64 bytes/s; docs/benchmarks.md)
                    "post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 APPEND, DRAFT, DENOISE = 0, 1, 2
