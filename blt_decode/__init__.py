@@ -22,6 +22,7 @@ from blt_decode.errors import (
     JobError,
     MissingExtraError,
     NonFiniteError,
+    PluginError,
     PromptSetError,
     PromptTooLongError,
     StrategyError,
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLTConfig", "BLTDecodeError", "BLTModel", "CancelledError", "CheckpointError", "ConfigError", "CorpusError",
-    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "Engine", "EngineError", "EngineStats",
+    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "Engine", "EngineError", "EngineStats",
     "EngineStream", "ForwardPasses", "Generation", "InvalidOptionsError", "InvalidRequestError", "JobError",
     "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stream",
     "StrategyError", "TrainingError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",

@@ -52,6 +52,11 @@ class DuplicateNameError(BLTDecodeError, ValueError):
     """Two plugins registered the same strategy or backend name."""
 
 
+class PluginError(BLTDecodeError, ValueError):
+    """A plugin marks a function as a hook implementation that no hookspec declares (a misspelled hook
+    would otherwise register nothing, silently)."""
+
+
 class InvalidOptionsError(BLTDecodeError, ValueError):
     """Options given to a strategy are unknown or out of range."""
 

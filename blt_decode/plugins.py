@@ -11,6 +11,7 @@ import pluggy
 from blt_decode import hookspecs
 from blt_decode.errors import (
     DuplicateNameError,
+    PluginError,
     UnknownBackendError,
     UnknownStrategyError,
 )
@@ -41,8 +42,20 @@ def get_plugin_manager() -> pluggy.PluginManager:
         for module_name in DEFAULT_PLUGINS:
             pm.register(importlib.import_module(module_name), name=module_name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _check_pending(pm)
         _pm = pm
     return _pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """Refuse hook implementations no hookspec declares (pluggy's ``check_pending``, said as one line
+    naming the plugin, the hook and the hooks that exist)."""
+    known = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "blt_decode_spec"))
+    for name, caller in sorted(vars(pm.hook).items()):
+        if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
+            plugins = ", ".join(repr(pm.get_name(impl.plugin)) for impl in caller.get_hookimpls())
+            raise PluginError(f"plugin {plugins} implements hook {name!r}, which blt-decode does not declare; "
+                              f"the hooks are: {', '.join(known)} (docs/plugins.md)")
 
 
 def reset() -> None:

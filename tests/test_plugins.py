@@ -12,7 +12,7 @@ import pytest
 
 import blt_decode as bd
 from blt_decode import hookspecs, plugins
-from blt_decode.errors import DuplicateNameError, InvalidOptionsError, UnknownBackendError, UnknownStrategyError
+from blt_decode.errors import DuplicateNameError, InvalidOptionsError, PluginError, UnknownBackendError, UnknownStrategyError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -141,6 +141,19 @@ def test_third_party_strategy_from_the_cli(third_party_plugin):
     assert out.stdout == "hiCCC\n"
     listing = subprocess.run([sys.executable, "-c", code, "strategies"], capture_output=True, text=True, check=True)
     assert "repeat" in listing.stdout and "emits one byte" in listing.stdout
+
+
+def test_a_misspelled_hook_is_refused_with_one_clear_error(tmp_path, installed_plugin):
+    """pluggy registers a hookimpl no hookspec declares without a word; the registry refuses it, naming
+    the plugin, the hook and the hooks that exist, from Python and from the CLI (exit 2, one line)."""
+    (tmp_path / "blt_typo_plugin.py").write_text(PLUGIN_SOURCE.replace("def register_strategies", "def register_strategy"))
+    installed_plugin("blt-typo-plugin", "typo", "blt_typo_plugin")
+    with pytest.raises(PluginError, match=r"plugin 'typo' implements hook 'register_strategy'.*register_backends, register_strategies"):
+        bd.strategy_names()
+    code = "import sys; sys.path.insert(0, %r); from blt_decode.cli import main; sys.exit(main(sys.argv[1:]))" % str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code, "strategies"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "register_strategy'" in out.stderr
 
 
 def test_layout_installs_no_generic_top_level_packages(tmp_path):
