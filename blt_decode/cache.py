@@ -86,18 +86,19 @@ class RowLayout(NamedTuple):
 class GridLayout(NamedTuple):
     """A fixed-shape layout of one stack call (the static runner's): B rows of T positions each, packed
     as N = B * T positions (padding included; padding is computed, written to scratch room and never
-    read), each row reading K chosen entries of its slot's cache.
+    read), each row reading the K entries from ``read_start`` of its slot's cache.
 
-    Every size here is fixed by the call's shape bucket, never by the data, so a compiled step has static
-    shapes; which entries a row reads, and the mask, are tensors computed on the device."""
+    Every size here is fixed by the call's shape bucket or symbolic (K and ``read_start``, one compiled
+    graph for all of them), never read from the data; the mask is a tensor computed on the device."""
 
     #: [N] cache slot and [N] position of each packed position (its rotary position and where its keys go)
     slots: torch.Tensor
     positions: torch.Tensor
-    #: [B] slot each row reads, and [B, K] the cache positions it reads (in range; masked where not real);
-    #: both None: row b reads slot b's first K entries, as a view (a lone sequence: nothing is gathered)
+    #: [B] slot each row reads; None: row b reads slot b (a lone sequence: its cache is read as a view)
     read_slots: torch.Tensor | None
-    read_positions: torch.Tensor | None
+    #: the first cache position every row reads (K = the mask's last size from there): one range for all
+    #: rows, so a row's entries are read contiguously (a per-row gather of positions runs ~6x slower)
+    read_start: int
     #: [B, 1, T, K] additive attention mask in the model's dtype (0 or -inf)
     mask: torch.Tensor
 
@@ -114,12 +115,11 @@ class GridLayout(NamedTuple):
         cache.keys[at] = k
         cache.values[at] = v
         b, t = self.mask.shape[0], self.mask.shape[2]
-        if self.read_slots is None:  # [B, kv_heads, K, head_dim] views of the first K entries
-            k_len = self.mask.shape[-1]
-            keys, values = cache.keys[layer, :b, :, :k_len], cache.values[layer, :b, :, :k_len]
-        else:  # [B, kv_heads, K, head_dim], gathered
-            where = (self.read_slots[:, None], slice(None), self.read_positions)
-            keys, values = cache.keys[layer][where].transpose(1, 2), cache.values[layer][where].transpose(1, 2)
+        read = slice(self.read_start, self.read_start + self.mask.shape[-1])
+        if self.read_slots is None:  # [B, kv_heads, K, head_dim] views
+            keys, values = cache.keys[layer, :b, :, read], cache.values[layer, :b, :, read]
+        else:  # [B, kv_heads, K, head_dim]: whole slots picked, a compiler fuses the pick into the reads
+            keys, values = cache.keys[layer][self.read_slots][:, :, read], cache.values[layer][self.read_slots][:, :, read]
         if t == 1:
             return _attend_one(q, keys, values, self.mask.view(b, -1))
         keys, values = repeat_kv(keys, values)

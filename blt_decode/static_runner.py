@@ -82,6 +82,20 @@ def doubling(n: int, least: int, factor: int = 2) -> int:
     return size
 
 
+class Reach(NamedTuple):
+    """The cache range ``[start, end)`` a graph's rows read, as the lengths of two marker tensors (one
+    graph serves every range: the lengths are symbolic sizes). Both are multiples of
+    :data:`REACH_STEP`; ``start`` is stored as the length ``start + REACH_STEP``, so that no length is 0
+    or 1 (sizes torch.compile would specialise on)."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def _bounds(reach: Reach) -> tuple[int, int]:
+    return reach.start.shape[0] - REACH_STEP, reach.end.shape[0]
+
+
 class KV(NamedTuple):
     """One stack's cache buffers, as a graph sees them."""
 
@@ -191,31 +205,24 @@ def _chunk(buf: Buffers, desc: torch.Tensor, t: int) -> _Chunk:
     return _Chunk(slot, kind, count, start, positions, valid, write_slots, write_positions)
 
 
-def _layout(chunk: _Chunk, window: int | None, room: int, reach: int, dtype: torch.dtype, lone: bool,
+def _layout(chunk: _Chunk, window: int | None, room: int, reach: Reach, dtype: torch.dtype, lone: bool,
             bidirectional: bool = False) -> GridLayout:
-    """The layout of a stack over a chunk's rows, reading ``reach`` entries: the host's bound on the
-    positions any row of the call can see (its live length, rounded up; a symbolic size in the compiled
-    graphs, so one graph serves every length). ``lone``: one sequence in slot 0, which reads its first
-    ``reach`` entries as a view. Otherwise a row gathers the ``min(reach, window + T - 1)`` entries ending
-    at its chunk's last position: all it can attend to, whatever the data."""
-    t = chunk.positions.shape[1]
-    if lone:
-        read = torch.arange(reach, device=chunk.start.device)[None, :]
-    else:
-        # sym_min, not min: a comparison of the symbolic reach would guard (and recompile) on it
-        width = reach if window is None else torch.sym_min(reach, window + t - 1)
-        read = chunk.start[:, None] + t - width + torch.arange(width, device=chunk.start.device)  # [B, K]
+    """The layout of a stack over a chunk's rows, every row reading the cache entries in ``reach``: the
+    host's bounds on the positions any row of the call can see (from the earliest any row's window
+    reaches to its live length, rounded out; symbolic sizes in the compiled graphs, so one graph serves
+    every length). ``lone``: one sequence in slot 0, read as a view. Otherwise every row reads the range
+    of its own slot, masked to what it may attend to."""
+    start, end = _bounds(reach)
+    read = start + torch.arange(end - start, device=chunk.start.device)[None, :]  # [1, K]
     q, j = chunk.positions[:, :, None], read[:, None, :]
-    allowed = (j >= 0) & (j < room) & (j <= q)
+    allowed = (j < room) & (j <= q)
     if window is not None:
         allowed &= (q - j) < window
     if bidirectional:  # a denoised block sees all of itself, whatever the window
         block = (j >= chunk.start[:, None, None]) & (j < (chunk.start + chunk.count)[:, None, None])
         allowed |= (chunk.kind == DENOISE)[:, None, None] & block & (j < room)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-    if lone:
-        return GridLayout(chunk.write_slots, chunk.write_positions, None, None, mask[:, None])
-    return GridLayout(chunk.write_slots, chunk.write_positions, chunk.slot, read.clamp(0, room - 1), mask[:, None])
+    return GridLayout(chunk.write_slots, chunk.write_positions, None if lone else chunk.slot, start, mask[:, None])
 
 
 def _close_flags(model: BLTModel, buf: Buffers, chunk: _Chunk, entropies: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +247,7 @@ def _close_flags(model: BLTModel, buf: Buffers, chunk: _Chunk, entropies: torch.
     return torch.stack(out, 1) & live
 
 
-def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, t: int, lone: bool,
+def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, t: int, lone: bool,
            decide: bool = True) -> torch.Tensor:
     """Appended and drafted ids: write them, embed them, run the entropy model (when ``decide``) and the
     encoder, store entropies and byte states, and decide patch closes, updating the device's patch
@@ -252,14 +259,14 @@ def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tenso
     buf.ids[slots, positions] = ids.reshape(-1)
     cfg, dtype = model.config, model.dtype
     states = model.local_encoder(model.embed_at(buf.ids, slots, positions),
-                                 _layout(chunk, cfg.encoder.sliding_window, room, reach.shape[0], dtype, lone), buf.encoder_kv)
+                                 _layout(chunk, cfg.encoder.sliding_window, room, reach, dtype, lone), buf.encoder_kv)
     buf.byte_states[slots, positions] = states
     if not decide:
         return torch.zeros(0, dtype=torch.int8, device=desc.device)
     entropies = None
     finite = torch.ones_like(chunk.valid)
     if model.entropy_model is not None and model.patcher.uses_entropy:
-        layout = _layout(chunk, cfg.entropy_model.sliding_window, room, reach.shape[0], dtype, lone)
+        layout = _layout(chunk, cfg.entropy_model.sliding_window, room, reach, dtype, lone)
         entropies = entropy_of_logits(model.entropy_model(ids.reshape(-1), layout, buf.entropy_kv)).view(ids.shape)
         buf.entropies[slots, positions] = entropies.reshape(-1)
         finite = torch.isfinite(entropies)
@@ -277,7 +284,7 @@ def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tenso
     return torch.cat([flags, ok[:, None]], 1).to(torch.int8)
 
 
-def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, t: int,
+def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, t: int,
             lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder over every row (appended, drafted, denoised), then the rows' lengths advanced where the
     chunk is the call's last. Returns logits [B, T, vocab] and [B, 3] bool: inputs, latents, logits finite."""
@@ -294,7 +301,7 @@ def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tens
     aligned = buf.patch_id[chunk.slot[:, None], (chunk.positions + 1).clamp_max(room)] - 1
     latent_index = torch.where((chunk.kind == APPEND)[:, None], aligned, last_closed[:, None]).clamp_min(0)
     latents = buf.latents[chunk.slot[:, None].expand(-1, t).reshape(-1), latent_index.reshape(-1)]
-    layout = _layout(chunk, model.config.decoder.sliding_window, room, reach.shape[0], model.dtype, lone, bidirectional=True)
+    layout = _layout(chunk, model.config.decoder.sliding_window, room, reach, model.dtype, lone, bidirectional=True)
     logits = model.local_decoder(x, latents, layout, buf.decoder_kv)
     buf.logits[slots, positions] = logits
     # lengths: an append commits its chunk, a draft adds to the drafts; appends and blocks drop drafts
@@ -310,14 +317,14 @@ def _decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tens
     return logits.view(-1, t, logits.shape[-1]), torch.stack([finite(x), finite(latents), finite(logits)], 1)
 
 
-def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, t: int,
+def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, t: int,
                   lone: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch without appends: drafts' encoder pass and every row's decoder pass in one graph."""
     _front(model, buf, desc, reach, t, lone, decide=False)
     return _decode(model, buf, desc, reach, t, lone)
 
 
-def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, patches: int, span: int,
+def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, patches: int, span: int,
             lone: bool) -> None:
     """Patch summaries and the global model for closed patches; the latents go to the state.
 
@@ -343,7 +350,7 @@ def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tens
     where = end[:, None] - span + torch.arange(span, device=desc.device)
     inside = (where >= start[:, None]) & (where >= 0)
     vectors = model.local_encoder.summarize(buf.byte_states[slots[:, None], where.clamp(0, room - 1)], inside)
-    layout = _layout(chunk, model.config.global_.sliding_window, room, reach.shape[0], model.dtype, lone)
+    layout = _layout(chunk, model.config.global_.sliding_window, room, reach, model.dtype, lone)
     buf.latents[chunk.write_slots, chunk.write_positions] = model.global_transformer(vectors, layout, buf.global_kv)
 
 
@@ -386,7 +393,11 @@ class StaticRunner:
         #: on a CUDA device: step graphs captured as CUDA graphs, and replays of them
         self.cuda_graph_stats = {"captures": 0, "replays": 0}
         self._cuda_pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
-        self._reach_buffer = torch.empty(0, dtype=torch.int8, device=model.device)
+        self._reach_buffers = (torch.empty(0, dtype=torch.int8, device=model.device),) * 2
+        #: a call reads back this far before its earliest row: the longest local window (None: no limit)
+        windows = [c.sliding_window for c in (model.config.encoder, model.config.decoder, model.config.entropy_model)
+                   if c is not None]
+        self._lookback = None if None in windows else max(windows) - 1
         #: the states this runner made, least recently used first (see new_state)
         self._states: list[StaticState] = []
 
@@ -434,7 +445,7 @@ class StaticRunner:
             kind, size, length, lone = key
             state = states[lone]
             scratch = 0 if lone else state.scratch  # a lone graph's row is slot 0's: it must be the real slot
-            reach = self._reach(state, 2 * REACH_STEP)  # any reach: the graphs' reach is symbolic
+            reach = self._reach(state, 0, 2 * REACH_STEP)  # any reach: the graphs' reach is symbolic
             if kind == "global":
                 rows = [[scratch, 0, 0]] if lone else [[state.scratch, 0]] * size
                 self.graph(*key)(self.model, state.buffers, torch.tensor(rows, device=self.model.device), reach, size,
@@ -465,15 +476,19 @@ class StaticRunner:
             self._graphs[key] = fn
         return fn
 
-    def _reach(self, state: StaticState, end: int) -> torch.Tensor:
-        """The ``reach`` argument of a graph whose rows see positions below ``end``: a view of
-        ``end`` rounded up to :data:`REACH_STEP` (at most the state's room) entries, marked dynamic."""
-        k = min(state.room, -(-max(end, 1) // REACH_STEP) * REACH_STEP)
-        if self._reach_buffer.shape[0] < state.room:
-            self._reach_buffer = torch.empty(state.room, dtype=torch.int8, device=self.model.device)
-        view = self._reach_buffer[:k]
-        torch._dynamo.maybe_mark_dynamic(view, 0)
-        return view
+    def _reach(self, state: StaticState, start: int, end: int) -> Reach:
+        """The ``reach`` argument of a graph whose rows see positions in ``[start, end)``: views of two
+        marker buffers, ``start`` rounded down and ``end`` up to :data:`REACH_STEP` (at most the
+        state's room), marked dynamic."""
+        end = min(state.room, -(-max(end, 1) // REACH_STEP) * REACH_STEP)
+        start = min(max(start, 0) // REACH_STEP * REACH_STEP, end - REACH_STEP)
+        if self._reach_buffers[0].shape[0] < state.room + REACH_STEP:
+            self._reach_buffers = tuple(torch.empty(state.room + REACH_STEP, dtype=torch.int8, device=self.model.device)
+                                        for _ in range(2))
+        views = Reach(self._reach_buffers[0][: start + REACH_STEP], self._reach_buffers[1][:end])
+        for view in views:
+            torch._dynamo.maybe_mark_dynamic(view, 0)
+        return views
 
     def _read(self, tensor: torch.Tensor) -> list:
         """The runner's every host read goes through here (counted in :attr:`syncs`)."""
@@ -575,13 +590,15 @@ class StaticRunner:
             else:
                 desc = [[slot, i] for slot, i in part] + [[state.scratch, 0]] * (size - len(part))
             # the global cache holds one entry per patch: a step reads the live patches only
-            reach = self._reach(state, max(i for _, i in part) + 1)
+            reach = self._reach(state, 0, max(i for _, i in part) + 1)
             self.graph("global", size, span, lone)(self.model, state.buffers, torch.tensor(desc, device=self.model.device),
                                                    reach, size, span, lone)
 
     def _reach_of(self, state: StaticState, pieces: list["_Piece"], t: int) -> torch.Tensor:
-        """The reach of a graph over ``pieces`` padded to ``t`` positions: past every row's padded chunk."""
-        return self._reach(state, max(p.row.start + p.offset for p in pieces) + t)
+        """The reach of a graph over ``pieces`` padded to ``t`` positions: from the earliest position a row's
+        window sees to past every row's padded chunk."""
+        first = 0 if self._lookback is None else min(p.row.start + p.offset for p in pieces) - self._lookback
+        return self._reach(state, first, max(p.row.start + p.offset for p in pieces) + t)
 
     def _descriptor(self, state: StaticState, items: Items, pieces: list["_Piece"], t: int) -> torch.Tensor:
         size = bucket(len(pieces), ROW_BUCKETS)
@@ -682,13 +699,13 @@ def _renamed(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _signature(buf: Buffers, desc: torch.Tensor, reach: torch.Tensor) -> tuple:
+def _signature(buf: Buffers, desc: torch.Tensor, reach: Reach) -> tuple:
     """What a graph's guards could tell apart between two calls of one graph: every buffer's shape, the
     descriptor's, and the reach's order of magnitude (its size is symbolic; a guard relating it to a
     fixed size would differ between magnitudes)."""
     shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None if t is None else (t.keys.shape, t.values.shape)
                    for t in buf)
-    return shapes, desc.shape, reach.shape[0].bit_length()
+    return shapes, desc.shape, tuple(marker.shape[0].bit_length() for marker in reach)
 
 
 class _Compiled:
@@ -705,7 +722,7 @@ class _Compiled:
         self.fn, self.key, self.runner, self.done = fn, key, runner, False
         self._checked: set[tuple] = set()
 
-    def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, *sizes: object) -> object:
+    def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, *sizes: object) -> object:
         args = (model, buf, desc, reach, *sizes)
         if self.done:
             signature = _signature(buf, desc, reach)
@@ -746,10 +763,10 @@ class _CudaGraphed:
     def done(self) -> bool:
         return self.fn.done
 
-    def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: torch.Tensor, *sizes: object) -> object:
+    def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, *sizes: object) -> object:
         # addresses and shapes: a capture replays raw pointers and sizes
         state = tuple((t.data_ptr(), *t.shape) for t in torch.utils._pytree.tree_leaves(buf))
-        key = (state, reach.shape[0], tuple(desc.shape))
+        key = (state, *(marker.shape[0] for marker in reach), tuple(desc.shape))
         entry = self._captured.get(key)
         stats = self.runner.cuda_graph_stats
         if entry is None:
