@@ -18,10 +18,33 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from blt_decode.errors import BackendUnavailableError
 from blt_decode.hookspecs import hookimpl
 from blt_decode.model import BLTModel
 from blt_decode.session import DecodeSession
 from blt_decode.static_runner import StaticRunner
+
+
+def unavailable(device: torch.device | str = "cpu") -> str | None:
+    """Why the compiled backend cannot compile on ``device`` here (None: it can). On a CPU inductor
+    compiles C++: without a compiler nothing runs."""
+    if torch.device(device).type != "cpu":
+        return None
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # inductor raises a bare RuntimeError naming the compilers it tried
+        return f"no C++ compiler for torch.compile on this machine ({str(exc).splitlines()[0][:200]})"
+    return None
+
+
+def require_compiler(device: torch.device | str = "cpu") -> None:
+    """Raise :class:`BackendUnavailableError` (one line, what to do) where :func:`unavailable` says why."""
+    why = unavailable(device)
+    if why is not None:
+        raise BackendUnavailableError(f"the compiled backend cannot run: {why}; install one (g++) or use the eager "
+                                      "backend")
 
 
 def compiled_graph_count() -> int:
@@ -74,6 +97,8 @@ class CompiledBackend:
         another dtype or device gets a new one)."""
         runner = self._runners.get(model)
         if runner is None or runner.made_for != (model.dtype, model.device):
+            if self.compile:
+                require_compiler(model.device)
             self._runners[model] = StaticRunner(model, compile=self.compile, progress=self._progress)
         return self._runners[model]
 

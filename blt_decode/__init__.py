@@ -10,6 +10,7 @@ from blt_decode.checkpoint import save_model
 from blt_decode.engine import Engine, EngineStats, EngineStream
 from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.errors import (
+    BackendUnavailableError,
     BLTDecodeError,
     CancelledError,
     CheckpointError,
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLTConfig", "BLTDecodeError", "BLTModel", "CancelledError", "CheckpointError", "ConfigError", "CorpusError",
-    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "Engine", "EngineError", "EngineStats",
+    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "BackendUnavailableError", "Engine", "EngineError", "EngineStats",
     "EngineStream", "ForwardPasses", "Generation", "InvalidOptionsError", "InvalidRequestError", "JobError",
     "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stream",
     "StrategyError", "TrainingError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",

@@ -81,6 +81,39 @@ def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_de
     return api.load_model(spec or args.model, dtype=dtype, device=getattr(args, "device", None))
 
 
+#: ``--backend auto`` (the default of generate, serve and eval humaneval) picks the compiled backend for a
+#: server and for work that requests at least this many new bytes, eager below it: from an empty inductor
+#: cache the compiled backend warms up for ~90 s and then decodes the shipped model ~2.4x faster at batch
+#: 1 (441 vs 180 bytes/s, docs/benchmarks.md), so it pays for itself after ~30 000 bytes
+AUTO_COMPILED_BYTES = 32768
+BACKEND_HELP = ("compute backend (see 'blt-decode backends'); auto: compiled for a server or for work of at least "
+                f"{AUTO_COMPILED_BYTES} requested new bytes (its warm-up then pays), eager otherwise (default: %(default)s)")
+
+
+def _backend_for(requested: str, *, new_bytes: int | None, work: str, device: str | None = None) -> str:
+    """The backend a command runs: ``requested``, or for "auto" the compiled backend for a server
+    (``new_bytes`` None) or work requesting at least :data:`AUTO_COMPILED_BYTES` new bytes, eager
+    otherwise or where the compiled backend cannot run (said on stderr, with the reason)."""
+    from blt_decode.backends.compiled import require_compiler, unavailable
+    from blt_decode.loading import check_device
+
+    device = str(check_device(device) or "cpu")  # a device that cannot run is one line before anything
+    if requested != "auto":
+        # an unknown name fails here, with the registered ones; a backend that cannot run, before any work
+        if plugins.get_backend(requested).name == "compiled":
+            require_compiler(device)
+        return requested
+    if new_bytes is not None and new_bytes < AUTO_COMPILED_BYTES:
+        return "eager"
+    why = unavailable(device)
+    say = f"{PROG}: backend auto: {{}}; --backend names one"
+    if why is not None:
+        print(say.format(f"eager, since the compiled backend cannot run: {why}"), file=sys.stderr, flush=True)
+        return "eager"
+    print(say.format(f"compiled ({work}: its warm-up pays for itself)"), file=sys.stderr, flush=True)
+    return "compiled"
+
+
 def _compile_note(backend: str, *, each_graph: bool = True) -> None:
     """Say on stderr that ``backend`` compiles before it is fast, and (``each_graph``) print a line for
     every graph it compiles, with its seconds, so that a warm-up is never silent. ``bench`` shows bars
@@ -194,7 +227,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     _add_prompt_arguments(gen)
     _add_model_arguments(gen)
     _add_strategy_arguments(gen)
-    gen.add_argument("--backend", default="eager", help="compute backend (see 'blt-decode backends') (default: %(default)s)")
+    gen.add_argument("--backend", default="auto", help=BACKEND_HELP)
     gen.add_argument("--max-new-bytes", type=int, default=api.DEFAULT_MAX_NEW_BYTES,
                      help="most bytes to generate (default: %(default)s)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop after this text (repeatable)")
@@ -227,6 +260,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--ray runs a batch job: give --input and --output")
     prompt = prompt_from_args(args)
     model = model_from_args(args)
+    # what the model can generate at most (a request over it is refused below, whatever the backend)
+    new_bytes = min(args.max_new_bytes, model.config.max_seqlen)
+    args.backend = _backend_for(args.backend, new_bytes=new_bytes, work=f"{new_bytes} new bytes", device=args.device)
     stream = api.stream(
         model, prompt, strategy=args.strategy, backend=args.backend, max_new_bytes=args.max_new_bytes,
         stop=[os.fsencode(s) for s in args.stop], seed=args.seed, **strategy_options(args.strategy, args.option),
@@ -278,6 +314,9 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
         defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
                     "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
         items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
+        requested = sum(item.request.max_new_bytes or api.DEFAULT_MAX_NEW_BYTES for item in items)
+        args.backend = _backend_for(args.backend, new_bytes=requested,
+                                    work=f"a job of {len(items)} requests, {requested} new bytes", device=args.device)
         _compile_note(args.backend)
         started = time.perf_counter()
         if args.ray is not None:
@@ -494,7 +533,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(be, default=None)
     be.add_argument("--strategies", default="ar,blt-s:k=4,blt-s:k=8,blt-s:k=16",
                     help="comma-separated NAME[:key=value+key=value] (default: %(default)s)")
-    be.add_argument("--backends", default="eager", help="comma-separated backends (default: %(default)s)")
+    be.add_argument("--backends", default="eager,compiled",
+                    help="comma-separated backends, side by side (default: %(default)s; the compiled backend's "
+                         "warm-up is timed apart)")
     be.add_argument("--prompt-set", default="heldout", choices=prompt_sets.PROMPT_SETS,
                     help="built-in prompt set (versioned package data) (default: %(default)s)")
     be.add_argument("--prompts", type=_non_negative_int, default=8, help="prompts from the prompt set (default: %(default)s)")
@@ -532,7 +573,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         prompts, prompt_set = prompt_sets.load(args.prompt_set, args.prompts), prompt_sets.label(args.prompt_set)
     specs = bench.parse_strategies(args.strategies)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = [_backend_for(b.strip(), new_bytes=0, work="", device=args.device)
+                for b in args.backends.split(",") if b.strip()]
     for name in backends:
         _compile_note(name, each_graph=False)  # the warm-ups show bars
     result = bench.run_bench(model, specs, backends, prompts, max_new_bytes=args.max_new_bytes, repeats=args.repeats,
@@ -778,7 +820,7 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=_port, default=8000, help="(default: %(default)s)")
-    sv.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    sv.add_argument("--backend", default="auto", help=BACKEND_HELP)
     sv.add_argument("--max-batch", type=_slots, default=16,
                     help="requests decoded at once by the engine (continuous batching) (default: %(default)s)")
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the --model spec)")
@@ -831,7 +873,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--replicas needs --ray (replicas are Ray Serve's)")
     if args.api_key == "":
         raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
-    plugins.get_backend(args.backend)  # a bad name fails here, not in a replica
+    # a bad name fails here, not in a replica
+    args.backend = _backend_for(args.backend, new_bytes=None, work="a server", device=args.device)
     name = args.model_name or args.model
     from blt_decode.serving.chat import PLAIN, ChatTemplate
 
@@ -927,7 +970,7 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--max-new-bytes", type=_positive_int, default=512, help="(default: %(default)s)")
     he.add_argument("--batch-size", type=_slots, default=16,
                     help="requests decoded at once by the engine (default: %(default)s)")
-    he.add_argument("--backend", default="eager", help="compute backend (default: %(default)s)")
+    he.add_argument("--backend", default="auto", help=BACKEND_HELP)
     he.add_argument("--output", default="humaneval.jsonl", metavar="JSONL",
                     help="completions and test results, a line each; an existing file's finished work is skipped "
                          "(resume); a regular file, written by one run at a time (default: %(default)s)")
@@ -967,6 +1010,10 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
                                    unsafe_without=sandbox.unsafe_layers(args.unsafe_sandbox))
     print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
     sandbox.check(config)  # a missing layer stops the run here, before any decoding
+    requested = humaneval.requested_new_bytes(specs, limit=args.limit, samples=args.samples,
+                                              max_new_bytes=args.max_new_bytes)
+    args.backend = _backend_for(args.backend, new_bytes=requested, work=f"a run of up to {requested} new bytes",
+                                device=args.device)
     _compile_note(args.backend)
     result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
                                      samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,

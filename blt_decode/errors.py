@@ -57,6 +57,11 @@ class PluginError(BLTDecodeError, ValueError):
     would otherwise register nothing, silently)."""
 
 
+class BackendUnavailableError(BLTDecodeError, RuntimeError):
+    """A registered backend cannot run on this machine (the compiled backend on a CPU without a C++
+    compiler, say); the message says what is missing and which backend runs instead."""
+
+
 class InvalidOptionsError(BLTDecodeError, ValueError):
     """Options given to a strategy are unknown or out of range."""
 

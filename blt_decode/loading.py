@@ -81,7 +81,7 @@ def load_model(spec: str | Path | BLTModel, *, dtype: torch.dtype | None = None,
     :mod:`blt_decode.formats`), ``"default"`` (the model shipped in the package),
     ``"random:PRESET"`` or ``"random:PRESET:SEED"`` (presets: :func:`random_presets`), or a model (returned as is,
     moved to ``dtype``/``device`` if given; a model passed in is copied, never converted in place)."""
-    dtype, device = _check_dtype(dtype), _check_device(device)
+    dtype, device = _check_dtype(dtype), check_device(device)
     if isinstance(spec, BLTModel):
         model = spec
         if (dtype is not None and dtype != model.dtype) or (device is not None and device != model.device):
@@ -129,7 +129,7 @@ def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def _check_device(device: str | torch.device | None) -> torch.device | None:
+def check_device(device: str | torch.device | None) -> torch.device | None:
     """The device, or one clear line: an unknown name, or CUDA asked for where torch has none."""
     if device is None:
         return None

@@ -37,11 +37,15 @@ from blt_decode.trace import Drafted
 
 #: chunk lengths a graph is compiled for; a longer append or draft runs in chunks of the largest
 CHUNK_BUCKETS = (1, 16, 64)
-#: rows per graph; more rows run as several graphs of the largest
+#: rows per graph on a CUDA device (a capture per shape); more rows run as several graphs of the largest.
+#: On a CPU an engine batch's graphs take any number of rows (a symbolic size: one graph for all)
 ROW_BUCKETS = (1, 4, 16, 64)
+#: the key of an engine batch's graph, whose rows are a symbolic size
+ANY_ROWS = 0
 #: patches per global graph (a step closes one, a verification a few, a prompt many); more run as several
 PATCH_BUCKETS = (1, 4, 16, 64)
-#: bytes of a patch the summary reads: the smallest that holds the longest closing patch (then x4)
+#: bytes of a patch the summary reads: the smallest that holds the longest closing patch (then x4; a
+#: symbolic size, one graph for every span)
 MIN_SPAN = 16
 #: a graph reads the cache entries up to the call's live length rounded up to a multiple of this (a
 #: symbolic size: one graph for every length, and no 0/1 specialisation)
@@ -324,14 +328,15 @@ def _front_decode(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reac
     return _decode(model, buf, desc, reach, t, lone)
 
 
-def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, patches: int, span: int,
+def _global(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, patches: int, span: torch.Tensor,
             lone: bool) -> None:
     """Patch summaries and the global model for closed patches; the latents go to the state.
 
     ``lone``: ``desc`` is [1, 3] (slot, first patch, count): one row of ``patches`` queries, the patch
     indices from the first, so that the slot's global cache is read once. Otherwise [patches, 2] (slot,
-    patch index): a row per patch, each reading its own slot. A patch's summary reads the last ``span``
-    byte states up to its end."""
+    patch index): a row per patch, each reading its own slot. A patch's summary reads the last
+    ``len(span)`` byte states up to its end (a marker tensor: its length is a symbolic size)."""
+    span = span.shape[0]
     room = buf.ids.shape[1]
     if lone:
         slot, first, count = desc[:, 0], desc[:, 1], desc[:, 2]
@@ -394,6 +399,7 @@ class StaticRunner:
         self.cuda_graph_stats = {"captures": 0, "replays": 0}
         self._cuda_pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self._reach_buffers = (torch.empty(0, dtype=torch.int8, device=model.device),) * 2
+        self._span_buffer = torch.empty(0, dtype=torch.int8, device=model.device)
         #: a call reads back this far before its earliest row: the longest local window (None: no limit)
         windows = [c.sliding_window for c in (model.config.encoder, model.config.decoder, model.config.entropy_model)
                    if c is not None]
@@ -420,21 +426,23 @@ class StaticRunner:
 
     @torch.no_grad()
     def warmup(self, *, max_batch: int = 1, lone: bool = True, chunks: Sequence[int] = CHUNK_BUCKETS,
-               patches: Sequence[int] = (1, 4, 16), spans: Sequence[int] = (MIN_SPAN, 4 * MIN_SPAN),
+               patches: Sequence[int] = PATCH_BUCKETS,
                progress: Callable[[int, int, str], None] | None = None) -> list[tuple]:
         """Compile now (with ``lone``) every graph a lone session uses (the lone graphs: also an engine of
-        one slot's) and, with ``max_batch`` > 1, every graph of engine batches of up to ``max_batch``
-        requests (each row bucket up to it): the front, decoder and fused graphs for ``chunks``, the global
-        graph for ``patches`` and ``spans``. They run on padding rows of scratch states. ``progress(done,
-        total, name)`` is told before each. Returns the keys compiled; later calls inside these buckets
-        compile nothing."""
-        modes = [(True, [1])] if lone else []
+        one slot's) and, with ``max_batch`` > 1, every graph of engine batches (of any size on a CPU, up to
+        ``max_batch`` requests in each row bucket on a CUDA device): the front, decoder and fused graphs
+        for ``chunks``, the global graph (for ``patches`` in a lone session; spans are symbolic). They run
+        on padding rows of scratch states. ``progress(done, total, name)`` is told before each. Returns the
+        keys compiled; later calls inside these buckets compile nothing."""
+        modes = [(True, [1], patches)] if lone else []
         if max_batch > 1:
-            modes.append((False, sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)})))
+            rows = (sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)}) if self._bucketed_rows
+                    else [ANY_ROWS])
+            modes.append((False, rows, rows))
         keys = []
-        for lone, rows in modes:
+        for lone, rows, patch_rows in modes:
             keys += [(kind, b, t, lone) for b in rows for t in chunks for kind in ("front", "decode", "front_decode")]
-            keys += [("global", p, span, lone) for p in patches for span in spans]
+            keys += [("global", p, lone) for p in patch_rows]
         keys = [k for k in keys if not getattr(self._graphs.get(k), "done", False)]
         # the states the sessions and an engine of max_batch slots will take next (new_state reuses them):
         # on a CUDA device the warm-up's captures are theirs
@@ -442,25 +450,58 @@ class StaticRunner:
         for done, key in enumerate(keys):
             if progress is not None:
                 progress(done, len(keys), " ".join(map(str, key)))
-            kind, size, length, lone = key
+            kind, size, *_, lone = key
             state = states[lone]
             scratch = 0 if lone else state.scratch  # a lone graph's row is slot 0's: it must be the real slot
             reach = self._reach(state, 0, 2 * REACH_STEP)  # any reach: the graphs' reach is symbolic
+            count = self._padded_rows(max(size, 1), lone)
             if kind == "global":
-                rows = [[scratch, 0, 0]] if lone else [[state.scratch, 0]] * size
-                self.graph(*key)(self.model, state.buffers, torch.tensor(rows, device=self.model.device), reach, size,
-                                 length, lone)
+                rows = [[scratch, 0, 0]] if lone else [[state.scratch, 0]] * count
+                self.graph(*key)(self.model, state.buffers, self._rows_tensor(rows, lone), reach, size,
+                                 self._span(MIN_SPAN), lone)
                 continue
-            desc = torch.tensor([[scratch, APPEND, 0, 0, 0, *[0] * length]] * size, device=self.model.device)
+            length = key[2]
+            desc = self._rows_tensor([[scratch, APPEND, 0, 0, 0, *[0] * length]] * count, lone)
             self.graph(*key)(self.model, state.buffers, desc, reach, length, lone)
         if progress is not None:
             progress(len(keys), len(keys), "done")
         return keys
 
+    @property
+    def _bucketed_rows(self) -> bool:
+        """Rows in buckets (each its own graph) on a CUDA device, where each shape is its own capture;
+        elsewhere an engine batch's rows are one symbolic size."""
+        return self.model.device.type == "cuda"
+
+    def _rows_key(self, n: int, lone: bool) -> int:
+        """The rows entry of the key of a graph over ``n`` rows."""
+        return bucket(n, ROW_BUCKETS) if lone or self._bucketed_rows else ANY_ROWS
+
+    def _padded_rows(self, n: int, lone: bool) -> int:
+        """Rows a graph over ``n`` rows runs (padding included): its bucket, or, for a symbolic size, at
+        least 2 (torch.compile specialises sizes 0 and 1)."""
+        return bucket(n, ROW_BUCKETS) if lone or self._bucketed_rows else max(n, 2)
+
+    def _rows_tensor(self, rows: list[list[int]], lone: bool) -> torch.Tensor:
+        """A descriptor of ``rows`` on the device; an engine batch's first size marked symbolic."""
+        desc = torch.tensor(rows, device=self.model.device)
+        if not lone and not self._bucketed_rows:
+            torch._dynamo.maybe_mark_dynamic(desc, 0)
+        return desc
+
+    def _span(self, span: int) -> torch.Tensor:
+        """The ``span`` argument of a global graph: a marker of that length, marked dynamic."""
+        if self._span_buffer.shape[0] < span:
+            self._span_buffer = torch.empty(span, dtype=torch.int8, device=self.model.device)
+        view = self._span_buffer[:span]
+        torch._dynamo.maybe_mark_dynamic(view, 0)
+        return view
+
     # -- graphs ---------------------------------------------------------------------------------------
     def graph(self, kind: str, *sizes: int) -> Callable:
         """The step function of ``kind`` ("front", "decode", "front_decode", "global") for the static
-        ``sizes`` (rows, chunk length and lone; patches, span and lone for "global"), compiled on first use."""
+        ``sizes`` (rows, chunk length and lone; patches and lone for "global"; rows and patches
+        :data:`ANY_ROWS` for a symbolic size), compiled on first use."""
         key = (kind, *sizes)
         fn = self._graphs.get(key)
         if fn is None:
@@ -523,14 +564,14 @@ class StaticRunner:
         if not appends:  # drafts and blocks: encoder and decoder in one graph per group
             for pieces in rounds:
                 for t, group in _groups(pieces):
-                    results.add(group, *self.graph("front_decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                    results.add(group, *self.graph("front_decode", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone))
         else:
             decides = model.entropy_model is not None and model.patcher.uses_entropy
             flags = []
             for pieces in rounds:  # every round's front first: none of it depends on patch decisions
                 for t, group in _groups([p for p in pieces if p.row.kind != DENOISE]):
-                    flags.append((group, self.graph("front", bucket(len(group), ROW_BUCKETS), t, lone)(
+                    flags.append((group, self.graph("front", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone)))
             if decides:
                 count("entropy", len(appends))
@@ -551,7 +592,7 @@ class StaticRunner:
                 if closing[r]:
                     self._global_pass(state, items, closing[r], lone)
                 for t, group in _groups(pieces):
-                    results.add(group, *self.graph("decode", bucket(len(group), ROW_BUCKETS), t, lone)(
+                    results.add(group, *self.graph("decode", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone))
         closers = {r.index for r in appends if r.index not in failed_entropy
                    and items[r.index][0].closed_patches > closed_before[r.index]}
@@ -583,16 +624,18 @@ class StaticRunner:
         largest = max(PATCH_BUCKETS)
         for at in range(0, len(patches), largest):
             part = patches[at : at + largest]
-            size = bucket(len(part), PATCH_BUCKETS)
             span = doubling(max(starts[slot][i + 1] - starts[slot][i] for slot, i in part), MIN_SPAN, 4)
             if lone:  # one slot's consecutive patches
+                size = bucket(len(part), PATCH_BUCKETS)
                 desc = [[part[0][0], part[0][1], len(part)]]
             else:
-                desc = [[slot, i] for slot, i in part] + [[state.scratch, 0]] * (size - len(part))
+                size = self._rows_key(len(part), lone)
+                desc = [[slot, i] for slot, i in part]
+                desc += [[state.scratch, 0]] * (self._padded_rows(len(part), lone) - len(part))
             # the global cache holds one entry per patch: a step reads the live patches only
             reach = self._reach(state, 0, max(i for _, i in part) + 1)
-            self.graph("global", size, span, lone)(self.model, state.buffers, torch.tensor(desc, device=self.model.device),
-                                                   reach, size, span, lone)
+            self.graph("global", size, lone)(self.model, state.buffers, self._rows_tensor(desc, lone), reach, size,
+                                             self._span(span), lone)
 
     def _reach_of(self, state: StaticState, pieces: list["_Piece"], t: int) -> torch.Tensor:
         """The reach of a graph over ``pieces`` padded to ``t`` positions: from the earliest position a row's
@@ -601,11 +644,11 @@ class StaticRunner:
         return self._reach(state, first, max(p.row.start + p.offset for p in pieces) + t)
 
     def _descriptor(self, state: StaticState, items: Items, pieces: list["_Piece"], t: int) -> torch.Tensor:
-        size = bucket(len(pieces), ROW_BUCKETS)
+        lone = state.slots == 1
         desc = [[items[p.row.index][0].slot, p.row.kind, p.offset, p.count, int(p.final),
                  *p.row.ids[p.offset : p.offset + p.count], *[0] * (t - p.count)] for p in pieces]
-        desc += [[state.scratch, APPEND, 0, 0, 0, *[0] * t]] * (size - len(pieces))
-        return torch.tensor(desc, device=self.model.device)
+        desc += [[state.scratch, APPEND, 0, 0, 0, *[0] * t]] * (self._padded_rows(len(pieces), lone) - len(pieces))
+        return self._rows_tensor(desc, lone)
 
     def _finish(self, state: StaticState, items: Items, rows: list[_Row], results: "_Results", failed_entropy: set[int],
                 closers: set[int], closed_before: dict[int, int]) -> list[torch.Tensor | BaseException]:
@@ -699,13 +742,14 @@ def _renamed(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _signature(buf: Buffers, desc: torch.Tensor, reach: Reach) -> tuple:
+def _signature(buf: Buffers, desc: torch.Tensor, reach: Reach, sizes: tuple) -> tuple:
     """What a graph's guards could tell apart between two calls of one graph: every buffer's shape, the
-    descriptor's, and the reach's order of magnitude (its size is symbolic; a guard relating it to a
+    descriptor's, and the orders of magnitude of the reach and span markers (symbolic sizes; a guard relating it to a
     fixed size would differ between magnitudes)."""
     shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None if t is None else (t.keys.shape, t.values.shape)
                    for t in buf)
-    return shapes, desc.shape, tuple(marker.shape[0].bit_length() for marker in reach)
+    markers = [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
+    return shapes, desc.shape, tuple(marker.shape[0].bit_length() for marker in markers)
 
 
 class _Compiled:
@@ -725,13 +769,13 @@ class _Compiled:
     def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, *sizes: object) -> object:
         args = (model, buf, desc, reach, *sizes)
         if self.done:
-            signature = _signature(buf, desc, reach)
+            signature = _signature(buf, desc, reach, sizes)
             if signature in self._checked:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return self.fn(*args)
             self._checked.add(signature)
             return self.fn(*args)
-        self._checked.add(_signature(buf, desc, reach))
+        self._checked.add(_signature(buf, desc, reach, sizes))
         began = time.perf_counter()
         result = self.fn(*args)
         seconds = time.perf_counter() - began
@@ -766,7 +810,8 @@ class _CudaGraphed:
     def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, *sizes: object) -> object:
         # addresses and shapes: a capture replays raw pointers and sizes
         state = tuple((t.data_ptr(), *t.shape) for t in torch.utils._pytree.tree_leaves(buf))
-        key = (state, *(marker.shape[0] for marker in reach), tuple(desc.shape))
+        markers = [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
+        key = (state, *(marker.shape[0] for marker in markers), tuple(desc.shape))
         entry = self._captured.get(key)
         stats = self.runner.cuda_graph_stats
         if entry is None:

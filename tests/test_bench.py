@@ -98,7 +98,7 @@ def test_bench_cli_writes_json_and_ratios(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies",
          "ar,blt-s:k=4,blt-s:k=auto+temperature=0.8",
-         "--prompt-file", str(prompts), "--max-new-bytes", "16", "--repeats", "1", "--json", str(out)],
+         "--prompt-file", str(prompts), "--max-new-bytes", "16", "--repeats", "1", "--backends", "eager", "--json", str(out)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -134,7 +134,8 @@ def test_bench_throughput_at_batch_sizes(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-d:block_size=4",
-         "--prompts", "4", "--max-new-bytes", "12", "--repeats", "1", "--batch-sizes", "1,4", "--json", str(out)],
+         "--prompts", "4", "--max-new-bytes", "12", "--repeats", "1", "--batch-sizes", "1,4", "--backends", "eager",
+         "--json", str(out)],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -202,7 +203,7 @@ def test_the_default_table_fits_a_terminal_and_full_has_every_column(tmp_path):
     JSON, always) has every figure."""
     out = tmp_path / "bench.json"
     argv = [sys.executable, "-m", "blt_decode.cli", "bench", "--model", "random:tiny", "--strategies", "ar,blt-s:k=4",
-            "--prompts", "2", "--max-new-bytes", "8", "--repeats", "1"]
+            "--prompts", "2", "--max-new-bytes", "8", "--repeats", "1", "--backends", "eager"]
     compact = subprocess.run(argv + ["--json", str(out)], capture_output=True, text=True)
     full = subprocess.run(argv + ["--full"], capture_output=True, text=True)
     assert compact.returncode == 0 and full.returncode == 0, compact.stderr[-2000:] + full.stderr[-2000:]

@@ -255,6 +255,43 @@ def test_compiled_backend_says_it_is_warming_up():
     assert b"compiling" in out.stderr
 
 
+def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys, monkeypatch):
+    """``--backend auto`` (the default of generate, serve and eval humaneval): compiled for a server and
+    for work of at least AUTO_COMPILED_BYTES requested new bytes, said on stderr; eager below, silently."""
+    from blt_decode import cli
+
+    parser = cli.build_parser()
+    for argv in (["generate", "x"], ["serve"], ["eval", "humaneval"]):
+        assert parser.parse_args(argv).backend == "auto"
+    assert cli._backend_for("auto", new_bytes=cli.AUTO_COMPILED_BYTES - 1, work="w") == "eager"
+    assert capsys.readouterr().err == ""
+    assert cli._backend_for("auto", new_bytes=cli.AUTO_COMPILED_BYTES, work="a job") == "compiled"
+    assert cli._backend_for("auto", new_bytes=None, work="a server") == "compiled"
+    assert capsys.readouterr().err.count("backend auto: compiled (a") == 2
+    assert cli._backend_for("eager", new_bytes=None, work="a server") == "eager"  # a name is taken as given
+    with pytest.raises(bd.UnknownBackendError):
+        cli._backend_for("nope", new_bytes=None, work="a server")
+    # where the compiled backend cannot run (no C++ compiler), auto says so and runs eager
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
+    assert cli._backend_for("auto", new_bytes=None, work="a server") == "eager"
+    assert "eager, since the compiled backend cannot run: no C++ compiler" in capsys.readouterr().err
+
+
+def test_generate_defaults_to_eager_for_one_short_generation():
+    out = run_cli("generate", *TINY, "--json", "--max-new-bytes", "4", "x")
+    assert out.returncode == 0 and json.loads(out.stdout)["backend"] == "eager", out.stderr
+    assert b"backend auto" not in out.stderr
+
+
+def test_the_compiled_backend_without_a_compiler_is_one_line():
+    out = run_cli("generate", *TINY, "--backend", "compiled", "--max-new-bytes", "4", "x", env={"CXX": "/nonexistent/c++"})
+    lines = out.stderr.decode().strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, lines
+    assert "the compiled backend cannot run: no C++ compiler" in lines[0] and "eager backend" in lines[0]
+
+
 def test_every_command_reads_the_same_default_model():
     from blt_decode.cli import build_parser
 

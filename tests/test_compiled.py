@@ -187,7 +187,7 @@ def compiled():
     model = bd.random_model(config, 21, dtype=torch.float64)
     backend = plugins.get_backend("compiled")
     runner = backend.runner(model)
-    runner.warmup(max_batch=4, chunks=(1, 16, 64), patches=(1, 4, 16), spans=(16,))
+    runner.warmup(max_batch=4, chunks=(1, 16, 64), patches=(1, 4, 16))
     return model, runner
 
 
@@ -266,7 +266,7 @@ import blt_decode as bd
 from blt_decode import plugins
 model = bd.random_model("tiny", 5, dtype=torch.float64)
 start = time.perf_counter()
-keys = plugins.get_backend("compiled").runner(model).warmup(chunks=(1,), patches=(1,), spans=(16,))
+keys = plugins.get_backend("compiled").runner(model).warmup(chunks=(1,), patches=(1,))
 seconds = time.perf_counter() - start
 inductor, aot = torch._dynamo.utils.counters["inductor"], torch._dynamo.utils.counters["aot_autograd"]
 print(json.dumps({"graphs": len(keys), "seconds": seconds, "miss": inductor["fxgraph_cache_miss"],
@@ -309,6 +309,29 @@ def test_serve_warms_the_backend_up_before_listening(monkeypatch, capsys):
         assert cli.main(["serve", "--model", "random:tiny", "--backend", name, "--max-batch", "4", "--port", "8931"]) == 0
     assert warmed == [((4,), True, [])] and served == [8931]  # warmed before serving, for the engine's batches
     assert "static-recorded backend warmed up for batches of up to 4 in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold", [None, 1e9], ids=["entropy-patches", "one-long-patch"])
+def test_after_serves_warm_up_no_request_compiles(threshold):
+    """What ``serve`` warms up before it listens (``warmup(model, rows=(max_batch,))``) covers every
+    request it admits: prompts of every length up to the model's limit, in batches of every size, with
+    every strategy, short patches and patches as long as the sequence. Nothing compiles after it."""
+    torch._dynamo.reset()
+    config = bd.load_model("random:tiny").config
+    config = attrs.evolve(config, max_seqlen=160, patching_threshold=threshold or config.patching_threshold)
+    model = bd.random_model(config, 5)
+    backend = CompiledBackend(name="compiled-serve-check")
+    with testing.registered_backend(backend) as name:
+        backend.warmup(model, rows=(4,))
+        before = compiled_graph_count()
+        strategies = [("autoregressive", {}), ("blt-s", {"k": 4}), ("blt-d", {"block_size": 4}), ("blt-dv", {"block_size": 4})]
+        # every prompt length the model admits with 8 new bytes and a lookahead of up to 8, strategies in turn
+        requests = [bd.Request(bytes(65 + i % 26 for i in range(n)), strategy=strategies[n % 4][0],
+                               options=strategies[n % 4][1], max_new_bytes=8) for n in range(160 - 8 - 8 + 1)]
+        outputs = bd.generate_many(model, requests, backend=name, batch_size=4)
+    assert [g.prompt for g in outputs] == [r.prompt for r in requests]
+    assert compiled_graph_count() == before, "a request compiled a graph after the warm-up"
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 # -- one compiled backend, one alias --------------------------------------------------------------------

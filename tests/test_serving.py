@@ -328,7 +328,7 @@ def run_cli(*args, timeout=TIMEOUT_S):
 def test_serve_command_with_api_key(model):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "blt_decode.cli", "serve", "--model", MODEL, "--port", str(port),
-                             "--api-key", "s3cret", "--max-batch", "2", "--log-level", "warning"],
+                             "--api-key", "s3cret", "--max-batch", "2", "--log-level", "warning", "--backend", "eager"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -373,7 +373,7 @@ def test_serve_on_a_port_in_use_is_one_line():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        run = run_cli("serve", "--model", MODEL, "--port", str(busy.getsockname()[1]))
+        run = run_cli("serve", "--model", MODEL, "--port", str(busy.getsockname()[1]), "--backend", "eager")
     assert run.returncode == 2 and "cannot listen on 127.0.0.1" in run.stderr, run.stderr
 
 

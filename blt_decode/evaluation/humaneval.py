@@ -262,6 +262,15 @@ def _samples_for(spec: bench.StrategySpec, samples: int) -> int:
     return 1 if bench.sampling_key(spec.options) == bench.GREEDY_KEY else samples
 
 
+def requested_new_bytes(specs: Sequence[bench.StrategySpec], *, limit: int | None, samples: int,
+                        max_new_bytes: int) -> int:
+    """The most new bytes a run asks for: every problem (up to ``limit``), strategy (the AR references
+    added) and sample at ``max_new_bytes`` (what ``--backend auto`` weighs)."""
+    problems = len(prompt_sets.humaneval_problems())
+    problems = min(limit or problems, problems)
+    return problems * max_new_bytes * sum(_samples_for(spec, samples) for spec in bench.with_ar_references(specs))
+
+
 def _holding_output(function: Any) -> Any:
     """Run ``function`` holding the lock of its ``output`` argument (:func:`blt_decode.jobs.locked_output`):
     two runs appending to one results file would both decode and judge everything, writing it twice."""

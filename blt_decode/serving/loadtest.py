@@ -233,7 +233,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _serve_subprocess(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "blt_decode.cli", "serve", "--model", args.model, "--model-name", "loadtest",
            "--port", str(port), "--max-batch", str(args.max_batch), "--threads", str(args.threads or 0),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--backend", args.backend]
     return subprocess.Popen(cmd, env={**os.environ, "BLT_DECODE_API_KEY": ""})
 
 
@@ -293,7 +293,8 @@ def _measure_ray(args: argparse.Namespace, measure: Any) -> dict[str, Any]:
     try:
         port = _free_port()
         ray_serve.run(args.model, port=port, replicas=args.ray_replicas, blocking=False, max_batch=args.max_batch,
-                      model_name="loadtest", threads=args.threads, num_cpus=os.cpu_count() / args.ray_replicas)
+                      model_name="loadtest", threads=args.threads, num_cpus=os.cpu_count() / args.ray_replicas,
+                      backend=args.backend)
         _wait_healthy(f"http://127.0.0.1:{port}", args.timeout)
         return measure(f"http://127.0.0.1:{port}", f"Ray Serve, {args.ray_replicas} replicas (max-batch {args.max_batch} each)")
     finally:
@@ -326,6 +327,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                         help="cycled over the requests; NAME[:key=value+key=value] (default: %(default)s)")
     parser.add_argument("--max-batch", type=int_argument(1, MAX_BATCH), default=16, help="the server's engine slots (default: %(default)s)")
+    parser.add_argument("--backend", default="eager",
+                        help="the server's compute backend; eager by default, like the batch-1 loop it is compared with "
+                             "and checked against byte for byte (default: %(default)s)")
     parser.add_argument("--ray-replicas", type=sizes, default=0, metavar="N",
                         help="also measure Ray Serve with N replicas on a local Ray cluster (needs the ray extra)")
     parser.add_argument("--skip-server", action="store_true", help="measure only Ray Serve")

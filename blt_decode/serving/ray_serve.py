@@ -44,9 +44,15 @@ class BLTDecodeReplica:
                              dtype=getattr(torch, dtype) if dtype else None, device=device, chat_template=chat)
 
     def __serve_build_asgi_app__(self) -> Any:
+        from blt_decode import plugins
         from blt_decode.serving.app import build_app
 
-        return build_app(**self.settings)
+        app = build_app(**self.settings)
+        # compile before taking requests, as the local server does: no request waits on a compilation
+        warmup = getattr(plugins.get_backend(self.settings["backend"]), "warmup", None)
+        if warmup is not None:
+            warmup(app.state.engine.model, rows=(self.settings["max_batch"],))
+        return app
 
 
 def application(model: str, *, replicas: int = 1, max_batch: int = 16, num_cpus: float = 1.0,
