@@ -873,8 +873,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--replicas needs --ray (replicas are Ray Serve's)")
     if args.api_key == "":
         raise CLIError("--api-key is empty: give a key, or leave the flag out to serve without authentication")
-    # a bad name fails here, not in a replica
-    args.backend = _backend_for(args.backend, new_bytes=None, work="a server", device=args.device)
+    if args.backend != "auto":
+        plugins.get_backend(args.backend)  # a bad name fails here, before anything else
     name = args.model_name or args.model
     from blt_decode.serving.chat import PLAIN, ChatTemplate
 
@@ -895,6 +895,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             probe.bind((args.host, args.port))
     except OSError as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    # after every other check, so that the choice is said only for a server that starts; not in a replica
+    args.backend = _backend_for(args.backend, new_bytes=None, work="a server", device=args.device)
     where = f"http://{args.host}:{args.port}/v1"
     if args.ray is not None:
         if not args.ray:
@@ -1010,6 +1012,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
                                    unsafe_without=sandbox.unsafe_layers(args.unsafe_sandbox))
     print(f"{PROG}: programs run in: {sandbox.isolation(config)}", file=sys.stderr, flush=True)
     sandbox.check(config)  # a missing layer stops the run here, before any decoding
+    humaneval.check_arguments(specs, limit=args.limit, samples=args.samples, workers=args.workers)
     requested = humaneval.requested_new_bytes(specs, limit=args.limit, samples=args.samples,
                                               max_new_bytes=args.max_new_bytes)
     args.backend = _backend_for(args.backend, new_bytes=requested, work=f"a run of up to {requested} new bytes",

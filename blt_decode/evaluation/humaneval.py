@@ -262,6 +262,21 @@ def _samples_for(spec: bench.StrategySpec, samples: int) -> int:
     return 1 if bench.sampling_key(spec.options) == bench.GREEDY_KEY else samples
 
 
+def check_arguments(specs: Sequence[bench.StrategySpec], *, limit: int | None, samples: int, workers: int) -> None:
+    """One :class:`HumanEvalError` line for a run that cannot be: counts out of range, or samples without
+    a sampling strategy (called by :func:`run_humaneval`, and by the CLI before it loads anything)."""
+    count = len(prompt_sets.humaneval_problems())
+    if limit is not None and not 1 <= limit <= count:
+        raise HumanEvalError(f"limit must be in 1..{count} (the problems HumanEval has), got {limit}")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise HumanEvalError(f"samples must be in 1..{MAX_SAMPLES}, got {samples}")
+    if not 1 <= workers <= 64:
+        raise HumanEvalError(f"workers must be in 1..64, got {workers}")
+    if samples > 1 and all(_samples_for(s, samples) == 1 for s in bench.with_ar_references(specs)):
+        raise HumanEvalError(f"--samples {samples} needs a sampling strategy (e.g. ar:temperature=0.8); every "
+                             "strategy given is greedy, and a greedy strategy is decoded once per problem")
+
+
 def requested_new_bytes(specs: Sequence[bench.StrategySpec], *, limit: int | None, samples: int,
                         max_new_bytes: int) -> int:
     """The most new bytes a run asks for: every problem (up to ``limit``), strategy (the AR references
@@ -295,19 +310,10 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
 
     problems = prompt_sets.humaneval_problems()
     problems_fingerprint = _problems_fingerprint(problems)  # of all problems: a larger --limit extends a file
-    if limit is not None:
-        if not 1 <= limit <= len(problems):
-            raise HumanEvalError(f"limit must be in 1..{len(problems)} (the problems HumanEval has), got {limit}")
-        problems = problems[:limit]
-    if not 1 <= samples <= MAX_SAMPLES:
-        raise HumanEvalError(f"samples must be in 1..{MAX_SAMPLES}, got {samples}")
-    if not 1 <= workers <= 64:
-        raise HumanEvalError(f"workers must be in 1..64, got {workers}")
+    check_arguments(specs, limit=limit, samples=samples, workers=workers)
+    problems = problems[:limit] if limit is not None else problems
     sandbox.check(sandbox_config)  # a sandbox layer missing here stops the run before any decoding
     specs = bench.with_ar_references(specs)
-    if samples > 1 and all(_samples_for(s, samples) == 1 for s in specs):
-        raise HumanEvalError(f"--samples {samples} needs a sampling strategy (e.g. ar:temperature=0.8); every "
-                             "strategy given is greedy, and a greedy strategy is decoded once per problem")
     label = model_label or (model if isinstance(model, str) else "(model object)")
     model = load_model(model)
     stops = tuple(s.encode() for s in STOP_SEQUENCES)
