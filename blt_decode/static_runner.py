@@ -637,7 +637,7 @@ class StaticRunner:
             self.graph("global", size, lone)(self.model, state.buffers, self._rows_tensor(desc, lone), reach, size,
                                              self._span(span), lone)
 
-    def _reach_of(self, state: StaticState, pieces: list["_Piece"], t: int) -> torch.Tensor:
+    def _reach_of(self, state: StaticState, pieces: list["_Piece"], t: int) -> Reach:
         """The reach of a graph over ``pieces`` padded to ``t`` positions: from the earliest position a row's
         window sees to past every row's padded chunk."""
         first = 0 if self._lookback is None else min(p.row.start + p.offset for p in pieces) - self._lookback
@@ -744,8 +744,8 @@ def _renamed(fn: Callable, name: str) -> Callable:
 
 def _signature(buf: Buffers, desc: torch.Tensor, reach: Reach, sizes: tuple) -> tuple:
     """What a graph's guards could tell apart between two calls of one graph: every buffer's shape, the
-    descriptor's, and the orders of magnitude of the reach and span markers (symbolic sizes; a guard relating it to a
-    fixed size would differ between magnitudes)."""
+    descriptor's, and the orders of magnitude of the reach and span markers (symbolic sizes; a guard
+    relating one to a fixed size would differ between magnitudes)."""
     shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None if t is None else (t.keys.shape, t.values.shape)
                    for t in buf)
     markers = [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
