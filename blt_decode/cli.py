@@ -83,8 +83,8 @@ def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_de
 
 #: ``--backend auto`` (the default of generate, serve and eval humaneval) picks the compiled backend for a
 #: server and for work that requests at least this many new bytes, eager below it: from an empty inductor
-#: cache the compiled backend warms up for ~90 s and then decodes the shipped model ~2.4x faster at batch
-#: 1 (441 vs 180 bytes/s, docs/benchmarks.md), so it pays for itself after ~30 000 bytes
+#: cache the compiled backend warms up for ~93 s and then decodes the shipped model 2.75x faster at batch
+#: 1 (514 vs 187 bytes/s, docs/benchmarks.md), so it pays for itself after ~27 000 bytes
 AUTO_COMPILED_BYTES = 32768
 BACKEND_HELP = ("compute backend (see 'blt-decode backends'); auto: compiled for a server or for work of at least "
                 f"{AUTO_COMPILED_BYTES} requested new bytes (its warm-up then pays), eager otherwise (default: %(default)s)")
@@ -314,7 +314,7 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
         defaults = {"strategy": args.strategy, "options": strategy_options(args.strategy, args.option),
                     "max_new_bytes": args.max_new_bytes, "seed": args.seed, "stop": [os.fsencode(s) for s in args.stop]}
         items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
-        requested = sum(item.request.max_new_bytes or api.DEFAULT_MAX_NEW_BYTES for item in items)
+        requested = sum(item.request.max_new_bytes for item in items)
         args.backend = _backend_for(args.backend, new_bytes=requested,
                                     work=f"a job of {len(items)} requests, {requested} new bytes", device=args.device)
         _compile_note(args.backend)
