@@ -45,6 +45,8 @@ def strategy_options(strategy_name: str, pairs: Sequence[str]) -> dict[str, Any]
 
 
 #: the most bytes read from a prompt file (--prompt-file, bench's prompts): more than the longest sequence
+#: the largest --max-body-bytes: a request body is held in memory whole
+MAX_BODY_BYTES = 1 << 30
 #: any model may have (config.MAX_SEQLEN, 1 MiB) times bench's most prompts; /dev/zero is not read to the end
 MAX_PROMPT_FILE_BYTES = 64 << 20
 
@@ -827,8 +829,9 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--api-key", default=os.environ.get("BLT_DECODE_API_KEY") or None,
                     help="require 'Authorization: Bearer KEY' on every route but /health "
                          "(default: $BLT_DECODE_API_KEY; none: no authentication)")
-    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
-                    help="larger request bodies are refused with 413 (default: %(default)s)")
+    sv.add_argument("--max-body-bytes", type=int_argument(1, MAX_BODY_BYTES), default=1 << 20,
+                    help=f"larger request bodies are refused with 413, 1..{MAX_BODY_BYTES} (a body is held in "
+                         "memory) (default: %(default)s)")
     sv.add_argument("--chat-template", metavar="FILE", default=None,
                     help="Jinja2 chat template (Hugging Face's convention) for /v1/chat/completions (default: a plain "
                          "'User: ...\\n\\nAssistant:' transcript for base models; see docs/serving.md)")
@@ -847,8 +850,8 @@ def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                          "(default: %(default)s)")
     sv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="serve on Ray Serve replicas: alone, a local Ray cluster is started; with ADDRESS, joins it")
-    sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas, each with its own "
-                    "model and engine (with --ray) (default: %(default)s)")
+    sv.add_argument("--replicas", type=int_argument(1, 1024), default=1, help="Ray Serve replicas, each with its "
+                    "own model and engine (with --ray), 1..1024 (default: %(default)s)")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn's log level (default: %(default)s)")
     _add_threads_argument(sv)

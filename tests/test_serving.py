@@ -363,6 +363,9 @@ def test_serve_command_with_api_key(model):
     (["serve", "--backend", "nope"], "unknown backend"),
     (["generate", "x", "--ray"], "--ray runs a batch job"),
     (["serve", "--max-batch", "5000"], "expected an integer in 1..4096"),
+    (["serve", "--max-body-bytes", str(2 << 30)], "--max-body-bytes: expected an integer in 1..1073741824"),
+    (["serve", "--ray", "--replicas", "100000"], "--replicas: expected an integer in 1..1024"),
+    (["serve", "--chat-template", "/dev/zero"], "has more than 65536 bytes, the most read"),
 ])
 def test_serve_command_errors_are_one_line(args, words):
     run = run_cli(*args)

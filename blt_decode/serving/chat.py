@@ -106,11 +106,12 @@ class ChatTemplate:
     def from_file(cls, path: str | Path, stops: Sequence[str] = ()) -> "ChatTemplate":
         path = Path(path)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as fh:  # at most one byte past the limit: /dev/zero is not read to the end
+                data = fh.read(MAX_TEMPLATE_BYTES + 1)
         except OSError as exc:
             raise ChatTemplateError(f"cannot read the chat template {path}: {exc.strerror or exc}") from None
         if len(data) > MAX_TEMPLATE_BYTES:
-            raise ChatTemplateError(f"the chat template {path} has {len(data)} bytes; at most {MAX_TEMPLATE_BYTES}")
+            raise ChatTemplateError(f"the chat template {path} has more than {MAX_TEMPLATE_BYTES} bytes, the most read")
         try:
             source = data.decode("utf-8")
         except UnicodeDecodeError:
