@@ -1,34 +1,8 @@
-"""The decode session: incremental BLT decoding with KV caches and rollback, one sequence at a time or many.
-
-A :class:`DecodeSession` is one sequence: its length, drafts and patch starts (what strategies read), and
-its slot in a :class:`~blt_decode.runner.DecodeState`, which holds the tensors of one or more sequences
-(ids, entropies, the encoder's byte states, the latents of closed patches, the logits at every position,
-and one :class:`~blt_decode.cache.KVCache` per module: entropy model, encoder, global model, decoder). A
-session made on its own gets a state of one slot from its runner; the batched
-:class:`~blt_decode.engine.Engine` gives many sessions slots of one shared state.
-
-Strategies touch the model only through the session's primitives:
-
-- :meth:`~DecodeSession.prefill` / :meth:`~DecodeSession.append` process new ids (one forward pass per
-  module over the chunk) and return their next-byte logits. The global model runs only when the chunk
-  closes patches.
-- :meth:`~DecodeSession.truncate` rolls everything back to a shorter length (set lengths back; nothing is
-  recomputed).
-- :meth:`~DecodeSession.draft` runs encoder + decoder only on ids past the committed length, reusing the
-  last available latent (BLT-S drafting). Drafts are scratch: the next append or truncate discards them.
-- :meth:`~DecodeSession.verify` is :meth:`~DecodeSession.append` counted as a verification pass.
-- :meth:`~DecodeSession.denoise` runs the decoder only over a (partly) masked block placed right after the
-  committed sequence (BLT-D): the block sees the committed bytes and itself, reads the latent of the
-  patch before its start, and its logits predict the byte AT each block position. Scratch, like drafts.
-- :meth:`~DecodeSession.reference_logits` runs the full uncached forward (the public reference
-  generator's way).
-
-A primitive hands its call to the session's *executor*. A lone session runs it at once through its
-state's runner (a batch of one); under the engine the call waits until every live request has its next
-call ready, and the runner then runs them all together (see :mod:`blt_decode.runner`: ragged lengths,
-per-row positions and patch boundaries, the global model only for rows whose patch closed). Every
-primitive counts its forward passes into its session's :attr:`~DecodeSession.stats`; nobody else counts.
-"""
+"""The decode session: one sequence's incremental BLT decoding (KV caches, rollback) in a slot of a
+:class:`~blt_decode.runner.DecodeState`, of its own or shared under the batched engine. Strategies touch
+the model only through its primitives (prefill, append, truncate, draft, verify, denoise,
+reference_logits; docs/plugins.md states each), which hand their calls to the state's runner and are the
+only counters of forward passes."""
 
 from __future__ import annotations
 

@@ -1,24 +1,7 @@
-"""The static runner: a batch of primitive calls runs as a few fixed-shape graphs over device-resident state.
-
-The eager runner rebuilds row layouts, masks, positions and patch spans from Python lists at every call
-and decides patch closes in Python. Here the bookkeeping lives in the state, on the device (committed
-and drafted lengths, the patch holding every position, patch starts, entropies), the graphs compute
-positions, masks and patch decisions from it and update it in place, and the host only says which slots
-take part, how many ids each adds, and the ids themselves. Each graph has static shapes: rows and chunk
-length rounded up to buckets, padding written to scratch room and never read. One batch of calls is::
-
-    front     (every chunk with appended or drafted ids)   ids, hash embeddings, entropy model, encoder,
-                                                          patch decisions -> close flags
-    host read (1)                                         the close flags: which patches closed
-    global    (only when some patch closed)               patch summaries + the global model
-    decoder   (every chunk)                               logits, and the lengths advanced
-    host read (1)                                         which rows came out finite
-
-A batch without appends (drafts, denoised blocks) runs front and decoder as one graph and reads the
-host once. ``compile=True`` compiles every graph with ``torch.compile(fullgraph=True, dynamic=False)``
-(the ``static`` backend); ``compile=False`` runs the same code eagerly, which is how most exactness
-tests run it. See docs/backends.md.
-"""
+"""The compiled backend's runner: a batch of primitive calls runs as a few step graphs (front, global,
+decode, front_decode) over device-resident state, with at most two host reads per batch. The graphs
+compute positions, masks and patch decisions from the state and update it in place; the host sends only
+which slots take part and their ids. docs/backends.md explains the design and its measurements."""
 
 from __future__ import annotations
 
