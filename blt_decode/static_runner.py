@@ -419,9 +419,10 @@ class StaticRunner:
         keys compiled; later calls inside these buckets compile nothing."""
         modes = [(True, [1], patches)] if lone else []
         if max_batch > 1:
-            rows = (sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)}) if self._bucketed_rows
-                    else [ANY_ROWS])
-            modes.append((False, rows, rows))
+            if self._bucketed_rows:  # a global graph's rows are patches, up to the largest bucket whatever the batch
+                modes.append((False, sorted({bucket(n, ROW_BUCKETS) for n in range(1, max_batch + 1)}), patches))
+            else:
+                modes.append((False, [ANY_ROWS], [ANY_ROWS]))
         keys = []
         for lone, rows, patch_rows in modes:
             keys += [(kind, b, t, lone) for b in rows for t in chunks for kind in ("front", "decode", "front_decode")]

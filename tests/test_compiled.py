@@ -334,6 +334,19 @@ def test_after_serves_warm_up_no_request_compiles(threshold):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_with_bucketed_rows_the_warm_up_covers_every_row_and_patch_bucket(monkeypatch):
+    """On a CUDA device rows come in buckets (a capture per shape): the warm-up plans every row bucket up
+    to the batch and every patch bucket of the global graph (a prompt closes up to 64 patches a call).
+    Planned here on the CPU, uncompiled, with the CUDA rule forced."""
+    from blt_decode.static_runner import PATCH_BUCKETS
+
+    monkeypatch.setattr(StaticRunner, "_bucketed_rows", property(lambda self: True))
+    runner = StaticRunner(bd.random_model(bd.load_model("random:tiny").config, 3), compile=False)
+    keys = runner.warmup(max_batch=16, lone=False, chunks=(1,))
+    assert {k[1] for k in keys if k[0] == "front"} == {1, 4, 16}
+    assert {k for k in keys if k[0] == "global"} == {("global", p, False) for p in PATCH_BUCKETS}
+
+
 # -- one compiled backend, one alias --------------------------------------------------------------------
 def test_static_is_an_alias_of_the_compiled_backend():
     assert plugins.get_backend("static") is plugins.get_backend("compiled")
