@@ -1,12 +1,6 @@
-"""The compiled backend: every batch of primitive calls runs as a few compiled fixed-shape graphs.
-
-The runner is :class:`~blt_decode.static_runner.StaticRunner`: device-resident bookkeeping, one graph per
-call kind and shape bucket, compiled with ``torch.compile(fullgraph=True)`` (inductor's C++ kernels on a
-CPU; on a CUDA device each graph is also captured as a CUDA graph and replayed). Graphs compile on first
-use or in :meth:`CompiledBackend.warmup`; inductor keeps what it built in its on-disk cache, so a second
-process warms up much faster. ``static`` is an alias (the name of this runner's first backend). See
-docs/backends.md.
-"""
+"""The compiled backend: every batch of primitive calls runs as a few compiled step graphs
+(:class:`~blt_decode.static_runner.StaticRunner`; CUDA graphs on a GPU), warmed up by
+:meth:`CompiledBackend.warmup` or on first use; ``static`` is its alias. See docs/backends.md."""
 
 from __future__ import annotations
 
@@ -119,8 +113,9 @@ class CompiledBackend:
 
     def warmup(self, model: BLTModel, strategies: tuple[str, ...] = (), *, rows: tuple[int, ...] = (1,),
                progress: bool = False) -> float:
-        """Compile the graphs of batches of up to ``max(rows)`` requests (every row bucket up to it, every
-        chunk bucket, the global buckets: :meth:`~blt_decode.static_runner.StaticRunner.warmup`) before
+        """Compile the graphs of engine batches of up to ``max(rows)`` requests (any number of rows on a CPU,
+        each row bucket up to it on CUDA; every chunk bucket; the global graphs:
+        :meth:`~blt_decode.static_runner.StaticRunner.warmup`) before
         timing starts, and the lone sessions' graphs if ``rows`` holds 1 (``generate``, and an engine of
         one slot, run those); with ``progress``, a bar on stderr. Returns the seconds it took (report it
         apart from decoding speed; a second process takes far less, from inductor's on-disk cache).

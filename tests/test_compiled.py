@@ -178,7 +178,7 @@ def test_at_most_two_host_reads_per_batch(uncompiled, monkeypatch):
 
 
 # -- compiled --------------------------------------------------------------------------------------------
-#: one tiny float64 model with short patches (so that one span bucket covers every patch)
+#: one tiny float64 model with short patches (at most 12 bytes: the max_patch_length rule runs too)
 @pytest.fixture(scope="module")
 def compiled():
     torch._dynamo.reset()

@@ -46,7 +46,7 @@ def compiled_backends() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model():
-    """A float32 random model with short patches (so one span bucket of a static backend covers them)."""
+    """A float32 random model with short patches (at most 12 bytes: the max_patch_length rule runs too)."""
     import attrs
 
     config = attrs.evolve(bd.load_model("random:tiny").config, max_patch_length=12)
