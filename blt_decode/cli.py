@@ -84,18 +84,22 @@ def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_de
 
 
 #: ``--backend auto`` (the default of generate, serve and eval humaneval) picks the compiled backend for a
-#: server and for work that requests at least this many new bytes, eager below it: from an empty inductor
-#: cache the compiled backend warms up for ~93 s and then decodes the shipped model 2.75x faster at batch
-#: 1 (514 vs 187 bytes/s, docs/benchmarks.md), so it pays for itself after ~27 000 bytes
-AUTO_COMPILED_BYTES = 32768
+#: server, and for work that requests at least this many new bytes, decoded one sequence at a time or
+#: batched; eager below. These are where the compiled backend's warm-up from an empty inductor cache pays
+#: for itself on the shipped model (docs/benchmarks.md, second round): one at a time, 93 s of warm-up and
+#: then 514 vs 187 bytes/s, ~27 000 bytes; batched (16), 177 s and then 866 vs 663 bytes/s, ~500 000
+AUTO_COMPILED_BYTES = {"one": 1 << 15, "batched": 1 << 19}
 BACKEND_HELP = ("compute backend (see 'blt-decode backends'); auto: compiled for a server or for work of at least "
-                f"{AUTO_COMPILED_BYTES} requested new bytes (its warm-up then pays), eager otherwise (default: %(default)s)")
+                f"{AUTO_COMPILED_BYTES['one']} requested new bytes ({AUTO_COMPILED_BYTES['batched']} batched: its "
+                "warm-up then pays), eager otherwise (default: %(default)s)")
 
 
-def _backend_for(requested: str, *, new_bytes: int | None, work: str, device: str | None = None) -> str:
+def _backend_for(requested: str, *, new_bytes: int | None, work: str, batch_size: int = 1,
+                 device: str | None = None) -> str:
     """The backend a command runs: ``requested``, or for "auto" the compiled backend for a server
-    (``new_bytes`` None) or work requesting at least :data:`AUTO_COMPILED_BYTES` new bytes, eager
-    otherwise or where the compiled backend cannot run (said on stderr, with the reason)."""
+    (``new_bytes`` None) or work requesting at least :data:`AUTO_COMPILED_BYTES` new bytes (for its
+    ``batch_size``), eager otherwise or where the compiled backend cannot run (said on stderr, with the
+    reason)."""
     from blt_decode.backends.compiled import require_compiler, unavailable
     from blt_decode.loading import check_device
 
@@ -105,7 +109,7 @@ def _backend_for(requested: str, *, new_bytes: int | None, work: str, device: st
         if plugins.get_backend(requested).name == "compiled":
             require_compiler(device)
         return requested
-    if new_bytes is not None and new_bytes < AUTO_COMPILED_BYTES:
+    if new_bytes is not None and new_bytes < AUTO_COMPILED_BYTES["one" if batch_size == 1 else "batched"]:
         return "eager"
     why = unavailable(device)
     say = f"{PROG}: backend auto: {{}}; --backend names one"
@@ -318,7 +322,8 @@ def _cmd_generate_file(args: argparse.Namespace) -> int:
         items = jobs.read_requests(args.input, defaults, check=lambda r: prepare(r, model.config.max_seqlen))
         requested = sum(item.request.max_new_bytes for item in items)
         args.backend = _backend_for(args.backend, new_bytes=requested,
-                                    work=f"a job of {len(items)} requests, {requested} new bytes", device=args.device)
+                                    work=f"a job of {len(items)} requests, {requested} new bytes",
+                                    batch_size=args.batch_size, device=args.device)
         _compile_note(args.backend)
         started = time.perf_counter()
         if args.ray is not None:
@@ -1019,7 +1024,7 @@ def _cmd_humaneval(args: argparse.Namespace) -> int:
     requested = humaneval.requested_new_bytes(specs, limit=args.limit, samples=args.samples,
                                               max_new_bytes=args.max_new_bytes)
     args.backend = _backend_for(args.backend, new_bytes=requested, work=f"a run of up to {requested} new bytes",
-                                device=args.device)
+                                batch_size=args.batch_size, device=args.device)
     _compile_note(args.backend)
     result = humaneval.run_humaneval(model_from_args(args), specs, args.output, limit=args.limit,
                                      samples=args.samples, max_new_bytes=args.max_new_bytes, batch_size=args.batch_size,

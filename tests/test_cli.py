@@ -257,17 +257,21 @@ def test_compiled_backend_says_it_is_warming_up():
 
 def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys, monkeypatch):
     """``--backend auto`` (the default of generate, serve and eval humaneval): compiled for a server and
-    for work of at least AUTO_COMPILED_BYTES requested new bytes, said on stderr; eager below, silently."""
+    for work of at least AUTO_COMPILED_BYTES requested new bytes (one at a time or batched), said on
+    stderr; eager below, silently."""
     from blt_decode import cli
 
     parser = cli.build_parser()
     for argv in (["generate", "x"], ["serve"], ["eval", "humaneval"]):
         assert parser.parse_args(argv).backend == "auto"
-    assert cli._backend_for("auto", new_bytes=cli.AUTO_COMPILED_BYTES - 1, work="w") == "eager"
+    one, batched = cli.AUTO_COMPILED_BYTES["one"], cli.AUTO_COMPILED_BYTES["batched"]
+    assert cli._backend_for("auto", new_bytes=one - 1, work="w") == "eager"
+    assert cli._backend_for("auto", new_bytes=batched - 1, work="w", batch_size=16) == "eager"
     assert capsys.readouterr().err == ""
-    assert cli._backend_for("auto", new_bytes=cli.AUTO_COMPILED_BYTES, work="a job") == "compiled"
+    assert cli._backend_for("auto", new_bytes=one, work="a job") == "compiled"
+    assert cli._backend_for("auto", new_bytes=batched, work="a job", batch_size=16) == "compiled"
     assert cli._backend_for("auto", new_bytes=None, work="a server") == "compiled"
-    assert capsys.readouterr().err.count("backend auto: compiled (a") == 2
+    assert capsys.readouterr().err.count("backend auto: compiled (a") == 3
     assert cli._backend_for("eager", new_bytes=None, work="a server") == "eager"  # a name is taken as given
     with pytest.raises(bd.UnknownBackendError):
         cli._backend_for("nope", new_bytes=None, work="a server")
