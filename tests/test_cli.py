@@ -255,7 +255,7 @@ def test_compiled_backend_says_it_is_warming_up():
     assert b"compiling" in out.stderr
 
 
-def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys, monkeypatch):
+def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys):
     """``--backend auto`` (the default of generate, serve and eval humaneval): compiled for a server and
     for work of at least AUTO_COMPILED_BYTES requested new bytes (one at a time or batched), said on
     stderr; eager below, silently."""
@@ -275,12 +275,13 @@ def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys, monkeypatch)
     assert cli._backend_for("eager", new_bytes=None, work="a server") == "eager"  # a name is taken as given
     with pytest.raises(bd.UnknownBackendError):
         cli._backend_for("nope", new_bytes=None, work="a server")
-    # where the compiled backend cannot run (no C++ compiler), auto says so and runs eager
-    from torch._inductor import config as inductor_config
-
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
-    assert cli._backend_for("auto", new_bytes=None, work="a server") == "eager"
-    assert "eager, since the compiled backend cannot run: no C++ compiler" in capsys.readouterr().err
+    # where the compiled backend cannot run (no C++ compiler: a process whose CXX names none), auto says so
+    # and runs eager (in a child: inductor reads CXX once, and its config is no place for a test's values)
+    code = "from blt_decode import cli; print(cli._backend_for('auto', new_bytes=None, work='a server'))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "CXX": "/nonexistent/c++"})
+    assert child.returncode == 0 and child.stdout.strip() == "eager", child.stderr
+    assert "eager, since the compiled backend cannot run: no C++ compiler" in child.stderr
 
 
 def test_generate_defaults_to_eager_for_one_short_generation():

@@ -291,6 +291,39 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
         os.close(fd)
 
 
+def _child_namespace(pid: int) -> str | None:
+    """The PID namespace of ``pid``'s first child (``unshare --fork``'s: the namespace the program runs in),
+    or None (no child, or no /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        namespace = os.readlink(f"/proc/{children[0]}/ns/pid") if children else None
+        return None if namespace == os.readlink("/proc/self/ns/pid") else namespace
+    except (OSError, IndexError):
+        return None
+
+
+def _wait_until_gone(group: int, namespace: str | None, limit_s: float = 10.0) -> None:
+    """Wait until no process of process group ``group`` (and of PID namespace ``namespace``) is left:
+    SIGKILL is delivered at once but a process takes a moment to die, the more so on a loaded machine, and
+    a run must leave nothing behind when it returns. Bounded by ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if not any(_belongs(entry, group, namespace) for entry in os.scandir("/proc") if entry.name.isdigit()):
+            return
+        time.sleep(0.005)
+
+
+def _belongs(entry: os.DirEntry, group: int, namespace: str | None) -> bool:
+    try:
+        if namespace is not None and os.readlink(f"{entry.path}/ns/pid") == namespace:
+            return True
+        stat = Path(f"{entry.path}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        return int(fields[2]) == group and fields[0] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _ending(report: bytes, returncode: int, in_namespace: bool) -> str:
     """How the process ended: the guard's report, else the signal that killed it, else its exit status."""
     lines = report.decode("utf-8", errors="replace").splitlines()
@@ -350,6 +383,8 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
                 except BrokenPipeError:  # it ended before reading its token
                     pass
                 timed_out = not _wait(proc, config.timeout_s)
+                # the program's PID namespace, read while its init lives (a timed-out run)
+                namespace = _child_namespace(proc.pid) if prefix else None
                 # in every case, ended or not: its process group (a fallback without the PID namespace, whose
                 # end kills everything in it anyway) goes before the leader is reaped
                 try:
@@ -357,6 +392,7 @@ def run_program(source: str | bytes, config: SandboxConfig = SandboxConfig()) ->
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
+                _wait_until_gone(proc.pid, namespace)
             os.set_blocking(report_r, False)
             try:
                 report = os.read(report_r, 4096)
