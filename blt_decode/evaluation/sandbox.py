@@ -314,12 +314,13 @@ def _wait_until_gone(group: int, namespace: str | None, limit_s: float = 10.0) -
 
 
 def _belongs(entry: os.DirEntry, group: int, namespace: str | None) -> bool:
+    """A live process (not a zombie: it runs nothing, and its reaper may be slow) of the group or namespace."""
     try:
-        if namespace is not None and os.readlink(f"{entry.path}/ns/pid") == namespace:
-            return True
         stat = Path(f"{entry.path}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        return int(fields[2]) == group and fields[0] != "Z"
+        if fields[0] == "Z":
+            return False
+        return int(fields[2]) == group or (namespace is not None and os.readlink(f"{entry.path}/ns/pid") == namespace)
     except (OSError, ValueError, IndexError):
         return False
 
