@@ -1,5 +1,5 @@
 """The compiled backend: every batch of primitive calls runs as a few compiled step graphs
-(:class:`~blt_decode.static_runner.StaticRunner`; CUDA graphs on a GPU), warmed up by
+(:class:`~blt_decode.execution.static_runner.StaticRunner`; CUDA graphs on a GPU), warmed up by
 :meth:`CompiledBackend.warmup` or on first use; ``static`` is its alias. See docs/backends.md."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from blt_decode.decoding.session import DecodeSession
 from blt_decode.errors import BackendUnavailableError
-from blt_decode.hookspecs import hookimpl
-from blt_decode.model import BLTModel
-from blt_decode.session import DecodeSession
-from blt_decode.static_runner import StaticRunner
+from blt_decode.execution.static_runner import StaticRunner
+from blt_decode.model.blt import BLTModel
+from blt_decode.plugins.hookspecs import hookimpl
 
 
 def unavailable(device: torch.device | str = "cpu") -> str | None:
@@ -115,7 +115,7 @@ class CompiledBackend:
                progress: bool = False) -> float:
         """Compile the graphs of engine batches of up to ``max(rows)`` requests (any number of rows on a CPU,
         each row bucket up to it on CUDA; every chunk bucket; the global graphs:
-        :meth:`~blt_decode.static_runner.StaticRunner.warmup`) before
+        :meth:`~blt_decode.execution.static_runner.StaticRunner.warmup`) before
         timing starts, and the lone sessions' graphs if ``rows`` holds 1 (``generate``, and an engine of
         one slot, run those); with ``progress``, a bar on stderr. Returns the seconds it took (report it
         apart from decoding speed; a second process takes far less, from inductor's on-disk cache).

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from blt_decode.hookspecs import hookimpl
-from blt_decode.model import BLTModel
-from blt_decode.runner import EagerRunner
-from blt_decode.session import DecodeSession
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.execution.runner import EagerRunner
+from blt_decode.model.blt import BLTModel
+from blt_decode.plugins.hookspecs import hookimpl
 
 
 class EagerBackend:

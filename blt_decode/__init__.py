@@ -6,9 +6,9 @@ compute backends. Start with :func:`generate`.
 
 from blt_decode.api import (Generation, Score, Stream, generate, generate_many, load_model, random_model, score,
                             score_many, stream)
-from blt_decode.checkpoint import save_model
-from blt_decode.engine import Engine, EngineStats, EngineStream
-from blt_decode.config import BLTConfig, TransformerConfig
+from blt_decode.checkpoints.native import save_model
+from blt_decode.engine.core import Engine, EngineStats, EngineStream
+from blt_decode.model.config import BLTConfig, TransformerConfig
 from blt_decode.errors import (
     BackendUnavailableError,
     BLTDecodeError,
@@ -32,13 +32,13 @@ from blt_decode.errors import (
     UnknownModelError,
     UnknownStrategyError,
 )
-from blt_decode.hookspecs import hookimpl
-from blt_decode.model import BLTModel
-from blt_decode.plugins import backend_names, strategy_names
-from blt_decode.protocol import DecodeContext
-from blt_decode.request import Request
-from blt_decode.session import DecodeSession
-from blt_decode.stats import DecodeStats, ForwardPasses
+from blt_decode.decoding.protocol import DecodeContext
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.decoding.stats import DecodeStats, ForwardPasses
+from blt_decode.engine.request import Request
+from blt_decode.model.blt import BLTModel
+from blt_decode.plugins.hookspecs import hookimpl
+from blt_decode.plugins.registry import backend_names, strategy_names
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from blt_decode.cli import main
+from blt_decode.cli.main import main
 
 sys.exit(main())

@@ -11,21 +11,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blt_decode import plugins, tokenizer
+from blt_decode.plugins import registry as plugins
+
 from blt_decode.checks import is_int, show
-from blt_decode.decoding import Committer, Generation, decode_request, utf8_text
+from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
 from blt_decode.errors import InvalidRequestError
-from blt_decode.loading import (  # noqa: F401 - re-exported: the public API's model loading lives there
+from blt_decode.model import tokenizer
+from blt_decode.checkpoints.resolve import (  # noqa: F401 - re-exported: the public API's model loading lives there
     DEFAULT_MODEL_DIR,
     default_model_available,
     load_model,
     random_model,
     with_config,
 )
-from blt_decode.model import BLTModel
-from blt_decode.request import DEFAULT_MAX_NEW_BYTES, Request, check_flag, prepare
-from blt_decode.sampling import NEVER_GENERATED, greedy
-from blt_decode.stats import DecodeStats
+from blt_decode.decoding.sampling import NEVER_GENERATED, greedy
+from blt_decode.decoding.stats import DecodeStats
+from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES, Request, check_flag, prepare
+from blt_decode.model.blt import BLTModel
 from blt_decode.trace import Trace
 
 
@@ -103,19 +105,19 @@ def generate_many(model: str | Path | BLTModel, prompts: Sequence[str | bytes | 
                   strategy: str | None = None, backend: str = "eager", batch_size: int = 16,
                   max_new_bytes: int | None = None, stop: str | bytes | Sequence[str | bytes] | None = None,
                   seed: int | None = None, progress: bool = False, **options: Any) -> list[Generation]:
-    """Generate for many prompts at once with the batched :class:`~blt_decode.engine.Engine`; returns one
+    """Generate for many prompts at once with the batched :class:`~blt_decode.engine.core.Engine`; returns one
     :class:`Generation` per prompt, in input order, each exactly what :func:`generate` gives for it alone.
 
     ``prompts`` is a list (or other sequence) of prompts, str or bytes: the keyword arguments ``strategy``
     (default autoregressive), ``max_new_bytes`` (default 256), ``stop``, ``seed`` and the strategy's
-    options apply to each. It may also hold :class:`~blt_decode.request.Request` objects, each with its
+    options apply to each. It may also hold :class:`~blt_decode.engine.request.Request` objects, each with its
     own strategy, options, seed and limits; those keyword arguments are then refused (they would apply to
     some prompts and not to others), while ``backend``, ``batch_size`` and ``progress`` concern the whole
     call. A bare str or bytes is refused (it is one prompt, not a list of them). Every request is validated
     before any decoding starts. ``batch_size`` requests decode at a time (continuous batching: a finished
     request's slot goes to the next one at once). A request that fails raises its error after the others
     have finished."""
-    from blt_decode.engine import Engine
+    from blt_decode.engine.core import Engine
 
     if isinstance(prompts, (str, bytes, bytearray)):
         raise InvalidRequestError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
@@ -165,7 +167,7 @@ class Score:
     logprobs: np.ndarray  #: natural-log probability of each byte given the bytes before it
     bits_per_byte: float
     #: was each byte what greedy decoding picks there (the most likely id that can be generated, ties to
-    #: the lowest id, as :func:`blt_decode.sampling.greedy`)?
+    #: the lowest id, as :func:`blt_decode.decoding.sampling.greedy`)?
     greedy: np.ndarray
     #: with ``top_logprobs=N``: the N most likely token ids at each position ([bytes, N], best first; byte
     #: ids and EOS, never the ids nothing generates) and their log-probabilities; else None

@@ -1,5 +1,5 @@
-"""The value checks behind every typed record: model configs (:mod:`blt_decode.config`), strategy
-options (:mod:`blt_decode.options`) and training configs (:mod:`blt_decode.training`).
+"""The value checks behind every typed record: model configs (:mod:`blt_decode.model.config`), strategy
+options (:mod:`blt_decode.decoding.options`) and training configs (:mod:`blt_decode.training`).
 
 What counts as an integer, which numbers convert to float, what "a finite number in a range" means, how
 a refused value is shown, and the one family of attrs validators built on them (:class:`Validators`) are
@@ -18,6 +18,9 @@ import stat
 from typing import Any, Callable, Sequence
 
 import attrs
+
+#: seeds accepted by torch.Generator.manual_seed (a model's, a request's, a harness's)
+MAX_SEED = 2**64 - 1
 
 #: an attrs validator: ``check(instance, attribute, value)`` raises on a refused value
 Validator = Callable[[Any, "attrs.Attribute", Any], None]

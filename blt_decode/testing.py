@@ -25,10 +25,10 @@ import torch
 from hypothesis import strategies as st
 
 from blt_decode.api import Generation, generate, generate_many, random_model
-from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.model import BLTModel
-from blt_decode.request import Request
-from blt_decode.tokenizer import EOS_ID, OFFSET
+from blt_decode.engine.request import Request
+from blt_decode.model.blt import BLTModel
+from blt_decode.model.config import BLTConfig, TransformerConfig
+from blt_decode.model.tokenizer import EOS_ID, OFFSET
 
 StrategySpec = str | tuple[str, dict[str, Any]]
 
@@ -129,7 +129,7 @@ _SAME_STATS = ("passes", "new_tokens", "patches", "stop_reason", "seed", "drafte
 
 def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *, batch_size: int = 4,
                                 backend: str = "eager", join_after: int = 2) -> list[Generation]:
-    """Decode ``requests`` together with the batched :class:`~blt_decode.engine.Engine` and each alone with
+    """Decode ``requests`` together with the batched :class:`~blt_decode.engine.core.Engine` and each alone with
     :func:`~blt_decode.api.generate`, and fail, naming the request and the first differing byte or
     statistic, unless every request gets the same bytes and the same per-request statistics (forward
     passes per module, drafts, verifications, blocks, stop reason).
@@ -138,7 +138,7 @@ def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *,
     first ones are mid-generation. With more requests than ``batch_size``, later ones also wait for a
     slot and take the slot of a finished one. Requests without a seed get seed = their index, so that
     sampling strategies are compared on equal terms. Returns the batched generations."""
-    from blt_decode.engine import Engine
+    from blt_decode.engine.core import Engine
 
     requests = [r if r.seed is not None else attrs.evolve(r, seed=i) for i, r in enumerate(requests)]
     engine = Engine(model, backend=backend, max_batch=batch_size)
@@ -201,7 +201,7 @@ def wrong_logits(model: BLTModel, ids: torch.Tensor, like: torch.Tensor) -> torc
     """Logits shaped like ``like`` whose every row points at a byte that the exact model does *not*
     choose greedily after ``ids`` (1-D, BOS first; computed with the uncached reference forward). Test
     doubles use it to build drafters that are always wrong."""
-    from blt_decode.sampling import greedy_id
+    from blt_decode.decoding.sampling import greedy_id
 
     exact = greedy_id(model(ids[None])[0, -1])
     wrong = OFFSET + (exact - OFFSET + 1) % 256 if exact >= OFFSET else OFFSET
@@ -212,8 +212,8 @@ def wrong_logits(model: BLTModel, ids: torch.Tensor, like: torch.Tensor) -> torc
 
 @contextlib.contextmanager
 def _registered(hook: str, obj: Any) -> Iterator[str]:
-    from blt_decode import hookimpl, plugins
-
+    from blt_decode import hookimpl
+    from blt_decode.plugins import registry as plugins
     plugin = type(f"_Testing_{hook}", (), {hook: hookimpl(lambda self, register: register(obj))})()
     manager = plugins.get_plugin_manager()
     manager.register(plugin, name=f"testing-{obj.name}")
@@ -248,7 +248,7 @@ class _Abandon(Exception):
 def output_distribution(model: BLTModel, prompt: bytes | str, strategy: str, max_new_bytes: int, *,
                         backend: str = "eager", prune: float = 1e-12, **options: Any) -> tuple[dict[Outcome, float], float]:
     """The exact distribution of a sampling strategy's output, by enumerating every branch of its random
-    draws: ``blt_decode.sampling.categorical`` and ``blt_decode.sampling.bernoulli`` (the only two
+    draws: ``blt_decode.decoding.sampling.categorical`` and ``blt_decode.decoding.sampling.bernoulli`` (the only two
     places randomness enters) are replaced by an oracle that replays a script of choices, and a
     depth-first search re-runs the generation once per leaf of the decision tree. The probability of an
     output is the sum over the leaves that produce it of the product of the chosen branches'
@@ -257,8 +257,7 @@ def output_distribution(model: BLTModel, prompt: bytes | str, strategy: str, max
     Branches whose path probability falls below ``prune`` are not explored; returns (distribution,
     total pruned probability), so that comparisons can allow for the pruned mass. Keep supports small
     (``top_k``, or a backend that restricts the logits): the number of leaves grows with support^draws."""
-    from blt_decode import sampling
-
+    from blt_decode.decoding import sampling
     dist: dict[Outcome, float] = {}
     pruned = 0.0
     stack: list[tuple[int, ...]] = [()]
@@ -318,11 +317,11 @@ def ar_output_distribution(model: BLTModel, prompt: bytes | str, max_new_bytes: 
                            prune: float = 0.0) -> dict[Outcome, float]:
     """The exact distribution of autoregressive sampling's output, from the model's uncached reference
     forward (one batched forward per output length): P(y) = prod_i p(y_i | prompt, y_<i), with ``p``
-    from :func:`blt_decode.sampling.probabilities`, stopping at EOS or ``max_new_bytes``.
+    from :func:`blt_decode.decoding.sampling.probabilities`, stopping at EOS or ``max_new_bytes``.
     ``logits_transform`` is applied to the logits first (to mirror a test backend that restricts them);
     prefixes below ``prune`` are dropped."""
-    from blt_decode import tokenizer
-    from blt_decode.sampling import probabilities
+    from blt_decode.decoding.sampling import probabilities
+    from blt_decode.model import tokenizer
 
     base = tokenizer.encode(tokenizer.to_bytes(prompt))
     frontier: list[tuple[list[int], float]] = [([], 1.0)]

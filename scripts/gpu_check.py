@@ -499,8 +499,7 @@ def task_facts(args: argparse.Namespace) -> dict[str, Any]:
             facts[name] = getattr(module, "__version__", "present")
         except ImportError:
             facts[name] = None
-    from blt_decode import plugins
-
+    from blt_decode.plugins import registry as plugins
     facts["backends"] = plugins.backend_names()
     facts["strategies"] = plugins.strategy_names()
     return facts
@@ -557,8 +556,8 @@ def task_build_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import blt_decode as bd
-    from blt_decode import formats
-    from blt_decode.loading import random_presets
+    from blt_decode.checkpoints import formats
+    from blt_decode.checkpoints.resolve import random_presets
 
     config = attrs.evolve(random_presets()[args.preset], encoder_hash_byte_group_vocab=args.hash_vocab)
     start = time.perf_counter()
@@ -578,9 +577,10 @@ def task_hf_generate(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import BltForCausalLM
 
     import blt_decode as bd
-    from blt_decode import formats, tokenizer
-    from blt_decode.prompt_sets import load
-    from blt_decode.sampling import NEVER_GENERATED
+    from blt_decode.checkpoints import formats
+    from blt_decode.decoding.sampling import NEVER_GENERATED
+    from blt_decode.model import tokenizer
+    from blt_decode.tools.prompt_sets import load
 
     device = args.device
     # converted on the CPU (the writers read tensors there), then both models moved to the device
@@ -651,8 +651,8 @@ def task_export(args: argparse.Namespace) -> dict[str, Any]:
     most 15 MiB in $OUT, with the sha256 of the whole file and of every piece."""
     import torch
 
-    from blt_decode import formats
-    from blt_decode.checkpoint import load_native
+    from blt_decode.checkpoints import formats
+    from blt_decode.checkpoints.native import load_native
 
     run = Path(args.run)
     model = load_native(run / "final").to(torch.bfloat16)

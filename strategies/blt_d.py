@@ -1,6 +1,6 @@
 """BLT-D: block-diffusion decoding. Per block, ``block_size`` [MASK] bytes after the committed sequence
 are unmasked by decoder-only ``session.denoise`` passes (confidence or entropy rule,
-:mod:`blt_decode.unmasking`), then appended and committed up to the last patch boundary inside it.
+:mod:`blt_decode.decoding.unmasking`), then appended and committed up to the last patch boundary inside it.
 docs/diffusion.md describes the rules, ``max_passes`` and the alignment with training.
 """
 

@@ -1,6 +1,6 @@
 """BLT-S: self-speculative decoding, exactly greedy, or exactly distributed as AR sampling. Each round
 draws the exact first byte, drafts ``k`` more with ``session.draft`` (encoder + decoder on the stale
-latent), and verifies them in one ``session.verify`` pass with :func:`~blt_decode.speculation.verify_draft`;
+latent), and verifies them in one ``session.verify`` pass with :func:`~blt_decode.decoding.speculation.verify_draft`;
 ``k="auto"`` chooses ``k`` per round. docs/blt-s.md explains why it is exact and what it costs.
 """
 

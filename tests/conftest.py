@@ -28,8 +28,7 @@ def installed_plugin(tmp_path, monkeypatch):
     Writes ``<dist>.dist-info`` with METADATA and entry_points.txt into tmp_path (the module's source must
     be written there by the caller), puts tmp_path on sys.path and resets the plugin registry, so the
     plugin is found exactly as an installed package would be. Undone after the test."""
-    from blt_decode import plugins
-
+    from blt_decode.plugins import registry as plugins
     added: list[str] = []
 
     def install(dist_name: str, entry_name: str, module: str) -> None:

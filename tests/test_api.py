@@ -10,8 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import decoding, options, plugins, testing, tokenizer
+from blt_decode import testing
+from blt_decode.decoding import options
+from blt_decode.engine import driver as decoding
 from blt_decode.errors import InvalidOptionsError, InvalidRequestError, NonFiniteError, StrategyError
+from blt_decode.model import tokenizer
+from blt_decode.plugins import registry as plugins
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +226,7 @@ def test_bad_devices(device):
 
 
 def test_a_broken_default_model_says_what_is_wrong(monkeypatch, tmp_path):
-    from blt_decode import loading
+    from blt_decode.checkpoints import resolve as loading
     from blt_decode.errors import CheckpointError
 
     bd.save_model(bd.random_model("tiny"), tmp_path)
@@ -280,8 +284,8 @@ def test_an_option_given_twice_is_refused_not_overwritten():
     ("ffn_dim", 10**9, "ffn_dim must be an integer in 1..262144"),
 ])
 def test_model_config_sizes_have_upper_bounds(field, value, words):
-    from blt_decode.config import TransformerConfig
     from blt_decode.errors import ConfigError
+    from blt_decode.model.config import TransformerConfig
 
     fields = {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, field: value}
     with pytest.raises(ConfigError, match=words):
@@ -289,8 +293,8 @@ def test_model_config_sizes_have_upper_bounds(field, value, words):
 
 
 def test_max_seqlen_has_an_upper_bound_in_every_layout():
-    from blt_decode.config import PRESETS, BLTConfig
     from blt_decode.errors import ConfigError
+    from blt_decode.model.config import PRESETS, BLTConfig
 
     data = PRESETS["tiny"].to_dict()
     with pytest.raises(ConfigError, match=r"max_seqlen must be an integer in 1\.\.1048576, got 1000000000000"):
@@ -317,7 +321,7 @@ def test_the_autoregressive_reference_counts_what_ar_does(model, prompt, n, samp
     """stats.autoregressive_passes (what `generate`'s summary compares with) predicts AR's passes exactly,
     for entropy and static patching, greedy and sampled, whatever ends the output; BLT-S greedy commits
     AR's bytes, so its reference is the AR run's passes."""
-    from blt_decode.stats import autoregressive_passes
+    from blt_decode.decoding.stats import autoregressive_passes
 
     opts = {"temperature": 1.0, "seed": 2} if sampled else {}
     ar = bd.generate(model, prompt, max_new_bytes=n, **opts)

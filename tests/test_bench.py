@@ -4,12 +4,14 @@ import sys
 
 import pytest
 
-from blt_decode import bench, prompt_sets
+from blt_decode.tools import bench
+
 from blt_decode.errors import InvalidOptionsError, UnknownStrategyError
+from blt_decode.tools import prompt_sets
 
 
 def test_prompt_sets_ship_as_package_data_and_are_held_out():
-    from blt_decode.corpus import HELDOUT_CODE, HELDOUT_PLAYS
+    from blt_decode.tools.corpus import HELDOUT_CODE, HELDOUT_PLAYS
 
     a, b = prompt_sets.load("heldout", 6), prompt_sets.load("heldout", 64)
     assert a == b[:6] and len(b) == 64
@@ -26,7 +28,7 @@ def test_prompt_sets_ship_as_package_data_and_are_held_out():
 
 def test_prompt_sets_load_without_the_corpus():
     # a plain install has no play texts: loading the shipped sets must not touch the corpus module
-    code = ("import sys; sys.modules['blt_decode.corpus'] = None\n"
+    code = ("import sys; sys.modules['blt_decode.tools.corpus'] = None\n"
             "from blt_decode import prompt_sets\n"
             "print(len(prompt_sets.load('heldout', 64)), len(prompt_sets.load('heldout-code', 64)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -38,8 +40,7 @@ def test_shipped_code_prompts_are_reproduced_from_the_stdlib():
 
 
 def test_shipped_heldout_prompts_are_reproduced_from_the_corpus():
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     try:
         corpus.plays_dir()
     except corpus.CorpusError as exc:
@@ -150,8 +151,8 @@ def test_bench_throughput_at_batch_sizes(tmp_path):
 
 
 def test_bench_does_not_import_the_cli():
-    # option parsing lives with the options (blt_decode.options), not in the CLI: no cli <-> bench cycle
-    code = "import sys, blt_decode.bench; print('blt_decode.cli' in sys.modules)"
+    # option parsing lives with the options (blt_decode.decoding.options), not in the CLI: no cli <-> bench cycle
+    code = "import sys, blt_decode.tools.bench; print('blt_decode.cli' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
@@ -240,10 +241,11 @@ def test_backends_take_turns_and_their_ratios_are_reported():
     """Repeats go round every backend's rows (a noisy spell touches all alike), the run reports each
     backend's bytes/s over the first's, and a backend with a warm-up runs each throughput setting once
     untimed first (so that no compilation is timed)."""
-    from blt_decode import hookimpl, plugins
+    from blt_decode import hookimpl
     from blt_decode.backends.eager import EagerBackend
-    from blt_decode.runner import EagerRunner
-    from blt_decode.session import DecodeSession
+    from blt_decode.decoding.session import DecodeSession
+    from blt_decode.execution.runner import EagerRunner
+    from blt_decode.plugins import registry as plugins
 
     sessions, engines, warmed = [], [], []
 

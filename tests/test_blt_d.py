@@ -8,11 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode
-from blt_decode import options, plugins
+from blt_decode.decoding import options
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.decoding.unmasking import select_confidence, select_entropy, unmask_step
 from blt_decode.errors import InvalidOptionsError
-from blt_decode.session import DecodeSession
-from blt_decode.tokenizer import MASK_ID
-from blt_decode.unmasking import select_confidence, select_entropy, unmask_step
+from blt_decode.model.tokenizer import MASK_ID
+from blt_decode.plugins import registry as plugins
 
 
 # -- the confidence rule -----------------------------------------------------------------------------
@@ -95,12 +96,12 @@ def test_registered_with_options():
 
 @pytest.mark.parametrize("block_size,rule", [(4, "confidence"), (8, "entropy"), (16, "confidence")])
 def test_blocks_commit_up_to_the_last_patch_boundary(block_size, rule):
-    from blt_decode.protocol import DecodeContext
+    from blt_decode.decoding.protocol import DecodeContext
 
     model = _model(1)
     strategy = plugins.get_strategy("blt-d")
     opts = options.make_options(strategy, {"block_size": block_size, "rule": rule})
-    prompt = blt_decode.tokenizer.encode(b"def fibonacci(n):\n")
+    prompt = blt_decode.model.tokenizer.encode(b"def fibonacci(n):\n")
     session = DecodeSession(model, len(prompt) + 80 + block_size + 1)
     context = DecodeContext(tuple(prompt), 80, torch.Generator().manual_seed(0))
     ends, total = [], len(prompt)
@@ -156,7 +157,7 @@ def test_block_mask_denoise_is_independent_of_later_scratch():
     """Denoising twice from the same state gives the same logits (scratch keys never leak)."""
     model = _model(4)
     session = DecodeSession(model, 64)
-    session.prefill(blt_decode.tokenizer.encode(b"hello world"))
+    session.prefill(blt_decode.model.tokenizer.encode(b"hello world"))
     a = session.denoise([MASK_ID] * 6)
     session.denoise([77] * 8)
     b = session.denoise([MASK_ID] * 6)

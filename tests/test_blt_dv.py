@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.session import DecodeSession
-from blt_decode.tokenizer import EOS_ID, OFFSET
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.model.tokenizer import EOS_ID, OFFSET
 from blt_decode.trace import Verified
 
 alphas = st.one_of(st.none(), st.floats(0.0, 1.0))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.session import DecodeSession
+from blt_decode.decoding.session import DecodeSession
 from blt_decode.trace import Verified
 
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import blt_decode as bd
-from blt_decode import tokenizer
 from blt_decode.cli import main
+from blt_decode.model import tokenizer
 
 TINY = ("--model", "random:tiny")
 
@@ -178,7 +178,7 @@ def test_no_local_path_goes_into_a_converted_checkpoint(tmp_path):
     """convert recorded its source's absolute path ("from": "/..."), and carried training metadata with
     absolute paths (a run's --out): a checkpoint is meant to be shared. The source is recorded by name and
     sha256 of its files; absolute paths in carried metadata keep only their last component."""
-    from blt_decode.checkpoint import save_model
+    from blt_decode.checkpoints.native import save_model
 
     src = tmp_path / "trained" / "final"
     save_model(bd.random_model("tiny"), src, metadata={"training": {"out_dir": str(tmp_path / "trained"),
@@ -202,7 +202,7 @@ def test_no_local_path_goes_into_a_converted_checkpoint(tmp_path):
 
 
 def test_the_shipped_default_model_records_no_local_path():
-    from blt_decode.loading import DEFAULT_MODEL_DIR
+    from blt_decode.checkpoints.resolve import DEFAULT_MODEL_DIR
 
     meta = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["metadata"]
 

@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blt_decode as bd
-from blt_decode import api, plugins, testing
+from blt_decode import api, testing
 from blt_decode.backends.compiled import CompiledBackend, compiled_graph_count
-from blt_decode.static_runner import StaticRunner
+from blt_decode.execution.static_runner import StaticRunner
+from blt_decode.plugins import registry as plugins
 from test_engine import _structural_unmasking_tie, requests, tutorial_strategies
 
 ALL_STRATEGIES = [("autoregressive", {}), ("autoregressive", {"temperature": 0.8}), ("blt-s", {"k": 4}),
@@ -104,7 +105,7 @@ def test_non_finite_rows_fail_alone_and_leave_the_slot_clean(uncompiled):
         bd.generate(nan_model, b"a", backend=uncompiled, max_new_bytes=4)
     runner = UNCOMPILED.runner(nan_model)
     state = runner.new_state(2, 64)
-    from blt_decode.session import DecodeSession
+    from blt_decode.decoding.session import DecodeSession
 
     session = DecodeSession(nan_model, 64, state=state, slot=1)
     with pytest.raises(bd.NonFiniteError):
@@ -247,7 +248,7 @@ def test_default_model_float32_tie_flips_are_reported():
     same passes, and fails above 1 in 8."""
     if not api.default_model_available():
         pytest.skip("no default model shipped")
-    from blt_decode.prompt_sets import load
+    from blt_decode.tools.prompt_sets import load
 
     model = bd.load_model("default")
     prompts = [p.prompt for p in load("heldout", 4)]
@@ -263,7 +264,7 @@ WARM_ONE_PROCESS = """
 import json, time, torch
 torch.set_num_threads(1)
 import blt_decode as bd
-from blt_decode import plugins
+from blt_decode.plugins import registry as plugins
 model = bd.random_model("tiny", 5, dtype=torch.float64)
 start = time.perf_counter()
 keys = plugins.get_backend("compiled").runner(model).warmup(chunks=(1,), patches=(1,))
@@ -338,7 +339,7 @@ def test_with_bucketed_rows_the_warm_up_covers_every_row_and_patch_bucket(monkey
     """On a CUDA device rows come in buckets (a capture per shape): the warm-up plans every row bucket up
     to the batch and every patch bucket of the global graph (a prompt closes up to 64 patches a call).
     Planned here on the CPU, uncompiled, with the CUDA rule forced."""
-    from blt_decode.static_runner import PATCH_BUCKETS
+    from blt_decode.execution.static_runner import PATCH_BUCKETS
 
     monkeypatch.setattr(StaticRunner, "_bucketed_rows", property(lambda self: True))
     runner = StaticRunner(bd.random_model(bd.load_model("random:tiny").config, 3), compile=False)

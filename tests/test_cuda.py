@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode import api, plugins, testing
-
+from blt_decode import api, testing
+from blt_decode.plugins import registry as plugins
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch sees none): run on a lent GPU by scripts/gpu-check.sh")
 
@@ -96,7 +96,7 @@ def test_eager_cuda_tie_flips_against_eager_cpu_on_the_default_model(record_prop
     the same passes; the share that differ stays under TIE_FLIP_BOUND."""
     if not api.default_model_available():
         pytest.skip("no default model shipped")
-    from blt_decode.prompt_sets import load
+    from blt_decode.tools.prompt_sets import load
 
     cpu = bd.load_model("default")
     gpu = bd.load_model("default", device="cuda")

@@ -11,9 +11,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import plugins, testing
-from blt_decode.engine import CancelledError, Engine, EngineError
+from blt_decode import testing
+from blt_decode.engine.core import CancelledError, Engine, EngineError
 from blt_decode.errors import InvalidOptionsError, PromptTooLongError
+from blt_decode.plugins import registry as plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -344,7 +345,7 @@ def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():
 # -- admission: sizes checked up front, a failure to admit one request fails that request alone -----------
 def _long_model(max_seqlen: int = 1 << 17):
     """The tiny random model allowed long sequences (its decode state grows with them)."""
-    from blt_decode.config import PRESETS
+    from blt_decode.model.config import PRESETS
 
     return bd.random_model(attrs.evolve(PRESETS["tiny"], max_seqlen=max_seqlen))
 
@@ -385,7 +386,7 @@ def test_a_request_that_cannot_be_admitted_fails_alone_and_the_engine_serves_on(
     engine = Engine(model, max_batch=16).start()
     try:
         assert engine.submit(b"warm", max_new_bytes=4).result().output  # the first (small) state is allocated
-        with caplog.at_level("ERROR", logger="blt_decode.engine"), address_space_limit(512 << 20):
+        with caplog.at_level("ERROR", logger="blt_decode.engine.core"), address_space_limit(512 << 20):
             big = engine.submit(b"big", max_new_bytes=big_new_bytes)
             small = engine.submit(b"small", max_new_bytes=12)
             _ended(big)

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blt_decode
-from blt_decode import checkpoint as native
-from blt_decode import cli, formats
-from blt_decode.config import BLTConfig, TransformerConfig
+from blt_decode import cli
+from blt_decode.checkpoints import native
+from blt_decode.checkpoints import formats
+from blt_decode.checkpoints import hf, original
 from blt_decode.errors import BLTDecodeError, CheckpointError, ConfigError, UnknownModelError
-from blt_decode.formats import hf, original
-from blt_decode.model import BLTModel, init_weights
+from blt_decode.model.blt import BLTModel, init_weights
+from blt_decode.model.config import BLTConfig, TransformerConfig
 
 
 def stack(dim: int, layers: int, heads: int, ffn: int, window: int | None, **kw) -> TransformerConfig:
@@ -630,7 +631,7 @@ def test_cli_convert_dtype(saved, tmp_path):
 
 
 def test_cli_convert_native_to_native_keeps_the_training_metadata(model, tmp_path, capsys):
-    from blt_decode.checkpoint import save_model, source_digest
+    from blt_decode.checkpoints.native import save_model, source_digest
 
     save_model(model, tmp_path / "src", metadata={"training": {"kind": "blt", "steps": 7}, "corpus": "c-v1"})
     assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "bf16"), "--to", "native", "--dtype", "bfloat16"]) == 0

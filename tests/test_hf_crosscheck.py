@@ -31,13 +31,15 @@ from transformers import BltConfig as HFConfig  # noqa: E402
 from transformers import BltForCausalLM  # noqa: E402
 
 import blt_decode  # noqa: E402
-from blt_decode import formats, options, plugins  # noqa: E402
-from blt_decode.formats import original  # noqa: E402
-from blt_decode.model import BLTModel, PatchLayout  # noqa: E402
-from blt_decode.patcher import patch_lengths  # noqa: E402
-from blt_decode.protocol import DecodeContext  # noqa: E402
-from blt_decode.sampling import NEVER_GENERATED  # noqa: E402
-from blt_decode.tokenizer import PAD_ID  # noqa: E402
+from blt_decode import plugins  # noqa: E402
+from blt_decode.checkpoints import formats
+from blt_decode.checkpoints import original  # noqa: E402
+from blt_decode.decoding import options
+from blt_decode.decoding.protocol import DecodeContext  # noqa: E402
+from blt_decode.decoding.sampling import NEVER_GENERATED  # noqa: E402
+from blt_decode.model.blt import BLTModel, PatchLayout  # noqa: E402
+from blt_decode.model.patching import patch_lengths  # noqa: E402
+from blt_decode.model.tokenizer import PAD_ID  # noqa: E402
 
 TF_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
 #: transformers 5.23 added local_attention_window_len / the patcher's sliding_window

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode import bench, prompt_sets
 from blt_decode.cli import main
 from blt_decode.evaluation import before_stop
 from blt_decode.evaluation import humaneval as he
 from blt_decode.evaluation import sandbox
 from blt_decode.evaluation.sandbox import SandboxConfig, run_program
+from blt_decode.tools import bench
+from blt_decode.tools import prompt_sets
 
 STOPS = tuple(s.encode() for s in he.STOP_SEQUENCES)
 MISSING = frozenset(sandbox.missing_layers())
@@ -95,12 +96,12 @@ def test_run_decodes_batched_as_alone_records_everything_and_resumes(tmp_path, m
         assert r["completion"] == before_stop(alone.output, STOPS).decode("utf-8", "replace")
 
     # resume: a finished run does nothing again (no engine is even built)
-    import blt_decode.engine
+    import blt_decode.engine.core
 
     def no_engine(*a, **k):
         raise AssertionError("a finished run decoded again")
 
-    monkeypatch.setattr(blt_decode.engine, "Engine", no_engine)
+    monkeypatch.setattr(blt_decode.engine.core, "Engine", no_engine)
     again = he.run_humaneval(model, specs, out, limit=2, max_new_bytes=24, progress=False)
     assert len(_records(out)) == len(records) and again.rows[0].pass_at == ar.pass_at
     monkeypatch.undo()
@@ -293,8 +294,7 @@ def test_a_second_run_on_one_results_file_is_refused(tmp_path, model):
     import subprocess
     import sys
 
-    from blt_decode import jobs
-
+    from blt_decode.tools import jobs
     out = tmp_path / "he.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom blt_decode import jobs\n"
                                "with jobs.locked_output(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()",

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 import blt_decode as bd
-from blt_decode import jobs
-
+from blt_decode.tools import jobs
 LINES = [
     {"prompt": "hello"},
     {"id": "raw", "prompt_hex": "fffe00", "strategy": "blt-s", "options": {"k": 4}},

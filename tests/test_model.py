@@ -7,12 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import testing, tokenizer
-from blt_decode.config import PRESETS, BLTConfig, TransformerConfig
+from blt_decode import testing
+from blt_decode.decoding.session import DecodeSession
 from blt_decode.errors import ConfigError
-from blt_decode.model import latent_index
-from blt_decode.patcher import Patcher, patch_lengths
-from blt_decode.session import DecodeSession
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import latent_index
+from blt_decode.model.config import PRESETS, BLTConfig, TransformerConfig
+from blt_decode.model.patching import Patcher, patch_lengths
 
 
 def ids_of(prompt: bytes) -> list[int]:

@@ -11,8 +11,9 @@ import attrs
 import pytest
 
 import blt_decode as bd
-from blt_decode import hookspecs, plugins
 from blt_decode.errors import DuplicateNameError, InvalidOptionsError, PluginError, UnknownBackendError, UnknownStrategyError
+from blt_decode.plugins import hookspecs
+from blt_decode.plugins import registry as plugins
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from blt_decode import render
+from blt_decode.tools import render
 from blt_decode.trace import PatchClosed, Unmasked, Verified
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode.sampling import greedy_id, sample_id
-from blt_decode.tokenizer import BOS_ID, EOS_ID
+from blt_decode.decoding.sampling import greedy_id, sample_id
+from blt_decode.model.tokenizer import BOS_ID, EOS_ID
 
 
 def test_greedy_never_picks_non_generable_specials():

@@ -486,8 +486,8 @@ def test_the_seccomp_filter_on_each_architecture(machine):
 
 
 def test_the_first_20_humaneval_canonical_solutions_pass():
-    from blt_decode import prompt_sets
     from blt_decode.evaluation import humaneval as he
+    from blt_decode.tools import prompt_sets
 
     problems = prompt_sets.humaneval_problems()[:20]
     with ThreadPoolExecutor(max_workers=2) as pool:  # as the runner does (--workers 2)

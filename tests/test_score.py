@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode import tokenizer
-
-
+from blt_decode.model import tokenizer
 @pytest.fixture(scope="module")
 def model():
     return bd.random_model("tiny", 4, dtype=torch.float64)

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode as bd
-from blt_decode import tokenizer
-from blt_decode.engine import Engine
+from blt_decode.engine.core import Engine
+from blt_decode.model import tokenizer
 from blt_decode.serving.app import ServerThread, create_app
 from blt_decode.serving.bridge import ChoiceText
 
@@ -147,8 +147,8 @@ def test_stop_sequences_are_left_out_of_the_text(server, model):
 def test_choice_text_never_splits_a_character_nor_shows_a_stop_sequence(data, cuts, stops, include):
     """Streamed pieces join to the text of the returned bytes; none holds a broken character that the
     whole text does not have; the stop sequence that ended the output is left out."""
-    from blt_decode.decoding import Committer
-    from blt_decode.request import Request, prepare
+    from blt_decode.engine.driver import Committer
+    from blt_decode.engine.request import Request, prepare
 
     # what the engine would commit: the bytes up to and including the first stop sequence
     committer = Committer(prepare(Request(b"", stop=stops, max_new_bytes=len(data) + 1), 4096))
@@ -490,7 +490,7 @@ def test_a_request_that_cannot_be_admitted_gets_a_503_and_the_server_serves_on(m
     later one got a 500."""
     import attrs as _attrs
 
-    from blt_decode.config import PRESETS
+    from blt_decode.model.config import PRESETS
 
     long_model = bd.random_model(_attrs.evolve(PRESETS["tiny"], max_seqlen=1 << 17))
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo").read().splitlines()
@@ -501,7 +501,7 @@ def test_a_request_that_cannot_be_admitted_gets_a_503_and_the_server_serves_on(m
     with ServerThread(create_app(engine, model_name="tiny")) as srv:
         body = {"model": "tiny", "prompt": "a", "max_tokens": 8}
         assert httpx.post(f"{srv.url}/v1/completions", json=body, timeout=TIMEOUT_S).status_code == 200
-        with caplog.at_level("ERROR", logger="blt_decode.engine"), address_space_limit(512 << 20):
+        with caplog.at_level("ERROR", logger="blt_decode.engine.core"), address_space_limit(512 << 20):
             big = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 33_000}, timeout=TIMEOUT_S)
             health = httpx.get(f"{srv.url}/health", timeout=TIMEOUT_S)
         assert big.status_code == 503, big.text[:300]

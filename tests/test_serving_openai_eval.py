@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode.engine import Engine
+from blt_decode.engine.core import Engine
 from blt_decode.serving import tokens
 from blt_decode.serving.app import ServerThread, create_app
 from blt_decode.serving.chat import PLAIN, ChatTemplate

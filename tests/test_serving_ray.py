@@ -22,9 +22,8 @@ import openai
 import pytest
 
 import blt_decode as bd
-from blt_decode import jobs
-
 from blt_decode.serving import local_ray_environment
+from blt_decode.tools import jobs
 
 local_ray_environment()  # before Ray is imported: every Ray process of these tests listens on loopback only
 ray = pytest.importorskip("ray")  # the test extra installs it; a partial environment skips, not fails

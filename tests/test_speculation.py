@@ -10,9 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blt_decode import sampling
-from blt_decode.model import ParamCounts
-from blt_decode.speculation import DraftLengthController, expected_bytes_per_round
+from blt_decode.decoding import sampling
+from blt_decode.decoding.speculation import DraftLengthController, expected_bytes_per_round
+from blt_decode.model.blt import ParamCounts
 
 
 @given(seed=st.integers(0, 1000), temperature=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
@@ -123,9 +123,9 @@ def test_a_prior_without_weight_is_refused():
 def test_a_guess_its_proposal_gives_no_mass_is_a_strategy_error():
     """p/q with q(x) = 0 is not a probability (0/0 is nan, and min(1, nan) would accept): refused."""
     import blt_decode as bd
+    from blt_decode.decoding.session import DecodeSession
+    from blt_decode.decoding.speculation import verify_draft
     from blt_decode.errors import StrategyError
-    from blt_decode.session import DecodeSession
-    from blt_decode.speculation import verify_draft
 
     model = bd.random_model("tiny", 2, dtype=torch.float64)
     session = DecodeSession(model, 64)

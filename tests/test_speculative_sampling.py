@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.session import DecodeSession
-from blt_decode.tokenizer import EOS_ID, OFFSET
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.model.tokenizer import EOS_ID, OFFSET
 
 TOLERANCE = 1e-9
 
@@ -147,12 +147,12 @@ class AcceptEverything:
 
 
 def test_the_exact_test_detects_a_broken_rule(model, support_backend, monkeypatch):
-    import blt_decode.speculation
+    import blt_decode.decoding.speculation
 
     support_backend.ids = tuple(BYTES)
     mask = support_mask(model, BYTES)
     expected = testing.ar_output_distribution(model, "ab", 3, temperature=1.0, logits_transform=lambda x: x + mask)
-    monkeypatch.setattr(blt_decode.speculation, "sampling", AcceptEverything)
+    monkeypatch.setattr(blt_decode.decoding.speculation, "sampling", AcceptEverything)
     got, _ = testing.output_distribution(model, "ab", "blt-s", 3, backend=support_backend.name, k=2, temperature=1.0)
     assert testing.max_difference(got, expected) > 1e-3
 
@@ -226,9 +226,9 @@ def test_longer_outputs_fit_ar_sampling(support_backend, strategy, options, patc
 
 def test_the_g_test_rejects_a_broken_rule(support_backend, monkeypatch):
     """The first case above, with every draft accepted: its output follows q, and the test sees it."""
-    import blt_decode.speculation
+    import blt_decode.decoding.speculation
 
-    monkeypatch.setattr(blt_decode.speculation, "sampling", AcceptEverything)
+    monkeypatch.setattr(blt_decode.decoding.speculation, "sampling", AcceptEverything)
     p = fit_p_value(small_model(2, "entropy"), "ab", "blt-s", {"k": 3, "temperature": 1.0}, LONG, range(1000),
                     support_backend, BYTES)
     assert p < SIGNIFICANCE

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import blt_decode as bd
+from blt_decode.decoding.stops import StopMatcher
+from blt_decode.engine.request import MAX_STOP_BYTES, MAX_STOP_SEQUENCES, Request, prepare
 from blt_decode.errors import InvalidRequestError
-from blt_decode.request import MAX_STOP_BYTES, MAX_STOP_SEQUENCES, Request, prepare
 from blt_decode.serving.bridge import ChoiceText
-from blt_decode.stops import StopMatcher
 
 SMALL = st.binary(min_size=1, max_size=6).map(lambda b: bytes(x % 3 for x in b))  # few letters: many matches
 

@@ -1,5 +1,5 @@
 """The strategy author's kit: one import (blt_decode.strategy), a base class with defaults, shared
-sampling options, the contract stated once (blt_decode.protocol), every primitive documented, a session
+sampling options, the contract stated once (blt_decode.decoding.protocol), every primitive documented, a session
 sized from the request's own lookahead, and `blt-decode new-strategy`."""
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import pytest
 import torch
 
 import blt_decode as bd
-from blt_decode import cli, hookspecs, plugins, protocol, strategy, testing
-from blt_decode.engine import Engine
+from blt_decode import cli, strategy, testing
+from blt_decode.decoding import protocol
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.engine.core import Engine
 from blt_decode.errors import InvalidOptionsError, StrategyError
-from blt_decode.session import DecodeSession
+from blt_decode.plugins import hookspecs
+from blt_decode.plugins import registry as plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -79,7 +82,7 @@ def test_an_explicit_description_wins_and_a_subclass_gets_its_own():
 
 @pytest.mark.parametrize("make,words", [
     (lambda: type("NoDoc", (strategy.BaseStrategy,), {"name": "no-doc", "decode": lambda s, *a: iter(())})(),
-     r"it has no description\. The contract: blt_decode\.protocol\.Strategy"),
+     r"it has no description\. The contract: blt_decode\.decoding\.protocol\.Strategy"),
     (lambda: type("NoDecode", (strategy.BaseStrategy,), {"name": "no-decode", "__doc__": "d"})(), "it has no decode"),
     (lambda: type("Plain", (), {"name": "p", "description": "d", "aliases": (), "Options": dict,
                                 "lookahead": lambda s, o: 0, "decode": lambda s, *a: iter(())})(),
@@ -116,9 +119,9 @@ def test_sampler_sample_is_sample_id():
 # -- the contract, stated once -----------------------------------------------------------------------
 def test_the_hook_specifications_and_the_docs_point_to_the_protocol():
     for name in ("register_strategies", "register_backends"):
-        assert "blt_decode.protocol." in getattr(hookspecs, name).__doc__
+        assert "blt_decode.decoding.protocol." in getattr(hookspecs, name).__doc__
     for page in ("plugins.md", "tutorial.md"):
-        assert "blt_decode.protocol" in (DOCS / page).read_text(), page
+        assert "blt_decode.decoding.protocol" in (DOCS / page).read_text(), page
 
 
 def test_the_docs_table_of_strategy_members_is_the_protocol():

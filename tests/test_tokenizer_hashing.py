@@ -1,7 +1,7 @@
 import torch
 
-from blt_decode import tokenizer
-from blt_decode.hashing import HASH_PRIMES, hash_table_ids, ngram_hash_ids
+from blt_decode.model import tokenizer
+from blt_decode.model.hashing import HASH_PRIMES, hash_table_ids, ngram_hash_ids
 
 
 def wrap64(x: int) -> int:

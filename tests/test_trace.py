@@ -1,6 +1,6 @@
 import blt_decode as bd
-from blt_decode import tokenizer
 from blt_decode import trace as T
+from blt_decode.model import tokenizer
 
 
 def test_trace_events_agree_with_output_and_stats():

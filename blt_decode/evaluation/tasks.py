@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from blt_decode import prompt_sets, tokenizer
+from blt_decode.tools import prompt_sets
 
+from blt_decode.model import tokenizer
 TASKS = ("blt_heldout_code_mc", "blt_heldout_code_line", "blt_heldout_bpb")
 
 

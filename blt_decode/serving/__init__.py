@@ -1,10 +1,10 @@
-"""Serving and scale-out: an OpenAI-compatible HTTP server over one :class:`~blt_decode.engine.Engine`,
+"""Serving and scale-out: an OpenAI-compatible HTTP server over one :class:`~blt_decode.engine.core.Engine`,
 its Ray Serve deployment, and batch generation on Ray Data. See docs/serving.md.
 
 Modules (each imported only when used, so a plain install without the ``serve``/``ray`` extras works):
 
 - :mod:`~blt_decode.serving.openai_schema`: the OpenAI completions request as a pydantic model, its mapping
-  onto :class:`~blt_decode.request.Request` (the project's one validator decides), OpenAI-style errors;
+  onto :class:`~blt_decode.engine.request.Request` (the project's one validator decides), OpenAI-style errors;
 - :mod:`~blt_decode.serving.bridge`: follows engine streams from an asyncio event loop, and the text of a
   choice as it streams (no split UTF-8 character, no stop sequence);
 - :mod:`~blt_decode.serving.metrics`: Prometheus metrics of the server and its engine;

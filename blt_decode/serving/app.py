@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app over one :class:`~blt_decode.engine.Engine` (FastAPI), and running it
+"""The OpenAI-compatible HTTP app over one :class:`~blt_decode.engine.core.Engine` (FastAPI), and running it
 with uvicorn.
 
 Routes: ``POST /v1/completions`` (streaming with server-sent events ending in ``data: [DONE]``; ``logprobs``
@@ -46,11 +46,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import blt_decode
-from blt_decode import plugins, stops, tokenizer
-from blt_decode.engine import Engine, EngineError
+from blt_decode.decoding import stops
+from blt_decode.engine.core import Engine, EngineError
+from blt_decode.engine.request import prepare
 from blt_decode.errors import BLTDecodeError, ChatTemplateError
-from blt_decode.model import BLTModel
-from blt_decode.request import prepare
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import BLTModel
+from blt_decode.plugins import registry as plugins
 from blt_decode.serving import tokens
 from blt_decode.serving.bridge import ChoiceText, RequestStreams
 from blt_decode.serving.chat import PLAIN, ChatTemplate, RenderLimits, TemplateRenderer
@@ -275,7 +277,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 def _validate(body: CompletionRequest, engine: Engine) -> tuple[list[Any], list[Any]]:
     """The body's requests and their validation (all before any is queued), with their stop lists'
-    matchers built (:func:`blt_decode.stops.automaton` keeps them for the request's streams)."""
+    matchers built (:func:`blt_decode.decoding.stops.automaton` keeps them for the request's streams)."""
     requests = to_requests(body)
     prepared = [prepare(r, engine.model.config.max_seqlen) for r in requests]
     for p in prepared:

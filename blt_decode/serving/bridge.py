@@ -20,10 +20,10 @@ import collections
 import threading
 from typing import AsyncIterator, Callable, Sequence
 
-from blt_decode.engine import Engine, EngineStream
+from blt_decode.decoding.stops import StopMatcher
+from blt_decode.engine.core import Engine, EngineStream
+from blt_decode.engine.request import Request
 from blt_decode.errors import EngineStoppedError
-from blt_decode.request import Request
-from blt_decode.stops import StopMatcher
 
 #: how often a request with nothing new checks that the engine's thread still runs (seconds)
 ENGINE_CHECK_S = 5.0

@@ -13,7 +13,7 @@ without it the server uses :data:`PLAIN`, a plain transcript for base models::
 
 with ``"\\nUser:"`` as a stop sequence, so that a base model does not go on to write the user's next
 turn. A template file has no stop sequences unless ``--chat-stop`` gives some; they are checked against
-the limits every request's stops have (:func:`blt_decode.request.stop_sequences`) when the template is made.
+the limits every request's stops have (:func:`blt_decode.engine.request.stop_sequences`) when the template is made.
 
 A template is a program, so the server never renders one on its event loop or in a thread it cannot stop:
 :class:`TemplateRenderer` renders in worker processes (:mod:`~blt_decode.serving.template_worker`) under
@@ -89,7 +89,7 @@ class ChatTemplate:
     _compiled: Any = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        from blt_decode.request import stop_sequences
+        from blt_decode.engine.request import stop_sequences
 
         try:  # the limits every request's stops have: a bad one would fail every chat request later
             if self.stops:

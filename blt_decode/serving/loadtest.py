@@ -66,8 +66,8 @@ class Outcome:
 
 
 def make_requests(count: int, strategies: str, max_tokens: int) -> list[LoadRequest]:
-    from blt_decode import bench, prompt_sets
-
+    from blt_decode.tools import bench
+    from blt_decode.tools import prompt_sets
     specs = bench.parse_strategies(strategies)
     prompts = prompt_sets.load("heldout", min(count, prompt_sets.STORED["heldout"]))
     out = []
@@ -184,8 +184,7 @@ def baseline(model: Any, requests: list[LoadRequest]) -> tuple[list[bytes], floa
 
 
 def summarize(outcomes: list[Outcome], wall_s: float, expected: list[bytes] | None) -> dict[str, Any]:
-    from blt_decode import tokenizer
-
+    from blt_decode.model import tokenizer
     ok = [o for o in outcomes if o.ok]
     ttfb = [o.ttfb_s for o in ok if o.ttfb_s is not None]
     latency = [o.latency_s for o in ok]
@@ -316,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # every count is checked by argparse: a bad one is one line before any server starts (--concurrency 0
     # used to wait forever for a connection from an empty pool, with the server child running)
     from blt_decode.checks import int_argument
-    from blt_decode.engine import MAX_BATCH
+    from blt_decode.engine.core import MAX_BATCH
 
     counts, sizes = int_argument(1), int_argument(0)
 

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from blt_decode.engine import Engine
-from blt_decode.stats import DecodeStats
+from blt_decode.decoding.stats import DecodeStats
+from blt_decode.engine.core import Engine
 
 #: seconds: from a few milliseconds (tiny models) to a minute (long queues)
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -1,7 +1,7 @@
 """The OpenAI completions API as pydantic models, and how a request maps onto blt-decode requests.
 
 :class:`CompletionRequest` parses the JSON body (types only: strict, unknown fields refused). Every value
-check is left to the project's one validator, :func:`blt_decode.request.prepare`, which raises typed
+check is left to the project's one validator, :func:`blt_decode.engine.request.prepare`, which raises typed
 :class:`~blt_decode.errors.BLTDecodeError` subclasses; :func:`api_error` turns those into OpenAI-style
 errors (``{"error": {"message", "type", "param", "code"}}``) with an HTTP status.
 
@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from blt_decode import plugins
+from blt_decode.plugins import registry as plugins
 from blt_decode.errors import (
     BLTDecodeError,
     ChatTemplateBusyError,
@@ -43,7 +43,7 @@ from blt_decode.errors import (
     UnknownStrategyError,
 )
 from blt_decode.api import MAX_TOP_LOGPROBS
-from blt_decode.request import DEFAULT_MAX_NEW_BYTES, MAX_STOP_SEQUENCES, Request
+from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES, MAX_STOP_SEQUENCES, Request
 from blt_decode.serving import tokens
 
 #: most prompts in one request (each is a request of its own in the engine)

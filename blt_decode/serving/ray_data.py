@@ -1,12 +1,12 @@
 """Batch generation on Ray Data: ``blt-decode generate --input IN --output OUT --ray [ADDRESS]``.
 
-The same job as :func:`blt_decode.jobs.run_job`, spread over a pool of Ray actors: the driver reads and
-validates the input (:func:`~blt_decode.jobs.read_requests`), skips the ids already in the output
-(:func:`~blt_decode.jobs.finished_ids`), and runs the rest as ``Dataset.map_batches`` over an
+The same job as :func:`blt_decode.tools.jobs.run_job`, spread over a pool of Ray actors: the driver reads and
+validates the input (:func:`~blt_decode.tools.jobs.read_requests`), skips the ids already in the output
+(:func:`~blt_decode.tools.jobs.finished_ids`), and runs the rest as ``Dataset.map_batches`` over an
 :class:`~ray.data.ActorPoolStrategy` pool. Each actor loads the model once and decodes each batch it
-gets with its own batched :class:`~blt_decode.engine.Engine`; it returns one finished record per request
-(:func:`~blt_decode.jobs.result_record`), and the driver appends them to the output as batches come back
-(:func:`~blt_decode.jobs.append_records`). The output file's format, ids and resumability are therefore
+gets with its own batched :class:`~blt_decode.engine.core.Engine`; it returns one finished record per request
+(:func:`~blt_decode.tools.jobs.result_record`), and the driver appends them to the output as batches come back
+(:func:`~blt_decode.tools.jobs.append_records`). The output file's format, ids and resumability are therefore
 those of the single-machine path, line for line.
 
 Fault tolerance is Ray Data's own: the actors of a ``map_batches`` pool are created with
@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from blt_decode import jobs
-from blt_decode.model import BLTModel
+from blt_decode.model.blt import BLTModel
 from blt_decode.serving import local_ray_environment, require
+from blt_decode.tools import jobs
 
 class GenerateActor:
     """One actor of the pool: a model and a batched engine, decoding the batches Ray Data hands it."""
@@ -38,7 +38,7 @@ class GenerateActor:
         import torch
 
         from blt_decode.api import load_model
-        from blt_decode.engine import Engine
+        from blt_decode.engine.core import Engine
 
         if threads:
             torch.set_num_threads(threads)
@@ -86,7 +86,7 @@ def run_job_ray(model: str | Path | BLTModel, items: Sequence[jobs.JobItem], out
                 threads: int = 1, dtype: str | None = None, device: str | None = None,
                 progress: bool = True) -> jobs.JobSummary:
     """Run the items not yet in ``output`` on Ray Data, ``actors`` actors with one model each, appending a
-    line per finished request (the records of :func:`blt_decode.jobs.run_job`)."""
+    line per finished request (the records of :func:`blt_decode.tools.jobs.run_job`)."""
     if address in (None, "", "local"):
         local_ray_environment()
     require("ray", "generate --ray")

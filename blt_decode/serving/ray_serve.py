@@ -44,7 +44,7 @@ class BLTDecodeReplica:
                              dtype=getattr(torch, dtype) if dtype else None, device=device, chat_template=chat)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from blt_decode import plugins
+        from blt_decode.plugins import registry as plugins
         from blt_decode.serving.app import build_app
 
         app = build_app(**self.settings)

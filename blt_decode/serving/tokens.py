@@ -2,7 +2,7 @@
 
 API token ids are byte values 0..255 (as in a ``prompt`` given as a list of integers) and two special
 ids after them, :data:`BOS` = 256 and :data:`EOS` = 257 (the model's own ids are the bytes offset by 4,
-see :mod:`blt_decode.tokenizer`; clients never see those). A token's text is its character for ASCII
+see :mod:`blt_decode.model.tokenizer`; clients never see those). A token's text is its character for ASCII
 bytes, ``bytes:\\xNN`` for a byte that is not a character by itself (OpenAI's spelling for such tokens),
 and ``<bos>`` / ``<eos>`` for the special ones.
 
@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from blt_decode import tokenizer
-
+from blt_decode.model import tokenizer
 BOS = 256  #: the API id of the sequence start (every sequence has it; a prompt may begin with it)
 EOS = 257  #: the API id of the end of the sequence
 SPECIAL = {BOS: "<bos>", EOS: "<eos>"}

@@ -6,7 +6,7 @@ Modules: :mod:`~blt_decode.training.config` (:class:`TrainConfig`), :mod:`~blt_d
 :mod:`~blt_decode.training.objective` (losses and block corruption),
 :mod:`~blt_decode.training.diffusion` (the batched BLT-D training forward), :mod:`~blt_decode.training.data`
 (``--data`` sources, batches, the prefetching loader), :mod:`~blt_decode.training.corpus_code` (the
-site-packages code corpus), :mod:`~blt_decode.training.presets` (model shapes),
+site-packages code corpus), :mod:`~blt_decode.model.presets` (model shapes),
 :mod:`~blt_decode.training.checkpoints` (JSON + safetensors, no pickle),
 :mod:`~blt_decode.training.distributed` (DDP/FSDP under torchrun) and :mod:`~blt_decode.training.plot`.
 """
@@ -21,8 +21,8 @@ from blt_decode.training.checkpoints import (
     save_byte_lm,
 )
 from blt_decode.errors import TrainingError
-from blt_decode.training.diffusion import DiffusionOutput, block_attention_mask, diffusion_forward
 from blt_decode.training.config import TrainConfig
+from blt_decode.training.diffusion import DiffusionOutput, block_attention_mask, diffusion_forward
 from blt_decode.training.loop import (
     LOG_FILE,
     TRAINING_JSON,
@@ -43,7 +43,7 @@ from blt_decode.training.objective import (
     next_byte_loss,
     row_generator,
 )
-from blt_decode.training.presets import (
+from blt_decode.model.presets import (
     BLT_PRESETS,
     BYTELM_PRESETS,
     ENTROPY_PRESETS,

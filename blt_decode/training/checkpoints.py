@@ -21,12 +21,12 @@ import attrs
 import torch
 from safetensors.torch import load_file, save_file
 
+from blt_decode.checkpoints.native import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model, shareable
 from blt_decode.checks import is_int, loads_json, show
-from blt_decode.checkpoint import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, save_model, shareable
-from blt_decode.config import BLTConfig, TransformerConfig
 from blt_decode.errors import CheckpointError, ConfigError, TrainingError
-from blt_decode.model import BLTModel, EntropyModel
-from blt_decode.tokenizer import VOCAB_SIZE
+from blt_decode.model.blt import BLTModel, EntropyModel
+from blt_decode.model.config import BLTConfig, TransformerConfig
+from blt_decode.model.tokenizer import VOCAB_SIZE
 
 BYTE_LM_FORMAT = "blt-decode-byte-lm"
 #: trainer state of a checkpoint: JSON (step, options, optimizer hyper-parameters) + safetensors
@@ -59,8 +59,8 @@ def load_byte_lm(path: str | Path) -> EntropyModel:
     """Load a byte LM written by :func:`save_byte_lm`. Every problem (a missing, truncated or non-object
     ``config.json``, a config field that is unknown, missing or out of range, a corrupt safetensors file,
     a tensor missing, unexpected, misshapen or not finite) is one :class:`CheckpointError` naming the file,
-    through the same readers and checks as the model formats (:mod:`blt_decode.formats._common`)."""
-    from blt_decode.formats._common import read_json, read_safetensors
+    through the same readers and checks as the model formats (:mod:`blt_decode.checkpoints._common`)."""
+    from blt_decode.checkpoints._common import read_json, read_safetensors
 
     path = Path(path)
     config_path = path / "config.json"
@@ -97,7 +97,7 @@ def _stack_config(fields: Mapping[str, Any], source: str) -> TransformerConfig:
 def build_byte_lm(cfg: TransformerConfig, tensors: Mapping[str, torch.Tensor], source: str) -> EntropyModel:
     """A float32 byte LM holding ``tensors``, checked by name, shape, dtype and finiteness first (built on
     the meta device, so a config that does not match its tensors allocates nothing)."""
-    from blt_decode.formats._common import assign_tensors, on_meta
+    from blt_decode.checkpoints._common import assign_tensors, on_meta
 
     return assign_tensors(on_meta(lambda: EntropyModel(cfg, VOCAB_SIZE), source), tensors, source)
 

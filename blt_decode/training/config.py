@@ -11,8 +11,8 @@ from typing import Any, Literal
 import attrs
 
 from blt_decode.checks import Validators, is_int, max_threads, show, to_float, to_int
-from blt_decode.config import MAX_SEQLEN
 from blt_decode.errors import TrainingError
+from blt_decode.model.config import MAX_SEQLEN
 
 ModelKind = Literal["entropy", "blt", "bytelm"]
 #: options that change how a run executes, not what it computes: --resume accepts new values for them

@@ -3,7 +3,7 @@
 Sources (``--data SPEC ...``):
 
 - ``builtin`` (the default): the stdlib sources + Shakespeare's plays with their fixed held-out files
-  (:func:`blt_decode.corpus.build_corpus`); ``stdlib`` or ``plays`` for one of the two;
+  (:func:`blt_decode.tools.corpus.build_corpus`); ``stdlib`` or ``plays`` for one of the two;
 - a directory written by ``blt-decode corpus build code`` (it holds ``corpus.json``): its shards and
   its held-out split (by whole distribution);
 - a ``.jsonl`` / ``.jsonl.gz`` file: one document per line, the ``text`` field;
@@ -14,7 +14,7 @@ User data is split by document: a document is held out when a hash of its name f
 ``heldout_fraction`` (at least one document per source when it has two or more), so the split does not
 depend on the order or the machine.
 
-Batches: batch ``step`` of the *global* batch is a function of (seed, step) (:class:`~blt_decode.corpus.
+Batches: batch ``step`` of the *global* batch is a function of (seed, step) (:class:`~blt_decode.tools.corpus.
 BatchSampler`); a process takes its rows of it, and its micro-batches are slices of those rows, so one
 process with batch 2b and two with b see the same sequences.
 """
@@ -35,10 +35,10 @@ import attrs
 import numpy as np
 import torch
 
-from blt_decode import corpus as builtin
-from blt_decode.corpus import BatchSampler, Corpus, Document, digest
 from blt_decode.checks import loads_json
 from blt_decode.errors import CorpusError, TrainingError
+from blt_decode.tools import corpus as builtin
+from blt_decode.tools.corpus import BatchSampler, Corpus, Document, digest
 
 #: the manifest that marks a directory written by ``blt-decode corpus build``
 MANIFEST = "corpus.json"

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from blt_decode.layers import CrossAttention, apply_rope, causal_mask, rope_tables
-from blt_decode.model import BLTModel, PatchLayout
-from blt_decode.tokenizer import PAD_ID
+from blt_decode.model.blt import BLTModel, PatchLayout
+from blt_decode.model.layers import CrossAttention, apply_rope, causal_mask, rope_tables
+from blt_decode.model.tokenizer import PAD_ID
 
 
 def block_attention_mask(clean_len: int, blocks: Sequence[tuple[int, int]], window: int | None, *,
@@ -225,7 +225,7 @@ def _round_up(value: int, multiple: int) -> int:
 def _latent_cross_attention(cross: CrossAttention, h: torch.Tensor, slots: torch.Tensor, lat_index: torch.Tensor) -> torch.Tensor:
     """``cross(h, slots of the latent each position reads)`` for h [N, L, d], slots [N, P, k, d] and
     lat_index [N, L]: keys and values are computed once per latent and gathered, not once per position.
-    Returns ``wo(attn) + h`` like :class:`~blt_decode.layers.CrossAttention` (the caller adds h again)."""
+    Returns ``wo(attn) + h`` like :class:`~blt_decode.model.layers.CrossAttention` (the caller adds h again)."""
     n, length, dim = h.shape
     heads, hd = cross.n_heads, cross.head_dim
     k_slots = slots.shape[2]

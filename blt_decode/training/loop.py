@@ -20,13 +20,13 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
-from blt_decode import tokenizer
+from blt_decode.checkpoints.native import load_native
 from blt_decode.checks import file_kind, is_int, loads_json, show
-from blt_decode.checkpoint import load_native
-from blt_decode.corpus import BatchSampler, Corpus
 from blt_decode.errors import TrainingError
-from blt_decode.model import BLTModel, EntropyModel, init_weights
-from blt_decode.tokenizer import VOCAB_SIZE
+from blt_decode.model import tokenizer
+from blt_decode.model.blt import BLTModel, EntropyModel, init_weights
+from blt_decode.model.tokenizer import VOCAB_SIZE
+from blt_decode.tools.corpus import BatchSampler, Corpus
 from blt_decode.training import distributed
 from blt_decode.training.config import EXECUTION_OPTIONS, MAX_STEPS, TrainConfig
 from blt_decode.training.checkpoints import (
@@ -39,11 +39,11 @@ from blt_decode.training.checkpoints import (
     trainer_state_files,
     write_checkpoint,
 )
+from blt_decode.model.presets import blt_preset, stack_preset
 from blt_decode.training.data import CODE_KINDS, BatchLoader, load_data
 from blt_decode.training.diffusion import diffusion_forward
 from blt_decode.training.objective import diffusion_loss_sum, make_blocks, next_byte_loss, row_generator
 from blt_decode.training.precision import resolve_bf16
-from blt_decode.training.presets import blt_preset, stack_preset
 
 TRAINING_JSON = "training.json"
 LOG_FILE = "log.jsonl"

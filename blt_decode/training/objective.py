@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt_decode.model import PatchLayout
-from blt_decode.tokenizer import MASK_ID
-from blt_decode.tokenizer import PAD_ID
+from blt_decode.model.blt import PatchLayout
+from blt_decode.model.tokenizer import MASK_ID
+from blt_decode.model.tokenizer import PAD_ID
 
 
 def next_byte_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

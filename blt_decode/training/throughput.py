@@ -115,14 +115,14 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
                 threads: int, data: Sequence[str], block_sizes: Sequence[int], compile: bool = False,
                 device: str = "cpu") -> dict[str, Any]:
     """One configuration, in this process: ``warmup + steps`` steps of the training loop."""
-    from blt_decode.corpus import BatchSampler
-    from blt_decode.model import EntropyModel
-    from blt_decode.tokenizer import VOCAB_SIZE
+    from blt_decode.model.blt import EntropyModel
+    from blt_decode.model.presets import ENTROPY_PRESETS
+    from blt_decode.model.tokenizer import VOCAB_SIZE
+    from blt_decode.tools.corpus import BatchSampler
     from blt_decode.training.checkpoints import save_byte_lm
-    from blt_decode.training.data import load_data
     from blt_decode.training.config import TrainConfig
+    from blt_decode.training.data import load_data
     from blt_decode.training.loop import LOG_FILE, _init_stack, train
-    from blt_decode.training.presets import ENTROPY_PRESETS
 
     torch.set_num_threads(threads)
     corpus = load_data(tuple(data))
@@ -139,7 +139,7 @@ def measure_one(preset: str, precision: str, *, batch_size: int, seq_len: int, s
         log = [json.loads(line) for line in (Path(config.out_dir) / LOG_FILE).read_text().splitlines()]
         first, last = log[warmup - 1], log[-1]
         rate = (last["bytes_seen"] - first["bytes_seen"]) / (last["wall_time_s"] - first["wall_time_s"])
-        from blt_decode.checkpoint import load_native
+        from blt_decode.checkpoints.native import load_native
 
         model = load_native(Path(config.out_dir) / "final")
     sampler = BatchSampler(corpus.train_stream, seq_len, batch_size, config.seed)

@@ -1,0 +1,1 @@
+"""Checkpoints: resolving a model name, the native, transformers and original formats."""

@@ -1,0 +1,1 @@
+"""The decoding contract: strategies, sessions and their primitives, options, sampling, stops, statistics."""

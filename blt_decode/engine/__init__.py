@@ -1,0 +1,1 @@
+"""Running requests: the request record, the strategy driver and the batched engine."""
