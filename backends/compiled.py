@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from blt_decode.decoding.session import DecodeSession
 from blt_decode.errors import BackendUnavailableError
 from blt_decode.execution.static_runner import StaticRunner
 from blt_decode.model.blt import BLTModel
@@ -108,18 +107,14 @@ class CompiledBackend:
         if self.progress is not None:
             self.progress(message)
 
-    def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
-        return DecodeSession(model, capacity, self.runner(model))
-
-    def warmup(self, model: BLTModel, strategies: tuple[str, ...] = (), *, rows: tuple[int, ...] = (1,),
-               progress: bool = False) -> float:
+    def warmup(self, model: BLTModel, *, rows: tuple[int, ...] = (1,), progress: bool = False) -> float:
         """Compile the graphs of engine batches of up to ``max(rows)`` requests (any number of rows on a CPU,
         each row bucket up to it on CUDA; every chunk bucket; the global graphs:
         :meth:`~blt_decode.execution.static_runner.StaticRunner.warmup`) before
         timing starts, and the lone sessions' graphs if ``rows`` holds 1 (``generate``, and an engine of
         one slot, run those); with ``progress``, a bar on stderr. Returns the seconds it took (report it
-        apart from decoding speed; a second process takes far less, from inductor's on-disk cache).
-        ``strategies`` is accepted and unused: every strategy runs on the same graphs."""
+        apart from decoding speed; a second process takes far less, from inductor's on-disk cache). Every
+        strategy runs on the same graphs."""
         from tqdm import tqdm
 
         start = time.perf_counter()

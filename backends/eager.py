@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from blt_decode.decoding.session import DecodeSession
 from blt_decode.execution.runner import EagerRunner
 from blt_decode.model.blt import BLTModel
 from blt_decode.plugins.hookspecs import hookimpl
@@ -15,9 +14,6 @@ class EagerBackend:
     def runner(self, model: BLTModel) -> EagerRunner:
         """The reference runner over the model's own modules (any batch size)."""
         return EagerRunner(model)
-
-    def open_session(self, model: BLTModel, capacity: int) -> DecodeSession:
-        return DecodeSession(model, capacity, self.runner(model))
 
 
 @hookimpl

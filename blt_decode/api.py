@@ -11,12 +11,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blt_decode.plugins import registry as plugins
-
-from blt_decode.checks import is_int, show
-from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
-from blt_decode.errors import InvalidRequestError
-from blt_decode.model import tokenizer
 from blt_decode.checkpoints.resolve import (  # noqa: F401 - re-exported: the public API's model loading lives there
     DEFAULT_MODEL_DIR,
     default_model_available,
@@ -24,10 +18,16 @@ from blt_decode.checkpoints.resolve import (  # noqa: F401 - re-exported: the pu
     random_model,
     with_config,
 )
+from blt_decode.checks import is_int, show
 from blt_decode.decoding.sampling import NEVER_GENERATED, greedy
+from blt_decode.decoding.session import open_session
 from blt_decode.decoding.stats import DecodeStats
+from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
 from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES, Request, check_flag, prepare
+from blt_decode.errors import InvalidRequestError
+from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel
+from blt_decode.plugins import registry as plugins
 from blt_decode.trace import Trace
 
 
@@ -59,7 +59,7 @@ class Stream:
             raise RuntimeError("a Stream can be iterated once")
         self._started = True
         request = self.request
-        session = self.backend.open_session(self.model, request.capacity)
+        session = open_session(self.backend, self.model, request.capacity)
         session.trace = self.trace
         committer = Committer(request)
         try:

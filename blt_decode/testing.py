@@ -18,14 +18,17 @@ Models are float64 so that exact-equivalence claims are tested without floating-
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 import torch
 from hypothesis import strategies as st
 
 from blt_decode.api import Generation, generate, generate_many, random_model
+from blt_decode.decoding.session import DecodeSession
+from blt_decode.decoding.stats import StatsRecorder
 from blt_decode.engine.request import Request
+from blt_decode.execution.runner import CallResult, EagerRunner
 from blt_decode.model.blt import BLTModel
 from blt_decode.model.config import BLTConfig, TransformerConfig
 from blt_decode.model.tokenizer import EOS_ID, OFFSET
@@ -123,8 +126,7 @@ def assert_same_output(model: BLTModel, prompt: bytes | str, a: StrategySpec, b:
 
 
 #: what "the same as decoding it alone" compares, besides the output bytes
-_SAME_STATS = ("passes", "new_tokens", "patches", "stop_reason", "seed", "drafted_bytes", "accepted_bytes",
-               "verify_passes", "blocks", "denoise_passes")
+_SAME_STATS = ("passes", "new_tokens", "patches", "stop_reason", "seed", *StatsRecorder().strategy_counters())
 
 
 def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *, batch_size: int = 4,
@@ -232,8 +234,34 @@ def registered_strategy(strategy: Any) -> contextlib.AbstractContextManager[str]
 
 
 def registered_backend(backend: Any) -> contextlib.AbstractContextManager[str]:
-    """Register ``backend`` (e.g. a test double) for the duration of the block; yields its name."""
+    """Register ``backend`` (e.g. a :class:`RewritingBackend`) for the duration of the block; yields its name."""
     return _registered("register_backends", backend)
+
+
+#: ``rewrite(session, call, logits) -> logits``: the session as it was before the call
+Rewrite = Callable[[DecodeSession, Any, torch.Tensor], torch.Tensor]
+
+
+class RewritingBackend:
+    """A test double: the eager backend, with the logits of every call that succeeds passed through
+    ``rewrite(session, call, logits)`` (``call.kind`` is "append", "draft" or "denoise"; the session is as
+    it was before the call). A drafter that is always wrong (with :func:`wrong_logits`) shows that a
+    strategy's exactness does not rest on its drafts; logits restricted to a few ids make a sampler's
+    every branch enumerable. Lone sessions and the engine both run through it."""
+
+    def __init__(self, name: str, description: str, rewrite: Rewrite):
+        self.name, self.description, self.rewrite = name, description, rewrite
+
+    def runner(self, model: BLTModel) -> EagerRunner:
+        rewrite = self.rewrite
+
+        class Rewriting(EagerRunner):
+            def run(self, state: Any, items: Any, tally: Any = None) -> list[CallResult]:
+                results = super().run(state, items, tally)
+                return [attrs.evolve(r, output=rewrite(session, call, r.output)) if isinstance(r.output, torch.Tensor)
+                        else r for (session, call), r in zip(items, results)]
+
+        return Rewriting(model)
 
 
 # -- exact output distributions and goodness of fit -------------------------------------------------

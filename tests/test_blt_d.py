@@ -12,6 +12,7 @@ from blt_decode.decoding import options
 from blt_decode.decoding.session import DecodeSession
 from blt_decode.decoding.unmasking import select_confidence, select_entropy, unmask_step
 from blt_decode.errors import InvalidOptionsError
+from blt_decode.model.stacks import Stack
 from blt_decode.model.tokenizer import MASK_ID
 from blt_decode.plugins import registry as plugins
 
@@ -124,8 +125,8 @@ def test_blocks_commit_up_to_the_last_patch_boundary(block_size, rule):
     assert stats.accepted_bytes == total - len(prompt)
     assert 1 <= stats.denoise_passes / stats.blocks <= block_size
     # decoder passes: the denoising passes + one append per block + the prefill
-    assert stats.decoder == stats.denoise_passes + stats.blocks + 1
-    assert stats.global_ <= stats.blocks + 1
+    assert stats.passes[Stack.DECODER] == stats.denoise_passes + stats.blocks + 1
+    assert stats.passes[Stack.GLOBAL] <= stats.blocks + 1
 
 
 def test_one_pass_per_block_when_alpha_is_zero_and_max_passes_caps():
@@ -162,4 +163,4 @@ def test_block_mask_denoise_is_independent_of_later_scratch():
     session.denoise([77] * 8)
     b = session.denoise([MASK_ID] * 6)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert session.stats.denoise_passes == 3 and session.stats.decoder == 4
+    assert session.stats.denoise_passes == 3 and session.stats.passes[Stack.DECODER] == 4

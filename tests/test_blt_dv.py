@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.decoding.session import DecodeSession
 from blt_decode.model.tokenizer import EOS_ID, OFFSET
 from blt_decode.trace import Verified
 
@@ -77,22 +76,18 @@ def test_always_right_drafts_are_all_accepted(block_size, alpha):
     assert g.stats.passes.global_ < ar.stats.passes.global_
 
 
-class WrongDenoiseSession(DecodeSession):
-    """A session whose denoiser is always wrong: every masked position points at a byte other than the
-    exact greedy choice after the committed bytes and the block's (exact) first byte."""
+def _wrong_denoiser(session, call, logits):
+    """Every masked position points at a byte other than the exact greedy choice after the committed
+    bytes and the block's (exact) first byte."""
+    if call.kind != "denoise":
+        return logits
+    ids = torch.cat([session.ids[: session.length], torch.tensor(call.block[:1])])
+    return testing.wrong_logits(session.model, ids, logits)
 
-    def denoise(self, block_ids):
-        logits = super().denoise(block_ids)
-        ids = torch.cat([self.ids[: self.length], torch.tensor(block_ids[:1])])
-        return testing.wrong_logits(self.model, ids, logits)
 
-
-class WrongDenoiseBackend:
-    name = "wrong-denoise"
-    description = "test double: eager execution with a denoiser that is always wrong"
-
-    def open_session(self, model, capacity):
-        return WrongDenoiseSession(model, capacity)
+def WrongDenoiseBackend():
+    return testing.RewritingBackend("wrong-denoise", "test double: eager execution with a denoiser that is always wrong",
+                                    _wrong_denoiser)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.decoding.session import DecodeSession
 from blt_decode.trace import Verified
 
 
@@ -53,20 +52,17 @@ def test_always_accepted_drafts(k):
     assert g.stats.passes.global_ <= g.stats.verify_passes + 1  # prefill + one per round
 
 
-class WrongDraftSession(DecodeSession):
-    """A session whose drafter is always wrong (see testing.wrong_logits)."""
+def _wrong_drafts(session, call, logits):
+    """Every drafted position points at a byte the exact model does not choose (see testing.wrong_logits)."""
+    if call.kind != "draft":
+        return logits
+    drafted = session.ids[: session.length + session._draft_length + len(call.ids)]
+    return testing.wrong_logits(session.model, drafted, logits)
 
-    def draft(self, ids):
-        logits = super().draft(ids)
-        return testing.wrong_logits(self.model, self.ids[: self.length + self._draft_length], logits)
 
-
-class WrongDraftBackend:
-    name = "wrong-drafts"
-    description = "test double: eager execution with a drafter that is always wrong"
-
-    def open_session(self, model, capacity):
-        return WrongDraftSession(model, capacity)
+def WrongDraftBackend():
+    return testing.RewritingBackend("wrong-drafts", "test double: eager execution with a drafter that is always wrong",
+                                    _wrong_drafts)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import blt_decode as bd
 from blt_decode import api, testing
 from blt_decode.backends.compiled import CompiledBackend, compiled_graph_count
+from blt_decode.decoding.session import open_session
 from blt_decode.execution.static_runner import StaticRunner
 from blt_decode.plugins import registry as plugins
 from test_engine import _structural_unmasking_tie, requests, tutorial_strategies
@@ -116,7 +117,7 @@ def test_non_finite_rows_fail_alone_and_leave_the_slot_clean(uncompiled):
 def test_patch_starts_and_entropies_match_eager(uncompiled):
     model = bd.random_model("tiny", 8, dtype=torch.float64)
     ids = [1, *range(40, 90)]
-    sessions = [plugins.get_backend(b).open_session(model, 80) for b in ("eager", uncompiled)]
+    sessions = [open_session(plugins.get_backend(b), model, 80) for b in ("eager", uncompiled)]
     for s in sessions:
         s.prefill(ids[:20])
         s.append(ids[20:21])
@@ -301,7 +302,7 @@ def test_serve_warms_the_backend_up_before_listening(monkeypatch, capsys):
     warmed, served = [], []
 
     class Recording(CompiledBackend):
-        def warmup(self, model, strategies=(), *, rows=(1,), progress=False):
+        def warmup(self, model, *, rows=(1,), progress=False):
             warmed.append((rows, progress, served[:]))
             return super().warmup(model, rows=rows, progress=progress)
 

@@ -59,8 +59,8 @@ _WARM: set[str] = set()
 def warm(name: str, model) -> object:
     """The backend, warmed once per module for the batch sizes of :data:`ROWS`."""
     backend = plugins.get_backend(name)
-    if name not in _WARM and hasattr(backend, "warmup"):
-        backend.warmup(model, rows=ROWS, progress=False)
+    if name not in _WARM:
+        plugins.warm_up(backend, model, rows=ROWS)
         _WARM.add(name)
     return backend
 

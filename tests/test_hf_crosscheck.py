@@ -31,12 +31,13 @@ from transformers import BltConfig as HFConfig  # noqa: E402
 from transformers import BltForCausalLM  # noqa: E402
 
 import blt_decode  # noqa: E402
-from blt_decode import plugins  # noqa: E402
+from blt_decode.plugins import registry as plugins  # noqa: E402
 from blt_decode.checkpoints import formats
 from blt_decode.checkpoints import original  # noqa: E402
 from blt_decode.decoding import options
 from blt_decode.decoding.protocol import DecodeContext  # noqa: E402
 from blt_decode.decoding.sampling import NEVER_GENERATED  # noqa: E402
+from blt_decode.decoding.session import open_session  # noqa: E402
 from blt_decode.model.blt import BLTModel, PatchLayout  # noqa: E402
 from blt_decode.model.patching import patch_lengths  # noqa: E402
 from blt_decode.model.tokenizer import PAD_ID  # noqa: E402
@@ -221,7 +222,7 @@ def our_greedy(model: BLTModel, prompt_ids: list[int], n: int) -> tuple[list[int
     """n greedy ids from the autoregressive strategy (KV-cached session) and the patches it closed."""
     strategy = plugins.get_strategy("autoregressive")
     opts = options.make_options(strategy, {"cache": "kv"})
-    session = plugins.get_backend("eager").open_session(model, len(prompt_ids) + n + 1)
+    session = open_session(plugins.get_backend("eager"), model, len(prompt_ids) + n + 1)
     decoder = strategy.decode(session, DecodeContext(tuple(prompt_ids), n, torch.Generator().manual_seed(0)), opts)
     out: list[int] = []
     for chunk in decoder:

@@ -296,7 +296,7 @@ def test_a_second_run_on_one_results_file_is_refused(tmp_path, model):
 
     from blt_decode.tools import jobs
     out = tmp_path / "he.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom blt_decode import jobs\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom blt_decode.tools import jobs\n"
                                "with jobs.locked_output(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()",
                                str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

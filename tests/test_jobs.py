@@ -49,7 +49,7 @@ def test_results_equal_generate_and_resume_skips_finished(job):
         if line.get("seed") is None and line.get("options", {}).get("temperature"):
             continue
         assert bytes.fromhex(records[ident]["output_bytes_hex"]) == expected(line, 12), ident
-        assert records[ident]["output"] == bd.tokenizer.display(bytes.fromhex(records[ident]["output_bytes_hex"]))
+        assert records[ident]["output"] == bd.model.tokenizer.display(bytes.fromhex(records[ident]["output_bytes_hex"]))
         assert records[ident]["stats"]["new_bytes"] == len(bytes.fromhex(records[ident]["output_bytes_hex"]))
 
     # an interrupted run: two results written, the third torn mid-line

@@ -144,7 +144,7 @@ def test_random_presets_keep_blt_proportions():
 
 def test_random_model_threshold_gives_requested_mean_patch_length():
     model = bd.random_model("tiny", 0, mean_patch_length=4.0)
-    ids = torch.tensor([ids_of(bd.loading._CALIBRATION_TEXT)])
+    ids = torch.tensor([ids_of(bd.checkpoints.resolve._CALIBRATION_TEXT)])
     starts = model.patch_layout(ids).starts[0]
     mean = (ids.shape[1] - 1) / (len(starts) - 1)
     assert 3.0 < mean < 5.5

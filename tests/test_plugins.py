@@ -11,6 +11,7 @@ import attrs
 import pytest
 
 import blt_decode as bd
+from blt_decode import testing
 from blt_decode.errors import DuplicateNameError, InvalidOptionsError, PluginError, UnknownBackendError, UnknownStrategyError
 from blt_decode.plugins import hookspecs
 from blt_decode.plugins import registry as plugins
@@ -87,6 +88,55 @@ def test_duplicate_names_name_both_plugins():
     finally:
         plugins.reset()
 
+
+
+class _SessionOnly:
+    """A backend written against the old contract: it opens sessions itself and gives no runner."""
+
+    name = "session-only"
+    description = "builds its own sessions"
+
+    def open_session(self, model, capacity):
+        raise AssertionError("the framework builds sessions; this is never called")
+
+
+class _BadWarmup:
+    name = "bad-warmup"
+    description = "a warm-up that is not callable"
+    warmup = 3
+
+    def runner(self, model):
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("backend,words", [
+    (_SessionOnly(), r"is not a backend: it has no runner\. The contract: blt_decode\.decoding\.protocol\.Backend"),
+    (_BadWarmup(), r"is not a backend: warmup is not callable"),
+])
+def test_the_registry_checks_the_backend_contract(backend, words):
+    with testing.registered_backend(backend), pytest.raises(TypeError, match=words):
+        plugins.backends()
+
+
+def test_the_framework_builds_sessions_and_warms_up_through_the_contract():
+    from blt_decode.decoding.session import open_session
+
+    model = bd.random_model("tiny", 0)
+    calls = []
+
+    class Counting(testing.RewritingBackend):
+        def runner(self, model):
+            calls.append("runner")
+            return super().runner(model)
+
+    backend = Counting("counting", "eager, counting its runners", lambda session, call, logits: logits)
+    session = open_session(backend, model, 16)
+    session.prefill([1, 70, 71])
+    assert calls == ["runner"] and session.length == 3
+    assert plugins.warm_up(backend, model, rows=(1, 4)) is None and not plugins.prepares(backend)
+    backend.warmup = lambda model, *, rows, progress: calls.append(("warmup", rows, progress)) or 1.5
+    assert plugins.prepares(backend) and plugins.warm_up(backend, model, rows=[4]) == 1.5
+    assert calls[-1] == ("warmup", (4,), False)
 
 PLUGIN_SOURCE = textwrap.dedent('''
     import attrs

@@ -76,14 +76,14 @@ def test_a_tiny_temperature_is_near_greedy_not_nan():
     """Scores are shifted to a best of 0 before the division: no inf/inf, whatever the temperature."""
     logits = torch.randn(4, 260, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for temperature in (1e-320, 1e-300, 1e-12):
-        probs = bd.sampling.probabilities(logits, temperature=temperature)
+        probs = bd.decoding.sampling.probabilities(logits, temperature=temperature)
         assert torch.isfinite(probs).all()
-        assert torch.equal(probs.argmax(-1), bd.sampling.greedy(logits)) and torch.allclose(probs.max(-1).values, torch.ones(4, dtype=torch.float64))
+        assert torch.equal(probs.argmax(-1), bd.decoding.sampling.greedy(logits)) and torch.allclose(probs.max(-1).values, torch.ones(4, dtype=torch.float64))
     model = bd.random_model("tiny", 1)
     assert bd.generate(model, "ab", max_new_bytes=12, temperature=1e-320, seed=1).output == \
         bd.generate(model, "ab", max_new_bytes=12).output
 
 
 def test_top_p_ranks_exact_ties_by_id():
-    probs = bd.sampling.probabilities(torch.zeros(260), temperature=1.0, top_p=0.001)
+    probs = bd.decoding.sampling.probabilities(torch.zeros(260), temperature=1.0, top_p=0.001)
     assert probs.nonzero().flatten().tolist() == [EOS_ID]  # the lowest generable id, as greedy's tie rule

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 import blt_decode as bd
 from blt_decode import testing
-from blt_decode.decoding.session import DecodeSession
 from blt_decode.model.tokenizer import EOS_ID, OFFSET
 
 TOLERANCE = 1e-9
@@ -25,33 +24,16 @@ def support_mask(model: bd.BLTModel, ids) -> torch.Tensor:
     return mask
 
 
-class SupportSession(DecodeSession):
-    """A session whose every logits row is restricted to a few ids (-inf elsewhere): the model's
-    distributions then have a support small enough to enumerate every branch of a sampler."""
-
-    mask: torch.Tensor
-
-    def append(self, ids):
-        return super().append(ids) + self.mask
-
-    def draft(self, ids):
-        return super().draft(ids) + self.mask
-
-    def denoise(self, block_ids):
-        return super().denoise(block_ids) + self.mask
-
-
-class SupportBackend:
-    name = "small-support"
-    description = "test double: eager execution, logits restricted to a few ids"
+class SupportBackend(testing.RewritingBackend):
+    """Every logits row restricted to a few ids (-inf elsewhere): the model's distributions then have a
+    support small enough to enumerate every branch of a sampler."""
 
     def __init__(self):
+        super().__init__("small-support", "test double: eager execution, logits restricted to a few ids", self._restrict)
         self.ids: tuple[int, ...] = ()
 
-    def open_session(self, model, capacity):
-        session = SupportSession(model, capacity)
-        session.mask = support_mask(model, self.ids)
-        return session
+    def _restrict(self, session, call, logits):
+        return logits + support_mask(session.model, self.ids)
 
 
 @pytest.fixture(scope="module")

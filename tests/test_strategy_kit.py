@@ -133,7 +133,7 @@ def test_the_docs_table_of_strategy_members_is_the_protocol():
 
 
 #: DecodeSession members the framework uses, which a strategy does not need
-_FRAMEWORK_ONLY = {"model", "state", "slot", "executor", "capacity", "strategy_name", "ids"}
+_FRAMEWORK_ONLY = {"model", "state", "slot", "executor", "capacity", "strategy_name", "ids", "move_to"}
 
 
 def test_plugins_page_documents_every_primitive_state_and_author_name():

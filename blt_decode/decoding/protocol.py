@@ -13,6 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from blt_decode.decoding.session import DecodeSession
+    from blt_decode.execution.runner import Runner
     from blt_decode.model.blt import BLTModel
 
 
@@ -55,17 +56,22 @@ class Strategy(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A backend decides *how* the model runs; strategies never see which one runs them."""
+    """A backend decides *how* the model runs: it gives the runner that executes the sessions' primitive
+    calls, for one sequence and for the batched engine alike; the framework builds the sessions over it
+    (:func:`~blt_decode.decoding.session.open_session`). Strategies never see which backend runs them.
+
+    Optional besides: ``aliases`` (a tuple of other names) and ``warmup(model, *, rows, progress) ->
+    seconds``, which prepares batches of up to ``max(rows)`` sequences (and lone ones if 1 is in ``rows``)
+    before the first request, with a progress bar on stderr if ``progress``
+    (:func:`~blt_decode.plugins.registry.warm_up` calls it)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
 
-    def open_session(self, model: "BLTModel", capacity: int) -> "DecodeSession":
-        """A session of one sequence of up to ``capacity`` positions whose primitives run the model this
-        backend's way. Optional besides: ``runner(model) -> Runner`` (:class:`~blt_decode.execution.runner.Runner`),
-        which executes batches of primitive calls for the batched :class:`~blt_decode.engine.core.Engine`; the
-        older ``runners(model) -> StackRunners`` still works, run by the eager runner. Without either the
-        engine refuses the backend."""
+    def runner(self, model: "BLTModel") -> "Runner":
+        """The runner of ``model`` (:class:`~blt_decode.execution.runner.Runner`: ``new_state(slots,
+        capacity)`` and ``run(state, calls, tally) -> [CallResult]``); it may be shared by every session
+        and engine of that model."""
 
 
 @attrs.frozen

@@ -6,16 +6,17 @@ only counters of forward passes."""
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence, Union
+from typing import Any, Callable, ClassVar, Sequence, Union
 
 import attrs
 import torch
 
 from blt_decode.decoding.stats import StatsRecorder
 from blt_decode.errors import StrategyError
-from blt_decode.execution.runner import DecodeState, EagerRunner, Runner, StackRunners, non_finite
+from blt_decode.execution.runner import CallResult, DecodeState, EagerRunner, Runner, StackRunners, non_finite
 from blt_decode.model.blt import BLTModel, ParamCounts, block_latent_index
-from blt_decode.trace import Trace
+from blt_decode.model.stacks import Stack
+from blt_decode.trace import Drafted, Trace
 
 
 # -- calls ---------------------------------------------------------------------------------------------
@@ -44,14 +45,18 @@ class Denoise:
 
 
 Call = Union[Append, Draft, Denoise]
-Executor = Callable[["DecodeSession", Call], torch.Tensor]
+#: runs one call of a session and returns the runner's record of it (alone, or batched by the engine)
+Executor = Callable[["DecodeSession", Call], CallResult]
 
 
-def _run_now(session: "DecodeSession", call: Call) -> torch.Tensor:
-    result = session.state.runner.run(session.state, [(session, call)])[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+def _run_now(session: "DecodeSession", call: Call) -> CallResult:
+    return session.state.runner.run(session.state, [(session, call)])[0]
+
+
+def open_session(backend: Any, model: BLTModel, capacity: int) -> "DecodeSession":
+    """A session of one sequence of up to ``capacity`` positions, run by ``backend``'s runner (the one
+    way the framework builds sessions)."""
+    return DecodeSession(model, capacity, backend.runner(model))
 
 
 class DecodeSession:
@@ -154,7 +159,7 @@ class DecodeSession:
         """Commit ``ids`` after the current sequence; returns their next-byte logits [len(ids), vocab]."""
         ids = self._token_ids(ids, "append")
         self._check_room(self.length + len(ids))
-        return self.executor(self, Append(ids))
+        return self._execute(Append(ids))
 
     @torch.no_grad()
     def verify(self, ids: Sequence[int]) -> torch.Tensor:
@@ -171,7 +176,7 @@ class DecodeSession:
         if self.closed_patches == 0:
             raise RuntimeError("draft needs at least one closed patch: prefill first")
         self._check_room(self.length + self._draft_length + len(ids))
-        return self.executor(self, Draft(ids))
+        return self._execute(Draft(ids))
 
     @torch.no_grad()
     def denoise(self, block_ids: Sequence[int]) -> torch.Tensor:
@@ -189,7 +194,32 @@ class DecodeSession:
         self._check_room(self.length + len(block))
         if block_latent_index(self.starts, self.length) < 0:
             raise RuntimeError("denoise needs at least one closed patch: prefill first")
-        return self.executor(self, Denoise(block))
+        return self._execute(Denoise(block))
+
+    def _execute(self, call: Call) -> torch.Tensor:
+        """Run ``call`` and apply the runner's record of it: the session alone writes its state."""
+        result = self.executor(self, call)
+        self.stats.count(result.passes)
+        if result.starts is not None:
+            self.starts = list(result.starts)
+        for event in result.events:
+            self.emit(event)
+        if isinstance(result.output, BaseException):
+            raise result.output
+        if call.kind == "append":
+            self.length += len(call.ids)
+            self._draft_length = 0
+        elif call.kind == "draft":
+            self.emit(Drafted(self.length + self._draft_length, call.ids))
+            self._draft_length += len(call.ids)
+        else:
+            self._draft_length = 0
+            self.stats.add(denoise_passes=1)
+        return result.output
+
+    def move_to(self, state: DecodeState) -> None:
+        """Continue in ``state`` (the engine grew its state and copied this slot's contents into it)."""
+        self.state = state
 
     def truncate(self, length: int) -> None:
         """Roll the session back to its first ``length`` ids (drafts are discarded too)."""
@@ -211,7 +241,7 @@ class DecodeSession:
         if layout.entropies is not None and not torch.isfinite(layout.entropies).all():
             raise non_finite("entropy model (patcher)", 0, len(ids))
         logits = model(batch, layout)[0]
-        self.stats.add(patcher=1 if model.patcher.uses_entropy else 0, encoder=1, global_=1, decoder=1)
+        self.stats.count(s for s in Stack if s is not Stack.PATCHER or model.patcher.uses_entropy)
         if not torch.isfinite(logits).all():
             raise non_finite("model (full forward)", 0, len(ids))
         self.starts = list(layout.starts[0])

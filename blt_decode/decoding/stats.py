@@ -6,24 +6,20 @@ add their draft/accept/block counts through :meth:`StatsRecorder.add`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import attrs
 
 from blt_decode.model.blt import ParamCounts
+from blt_decode.model.stacks import Stack, per_stack
 
 BYTES_PER_PARAM = 2  # the paper's Eq. 8 assumes bf16 weights
 
 
-@attrs.frozen
-class ForwardPasses:
-    """Forward evaluations (NFE) of each module. A pass over a chunk of T positions counts once: its
-    weights are read once, which is what memory-bandwidth-bound decoding pays for."""
-
-    patcher: int = 0
-    encoder: int = 0
-    global_: int = 0
-    decoder: int = 0
+ForwardPasses = per_stack(
+    "ForwardPasses", "Forward evaluations (NFE) of each stack; fields named by ``Stack.attr``. A pass over a "
+    "chunk of T positions counts once: its weights are read once, which is what memory-bandwidth-bound "
+    "decoding pays for.", __name__, default=0)
 
 
 def bandwidth_gb(passes: ForwardPasses, params: ParamCounts, bytes_per_param: int = BYTES_PER_PARAM) -> float:
@@ -31,7 +27,7 @@ def bandwidth_gb(passes: ForwardPasses, params: ParamCounts, bytes_per_param: in
     ``2 · (N_dec·P_dec + N_enc·P_enc + N_glob·P_glob) / 1e9``. Eq. 8 writes N_enc·(P_enc + P_glob),
     assuming the encoder runs only with the global model; the two agree when N_enc = N_glob. The entropy
     model is left out, as in the paper (reported separately as ``patcher`` passes)."""
-    total = passes.decoder * params.decoder + passes.encoder * params.encoder + passes.global_ * params.global_
+    total = sum(passes[stack] * params[stack] for stack in Stack if stack is not Stack.PATCHER)
     return bytes_per_param * total / 1e9
 
 
@@ -100,10 +96,8 @@ class DecodeStats:
 class StatsRecorder:
     """Mutable counters a session fills while decoding; frozen into :class:`DecodeStats` at the end."""
 
-    patcher: int = 0
-    encoder: int = 0
-    global_: int = 0
-    decoder: int = 0
+    #: forward passes per stack (the session counts them from its runner's results)
+    passes: dict[Stack, int] = attrs.field(factory=lambda: dict.fromkeys(Stack, 0))
     drafted_bytes: int = 0
     accepted_bytes: int = 0
     verify_passes: int = 0
@@ -111,13 +105,23 @@ class StatsRecorder:
     denoise_passes: int = 0
 
     def add(self, **counts: int) -> None:
+        """Add to the strategy counters (``drafted_bytes=3``); forward passes are counted by the session."""
         for name, value in counts.items():
-            if not hasattr(self, name):
-                raise AttributeError(f"no statistic named {name!r}")
+            if name == "passes" or not hasattr(self, name):
+                raise AttributeError(f"no strategy statistic named {name!r}")
             setattr(self, name, getattr(self, name) + value)
 
-    def passes(self) -> ForwardPasses:
-        return ForwardPasses(self.patcher, self.encoder, self.global_, self.decoder)
+    def count(self, stacks: Iterable[Stack]) -> None:
+        """One forward pass of each of ``stacks``."""
+        for stack in stacks:
+            self.passes[stack] += 1
+
+    def strategy_counters(self) -> dict[str, int]:
+        """The strategy counters by name (every field but ``passes``; DecodeStats has a field of each)."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if f.name != "passes"}
+
+    def forward_passes(self) -> ForwardPasses:
+        return ForwardPasses(**{stack.attr: n for stack, n in self.passes.items()})
 
 
 def autoregressive_passes(model: Any, prompt: bytes, output: bytes, tokens: int) -> ForwardPasses:

@@ -40,8 +40,9 @@ from blt_decode.decoding.stats import DecodeStats
 from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
 from blt_decode.engine.request import PreparedRequest, Request, check_flag, prepare
 from blt_decode.errors import CancelledError, EngineError
-from blt_decode.execution.runner import DecodeState, EagerRunner, Runner
+from blt_decode.execution.runner import CallResult, DecodeState, Runner
 from blt_decode.model.blt import BLTModel
+from blt_decode.model.stacks import Stack
 from blt_decode.plugins import registry as plugins
 from blt_decode.trace import Trace
 
@@ -55,19 +56,6 @@ logger = logging.getLogger("blt_decode.engine.core")
 T = TypeVar("T")
 
 
-def batch_runner(backend: Any, model: BLTModel) -> Runner:
-    """The runner ``backend`` runs batches with: its ``runner(model)``, or the eager runner over its
-    ``runners(model)`` stacks (the older hook); a backend with neither cannot run batched."""
-    if callable(getattr(backend, "runner", None)):
-        return backend.runner(model)
-    if callable(getattr(backend, "runners", None)):
-        return EagerRunner(model, backend.runners(model))
-    raise EngineError(
-        f"backend {backend.name!r} cannot run batched: it has no runner(model) method "
-        "(see docs/plugins.md); use it with generate() one sequence at a time"
-    )
-
-
 @attrs.frozen
 class EngineStats:
     """What the engine did as a whole (per-request figures are in each request's DecodeStats)."""
@@ -76,7 +64,7 @@ class EngineStats:
     requests: int  #: requests finished (successfully or not)
     new_bytes: int  #: bytes committed over all requests
     wall_time_s: float  #: time spent stepping
-    #: batched calls per stack ("entropy", "encoder", "global", "decoder")
+    #: batched calls per stack, by stack name (``Stack.value``: "patcher", "encoder", "global", "decoder")
     stack_calls: dict[str, int]
     #: rows per batched call of each stack, on average (how full the batches were)
     rows_per_call: dict[str, float]
@@ -207,8 +195,8 @@ class Engine:
             raise EngineError(f"max_capacity must be an integer >= 1 (positions per slot) or None, got {max_capacity!r}")
         self.model = load_model(model)
         self.backend = plugins.get_backend(backend)
-        self.runner = batch_runner(self.backend, self.model)
-        self._tally: dict[str, list[int]] = {k: [0, 0] for k in ("entropy", "encoder", "global", "decoder")}
+        self.runner: Runner = self.backend.runner(self.model)
+        self._tally: dict[Stack, list[int]] = {stack: [0, 0] for stack in Stack}
         self.max_batch = max_batch
         #: positions per slot at most; None: what each request needs (prepare bounds its prompt and new
         #: bytes by max_seqlen, its strategy's lookahead by MAX_LOOKAHEAD), within the device's free memory
@@ -402,15 +390,12 @@ class Engine:
         if old is not None:
             new.copy_from(old)
             for live in self._live.values():
-                live.session.state = new
+                live.session.move_to(new)
         self.state = new
 
-    def _pause(self, session: DecodeSession, call: Call) -> torch.Tensor:
+    def _pause(self, session: DecodeSession, call: Call) -> CallResult:
         """The executor of engine sessions: pause this request's greenlet until the batch has run."""
-        result = greenlet.getcurrent().parent.switch(call)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return greenlet.getcurrent().parent.switch(call)
 
     def _drive(self, live: _Live) -> None:
         """A request's greenlet: the framework's loop of Stream.__iter__, with chunks pushed to the stream."""
@@ -477,12 +462,12 @@ class Engine:
         try:
             results = self.runner.run(self.state, items, self._count)
         except Exception as exc:  # a failure of the batched pass itself: every row in it gets the error
-            results = [exc] * len(items)
+            results = [CallResult(exc)] * len(items)
         for (_, live), result in zip(paused, results):
             live.call = None
             live.result = result
 
-    def _count(self, stack: str, rows: int) -> None:
+    def _count(self, stack: Stack, rows: int) -> None:
         """The runner's report of one batched stack call over ``rows`` requests."""
         calls_rows = self._tally[stack]
         calls_rows[0] += 1
@@ -496,8 +481,8 @@ class Engine:
     def stats(self) -> EngineStats:
         """The engine's figures so far (batch occupancy, calls and rows per stack, bytes/s)."""
         with self._lock:
-            calls = {k: v[0] for k, v in self._tally.items()}
-            rows = {k: (v[1] / v[0] if v[0] else 0.0) for k, v in self._tally.items()}
+            calls = {stack.value: v[0] for stack, v in self._tally.items()}
+            rows = {stack.value: (v[1] / v[0] if v[0] else 0.0) for stack, v in self._tally.items()}
             return EngineStats(self._steps, self._finished, self._new_bytes, self._wall, calls, rows,
                                self._live_sum / self._steps if self._steps else 0.0, self.max_batch)
 

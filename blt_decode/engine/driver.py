@@ -145,12 +145,10 @@ class Committer:
             if after_first and end > self.first_byte_at:
                 decode_rate = after_first / (end - self.first_byte_at)
         return DecodeStats(
-            passes=recorder.passes(), params=params, prompt_bytes=len(self.request.prompt),
+            passes=recorder.forward_passes(), params=params, prompt_bytes=len(self.request.prompt),
             new_bytes=len(self.out), new_tokens=self.tokens, patches=patches, wall_time_s=end - self.started,
             stop_reason=self.reason or "interrupted", seed=self.request.seed if self.drew_random else None,
-            drafted_bytes=recorder.drafted_bytes, accepted_bytes=recorder.accepted_bytes,
-            verify_passes=recorder.verify_passes, blocks=recorder.blocks, denoise_passes=recorder.denoise_passes,
-            time_to_first_byte_s=ttfb, decode_bytes_per_second=decode_rate,
+            time_to_first_byte_s=ttfb, decode_bytes_per_second=decode_rate, **recorder.strategy_counters(),
         )
 
 

@@ -33,12 +33,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blt_decode.tools import bench
-
-from blt_decode.tools import jobs
-
-from blt_decode.tools import prompt_sets
-
 from blt_decode.checkpoints.resolve import load_model
 from blt_decode.checks import is_int, show
 from blt_decode.decoding.stats import ForwardPasses, bandwidth_gb
@@ -47,6 +41,9 @@ from blt_decode.errors import HumanEvalError
 from blt_decode.evaluation import before_stop, sandbox
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel
+from blt_decode.tools import bench
+from blt_decode.tools import jobs
+from blt_decode.tools import prompt_sets
 
 #: the stop sequences of the Codex paper (Chen et al., 2021): a completion ends where the next top-level
 #: statement would begin

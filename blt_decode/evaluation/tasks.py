@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from blt_decode.tools import prompt_sets
-
 from blt_decode.model import tokenizer
+from blt_decode.tools import prompt_sets
 TASKS = ("blt_heldout_code_mc", "blt_heldout_code_line", "blt_heldout_bpb")
 
 

@@ -1,23 +1,13 @@
-"""Runners: the batched execution of the sessions' primitive calls, and the per-slot state they run on.
+"""The per-slot decode state, the runner contract, and the eager reference runner.
 
-A :class:`DecodeState` holds the tensors of up to ``slots`` sequences (ids, entropies, byte states,
-latents of closed patches, logits, one :class:`~blt_decode.model.cache.KVCache` per stack). A *runner* executes
-a batch of primitive calls (:mod:`blt_decode.decoding.session`'s ``Append``/``Draft``/``Denoise``, told apart by
-their ``kind``, so that this layer never imports the session's) of sessions
-holding slots of one state and returns each call's logits (or the error that failed that call only).
-Backends choose the runner; strategies and the engine's scheduling never see it.
-
-:class:`EagerRunner` is the reference: ragged rows packed one after another, one forward pass per stack
-(``StackRunners``: the model's modules, or compiled versions of them), the patch logic in Python. The
-static runner (:mod:`blt_decode.execution.static_runner`) runs the same calls as fixed-shape compiled graphs over
-device-resident bookkeeping. Both keep a session's host fields (length, drafts, patch starts) exactly as
-the strategies read them.
+A runner executes a batch of sessions' primitive calls (told apart by ``kind``, so this layer never imports
+the session) and returns one :class:`CallResult` per call, which the session applies (docs/backends.md).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import attrs
 import torch
@@ -26,15 +16,31 @@ from blt_decode.errors import NonFiniteError
 from blt_decode.model.blt import BLTModel, block_latent_index, latent_index
 from blt_decode.model.cache import AttentionGroup, KVCache, RowLayout
 from blt_decode.model.patching import entropy_of_logits
-from blt_decode.trace import Drafted, GlobalPass, PatchClosed
+from blt_decode.model.stacks import Stack, per_stack
+from blt_decode.trace import GlobalPass, PatchClosed
 
 if TYPE_CHECKING:
     from blt_decode.decoding.session import Call, DecodeSession
 
 #: ``tally(stack, rows)``: told of every batched stack call (the engine's statistics)
-Tally = Callable[[str, int], None]
+Tally = Callable[[Stack, int], None]
 #: a batch of calls: (session, call), at most one call per session, all sessions of one state
 Items = Sequence[tuple["DecodeSession", "Call"]]
+
+
+@attrs.frozen
+class CallResult:
+    """What a runner did for one call. The session applies it (its lengths, patch starts, statistics and
+    trace): a runner reads sessions and never writes one."""
+
+    #: the call's logits [len(ids), vocab], or the exception that failed this call alone
+    output: torch.Tensor | BaseException
+    #: the stacks that ran a forward pass for it
+    passes: tuple[Stack, ...] = ()
+    #: an append's patch starts after it (None: unchanged)
+    starts: tuple[int, ...] | None = None
+    #: trace events of the patches it closed (only for a session that traces)
+    events: tuple[Any, ...] = ()
 
 
 class Runner(Protocol):
@@ -44,29 +50,21 @@ class Runner(Protocol):
 
     def new_state(self, slots: int, capacity: int) -> "DecodeState": ...
 
-    def run(self, state: "DecodeState", items: Items, tally: Tally | None = None) -> list[torch.Tensor | BaseException]:
-        """Per call, its logits [len(ids), vocab] or the exception that failed it."""
+    def run(self, state: "DecodeState", items: Items, tally: Tally | None = None) -> list[CallResult]:
+        """One :class:`CallResult` per call, in order."""
         ...
 
 
-@attrs.frozen
-class StackRunners:
-    """The callables the eager runner runs the four transformer stacks with: ``entropy(ids, rows, cache)``,
-    ``encoder(embeds, rows, cache)``, ``global_(patch_vectors, rows, cache)`` and
-    ``decoder(byte_states, latents, rows, cache)`` (see :class:`~blt_decode.model.cache.RowLayout`).
-
-    The eager backend uses the model's modules themselves; the compiled backend swaps in compiled
-    versions. The decoding logic (what runs when) is the same for both."""
-
-    entropy: Callable[..., torch.Tensor] | None
-    encoder: Callable[..., torch.Tensor]
-    global_: Callable[..., torch.Tensor]
-    decoder: Callable[..., torch.Tensor]
+class StackRunners(per_stack("StackRunners", "", __name__)):
+    """The callables the eager runner runs each stack with, by :class:`~blt_decode.model.stacks.Stack`:
+    ``patcher(ids, rows, cache)`` (None without an entropy model), ``encoder(embeds, rows, cache)``,
+    ``global_(patch_vectors, rows, cache)`` and ``decoder(byte_states, latents, rows, cache)`` (see
+    :class:`~blt_decode.model.cache.RowLayout`). The eager backend uses the model's modules themselves."""
 
     @classmethod
     def eager(cls, model: BLTModel) -> "StackRunners":
         """The model's own modules, called as they are (the eager backend)."""
-        return cls(model.entropy_model, model.local_encoder, model.global_transformer, model.local_decoder)
+        return cls(**{stack.attr: model.stack(stack) for stack in Stack})
 
 
 class DecodeState:
@@ -89,21 +87,18 @@ class DecodeState:
         self.latents = torch.zeros(rows, room, cfg.global_.dim, dtype=dtype, device=device)
         self.logits = torch.zeros(rows, room, cfg.vocab_size, dtype=dtype, device=device)
 
-        def cache(stack) -> KVCache:
-            return stack.new_cache(room, slots=rows, dtype=dtype, device=device)
+        def cache(module: torch.nn.Module | None) -> KVCache | None:
+            return None if module is None else module.new_cache(room, slots=rows, dtype=dtype, device=device)
 
-        self.entropy_cache = cache(model.entropy_model) if model.entropy_model is not None else None
-        self.encoder_cache = cache(model.local_encoder)
-        self.global_cache = cache(model.global_transformer)
-        self.decoder_cache = cache(model.local_decoder)
+        #: one KV cache per stack (None: a model without an entropy model)
+        self.caches: dict[Stack, KVCache | None] = {stack: cache(model.stack(stack)) for stack in Stack}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the state by name (caches as ``<stack>_cache.keys`` / ``.values``)."""
         out = {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
-        for name in ("entropy_cache", "encoder_cache", "global_cache", "decoder_cache"):
-            cache = getattr(self, name)
+        for stack, cache in self.caches.items():
             if cache is not None:
-                out[f"{name}.keys"], out[f"{name}.values"] = cache.keys, cache.values
+                out[f"{stack}_cache.keys"], out[f"{stack}_cache.values"] = cache.keys, cache.values
         return out
 
     def copy_from(self, old: "DecodeState") -> None:
@@ -216,102 +211,119 @@ class EagerRunner:
     def new_state(self, slots: int, capacity: int) -> DecodeState:
         return DecodeState(self.model, slots, capacity, self)
 
-    def run(self, state: DecodeState, items: Items, tally: Tally | None = None) -> list[torch.Tensor | BaseException]:
+    def run(self, state: DecodeState, items: Items, tally: Tally | None = None) -> list[CallResult]:
         return run_calls(state, items, self.stacks, tally)
 
 
-def run_calls(state: DecodeState, items: Items, stacks: StackRunners, tally: Tally | None = None
-              ) -> list[torch.Tensor | BaseException]:
+class _Work:
+    """One call's record while a batch runs: where it writes, its patch starts, what it has done."""
+
+    def __init__(self, session: "DecodeSession", call: "Call"):
+        self.session, self.call = session, call
+        # appends write at the committed length, drafts after earlier drafts, blocks at the committed length
+        self.where = session.length + (session._draft_length if call.kind == "draft" else 0)
+        self.starts = list(session.starts)
+        self.passes: list[Stack] = []
+        self.events: list[Any] = []
+        self.output: torch.Tensor | BaseException | None = None
+
+    @property
+    def closed_patches(self) -> int:
+        return max(len(self.starts) - 1, 0)
+
+    def result(self) -> CallResult:
+        changed = self.call.kind == "append"
+        return CallResult(self.output, tuple(self.passes), tuple(self.starts) if changed else None, tuple(self.events))
+
+
+def run_calls(state: DecodeState, items: Items, stacks: StackRunners, tally: Tally | None = None) -> list[CallResult]:
     """Run the calls of several sessions of ``state`` (at most one call per session) as one forward pass
-    per stack over their packed positions. Returns, per call, its logits or the exception that failed it
-    (a failure of one row, such as non-finite values, fails only that row)."""
+    per stack over their packed positions. Returns, per call, its :class:`CallResult` (a failure of one
+    row, such as non-finite values, fails only that row)."""
     model, device = state.model, state.model.device
     count = tally or (lambda stack, rows: None)
-    out: list[torch.Tensor | BaseException | None] = [None] * len(items)
-    appends = [i for i, (_, c) in enumerate(items) if c.kind == "append"]
-    drafts = [i for i, (_, c) in enumerate(items) if c.kind == "draft"]
-    denoises = [i for i, (_, c) in enumerate(items) if c.kind == "denoise"]
-    # where each call writes: appends at the committed length, drafts after earlier drafts
-    where = {i: items[i][0].length for i in appends}
-    where.update({i: items[i][0].length + items[i][0]._draft_length for i in drafts})
+    work = [_Work(session, call) for session, call in items]
+    appends = [w for w in work if w.call.kind == "append"]
+    drafts = [w for w in work if w.call.kind == "draft"]
+    denoises = [w for w in work if w.call.kind == "denoise"]
     if appends or drafts:  # every row's new ids in one write
-        written = _rows(items, appends + drafts, where, device)
+        written = _rows(appends + drafts, device)
         state.ids[written.packed_slots, written.packed_positions] = torch.tensor(
-            [i for r in appends + drafts for i in items[r][1].ids], device=device)
+            [i for w in appends + drafts for i in w.call.ids], device=device)
 
     # 1. patcher: entropies of the new positions decide which patches close
-    closed_before = {i: items[i][0].closed_patches for i in appends}
+    closed_before = {id(w): w.closed_patches for w in appends}
     new_entropies: dict[int, list[float]] = {}
     if appends and model.patcher.uses_entropy:
-        rows = _rows(items, appends, where, device)
+        rows = _rows(appends, device)
         layout = row_layout(rows, model.config.entropy_model.sliding_window, device, dtype=model.dtype)
-        entropies = entropy_of_logits(stacks.entropy(state.ids[rows.packed_slots, rows.packed_positions], layout,
-                                                     state.entropy_cache))
-        count("entropy", len(appends))
+        entropies = entropy_of_logits(stacks.patcher(state.ids[rows.packed_slots, rows.packed_positions], layout,
+                                                     state.caches[Stack.PATCHER]))
+        count(Stack.PATCHER, len(appends))
         state.entropies[rows.packed_slots, rows.packed_positions] = entropies
         flat = entropies.tolist()  # the one host sync of the patcher, for every row at once
         offset = 0
-        for i, n in zip(appends, rows.lengths):
-            new_entropies[i] = flat[offset : offset + n]
+        for w, n in zip(appends, rows.lengths):
+            new_entropies[id(w)] = flat[offset : offset + n]
             offset += n
-            items[i][0].stats.add(patcher=1)
-            if not all(map(math.isfinite, new_entropies[i])):
-                out[i] = non_finite("entropy model (patcher)", where[i], where[i] + n)
-    for i in appends:
-        s, c = items[i]
-        n, t = s.length, len(c.ids)
+            w.passes.append(Stack.PATCHER)
+            if not all(map(math.isfinite, new_entropies[id(w)])):
+                w.output = non_finite("entropy model (patcher)", w.where, w.where + n)
+    for w in appends:
+        n, t = w.where, len(w.call.ids)
         if n == 0:
-            s.starts = [0]
-        model.patcher.extend_starts(s.starts, n, new_entropies.get(i), n + t)
+            w.starts = [0]
+        model.patcher.extend_starts(w.starts, n, new_entropies.get(id(w)), n + t)
 
     # 2. encoder over committed and drafted bytes (committed rows first: their states are a prefix)
-    encoded = [i for i in appends + drafts if out[i] is None]
+    encoded = [w for w in appends + drafts if w.output is None]
     states = None
     if encoded:
-        rows = _rows(items, encoded, where, device)
+        rows = _rows(encoded, device)
         embeds = model.embed_at(state.ids, rows.packed_slots, rows.packed_positions)
         layout = row_layout(rows, model.config.encoder.sliding_window, device, dtype=model.dtype)
-        states = stacks.encoder(embeds, layout, state.encoder_cache)
-        count("encoder", len(encoded))
-        for i in encoded:
-            items[i][0].stats.add(encoder=1)
-        kept = sum(n for i, n in zip(encoded, rows.lengths) if i in closed_before)  # drafts' states are scratch
+        states = stacks.encoder(embeds, layout, state.caches[Stack.ENCODER])
+        count(Stack.ENCODER, len(encoded))
+        for w in encoded:
+            w.passes.append(Stack.ENCODER)
+        kept = sum(n for w, n in zip(encoded, rows.lengths) if w.call.kind == "append")  # drafts' states are scratch
         if kept:
             state.byte_states[rows.packed_slots[:kept], rows.packed_positions[:kept]] = states[:kept]
 
     # 3. global model for the rows whose chunk closed patches
-    closing = [i for i in appends if out[i] is None and items[i][0].closed_patches > closed_before[i]]
+    closing = [w for w in appends if w.output is None and w.closed_patches > closed_before[id(w)]]
     if closing:
-        _global_pass(state, items, closing, closed_before, new_entropies, stacks)
-        count("global", len(closing))
+        _global_pass(state, closing, closed_before, new_entropies, stacks)
+        count(Stack.GLOBAL, len(closing))
 
     # 4. decoder over every live row: appends and drafts (from the encoder's states), denoised blocks
     if encoded or denoises:
-        _decoder_pass(state, items, encoded, denoises, states, where, out, stacks)
-        count("decoder", len(encoded) + len(denoises))
-    return out  # type: ignore[return-value]
+        _decoder_pass(state, encoded, denoises, states, stacks)
+        count(Stack.DECODER, len(encoded) + len(denoises))
+    return [w.result() for w in work]
 
 
-def _rows(items: Items, indices: Sequence[int], where: dict[int, int], device: torch.device) -> Rows:
-    return Rows([items[i][0].slot for i in indices], [where[i] for i in indices],
-                [len(items[i][1].ids) for i in indices], device)
+def _rows(work: Sequence[_Work], device: torch.device) -> Rows:
+    return Rows([w.session.slot for w in work], [w.where for w in work], [len(w.call.ids) for w in work], device)
 
 
-def emit_patches_closed(session: "DecodeSession", first: int, count: int, entropies: Sequence[float] | None,
-                        threshold: float | None) -> None:
-    """Trace the ``count`` patches that closed after patch ``first`` and the global pass over them.
-    ``entropies`` are the session's entropies by position (None: static patching)."""
-    for start, end in zip(session.starts[first:], session.starts[first + 1 : first + count + 1]):
+def patches_closed(starts: Sequence[int], first: int, count: int, entropies: Sequence[float] | None,
+                   threshold: float | None) -> list[Any]:
+    """The trace events of the ``count`` patches that closed after patch ``first`` and of the global pass
+    over them. ``entropies`` are the session's entropies by position (None: static patching)."""
+    events: list[Any] = []
+    for start, end in zip(starts[first:], starts[first + 1 : first + count + 1]):
         by_entropy = entropies is not None and end >= 2 and entropies[end - 1] > threshold
-        session.emit(PatchClosed(start, end, entropies[end - 1] if by_entropy else None))
-    session.emit(GlobalPass(first, count))
+        events.append(PatchClosed(start, end, entropies[end - 1] if by_entropy else None))
+    events.append(GlobalPass(first, count))
+    return events
 
 
-def _global_pass(state: DecodeState, items: Items, closing: list[int], closed_before: dict[int, int],
+def _global_pass(state: DecodeState, closing: list[_Work], closed_before: dict[int, int],
                  new_entropies: dict[int, list[float]], stacks: StackRunners) -> None:
     model, device = state.model, state.model.device
-    spans = [(items[i][0].slot, s, e) for i in closing
-             for s, e in zip(items[i][0].starts[closed_before[i]:], items[i][0].starts[closed_before[i] + 1:])]
+    spans = [(w.session.slot, s, e) for w in closing
+             for s, e in zip(w.starts[closed_before[id(w)]:], w.starts[closed_before[id(w)] + 1:])]
     longest = max(e - s for _, s, e in spans)
     offsets = torch.arange(longest, device=device)
     span_start = torch.tensor([s for _, s, _ in spans], device=device)
@@ -321,74 +333,59 @@ def _global_pass(state: DecodeState, items: Items, closing: list[int], closed_be
     position_index = torch.where(mask, span_start[:, None] + offsets[None, :], 0)
     # patch vectors of every closing row, packed row by row (a row's new patches are consecutive spans)
     vectors = model.local_encoder.summarize(state.byte_states[slot_index, position_index], mask)
-    counts = [items[i][0].closed_patches - closed_before[i] for i in closing]
-    rows = Rows([items[i][0].slot for i in closing], [closed_before[i] for i in closing], counts, device)
+    counts = [w.closed_patches - closed_before[id(w)] for w in closing]
+    rows = Rows([w.session.slot for w in closing], [closed_before[id(w)] for w in closing], counts, device)
     layout = row_layout(rows, model.config.global_.sliding_window, device, dtype=model.dtype)
-    latents = stacks.global_(vectors, layout, state.global_cache)
+    latents = stacks.global_(vectors, layout, state.caches[Stack.GLOBAL])
     state.latents[rows.packed_slots, rows.packed_positions] = latents
-    for i, count in zip(closing, counts):
-        s = items[i][0]
-        s.stats.add(global_=1)
-        if s.trace is not None:
+    for w, count in zip(closing, counts):
+        w.passes.append(Stack.GLOBAL)
+        if w.session.trace is not None:
             entropies = None
-            if i in new_entropies:  # the committed ones and this chunk's (length is not advanced yet)
-                entropies = state.entropy_history(s.slot, s.length + len(new_entropies[i]))
-            emit_patches_closed(s, closed_before[i], count, entropies, model.patcher.threshold)
+            if id(w) in new_entropies:  # the committed ones and this chunk's
+                entropies = state.entropy_history(w.session.slot, w.where + len(new_entropies[id(w)]))
+            w.events += patches_closed(w.starts, closed_before[id(w)], count, entropies, model.patcher.threshold)
 
 
-def _decoder_pass(state: DecodeState, items: Items, encoded: list[int], denoises: list[int], states: torch.Tensor | None,
-                  where: dict[int, int], out: list, stacks: StackRunners) -> None:
+def _decoder_pass(state: DecodeState, encoded: list[_Work], denoises: list[_Work], states: torch.Tensor | None,
+                  stacks: StackRunners) -> None:
     model, device = state.model, state.model.device
     order = encoded + denoises
     starts, lengths, latent_index_flat, bidirectional = [], [], [], []
-    for i in encoded:
-        s, c = items[i]
-        starts.append(where[i])
-        lengths.append(len(c.ids))
-        if c.kind == "append":  # each position reads the latent of the patch before its next byte's patch
-            latent_index_flat += [latent_index(s.starts, p) for p in range(where[i], where[i] + len(c.ids))]
+    for w in encoded:
+        n = len(w.call.ids)
+        starts.append(w.where)
+        lengths.append(n)
+        if w.call.kind == "append":  # each position reads the latent of the patch before its next byte's patch
+            latent_index_flat += [latent_index(w.starts, p) for p in range(w.where, w.where + n)]
         else:  # drafts read the last available latent, wherever a patch would close
-            latent_index_flat += [s.closed_patches - 1] * len(c.ids)
+            latent_index_flat += [w.closed_patches - 1] * n
         bidirectional.append(None)
-    for i in denoises:
-        s, c = items[i]
-        starts.append(s.length)
-        lengths.append(len(c.block))
-        latent_index_flat += [block_latent_index(s.starts, s.length)] * len(c.block)
-        bidirectional.append(s.length)
-    rows = Rows([items[i][0].slot for i in order], starts, lengths, device)
+    for w in denoises:
+        starts.append(w.where)
+        lengths.append(len(w.call.block))
+        latent_index_flat += [block_latent_index(w.starts, w.where)] * len(w.call.block)
+        bidirectional.append(w.where)
+    rows = Rows([w.session.slot for w in order], starts, lengths, device)
     inputs = [states] if encoded else []
     if denoises:  # a block enters through the byte embedding only
-        blocks = torch.tensor([x for i in denoises for x in items[i][1].block], device=device)
+        blocks = torch.tensor([x for w in denoises for x in w.call.block], device=device)
         inputs.append(model.local_encoder.tok_embeddings(blocks))
     x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
     latents = state.latents[rows.packed_slots, torch.tensor(latent_index_flat, device=device)]
     layout = row_layout(rows, model.config.decoder.sliding_window, device,
                         bidirectional_from=bidirectional if denoises else None, dtype=model.dtype)
-    logits = stacks.decoder(x, latents, layout, state.decoder_cache)
+    logits = stacks.decoder(x, latents, layout, state.caches[Stack.DECODER])
     finite = torch.isfinite(logits).all(-1).tolist()  # one host sync for every row
-    committed = sum(n for i, n in zip(order, lengths) if items[i][1].kind == "append")
+    committed = sum(n for w, n in zip(order, lengths) if w.call.kind == "append")
     if committed:  # appends come first: their logits are a prefix
         state.logits[rows.packed_slots[:committed], rows.packed_positions[:committed]] = logits[:committed]
     offset = 0
-    for i, n, row, x_row, latent_row in zip(order, lengths, rows.split(logits), rows.split(x), rows.split(latents)):
-        s, c = items[i]
+    for w, n, row, x_row, latent_row in zip(order, lengths, rows.split(logits), rows.split(x), rows.split(latents)):
         ok = all(finite[offset : offset + n])
         offset += n
-        s.stats.add(decoder=1)
-        if not ok:
-            out[i] = _diagnose(x_row, latent_row, where.get(i, s.length), n)
-            continue
-        if c.kind == "append":
-            s.length = where[i] + n
-            s._draft_length = 0
-        elif c.kind == "draft":
-            s._draft_length += n
-            s.emit(Drafted(where[i], c.ids))
-        else:
-            s._draft_length = 0
-            s.stats.add(denoise_passes=1)
-        out[i] = row
+        w.passes.append(Stack.DECODER)
+        w.output = row if ok else _diagnose(x_row, latent_row, w.where, n)
 
 
 def _diagnose(inputs: torch.Tensor, latents: torch.Tensor, start: int, n: int) -> NonFiniteError:

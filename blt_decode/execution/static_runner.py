@@ -12,11 +12,12 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from blt_decode.execution.runner import DecodeState, Items, Tally, diagnosis, emit_patches_closed, non_finite
+from blt_decode.execution.runner import (CallResult, DecodeState, Items, Tally, diagnosis, non_finite,
+                                         patches_closed)
 from blt_decode.model.blt import BLTModel
 from blt_decode.model.cache import GridLayout
 from blt_decode.model.patching import entropy_of_logits
-from blt_decode.trace import Drafted
+from blt_decode.model.stacks import Stack
 
 #: chunk lengths a graph is compiled for; a longer append or draft runs in chunks of the largest
 CHUNK_BUCKETS = (1, 16, 64)
@@ -102,7 +103,7 @@ class Buffers(NamedTuple):
     drafts: torch.Tensor  #: [slots + 1] drafted positions after them
     patch_id: torch.Tensor  #: [slots + 1, room + 1] the patch holding each position (decided ones)
     patch_starts: torch.Tensor  #: [slots + 1, room + 1] where each patch starts
-    entropy_kv: KV | None
+    patcher_kv: KV | None  #: the KV caches in Stack order
     encoder_kv: KV
     global_kv: KV
     decoder_kv: KV
@@ -133,8 +134,7 @@ class StaticState(DecodeState):
             return None if cache is None else KV(cache.keys, cache.values)
 
         self.buffers = Buffers(self.ids, self.entropies, self.byte_states, self.latents, self.logits, self.lengths,
-                               self.drafts, self.patch_id, self.patch_starts, kv(self.entropy_cache),
-                               kv(self.encoder_cache), kv(self.global_cache), kv(self.decoder_cache))
+                               self.drafts, self.patch_id, self.patch_starts, *(kv(self.caches[stack]) for stack in Stack))
         # the slot and position extents are symbolic in the compiled graphs: one graph serves every state
         for tensor in self.tensors().values():
             slot_dim, room_dim = (1, 3) if tensor.dim() == 5 else (0, 1)
@@ -254,7 +254,7 @@ def _front(model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, t: i
     finite = torch.ones_like(chunk.valid)
     if model.entropy_model is not None and model.patcher.uses_entropy:
         layout = _layout(chunk, cfg.entropy_model.sliding_window, room, reach, dtype, lone)
-        entropies = entropy_of_logits(model.entropy_model(ids.reshape(-1), layout, buf.entropy_kv)).view(ids.shape)
+        entropies = entropy_of_logits(model.entropy_model(ids.reshape(-1), layout, buf.patcher_kv)).view(ids.shape)
         buf.entropies[slots, positions] = entropies.reshape(-1)
         finite = torch.isfinite(entropies)
     flags = _close_flags(model, buf, chunk, entropies)
@@ -522,7 +522,7 @@ class StaticRunner:
 
     # -- a batch --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, state: StaticState, items: Items, tally: Tally | None = None) -> list[torch.Tensor | BaseException]:
+    def run(self, state: StaticState, items: Items, tally: Tally | None = None) -> list[CallResult]:
         model = self.model
         count = tally or (lambda stack, n: None)
         rows = []
@@ -543,7 +543,9 @@ class StaticRunner:
         # a state of one slot: its sequence reads its caches as views, nothing is gathered
         lone = state.slots == 1
         results = _Results(rows)
-        closed_before = {r.index: items[r.index][0].closed_patches for r in appends}
+        # the appends' patch starts as this batch decides them (the sessions apply them from the results)
+        starts = {r.index: list(items[r.index][0].starts) for r in appends}
+        closed_before = {r.index: _closed(starts[r.index]) for r in appends}
         failed_entropy: set[int] = set()
         if not appends:  # drafts and blocks: encoder and decoder in one graph per group
             for pieces in rounds:
@@ -558,7 +560,7 @@ class StaticRunner:
                     flags.append((group, self.graph("front", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone)))
             if decides:
-                count("entropy", len(appends))
+                count(Stack.PATCHER, len(appends))
             # the one host read of the patch decisions, every round's and row's at once
             read = self._read(torch.cat([f.flatten() for _, f in flags]))
             closing = [[] for _ in rounds]
@@ -568,43 +570,46 @@ class StaticRunner:
                 for b, p in enumerate(group):
                     if p.row.kind == APPEND:
                         row = read[at + b * width : at + (b + 1) * width]
-                        closing[p.offset // largest] += self._extend_starts(items[p.row.index][0], p, row)
+                        slot = items[p.row.index][0].slot
+                        closing[p.offset // largest] += self._extend_starts(starts[p.row.index], slot, p, row)
                         if not row[-1]:
                             failed_entropy.add(p.row.index)
                 at += f.numel()
             for r, pieces in enumerate(rounds):
                 if closing[r]:
-                    self._global_pass(state, items, closing[r], lone)
+                    self._global_pass(state, {items[i][0].slot: s for i, s in starts.items()}, closing[r], lone)
                 for t, group in _groups(pieces):
                     results.add(group, *self.graph("decode", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone))
         closers = {r.index for r in appends if r.index not in failed_entropy
-                   and items[r.index][0].closed_patches > closed_before[r.index]}
+                   and _closed(starts[r.index]) > closed_before[r.index]}
         if any(r.kind != DENOISE for r in rows):
-            count("encoder", sum(r.kind != DENOISE for r in rows))
+            count(Stack.ENCODER, sum(r.kind != DENOISE for r in rows))
         if closers:
-            count("global", len(closers))
-        count("decoder", len(rows))
+            count(Stack.GLOBAL, len(closers))
+        count(Stack.DECODER, len(rows))
         # the one host read of the results: which rows came out finite
-        return self._finish(state, items, rows, results, failed_entropy, closers, closed_before)
+        return self._finish(state, items, rows, results, failed_entropy, closers, closed_before, starts)
 
     @staticmethod
-    def _extend_starts(session, piece: "_Piece", flags: list[int]) -> list[tuple[int, int]]:
-        """Add the patch starts a piece's close flags decided to the session's (the host's copy, which
-        strategies read); returns the (slot, patch index) of every patch that closed."""
+    def _extend_starts(starts: list[int], slot: int, piece: "_Piece", flags: list[int]) -> list[tuple[int, int]]:
+        """Add the patch starts a piece's close flags decided to ``starts`` (the host's copy, which
+        strategies read once the session applies it); returns the (slot, patch index) of every patch that
+        closed."""
         first = piece.row.start + piece.offset
         if first == 0:
-            session.starts = [0]
+            starts[:] = [0]
         closed = []
         for step in range(piece.count):
             if flags[step]:
-                session.starts.append(first + step + 1)
-                closed.append((session.slot, len(session.starts) - 2))
+                starts.append(first + step + 1)
+                closed.append((slot, len(starts) - 2))
         return closed
 
-    def _global_pass(self, state: StaticState, items: Items, patches: list[tuple[int, int]], lone: bool) -> None:
-        """The global graph(s) over closed ``patches`` ((slot, patch index); spans known on the host)."""
-        starts = {s.slot: s.starts for s, _ in items}
+    def _global_pass(self, state: StaticState, starts: dict[int, list[int]], patches: list[tuple[int, int]],
+                     lone: bool) -> None:
+        """The global graph(s) over closed ``patches`` ((slot, patch index); spans known on the host from
+        ``starts``, by slot)."""
         largest = max(PATCH_BUCKETS)
         for at in range(0, len(patches), largest):
             part = patches[at : at + largest]
@@ -635,43 +640,39 @@ class StaticRunner:
         return self._rows_tensor(desc, lone)
 
     def _finish(self, state: StaticState, items: Items, rows: list[_Row], results: "_Results", failed_entropy: set[int],
-                closers: set[int], closed_before: dict[int, int]) -> list[torch.Tensor | BaseException]:
+                closers: set[int], closed_before: dict[int, int], starts: dict[int, list[int]]) -> list[CallResult]:
         ok = results.finite(self._read)
         model = self.model
-        out: list[torch.Tensor | BaseException] = []
+        out: list[CallResult] = []
         for r in rows:
             s, c = items[r.index]
             n = len(r.ids)
+            passes, events = [], []
+            new_starts = tuple(starts[r.index]) if r.kind == APPEND else None
             if r.kind == APPEND and model.patcher.uses_entropy:
-                s.stats.add(patcher=1)
+                passes.append(Stack.PATCHER)
             if r.index in failed_entropy:
-                out.append(non_finite("entropy model (patcher)", r.start, r.start + n))
+                out.append(CallResult(non_finite("entropy model (patcher)", r.start, r.start + n), tuple(passes),
+                                      new_starts))
                 self._fail(state, s)
                 continue
             if r.kind != DENOISE:
-                s.stats.add(encoder=1)
+                passes.append(Stack.ENCODER)
             if r.index in closers:
-                s.stats.add(global_=1)
+                passes.append(Stack.GLOBAL)
                 if s.trace is not None:
                     first = closed_before[r.index]
                     entropies = state.entropy_history(s.slot, r.start + n) if model.patcher.uses_entropy else None
-                    emit_patches_closed(s, first, s.closed_patches - first, entropies, model.patcher.threshold)
-            s.stats.add(decoder=1)
+                    events = patches_closed(starts[r.index], first, _closed(starts[r.index]) - first, entropies,
+                                            model.patcher.threshold)
+            passes.append(Stack.DECODER)
             inputs_ok, latents_ok, logits_ok = ok[r.index]
             if not logits_ok:
-                out.append(diagnosis(inputs_ok, latents_ok, r.start, n))
+                output: torch.Tensor | BaseException = diagnosis(inputs_ok, latents_ok, r.start, n)
                 self._fail(state, s)
-                continue
-            if r.kind == APPEND:
-                s.length = r.start + n
-                s._draft_length = 0
-            elif r.kind == DRAFT:
-                s._draft_length += n
-                s.emit(Drafted(r.start, c.ids))
             else:
-                s._draft_length = 0
-                s.stats.add(denoise_passes=1)
-            out.append(results.logits(r.index))
+                output = results.logits(r.index)
+            out.append(CallResult(output, tuple(passes), new_starts, tuple(events)))
         return out
 
     @staticmethod
@@ -679,6 +680,11 @@ class StaticRunner:
         """A row failed: its device lengths back to the host's, and its slot cleared of non-finite values."""
         state.clear(session.slot)
         state.restore(session.slot, session.length, session._draft_length)
+
+
+def _closed(starts: list[int]) -> int:
+    """Patches whose latent exists, given a sequence's patch starts (every patch but the open one)."""
+    return max(len(starts) - 1, 0)
 
 
 class _Results:

@@ -22,6 +22,7 @@ from blt_decode.model.config import BLTConfig, TransformerConfig
 from blt_decode.model.hashing import hash_table_ids, hash_table_ids_of_windows
 from blt_decode.model.layers import CrossAttention, RMSNorm, TransformerStack
 from blt_decode.model.patching import Patcher, entropy_of_logits
+from blt_decode.model.stacks import Stack, per_stack
 
 
 class EntropyModel(TransformerStack):
@@ -111,14 +112,11 @@ class LocalDecoder(TransformerStack):
         return self.output(self.norm(h))
 
 
-@attrs.frozen
-class ParamCounts:
-    """Parameters read per forward pass of each module (embedding tables excluded: only rows are read)."""
+#: stacks whose byte embedding table is read by rows, not whole, and so is not counted
+EMBEDDED = (Stack.PATCHER, Stack.ENCODER)
 
-    patcher: int
-    encoder: int
-    global_: int
-    decoder: int
+ParamCounts = per_stack("ParamCounts", "Parameters read per forward pass of each stack (embedding tables "
+                        "excluded: only their rows are read); fields named by ``Stack.attr``.", __name__)
 
 
 @attrs.frozen
@@ -246,12 +244,13 @@ class BLTModel(nn.Module):
                 return 0
             return sum(p.numel() for name, p in module.named_parameters() if not name.startswith(skip))
 
-        return ParamCounts(
-            patcher=count(self.entropy_model, ("tok_embeddings",)),
-            encoder=count(self.local_encoder, ("tok_embeddings",)),
-            global_=count(self.global_transformer),
-            decoder=count(self.local_decoder),
-        )
+        return ParamCounts(**{s.attr: count(self.stack(s), ("tok_embeddings",) if s in EMBEDDED else ())
+                              for s in Stack})
+
+    def stack(self, stack: Stack) -> nn.Module | None:
+        """The module of ``stack`` (None: a model without an entropy model)."""
+        return {Stack.PATCHER: self.entropy_model, Stack.ENCODER: self.local_encoder,
+                Stack.GLOBAL: self.global_transformer, Stack.DECODER: self.local_decoder}[stack]
 
 
 def init_weights(model: BLTModel, generator: torch.Generator) -> BLTModel:

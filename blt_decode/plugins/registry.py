@@ -125,8 +125,26 @@ def _check_strategy(obj: Any) -> None:
 
 def _check_backend(obj: Any) -> None:
     problems = _problems(obj, Backend)
+    if not problems and getattr(obj, "warmup", None) is not None and not callable(obj.warmup):
+        problems.append("warmup is not callable")
     if problems:
         raise _refusal(obj, Backend, problems)
+
+
+def prepares(backend: Any) -> bool:
+    """Whether ``backend`` has a warm-up (compiles ahead of the first request): its first runs are not
+    representative of its speed."""
+    return getattr(backend, "warmup", None) is not None
+
+
+def warm_up(backend: Any, model: Any, *, rows: tuple[int, ...] = (1,), progress: bool = False) -> float | None:
+    """Let ``backend`` prepare ``model`` for batches of up to ``max(rows)`` sequences (lone ones too if 1
+    is in ``rows``) before timing or serving starts, with a progress bar on stderr if ``progress``.
+    Returns the seconds it took, or None for a backend with nothing to prepare (the optional ``warmup``
+    of the contract, :class:`~blt_decode.decoding.protocol.Backend`)."""
+    if not prepares(backend):
+        return None
+    return float(backend.warmup(model, rows=tuple(rows), progress=progress))
 
 
 def strategies() -> dict[str, Any]:

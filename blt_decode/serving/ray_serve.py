@@ -49,9 +49,8 @@ class BLTDecodeReplica:
 
         app = build_app(**self.settings)
         # compile before taking requests, as the local server does: no request waits on a compilation
-        warmup = getattr(plugins.get_backend(self.settings["backend"]), "warmup", None)
-        if warmup is not None:
-            warmup(app.state.engine.model, rows=(self.settings["max_batch"],))
+        plugins.warm_up(plugins.get_backend(self.settings["backend"]), app.state.engine.model,
+                        rows=(self.settings["max_batch"],))
         return app
 
 

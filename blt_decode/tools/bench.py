@@ -22,16 +22,14 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import api
-
 from blt_decode.decoding import options
-
-from blt_decode.plugins import registry as plugins
-
 from blt_decode.decoding.stats import DecodeStats, ForwardPasses, bandwidth_gb
 from blt_decode.errors import BLTDecodeError, install_hint
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel, ParamCounts
 from blt_decode.model.config import BLTConfig, TransformerConfig, ffn_dim_for
+from blt_decode.model.stacks import Stack
+from blt_decode.plugins import registry as plugins
 from blt_decode.tools.prompt_sets import Prompt
 
 
@@ -312,7 +310,7 @@ def _matching_prefix(output: bytes, reference: bytes) -> float:
 
 def sum_passes(passes: Sequence[ForwardPasses]) -> ForwardPasses:
     """Forward passes of many generations added up, module by module."""
-    return ForwardPasses(*(sum(getattr(p, f) for p in passes) for f in ("patcher", "encoder", "global_", "decoder")))
+    return ForwardPasses(**{stack.attr: sum(p[stack] for p in passes) for stack in Stack})
 
 
 def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backends: Sequence[str], prompts: Sequence[Prompt], *,
@@ -342,9 +340,8 @@ def run_bench(model_spec: str | BLTModel, specs: Sequence[StrategySpec], backend
     references: dict[tuple[str, SamplingKey], tuple[str, ForwardPasses, float, int, list[bytes]]] = {}
     for backend in backends:
         start = time.perf_counter()
-        prepare = getattr(plugins.get_backend(backend), "warmup", None)
-        if prepare is not None:  # compiled backends: every graph of the batch sizes measured, with progress
-            prepare(model, rows=tuple(sorted({*batch_sizes, 1})), progress=progress)
+        # compiled backends: every graph of the batch sizes measured, with progress
+        plugins.warm_up(plugins.get_backend(backend), model, rows=tuple(sorted({*batch_sizes, 1})), progress=progress)
         for spec in specs:  # warm-up: compiles what is left on compiled backends, fills caches on eager
             api.generate(model, prompts[0].prompt, strategy=spec.strategy, backend=backend, max_new_bytes=16, seed=0, **spec.options)
         warmup[backend] = time.perf_counter() - start
@@ -449,7 +446,7 @@ def run_throughput(model: BLTModel, specs: Sequence[StrategySpec], backends: Seq
         for size in sizes:
             for backend in backends:
                 bar.set_postfix_str(f"{spec.label} batch {size} on {backend}")
-                if getattr(plugins.get_backend(backend), "warmup", None) is not None:
+                if plugins.prepares(plugins.get_backend(backend)):
                     run_once(backend, spec, size)
                 walls, outputs, stats = [], [], None
                 for _ in range(repeats):

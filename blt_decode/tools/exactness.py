@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from blt_decode import api
-
 from blt_decode.errors import PromptSetError
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel
