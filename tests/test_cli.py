@@ -259,25 +259,26 @@ def test_backend_auto_picks_compiled_where_its_warm_up_pays(capsys):
     """``--backend auto`` (the default of generate, serve and eval humaneval): compiled for a server and
     for work of at least AUTO_COMPILED_BYTES requested new bytes (one at a time or batched), said on
     stderr; eager below, silently."""
-    from blt_decode import cli
+    from blt_decode.cli import build_parser
+    from blt_decode.cli.common import AUTO_COMPILED_BYTES, backend_for
 
-    parser = cli.build_parser()
+    parser = build_parser()
     for argv in (["generate", "x"], ["serve"], ["eval", "humaneval"]):
         assert parser.parse_args(argv).backend == "auto"
-    one, batched = cli.AUTO_COMPILED_BYTES["one"], cli.AUTO_COMPILED_BYTES["batched"]
-    assert cli._backend_for("auto", new_bytes=one - 1, work="w") == "eager"
-    assert cli._backend_for("auto", new_bytes=batched - 1, work="w", batch_size=16) == "eager"
+    one, batched = AUTO_COMPILED_BYTES["one"], AUTO_COMPILED_BYTES["batched"]
+    assert backend_for("auto", new_bytes=one - 1, work="w") == "eager"
+    assert backend_for("auto", new_bytes=batched - 1, work="w", batch_size=16) == "eager"
     assert capsys.readouterr().err == ""
-    assert cli._backend_for("auto", new_bytes=one, work="a job") == "compiled"
-    assert cli._backend_for("auto", new_bytes=batched, work="a job", batch_size=16) == "compiled"
-    assert cli._backend_for("auto", new_bytes=None, work="a server") == "compiled"
+    assert backend_for("auto", new_bytes=one, work="a job") == "compiled"
+    assert backend_for("auto", new_bytes=batched, work="a job", batch_size=16) == "compiled"
+    assert backend_for("auto", new_bytes=None, work="a server") == "compiled"
     assert capsys.readouterr().err.count("backend auto: compiled (a") == 3
-    assert cli._backend_for("eager", new_bytes=None, work="a server") == "eager"  # a name is taken as given
+    assert backend_for("eager", new_bytes=None, work="a server") == "eager"  # a name is taken as given
     with pytest.raises(bd.UnknownBackendError):
-        cli._backend_for("nope", new_bytes=None, work="a server")
+        backend_for("nope", new_bytes=None, work="a server")
     # where the compiled backend cannot run (no C++ compiler: a process whose CXX names none), auto says so
     # and runs eager (in a child: inductor reads CXX once, and its config is no place for a test's values)
-    code = "from blt_decode import cli; print(cli._backend_for('auto', new_bytes=None, work='a server'))"
+    code = "from blt_decode.cli.common import backend_for; print(backend_for('auto', new_bytes=None, work='a server'))"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "CXX": "/nonexistent/c++"})
     assert child.returncode == 0 and child.stdout.strip() == "eager", child.stderr
