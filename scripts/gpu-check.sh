@@ -5,7 +5,7 @@
 # models), an HBM roofline, transformers' generate, train-bench. Part B: the default model's shape
 # trained on the carried code corpus, checkpoint split to <= 15 MiB files. Everything lands under
 # $OUT (./out-gpu-dry when unset): results.json, summary.md, steps.log, artifacts.tar.gz (+ part B's
-# model pieces). --dry-run: tiny sizes on the CPU, seconds (CI runs it: tests/test_gpu_check.py).
+# model pieces). --dry-run: tiny sizes on the CPU, seconds (CI runs it: tests/scripts/test_gpu_check.py).
 # No `set -e`: the driver records a failed step and goes on; its own exit status says whether any failed.
 set -u
 cd "$(dirname "$0")/.." || exit 2

@@ -41,7 +41,7 @@ PIECE_BYTES = 15 << 20
 #: the default model's shape (docs/training.md, "The shipped default model")
 SHIPPED_PRESET = "blt-10m"
 NO_CUDA = "no CUDA GPU visible to torch here"
-#: tests/test_cuda.py's tests of a compiled backend, parametrised by its name (part A runs them per backend)
+#: tests/execution/test_cuda.py's tests of a compiled backend, parametrised by its name (part A runs them per backend)
 COMPILED_TESTS = ("test_compiled_backend_equals_eager_on_cuda_alone", "test_compiled_backend_batched_equals_eager_on_cuda",
                   "test_compiled_backend_cuda_graphs_replay_without_capture_or_sync")
 
@@ -247,7 +247,7 @@ def part_a(run: Run) -> None:
     # xunit1: the junit flavour that keeps the tests' record_property values (tie flips, captures, replays)
     pytest = [run.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), "-o",
               "junit_logging=all", "-o", "junit_family=xunit1", "-rA"]
-    cuda_tests = str(ROOT / "tests" / "test_cuda.py")
+    cuda_tests = str(ROOT / "tests" / "execution" / "test_cuda.py")
     run.step("cuda-tests-eager", pytest + [cuda_tests, "-k", "not compiled", f"--junitxml={junit}"], 90,
              after=lambda record, junit=junit: _junit_status(record, junit))
     # 2. the HBM roofline: a matrix-vector product over a matrix far larger than the L2

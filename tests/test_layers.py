@@ -125,3 +125,12 @@ def test_the_check_sees_an_import_up_a_layer(tmp_path):
                       "def f():\n    from blt_decode.engine.core import Engine\n")
     known = modules()
     assert imports(source, "blt_decode.model.probe", known) == {"blt_decode.engine.core"}
+
+
+def test_tests_mirror_the_layout():
+    # a test folder is named after the layer folder (or the repository folder) whose code it tests
+    folders = {p.name for p in (ROOT / "blt_decode").iterdir() if p.is_dir()} | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    tests = [p for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
+    assert tests, "tests/ has no folders"
+    wrong = sorted(p.name for p in tests if p.name not in folders)
+    assert not wrong, f"test folders named after no code folder: {wrong}"

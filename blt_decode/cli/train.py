@@ -24,7 +24,7 @@ from blt_decode.training import plot, throughput
 from blt_decode.training.config import MAX_BATCH_SIZE, TrainConfig
 from blt_decode.training.corpus_code import MAX_CORPUS_BYTES, MAX_SHARD_BYTES, build_code_corpus
 
-#: the epilog of ``train --help``; docs/training.md has the whole recipe (tests/test_training_docs.py
+#: the epilog of ``train --help``; docs/training.md has the whole recipe (tests/training/test_training_docs.py
 #: checks that these lines name the three paths)
 TRAIN_RECIPE = """\
 Three paths (docs/training.md has the full recipe; its commands run in the tests at tiny scale):

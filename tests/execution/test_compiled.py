@@ -28,7 +28,7 @@ from blt_decode.backends.compiled import CompiledBackend, compiled_graph_count
 from blt_decode.decoding.session import open_session
 from blt_decode.execution.static_runner import StaticRunner
 from blt_decode.plugins import registry as plugins
-from test_engine import _structural_unmasking_tie, requests, tutorial_strategies
+from helpers import requests, structural_unmasking_tie, tutorial_strategies
 
 ALL_STRATEGIES = [("autoregressive", {}), ("autoregressive", {"temperature": 0.8}), ("blt-s", {"k": 4}),
                   ("blt-s", {"k": "auto"}), ("blt-d", {"block_size": 8}), ("blt-d", {"block_size": 4, "rule": "entropy"}),
@@ -60,7 +60,7 @@ def assert_same(model, prompt, strategy, options, backend, **kwargs):
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture only registers a backend
 @given(model=testing.tiny_models(), batch=st.lists(requests(), min_size=1, max_size=5), batch_size=st.integers(1, 4))
 def test_static_equals_eager_alone_and_batched(uncompiled, model, batch, batch_size):
-    assume(not _structural_unmasking_tie(model, batch))
+    assume(not structural_unmasking_tie(model, batch))
     for r in batch:
         eager = bd.generate(model, r.prompt, strategy=r.strategy, max_new_bytes=r.max_new_bytes, stop=r.stop,
                             seed=r.seed, **dict(r.options))
@@ -356,7 +356,7 @@ def test_static_is_an_alias_of_the_compiled_backend():
 
 
 def test_cli_lists_the_alias_and_says_it_when_used():
-    from test_cli import run_cli, TINY
+    from helpers import TINY, run_cli
 
     listed = run_cli("backends")
     assert listed.returncode == 0

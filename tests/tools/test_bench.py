@@ -162,7 +162,7 @@ def test_the_diffusion_table_is_a_bench_command(tmp_path):
     import shlex
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "diffusion.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "diffusion.md").read_text()
     commands = [c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "blt-decode bench" in c]
     assert commands, "docs/diffusion.md shows no blt-decode bench command"
     argv = shlex.split(commands[0].strip().replace("\\\n", " "))[1:]

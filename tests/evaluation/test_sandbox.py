@@ -381,7 +381,7 @@ _RUN_BARE = ("import sys\nfrom blt_decode.evaluation import sandbox\n"
 
 def test_a_machine_without_a_layer_refuses_unless_it_is_named(tmp_path):
     """A machine without unshare (a PATH without it): no run unless unsafe_without names namespaces."""
-    bare = {"PATH": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    bare = {"PATH": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     refused = subprocess.run([sys.executable, "-c", _RUN_BARE, ""], env=bare, capture_output=True, text=True, timeout=60)
     assert refused.stdout.startswith("REFUSED the sandbox lacks namespaces"), refused
     assert "--unsafe-sandbox namespaces" in refused.stdout and "not found" in refused.stdout
@@ -407,7 +407,7 @@ def test_the_command_refuses_a_bad_unsafe_flag(tmp_path, capsys, value, words):
 
 
 def test_the_command_refuses_a_missing_layer_unless_flagged(tmp_path):
-    bare = {"PATH": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    bare = {"PATH": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cli = "import sys\nfrom blt_decode.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     args = ["eval", "humaneval", "--model", "random:tiny", "--limit", "1", "--max-new-bytes", "4",
             "--strategies", "ar", "--output", str(tmp_path / "he.jsonl")]

@@ -22,7 +22,7 @@ from blt_decode.errors import InvalidOptionsError, StrategyError
 from blt_decode.plugins import hookspecs
 from blt_decode.plugins import registry as plugins
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 

@@ -28,14 +28,14 @@ from blt_decode.plugins import registry as plugins
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch sees none): run on a lent GPU by scripts/gpu-check.sh")
 
-#: every built-in strategy, greedy and sampled, fixed and adaptive sizes (as tests/test_static.py)
+#: every built-in strategy, greedy and sampled, fixed and adaptive sizes (as tests/execution/test_compiled.py)
 ALL_STRATEGIES = [("autoregressive", {}), ("autoregressive", {"temperature": 0.8}), ("blt-s", {"k": 4}),
                   ("blt-s", {"k": "auto"}), ("blt-d", {"block_size": 8}), ("blt-d", {"block_size": 4, "rule": "entropy"}),
                   ("blt-dv", {"block_size": 8}), ("blt-dv", {"block_size": "auto"})]
 #: the batch sizes the warm-up covers; the graph tests stay inside them
 ROWS = (1, 2, 4)
 #: the most eager-CUDA generations that may differ from eager-CPU ones on the default model in float32
-#: (as tests/test_static.py bounds compiled against eager: one in eight)
+#: (as tests/execution/test_compiled.py bounds compiled against eager: one in eight)
 TIE_FLIP_BOUND = 1 / 8
 CUDA_GRAPH_SEAM = "cuda_graph_stats"
 

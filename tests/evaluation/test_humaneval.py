@@ -23,7 +23,7 @@ MISSING = frozenset(sandbox.missing_layers())
 @pytest.fixture(autouse=True)
 def _accept_missing_sandbox_layers(monkeypatch):
     """On a machine without a kernel sandbox layer (docs/evaluation.md), programs are refused unless the
-    caller names it: these tests then name it, as --unsafe-sandbox would (tests/test_sandbox.py checks the
+    caller names it: these tests then name it, as --unsafe-sandbox would (tests/evaluation/test_sandbox.py checks the
     refusal). A no-op where every layer is present."""
     if not MISSING:
         return
@@ -188,7 +188,7 @@ def test_the_documented_command_runs(tmp_path, capsys):
     import shlex
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
     command = next(c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "blt-decode eval humaneval" in c)
     argv = shlex.split(command.split("\n\n")[0].replace("\\\n", " "))[1:]
     for flag, value in (("--model", "random:tiny"), ("--limit", "2"), ("--max-new-bytes", "8"),

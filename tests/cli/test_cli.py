@@ -8,14 +8,7 @@ import pytest
 import blt_decode as bd
 from blt_decode.cli import main
 from blt_decode.model import tokenizer
-
-TINY = ("--model", "random:tiny")
-
-
-def run_cli(*args, input=None, env=None):
-    return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, input=input,
-                          env={**os.environ, **(env or {})})
-
+from helpers import TINY, run_cli
 
 def test_generate_json_prints_output_and_stats():
     out = run_cli("generate", *TINY, "--json", "--max-new-bytes", "12", "hello")
@@ -342,7 +335,7 @@ def _subcommands():
 def test_every_command_is_in_the_cli_reference():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
     missing = [name for name in _subcommands() if f"| `{name}" not in text]
     assert not missing, f"docs/cli.md has no row for {missing}"
 

@@ -141,7 +141,7 @@ def test_ray_data_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled
     assert killed is not None and killed[1] < len(lines), "the job ended before an actor could be killed mid-run"
     records = _records(out)
     assert sorted(r["id"] for r in records) == sorted(item.id for item in items)  # each exactly once
-    # the direct API's outputs, batched for speed (batched == alone is tests/test_engine.py's property)
+    # the direct API's outputs, batched for speed (batched == alone is tests/engine/test_engine.py's property)
     expected = bd.generate_many(MODEL, [item.request for item in items], batch_size=16)
     assert {r["id"]: bytes.fromhex(r["output_bytes_hex"]) for r in records} == \
         {item.id: g.output for item, g in zip(items, expected)}

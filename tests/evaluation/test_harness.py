@@ -218,7 +218,7 @@ def test_the_documented_commands_run_on_the_example_tasks(tmp_path, capsys, monk
 
     from blt_decode.cli import main
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
     block = next(c for c in re.findall(r"```bash\n(.*?)```", page, re.S) if "write_heldout_tasks" in c)
     lines = block.replace("\\\n", " ").strip().splitlines()
     monkeypatch.chdir(tmp_path)

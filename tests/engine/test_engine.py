@@ -1,6 +1,5 @@
 """The batched engine: every request decodes exactly as it would alone, whatever else is in the batch."""
 
-import re
 import time
 from pathlib import Path
 
@@ -15,41 +14,13 @@ from blt_decode import testing
 from blt_decode.engine.core import CancelledError, Engine, EngineError
 from blt_decode.errors import InvalidOptionsError, PromptTooLongError
 from blt_decode.plugins import registry as plugins
+from helpers import requests, structural_unmasking_tie, tutorial_strategies
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-#: the requests a mixed batch draws from: every built-in strategy, greedy and seeded sampling
-MIXED = [
-    ("autoregressive", {}), ("autoregressive", {"temperature": 0.9}), ("autoregressive", {"temperature": 0.7, "top_k": 5}),
-    ("blt-s", {"k": 1}), ("blt-s", {"k": 4}), ("blt-s", {"k": 9}), ("blt-s", {"k": "auto"}),
-    ("blt-s", {"k": 4, "temperature": 0.8}), ("blt-s", {"k": "auto", "temperature": 1.0, "top_p": 0.9}),
-    ("blt-d", {"block_size": 4}), ("blt-d", {"block_size": 3, "rule": "entropy"}),
-    ("blt-dv", {"block_size": 4}), ("blt-dv", {"block_size": 3, "alpha": None}), ("blt-dv", {"block_size": "auto"}),
-    ("blt-dv", {"block_size": 4, "temperature": 0.7}),
-]
-
-
-@st.composite
-def requests(draw, *, strategies=MIXED):
-    prompt = draw(testing.prompts(max_size=20))
-    name, options = draw(st.sampled_from(strategies))
-    stop = draw(st.one_of(st.just(()), st.binary(min_size=1, max_size=2)))
-    return bd.Request(prompt, strategy=name, options=options, max_new_bytes=draw(st.integers(0, 24)), stop=stop,
-                      seed=draw(st.integers(0, 1000)))
-
-
-def _structural_unmasking_tie(model, batch) -> bool:
-    """Does a BLT-D block outrun the decoder's attention window? Its masked positions past the window
-    then see only [MASK]s and the same latent: their confidences are equal in exact arithmetic, so which
-    one unmasks first is decided by rounding, which batching changes (found by hypothesis: window 2,
-    block 4). Real models' windows (512 bytes) exceed any block (at most 64)."""
-    window = model.config.decoder.sliding_window
-    return window is not None and any(r.strategy == "blt-d" and r.options["block_size"] > window for r in batch)
-
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 @given(model=testing.tiny_models(), batch=st.lists(requests(), min_size=1, max_size=7), batch_size=st.integers(1, 4))
 def test_batched_equals_alone(model, batch, batch_size):
-    assume(not _structural_unmasking_tie(model, batch))
+    assume(not structural_unmasking_tie(model, batch))
     testing.assert_batched_equals_alone(model, batch, batch_size=batch_size)
 
 
@@ -275,18 +246,6 @@ def test_grad_mode_is_left_as_it_was():
     assert torch.is_grad_enabled()
     bd.generate_many(model, [b"a", b"b", b"c"], strategy="blt-s", max_new_bytes=12, batch_size=2)
     assert torch.is_grad_enabled()
-
-
-def tutorial_strategies() -> dict:
-    """The tutorial's third-party strategies (docs/tutorial.md's ``blt_rep_penalty.py`` and
-    ``blt_lookup.py``), executed as written, by class name."""
-    blocks = re.findall(r"```(\w+)\n(.*?)```", (DOCS / "tutorial.md").read_text(), re.S)
-    made = {}
-    for module, cls in (("blt_rep_penalty.py", "RepetitionPenalty"), ("blt_lookup.py", "Lookup")):
-        namespace: dict = {}
-        exec(compile(next(c for _, c in blocks if c.startswith(f"# file: {module}")), "tutorial.md", "exec"), namespace)
-        made[cls] = namespace[cls]()
-    return made
 
 
 def test_tutorial_strategies_batch_unchanged():

@@ -16,7 +16,7 @@ from blt_decode.errors import DuplicateNameError, InvalidOptionsError, PluginErr
 from blt_decode.plugins import hookspecs
 from blt_decode.plugins import registry as plugins
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def hookspec_names():

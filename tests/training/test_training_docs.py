@@ -21,7 +21,7 @@ import blt_decode
 from blt_decode.checkpoints import formats
 from blt_decode.model.config import PRESETS, stack_config
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 BLOCK = re.compile(r"<!-- docs-test -->\n```bash\n(.*?)```", re.S)
 TINY = ["--steps", "2", "--seq-len", "64", "--batch-size", "4", "--grad-accum", "1", "--warmup-steps", "1",
         "--eval-every", "1000", "--eval-bytes", "256", "--eval-bytes-final", "256", "--checkpoint-every", "1000",

@@ -390,7 +390,7 @@ def test_without_the_serving_extra_the_cli_says_what_to_install():
     assert run.returncode == 2, run.stderr
     # the README's own install command (blt-decode is installed from its checkout, not from an index)
     assert 'pip install -e ".[serve]"' in run.stderr and len(run.stderr.strip().splitlines()) == 1
-    assert 'pip install -e ".[serve]"' in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 'pip install -e ".[serve]"' in (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_the_load_test_runs_small_and_finds_every_response_equal_to_the_direct_api(tmp_path):
