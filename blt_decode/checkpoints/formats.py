@@ -1,17 +1,5 @@
-"""Checkpoint formats: recognise a checkpoint directory by the files in it, load it, write it.
-
-=================== ====================================================================================
-``native``          ``config.json`` ``{"format": "blt-decode", ...}`` + ``model.safetensors`` (save_model)
-``hf``              ``config.json`` of a transformers ``BltConfig`` + ``model.safetensors`` (or an index)
-``original``        released layout: ``config.json`` ``{"args": ...}`` + ``model.safetensors`` +
-                    ``entropy_model/params.json`` + ``entropy_model/consolidated.pth``
-``original-train``  training checkpoint: ``params.json`` + ``consolidated.pth`` (+ ``entropy_model/``)
-=================== ====================================================================================
-
-Loading never unpickles code (``torch.load(..., weights_only=True)``; safetensors everywhere else) and
-never leaves a parameter randomly initialised: every tensor is checked against the config by name and
-shape, and errors name the file and what is wrong.
-"""
+"""Checkpoint formats: recognise a checkpoint directory by the files in it, load it, write it (layouts,
+detection and the safety of loading: docs/checkpoints.md)."""
 
 from __future__ import annotations
 

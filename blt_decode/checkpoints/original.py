@@ -1,23 +1,5 @@
-"""The original facebookresearch/blt layouts.
-
-*As released* (``facebook/blt-1b``, ``facebook/blt-7b``)::
-
-    config.json                    {"args": {ByteLatentTransformerArgs ...}}
-    model.safetensors              the BLT (names as in our model, entropy model excluded)
-    entropy_model/params.json      {"entropy_model": {LMTransformerArgs ...}, "data": {"patcher_args": {...}}}
-    entropy_model/consolidated.pth {"model": state_dict} of the entropy model
-
-*Training checkpoint* (what the training code consolidates)::
-
-    params.json                    {"model": {...}, "data": {"patcher_args": {...}}, ...}  (TrainArgs)
-    consolidated.pth               {"model": state_dict}
-    entropy_model/...              as above (the code's demos keep the entropy model there)
-
-Parameter names are those of the original code, which our model uses too. Fields the files omit take
-the original code's defaults (``ByteLatentTransformerArgs``, ``PatcherArgs``). The entropy model is
-read the way ``bytelatent/entropy_model.py::load_entropy_model`` reads it: that loader fixes the
-attention window at 512, the rotary base at 10000 and the norm epsilon at 1e-5 whatever params.json says.
-"""
+"""The original facebookresearch/blt layouts: as released (``facebook/blt-1b``, ``facebook/blt-7b``) and the
+training checkpoint (files, parameter names, config fields: docs/checkpoints.md)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""Stop sequences found in time linear in the output: one Aho-Corasick automaton per stop list.
-
-The automaton's state after reading the output is the longest end of the output that begins some stop
-sequence, so one step per byte tells both whether a stop sequence has just ended (the engine ends the
-request, :class:`~blt_decode.engine.driver.Committer`) and how many trailing bytes may still become one (a
-server holds them back, :class:`~blt_decode.serving.bridge.ChoiceText`). Checking every stop against the
-output's end after each byte instead costs the total length of the stop list per byte, and checking
-every prefix of every stop (what a server needs to hold bytes back) its square; a request with a long
-stop list then stalled everyone.
-"""
+"""Stop sequences found in time linear in the output: one Aho-Corasick automaton per stop list (why, and
+how the engine and the server use it: docs/serving.md, "Design")."""
 
 from __future__ import annotations
 

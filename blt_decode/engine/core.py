@@ -1,24 +1,5 @@
-"""The batched decoding engine: many requests at once, each decoded by an unchanged single-sequence strategy.
-
-Strategies are written for one sequence: ``decode(session, context, options)`` calls the session's
-primitives (append, draft, verify, denoise, ...) and yields committed ids. The engine runs every live
-request's strategy in its own *greenlet* (a coroutine that can pause inside any call, even deep in a
-strategy's helper functions). A session primitive, instead of running the model, hands its call to the
-engine and pauses; when every live request has paused on its next call, the engine runs all of them with
-the backend's runner (:mod:`blt_decode.execution.runner`) — one forward pass per stack over the batch (ragged
-lengths, per-row positions and patch boundaries, the global model only for rows whose patch closed) — and
-resumes each request with its own result. Strategy authors see none of this.
-
-One engine step::
-
-    admit waiting requests into free slots (continuous batching)
-    resume every request with its last result ─▶ each runs until its next primitive call, or ends
-    runner.run(all paused calls) ─▶ patcher │ encoder │ global (closing rows) │ decoder   (batched)
-    hand each request its logits; retire finished requests and free their slots
-
-A request's output and statistics are exactly those of decoding it alone (same primitives, same
-counts); only the arithmetic is batched. See docs/engine.md.
-"""
+"""The batched decoding engine: many requests at once, each decoded by an unchanged single-sequence strategy
+(see docs/engine.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""A generation request and its validation: the one place that checks what a caller asks for.
-
-:class:`Request` is what a caller describes (a prompt, a strategy by name and its options, limits, a
-seed). :func:`prepare` checks every field against the model and the registries and returns a
-:class:`PreparedRequest`, or raises a typed :class:`~blt_decode.errors.BLTDecodeError` whose message names
-the field and what is allowed. :func:`blt_decode.generate`, :func:`blt_decode.stream` and the batched
-:class:`~blt_decode.engine.core.Engine` all go through :func:`prepare`, so they accept and refuse the same things.
-"""
+"""A generation request and its validation: the one place that checks what a caller asks for (see
+docs/api.md)."""
 
 from __future__ import annotations
 

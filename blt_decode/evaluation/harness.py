@@ -1,30 +1,5 @@
-"""A model for EleutherAI's lm-evaluation-harness (``lm-eval``), backed by blt-decode.
-
-Importing this module registers the model as ``blt-decode`` in lm-eval's registry (lm-eval 0.4 finds
-models by registry only, not by entry point), so after ``import blt_decode.evaluation.harness``::
-
-    lm_eval.simple_evaluate(model="blt-decode", model_args="model=default,strategy=blt-s,k=8", tasks=[...])
-
-works, and ``blt-decode eval lm-eval ARGS...`` runs lm-eval's own command line with it registered. Bytes
-are the tokens:
-
-- ``loglikelihood``: log P(continuation | context), summed over the continuation's bytes, and whether every
-  byte is the greedy choice, from one batched reference forward per batch (:func:`blt_decode.score_many`);
-  a context too long for the model is cut on the left;
-- ``loglikelihood_rolling``: a document's log-likelihood in windows of ``max_seqlen - 1`` bytes, each
-  after the first scoring only its new bytes with the bytes before it as context (lm-eval's rolling
-  windows), batched the same way;
-- ``generate_until``: :func:`blt_decode.generate_many` with the model's strategy and options; ``until``
-  are the stop sequences (cut from the returned text), ``max_gen_toks`` the new bytes, ``do_sample`` +
-  ``temperature``/``top_p``/``top_k`` set the strategy's sampling options.
-
-``model_args`` keys: ``model`` (any spec load_model takes), ``strategy``, ``backend``, ``batch_size``,
-``dtype``, ``device``, ``seed``, ``max_gen_toks``; every other key is an option of the strategy, parsed
-by its declared type (``k=8``, ``block_size=16``). ``batch_size`` and ``device`` written in ``model_args``
-win over lm-eval's ``--batch_size`` and ``--device`` flags, which fill them only when ``model_args`` leaves
-them out. The decoding statistics of everything the model
-generated (forward passes, Eq. 8 bandwidth, acceptance, bytes/s) are summed in :meth:`BLTDecodeLM.statistics`.
-"""
+"""A model for EleutherAI's lm-evaluation-harness (``lm-eval``), backed by blt-decode; importing this module
+registers it as ``blt-decode``. Requests, ``model_args`` and statistics: docs/evaluation.md."""
 
 from __future__ import annotations
 

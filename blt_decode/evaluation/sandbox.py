@@ -1,31 +1,6 @@
 """Running generated programs: each in its own subprocess, never in the evaluating process, contained by
-the kernel rather than by the program's cooperation.
-
-Every program gets a wall-clock limit, resource limits (``RLIMIT_AS``: a large allocation raises
-MemoryError; CPU time, file size, ``RLIMIT_NPROC``), the standard library only (``python -I -S -B``) and
-these layers (:func:`isolation` says which ran; docs/evaluation.md has the threat model):
-
-- ``namespaces``: ``unshare --pid --fork --kill-child --mount-proc --mount --net`` (with
-  ``--map-root-user`` as an unprivileged user where user namespaces are allowed). A PID namespace (the
-  run's processes die with it, at the end of every run; no other process is visible or signalable; /proc
-  shows only the run's), no network but a loopback that is down, every mount read-only but the scratch
-  directory, which is a tmpfs of ``scratch_mb`` MiB, /root, /home and /run hidden (but for the interpreter), a
-  minimal /dev (no disks, consoles or kernel log);
-  then ``setpriv`` drops every capability and sets no-new-privs.
-- ``seccomp``: a BPF filter installed by :mod:`blt_decode.evaluation._guard` right before the program
-  runs: no new processes (threads only), no exec, no signals but to itself, no ptrace, no sockets but a
-  connected AF_UNIX stream pair, no mknod, mount, namespace, xattr-writing, bpf, perf, keyring or
-  io_uring calls.
-- ``audit hook``: an extra layer inside the interpreter (refuses sockets, processes, ctypes and writes
-  outside scratch with a clear message). Python's audit hooks are no security boundary: the kernel layers
-  are.
-
-A kernel layer this machine cannot give stops every run with a :class:`SandboxError` unless the caller
-names it in ``SandboxConfig.unsafe_without`` (``--unsafe-sandbox`` on the command line). A program passes
-when it exits 0 within its time after printing a token it was handed on stdin, so an early ``exit(0)``
-fails; how it ended is classified by its exit (a MemoryError reported by the guard, a signal, the wall
-clock), never by its stderr text.
-"""
+the kernel rather than by the program's cooperation. Layers, limits and threat model: docs/evaluation.md
+("The sandbox")."""
 
 from __future__ import annotations
 

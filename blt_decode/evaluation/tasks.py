@@ -1,20 +1,5 @@
-"""Small lm-eval tasks cut from the shipped prompt sets, for an offline check of the lm-eval path.
-
-:func:`write_heldout_tasks` writes three task files (YAML + JSONL, ``dataset_path: json`` with local
-``data_files``) into a directory, for ``--include_path``:
-
-=========================  ========================  ==================================================
-``blt_heldout_code_mc``    ``multiple_choice``       after 256 bytes of held-out stdlib code ending in a
-                                                     ``def`` line, which of 4 lines comes next (the true
-                                                     one and the first lines after 3 other prompts); acc
-``blt_heldout_code_line``  ``generate_until``        the same prompts: generate the next line (until
-                                                     ``\\n``); exact_match against the true one
-``blt_heldout_bpb``        ``loglikelihood_rolling`` the ``heldout`` set's prompt + reference texts (code
-                                                     and plays); bits_per_byte, byte_perplexity
-=========================  ========================  ==================================================
-
-They are tiny and measure little: real benchmarks are lm-eval's own tasks (which download their data).
-"""
+"""Small lm-eval tasks cut from the shipped prompt sets, for an offline check of the lm-eval path (the
+tasks: docs/evaluation.md)."""
 
 from __future__ import annotations
 

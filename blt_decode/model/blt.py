@@ -1,12 +1,5 @@
 """The BLT model: hash embeddings, local encoder, patch summary, global transformer, local decoder and
-the entropy model that patches the bytes.
-
-Every stack takes ``(x, rows, cache)``: without them it is the full-sequence reference forward; with them
-each row of x is a chunk of its own sequence, run against that sequence's cached prefix (see
-:class:`~blt_decode.model.cache.RowLayout`; a lone session is a batch of one). The reference forward
-(:meth:`BLTModel.forward`) and the incremental session (:mod:`blt_decode.decoding.session`) call the same module
-methods, so the two paths share every numeric kernel.
-"""
+the entropy model that patches the bytes (docs/concepts.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The one cache type: preallocated keys and values for a fixed number of sequence slots (the gpt-fast way).
-
-A :class:`KVCache` holds every attention layer of one transformer stack for ``slots`` sequences at once
-(one slot for a lone :class:`~blt_decode.decoding.session.DecodeSession`, one per admitted request in the batched
-:class:`~blt_decode.engine.core.Engine`). Entries carry no length of their own: a sequence's length lives in its
-session, attention reads only positions below it, and rollback is "set the length back" (entries past it
-are stale and get overwritten by the next write). The same buffers serve eager and compiled execution.
-"""
+"""The one cache type: preallocated keys and values for a fixed number of sequence slots (the gpt-fast way;
+docs/engine.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""Where patches start: the one place that decides patch boundaries.
-
-Rule (causal, as in the public code): positions 0 (BOS) and 1 always start patches; position t+1 starts
-a patch when the entropy model's prediction at position t has entropy H(t) > θ (t >= 1), or when the
-patch that contains t already holds ``max_patch_length`` bytes. The decision for position t+1 is made as
-soon as byte t is known, so a patch can close before the byte that opens the next one exists (the
-reference then has a trailing empty patch).
-"""
+"""Where patches start: the one place that decides patch boundaries (the rule: docs/concepts.md)."""
 
 from __future__ import annotations
 

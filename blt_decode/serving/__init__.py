@@ -1,20 +1,7 @@
 """Serving and scale-out: an OpenAI-compatible HTTP server over one :class:`~blt_decode.engine.core.Engine`,
 its Ray Serve deployment, and batch generation on Ray Data. See docs/serving.md.
 
-Modules (each imported only when used, so a plain install without the ``serve``/``ray`` extras works):
-
-- :mod:`~blt_decode.serving.openai_schema`: the OpenAI completions request as a pydantic model, its mapping
-  onto :class:`~blt_decode.engine.request.Request` (the project's one validator decides), OpenAI-style errors;
-- :mod:`~blt_decode.serving.bridge`: follows engine streams from an asyncio event loop, and the text of a
-  choice as it streams (no split UTF-8 character, no stop sequence);
-- :mod:`~blt_decode.serving.metrics`: Prometheus metrics of the server and its engine;
-- :mod:`~blt_decode.serving.app`: the FastAPI app factory (``/v1/completions``, ``/v1/models``,
-  ``/health``, ``/metrics``) and :func:`~blt_decode.serving.app.serve` (uvicorn);
-- :mod:`~blt_decode.serving.ray_serve`: the same app on Ray Serve replicas;
-- :mod:`~blt_decode.serving.ray_data`: ``generate --input ... --ray`` as Ray Data ``map_batches`` over an
-  actor pool;
-- :mod:`~blt_decode.serving.loadtest`: the bounded load test of docs/serving.md.
-"""
+Each module is imported only when used, so a plain install without the ``serve``/``ray`` extras works."""
 
 from __future__ import annotations
 

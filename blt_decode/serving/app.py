@@ -1,27 +1,5 @@
 """The OpenAI-compatible HTTP app over one :class:`~blt_decode.engine.core.Engine` (FastAPI), and running it
-with uvicorn.
-
-Routes: ``POST /v1/completions`` (streaming with server-sent events ending in ``data: [DONE]``; ``logprobs``
-and ``echo``), ``POST /v1/chat/completions`` (the same, its messages rendered by the chat template),
-``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text), and the
-byte tokenizer's ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes, for
-lm-eval's remote tokenizer; :mod:`~blt_decode.serving.tokens`). Every
-prompt of every request becomes a request of the one engine, which steps in a background thread and
-batches all live requests together (continuous batching); the event loop follows their streams through
-:class:`~blt_decode.serving.bridge.RequestStreams` and never waits on the engine.
-
-Errors are OpenAI-style, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body
-or a value the validator refuses (unknown strategy, bad option, prompt, ``max_tokens`` or stop list over
-its limit, a decode state that would not fit the free memory, ...), 401 without the API key, 404 for an
-unknown model or route, 408 for a request head or body that does not arrive in time
-(:class:`~blt_decode.serving.connections.ConnectionLimits`), 413 for a body over ``max_body_bytes``, 422
-for a field of the wrong type, 503 when the engine cannot run a request (memory ran out while admitting
-it; its thread has stopped) or every chat template worker is busy, 500 if decoding itself fails. A client
-that disconnects before its body has arrived is counted as status 499 (nobody receives the answer).
-Validation runs in a worker thread and chat templates in worker processes, so no request holds up the
-event loop. A client that disconnects has its requests cancelled (their slots are freed at the engine's
-next step).
-"""
+with uvicorn. Routes, errors and design: docs/serving.md."""
 
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""From the engine's thread to an asyncio event loop, and from bytes to the text of a choice.
-
-The engine steps in its own thread (:meth:`Engine.start`) and holds its lock for a whole step, so the
-event loop must never wait on it. :class:`RequestStreams` submits a request's prompts with a *listener*
-(:meth:`Engine.submit_request`): the engine's thread appends each chunk (and None at the end) to a deque
-owned by that request and wakes the loop with ``call_soon_threadsafe``; the loop only reads its deques.
-Submitting and cancelling take the engine's lock, so they run in a worker thread.
-
-:class:`ChoiceText` turns one request's byte chunks into the text a client sees: a UTF-8 character split
-across chunks is held back until it is whole (invalid bytes become U+FFFD, as
-:attr:`Generation.text`), and so are bytes that may be the start of a stop sequence, which OpenAI leaves
-out of the text.
-"""
+"""From the engine's thread to an asyncio event loop, and from bytes to the text of a choice
+(docs/serving.md, "Design")."""
 
 from __future__ import annotations
 

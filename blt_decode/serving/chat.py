@@ -1,25 +1,5 @@
-"""Chat templates: how ``/v1/chat/completions`` turns a list of messages into one prompt.
-
-A template is a Jinja2 text in the convention of Hugging Face's ``chat_template`` (variables
-``messages``, each with ``role`` and ``content``, ``add_generation_prompt``, ``bos_token`` and
-``eos_token``), rendered in Jinja2's sandbox. ``blt-decode serve --chat-template FILE`` reads one;
-without it the server uses :data:`PLAIN`, a plain transcript for base models::
-
-    System text
-
-    User: the question
-
-    Assistant:
-
-with ``"\\nUser:"`` as a stop sequence, so that a base model does not go on to write the user's next
-turn. A template file has no stop sequences unless ``--chat-stop`` gives some; they are checked against
-the limits every request's stops have (:func:`blt_decode.engine.request.stop_sequences`) when the template is made.
-
-A template is a program, so the server never renders one on its event loop or in a thread it cannot stop:
-:class:`TemplateRenderer` renders in worker processes (:mod:`~blt_decode.serving.template_worker`) under
-:class:`RenderLimits` (a time limit, after which the worker is killed; an output-size limit; an
-address-space limit), and :meth:`ChatTemplate.check` renders a sample conversation that way at start-up.
-"""
+"""Chat templates: how ``/v1/chat/completions`` turns a list of messages into one prompt, rendered in worker
+processes under limits (docs/serving.md, "Chat")."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """How long and how many connections the server holds: the bounds against half-open and slow clients.
-
-uvicorn bounds the idle time between requests on a kept-alive connection (``timeout_keep_alive``) and,
-with its h11 protocol, the size of an unfinished request head (``h11_max_incomplete_event_size``). It has
-no bound on how long a request head may take to arrive: a client that connects and sends half a head is
-held for ever. The h11 protocol here adds one (a 408 and the connection closed once ``header_timeout_s``
-has passed without a whole head) and a bound on the connections held at once (one over
-``max_connections`` gets a JSON 503 to its request and is closed; uvicorn's own ``limit_concurrency``
-answers in plain text); the app bounds the time a request body may take (``body_timeout_s``, a 408 too).
-See docs/serving.md ("Connections and time limits").
-"""
+See docs/serving.md ("Connections and time limits")."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """A bounded load test of the server on loopback: ``blt-decode serve-loadtest`` or
 ``python -m blt_decode.serving.loadtest``.
 
-It sends ``--requests`` streaming completions (prompts of the built-in ``heldout`` set, strategies cycled
-from ``--strategies``, one of them sampling with a fixed seed) from ``--concurrency`` concurrent clients
-to a server it starts itself on a free loopback port (``blt-decode serve`` in a subprocess; or, with
-``--ray-replicas N``, the Ray Serve deployment on a local Ray cluster), measures requests/s, new bytes/s,
-time to first text and total latency (p50/p95/p99) and errors, and checks every response against the
-direct API (:func:`blt_decode.generate`, batch-1, in a loop over the same requests in this process,
-which is also the baseline the throughput ratio compares with; both are measured in the same run).
-Traffic goes only to 127.0.0.1, and the run is bounded by ``--timeout``.
-"""
+See docs/serving.md ("Measured")."""
 
 from __future__ import annotations
 

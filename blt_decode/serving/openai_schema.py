@@ -1,29 +1,5 @@
-"""The OpenAI completions API as pydantic models, and how a request maps onto blt-decode requests.
-
-:class:`CompletionRequest` parses the JSON body (types only: strict, unknown fields refused). Every value
-check is left to the project's one validator, :func:`blt_decode.engine.request.prepare`, which raises typed
-:class:`~blt_decode.errors.BLTDecodeError` subclasses; :func:`api_error` turns those into OpenAI-style
-errors (``{"error": {"message", "type", "param", "code"}}``) with an HTTP status.
-
-Mapping (bytes are the tokens here):
-
-- ``prompt``: a string (UTF-8), a list of strings (one choice each), a list of API token ids (byte
-  values 0..255, optionally after 256, the sequence start every prompt has anyway: the way to send a
-  prompt that is not UTF-8, see :mod:`~blt_decode.serving.tokens`) or a list of such lists;
-- ``max_tokens`` = ``max_new_bytes`` (default 256, as :func:`blt_decode.generate`);
-- ``temperature`` / ``top_p`` set the strategy's options of those names where it has them
-  (autoregressive, BLT-S, BLT-DV); for a strategy without them (BLT-D) only the neutral values
-  (temperature 0, top_p 1) are accepted, anything else is a 400 naming the field;
-- ``seed`` = the request's seed; ``stop`` = stop sequences (left out of the returned text, as OpenAI
-  does, unless ``include_stop_str_in_output``);
-- ``logprobs`` (0..20: that many alternatives per byte) and ``echo`` (the prompt's text and logprobs
-  first): the log-probability of every byte under the model's next-byte distribution, whichever
-  strategy produced it (not with ``stream``);
-- ``POST /v1/chat/completions`` (:class:`ChatRequest`) renders its messages with the server's chat
-  template (:mod:`~blt_decode.serving.chat`) into one prompt and maps the rest as above
-  (``max_completion_tokens`` or ``max_tokens``; ``logprobs: true`` with ``top_logprobs``);
-- extra body fields: ``strategy`` (a registered name or alias) and ``strategy_options`` (an object).
-"""
+"""The OpenAI completions API as pydantic models, and how a request maps onto blt-decode requests (the
+fields: docs/serving.md, "The API")."""
 
 from __future__ import annotations
 

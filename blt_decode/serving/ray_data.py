@@ -1,20 +1,5 @@
-"""Batch generation on Ray Data: ``blt-decode generate --input IN --output OUT --ray [ADDRESS]``.
-
-The same job as :func:`blt_decode.tools.jobs.run_job`, spread over a pool of Ray actors: the driver reads and
-validates the input (:func:`~blt_decode.tools.jobs.read_requests`), skips the ids already in the output
-(:func:`~blt_decode.tools.jobs.finished_ids`), and runs the rest as ``Dataset.map_batches`` over an
-:class:`~ray.data.ActorPoolStrategy` pool. Each actor loads the model once and decodes each batch it
-gets with its own batched :class:`~blt_decode.engine.core.Engine`; it returns one finished record per request
-(:func:`~blt_decode.tools.jobs.result_record`), and the driver appends them to the output as batches come back
-(:func:`~blt_decode.tools.jobs.append_records`). The output file's format, ids and resumability are therefore
-those of the single-machine path, line for line.
-
-Fault tolerance is Ray Data's own: the actors of a ``map_batches`` pool are created with
-``max_restarts=-1`` and ``max_task_retries=-1`` (Ray Data's defaults; passing them by hand is deprecated
-in Ray 2.60), so a killed actor is started again and its unfinished batch is run again. A batch's records
-reach the driver only from the run that finished it, and only the driver writes, so a killed actor loses
-no prompt and duplicates none (tests/test_serving_ray.py kills one mid-run).
-"""
+"""Batch generation on Ray Data: ``blt-decode generate --input IN --output OUT --ray [ADDRESS]``, the batch
+job of :mod:`blt_decode.tools.jobs` over a pool of Ray actors (see docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""The server on Ray Serve: ``blt-decode serve --ray [ADDRESS] --replicas N``.
-
-Each replica is a Ray actor that loads the model, owns one engine (stepping in its own background thread)
-and serves the very app of :func:`blt_decode.serving.app.create_app`, built on the replica by
-``__serve_build_asgi_app__`` (so the model and the engine are never pickled). Ray Serve's HTTP proxy
-spreads requests over the replicas and streams server-sent events through; its controller replaces a
-replica that dies. ``max_ongoing_requests`` per replica is a multiple of the engine's slots, so that a
-replica's engine can keep its batch full while more requests wait in its own queue.
-"""
+"""The server on Ray Serve: ``blt-decode serve --ray [ADDRESS] --replicas N`` (see docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""Tokens as the HTTP API shows them: bytes are the tokens, and how logprobs and tokenizer endpoints say so.
-
-API token ids are byte values 0..255 (as in a ``prompt`` given as a list of integers) and two special
-ids after them, :data:`BOS` = 256 and :data:`EOS` = 257 (the model's own ids are the bytes offset by 4,
-see :mod:`blt_decode.model.tokenizer`; clients never see those). A token's text is its character for ASCII
-bytes, ``bytes:\\xNN`` for a byte that is not a character by itself (OpenAI's spelling for such tokens),
-and ``<bos>`` / ``<eos>`` for the special ones.
-
-The tokenizer endpoints (``/tokenizer_info``, ``/tokenize``, ``/detokenize``, vLLM's shapes, which
-lm-eval's ``remote`` tokenizer reads) use these ids; ``/tokenize`` maps a prompt that *is* exactly
-``<bos>`` or ``<eos>`` to that special id (lm-eval asks for the ids of the special tokens that way),
-any other text to its UTF-8 bytes.
-"""
+"""Tokens as the HTTP API shows them: bytes are the tokens, and how logprobs and tokenizer endpoints say so
+(docs/serving.md)."""
 
 from __future__ import annotations
 

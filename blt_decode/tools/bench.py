@@ -1,12 +1,5 @@
-"""``blt-decode bench``: strategies × backends on one model over a versioned prompt set, side by side.
-
-Every number comes from one run: forward passes per module, the paper's Eq. 8 bandwidth and its ratio
-to autoregressive decoding on the same prompts (for a sampled row: autoregressive sampling with the same
-temperature/top-k/top-p, see :func:`with_ar_references`), the same ratio projected onto BLT-1B and BLT-3B
-parameter counts from the measured pass counts, bytes/s (after warm-up, median of repeats), acceptance,
-exact match against AR greedy, chrF of the continuation against the held-out text (sacrebleu), and
-bits-per-byte of the continuation under the model's own autoregressive distribution (a quality proxy).
-"""
+"""``blt-decode bench``: strategies × backends on one model over a versioned prompt set, side by side
+(the columns: docs/benchmarks.md)."""
 
 from __future__ import annotations
 

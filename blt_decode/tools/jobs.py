@@ -1,25 +1,5 @@
-"""Batch generation jobs: requests from a JSONL file, results to a JSONL file, resumable.
-
-Input: one JSON object per line with ``prompt`` (text; or ``prompt_hex`` for raw bytes) and optional
-``id``, ``strategy``, ``options`` (an object), ``max_new_bytes``, ``seed`` and ``stop`` (a string or a
-list of strings); fields a line leaves out take the job's defaults. Ids default to the line number
-(counting from 0) and must be unique.
-
-Output: one JSON object per finished request with ``id``, ``output`` (the text; invalid UTF-8 replaced
-as in :attr:`Generation.text`), ``output_bytes_hex`` and ``stats`` (:meth:`DecodeStats.to_dict`); a
-request that failed gets ``error`` instead. Lines are written as requests finish (in the order they
-finish, not in input order: match them by ``id``), so an interrupted job loses at most the requests in
-flight: run it again with the same output file and the ids already there are skipped (a torn last line
-is dropped first; a line that is not such a result record, e.g. an input line, refuses the file). A failed request's ``error`` line counts as finished
-(failures such as a broken strategy repeat); delete those lines to run them again. The single-machine path (:func:`run_job`, on the batched
-engine) and the Ray Data path write the same records (:func:`result_record`).
-
-Files are read with bounds: a line of at most :data:`MAX_LINE_BYTES`, a file of at most
-:data:`MAX_FILE_BYTES`, JSON nested no deeper than the interpreter allows; anything beyond is one
-:class:`JobError`. The output must be a regular file (it is read back to resume: a pipe or a device such as
-``/dev/full`` is refused), and one run at a time writes it: :func:`locked_output` holds an advisory lock
-(``flock``) on it, and a second run is refused naming the holder, which the first writes to ``OUTPUT.lock``.
-"""
+"""Batch generation jobs: requests from a JSONL file, results to a JSONL file, resumable. File formats,
+bounds and locking: docs/engine.md."""
 
 from __future__ import annotations
 

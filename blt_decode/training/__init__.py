@@ -1,15 +1,5 @@
 """Training: the entropy model, the BLT-D model (from scratch or continued from a checkpoint), and a
-plain byte-level transformer baseline; one process or many under torchrun.
-
-Modules: :mod:`~blt_decode.training.config` (:class:`TrainConfig`), :mod:`~blt_decode.training.loop`
-(the loop, :func:`train`),
-:mod:`~blt_decode.training.objective` (losses and block corruption),
-:mod:`~blt_decode.training.diffusion` (the batched BLT-D training forward), :mod:`~blt_decode.training.data`
-(``--data`` sources, batches, the prefetching loader), :mod:`~blt_decode.training.corpus_code` (the
-site-packages code corpus), :mod:`~blt_decode.model.presets` (model shapes),
-:mod:`~blt_decode.training.checkpoints` (JSON + safetensors, no pickle),
-:mod:`~blt_decode.training.distributed` (DDP/FSDP under torchrun) and :mod:`~blt_decode.training.plot`.
-"""
+plain byte-level transformer baseline; one process or many under torchrun. See docs/training.md."""
 
 from blt_decode.training.checkpoints import (
     BYTE_LM_FORMAT,

@@ -1,13 +1,5 @@
-"""What a training run writes: model checkpoints and the trainer state, as JSON + safetensors only.
-
-A run checkpoint (``OUT/checkpoint``) is a loadable model directory (native BLT or byte-LM format)
-plus ``trainer_state.json`` (step, options, optimizer hyper-parameters, progress counters) and
-``trainer_state.safetensors`` (optimizer moments keyed by parameter name, RNG state). Nothing is
-pickled; a ``trainer_state.pt`` (what earlier versions wrote) is refused, never unpickled. Writes never
-leave the run without a complete checkpoint (:func:`write_checkpoint`, :func:`find_checkpoint`). Optimizer
-state is keyed by parameter *name*, not position, and holds full (unsharded) tensors, so a checkpoint
-written by rank 0 of any process layout (1 process, DDP, FSDP) resumes in any other.
-"""
+"""What a training run writes: model checkpoints and the trainer state, as JSON + safetensors only
+(docs/training.md, "Checkpoints and logs")."""
 
 from __future__ import annotations
 

@@ -1,30 +1,5 @@
-"""A code corpus built offline from the Python sources of the installed distributions (site-packages).
-
-``blt-decode corpus build code --out DIR`` (:func:`build_code_corpus`):
-
-- every distribution importlib.metadata finds (``sys.path``), in name order, except this project;
-- **licences**: each distribution's metadata is read (PEP 639 ``License-Expression``, else the
-  ``License`` field and the ``License ::`` classifiers); only permissive licences are kept
-  (:data:`PERMISSIVE`: MIT, BSD, Apache-2.0, ISC, PSF, ...). ``License-Expression`` is parsed as SPDX
-  (parentheses; ``WITH`` before ``AND`` before ``OR``: "GPL-3.0-only AND (MIT OR Apache-2.0)" is not
-  permissive); a free-form ``License`` field must name at least one licence and only permissive ones
-  (text naming none is not taken for a licence); every classifier naming a licence must be permissive.
-  Copyleft (GPL, LGPL, MPL, ...), mixed, unrecognised and undeclared licences are skipped and listed in
-  the manifest with the reason;
-- the ``.py`` files of the distribution's RECORD, UTF-8 only, except **vendored trees** (a directory
-  ``_vendor``, ``vendor``, ``_vendored``, ``third_party``, ``thirdparty_files``, ...: other projects' code
-  under their own licences), listed in the manifest's ``skipped_files``; **exact duplicates** are kept
-  once, the first in name order;
-- the **held-out split is by whole distribution**: distributions in the order of a hash of their name
-  join the held-out set until it holds ``heldout_fraction`` of the bytes (one that alone would exceed
-  twice that is passed over), so no file of a held-out package is trained on; a training distribution's
-  files inside a held-out distribution's import roots (its top-level packages and modules; under a
-  namespace package, its sub-package) are dropped too, and listed in ``skipped_files``;
-- the **version string** names the recipe, the Python version and every distribution with its version,
-  plus a digest of all file names and contents;
-- output: ``corpus.json`` (manifest) and gzip JSONL **shards** (``{"name", "text"}`` per line), which
-  ``--data DIR`` reads.
-"""
+"""A code corpus built offline from the Python sources of the installed distributions (site-packages):
+``blt-decode corpus build code --out DIR``. Its rules: docs/training.md ("On your data")."""
 
 from __future__ import annotations
 
@@ -378,7 +353,7 @@ def _check_recipe(max_bytes: int | None, heldout_fraction: float, shard_bytes: i
 def build_code_corpus(out_dir: str | Path, *, include: Sequence[str] = (), max_bytes: int | None = None,
                       heldout_fraction: float = 0.02, heldout: Sequence[str] = (), shard_bytes: int = 32 << 20,
                       paths: Sequence[str] | None = None, log: Callable[[str], None] = print) -> BuildResult:
-    """Build the code corpus into ``out_dir`` (see the module docstring).
+    """Build the code corpus into ``out_dir`` (see docs/training.md, "The code corpus").
 
     ``include``: distribution-name patterns to keep (fnmatch, case-insensitive; default all);
     ``max_bytes``: stop once this much text is collected (distributions in name order, so a small, fixed

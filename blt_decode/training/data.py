@@ -1,23 +1,5 @@
-"""Training data: ``--data`` sources, deterministic global batches, and a prefetching loader.
-
-Sources (``--data SPEC ...``):
-
-- ``builtin`` (the default): the stdlib sources + Shakespeare's plays with their fixed held-out files
-  (:func:`blt_decode.tools.corpus.build_corpus`); ``stdlib`` or ``plays`` for one of the two;
-- a directory written by ``blt-decode corpus build code`` (it holds ``corpus.json``): its shards and
-  its held-out split (by whole distribution);
-- a ``.jsonl`` / ``.jsonl.gz`` file: one document per line, the ``text`` field;
-- any other file: one document; a directory: its files matching ``--include`` (default: all files that
-  are not binary), recursively, in sorted order.
-
-User data is split by document: a document is held out when a hash of its name falls below
-``heldout_fraction`` (at least one document per source when it has two or more), so the split does not
-depend on the order or the machine.
-
-Batches: batch ``step`` of the *global* batch is a function of (seed, step) (:class:`~blt_decode.tools.corpus.
-BatchSampler`); a process takes its rows of it, and its micro-batches are slices of those rows, so one
-process with batch 2b and two with b see the same sequences.
-"""
+"""Training data: ``--data`` sources, deterministic global batches, and a prefetching loader
+(docs/training.md)."""
 
 from __future__ import annotations
 

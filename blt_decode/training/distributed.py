@@ -1,12 +1,5 @@
-"""Many processes with torchrun (the stock launcher; nothing home-made): DDP or FSDP.
-
-``torchrun --nproc_per_node N -m blt_decode train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
-:func:`setup` joins the process group (NCCL on CUDA, gloo on CPU). Every process trains on its rows of
-the same global batch; gradients are averaged by DDP (``--parallel ddp``, the model replicated) or
-reduce-scattered by FSDP (``--parallel fsdp``, PyTorch's ``fully_shard``: every layer of the global
-transformer is its own unit and the rest of the BLT the root unit; the frozen entropy model stays
-whole). Checkpoints hold full tensors gathered to rank 0, which alone writes files and logs.
-"""
+"""Many processes with torchrun (the stock launcher; nothing home-made): DDP or FSDP
+(docs/training.md, "One process or many")."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""``blt-decode train-bench``: training throughput of model shapes x precisions, side by side.
-
-Each measurement is a few steps of the real training loop (:func:`~blt_decode.training.loop.train`, BLT-D
-from scratch over a random entropy model, on in-memory batches of real data so that the data pipeline is
-left out) in a subprocess of its own, so its peak memory is its own; the configurations alternate
-within every repeat, so machine noise hits them alike. Model FLOP utilisation is the model's FLOPs
-(6 x parameters x positions for each stack, the decoder over the clean bytes and the real block bytes)
-per second over a bfloat16 matrix-product rate measured in the same run, on the device trained on (on
-CUDA a large product, :data:`CUDA_GEMM_SHAPE`, since the CPU's small one would not fill a GPU).
-"""
+"""``blt-decode train-bench``: training throughput of model shapes x precisions, side by side
+(docs/training.md, "Throughput (measured)")."""
 
 from __future__ import annotations
 
@@ -170,7 +162,7 @@ def run(presets: Sequence[str], precisions: Sequence[str], *, batch_size: int = 
         steps: int = 4, warmup: int = 2, repeats: int = 1, threads: int | None = None,
         data: Sequence[str] = ("builtin",), block_sizes: Sequence[int] = (4, 8, 16), compile: bool = False,
         progress: Any = None, device: str = "cpu") -> TrainBenchResult:
-    """Every (preset, precision) for ``repeats`` rounds, alternating; see the module docstring."""
+    """Every (preset, precision) for ``repeats`` rounds, alternating; see docs/training.md (train-bench)."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
