@@ -101,6 +101,11 @@ class DecodeSession:
         return self.state.entropy_history(self.slot, self.length)
 
     @property
+    def draft_length(self) -> int:
+        """Drafted positions after the committed ones (0 after every append, denoise and truncate)."""
+        return self._draft_length
+
+    @property
     def closed_patches(self) -> int:
         """Patches whose global latent exists (every patch but the one still open)."""
         return max(len(self.starts) - 1, 0)

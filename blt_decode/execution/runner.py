@@ -7,7 +7,7 @@ the session) and returns one :class:`CallResult` per call, which the session app
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import attrs
 import torch
@@ -19,13 +19,22 @@ from blt_decode.model.patching import entropy_of_logits
 from blt_decode.model.stacks import Stack, per_stack
 from blt_decode.trace import GlobalPass, PatchClosed
 
-if TYPE_CHECKING:
-    from blt_decode.decoding.session import Call, DecodeSession
-
 #: ``tally(stack, rows)``: told of every batched stack call (the engine's statistics)
 Tally = Callable[[Stack, int], None]
-#: a batch of calls: (session, call), at most one call per session, all sessions of one state
-Items = Sequence[tuple["DecodeSession", "Call"]]
+class SessionView(Protocol):
+    """What a runner reads of a session (:class:`~blt_decode.decoding.session.DecodeSession`); it writes
+    none of it: the session applies the :class:`CallResult`."""
+
+    slot: int
+    length: int
+    draft_length: int
+    starts: list[int]
+    trace: Any
+
+
+#: a batch of calls: (session, call record), at most one call per session, all sessions of one state; the
+#: records are the session's Append, Draft and Denoise, told apart by ``kind``
+Items = Sequence[tuple[SessionView, Any]]
 
 
 @attrs.frozen
@@ -218,10 +227,10 @@ class EagerRunner:
 class _Work:
     """One call's record while a batch runs: where it writes, its patch starts, what it has done."""
 
-    def __init__(self, session: "DecodeSession", call: "Call"):
+    def __init__(self, session: SessionView, call: Any):
         self.session, self.call = session, call
         # appends write at the committed length, drafts after earlier drafts, blocks at the committed length
-        self.where = session.length + (session._draft_length if call.kind == "draft" else 0)
+        self.where = session.length + (session.draft_length if call.kind == "draft" else 0)
         self.starts = list(session.starts)
         self.passes: list[Stack] = []
         self.events: list[Any] = []

@@ -529,7 +529,7 @@ class StaticRunner:
         for i, (s, c) in enumerate(items):
             kind = _KIND[c.kind]
             rows.append(_Row(i, kind, tuple(c.block if kind == DENOISE else c.ids),
-                             s.length + (s._draft_length if kind == DRAFT else 0)))
+                             s.length + (s.draft_length if kind == DRAFT else 0)))
         # a call longer than the largest chunk runs in rounds (a block in one: it sees itself both ways)
         largest = max(CHUNK_BUCKETS)
         rounds: list[list[_Piece]] = []
@@ -679,7 +679,7 @@ class StaticRunner:
     def _fail(state: StaticState, session) -> None:
         """A row failed: its device lengths back to the host's, and its slot cleared of non-finite values."""
         state.clear(session.slot)
-        state.restore(session.slot, session.length, session._draft_length)
+        state.restore(session.slot, session.length, session.draft_length)
 
 
 def _closed(starts: list[int]) -> int:

@@ -56,7 +56,7 @@ def _wrong_drafts(session, call, logits):
     """Every drafted position points at a byte the exact model does not choose (see testing.wrong_logits)."""
     if call.kind != "draft":
         return logits
-    drafted = session.ids[: session.length + session._draft_length + len(call.ids)]
+    drafted = session.ids[: session.length + session.draft_length + len(call.ids)]
     return testing.wrong_logits(session.model, drafted, logits)
 
 
