@@ -156,7 +156,7 @@ def summary(stats: DecodeStats, reference: ForwardPasses | None = None) -> list[
     seed = f", seed {stats.seed}" if stats.seed is not None else ""
     timing = f"{stats.new_bytes} bytes in {stats.wall_time_s:.2f} s = {rate}{first}; stopped by {stats.stop_reason}{seed}"
     p = stats.passes
-    work = (f"forward passes: patcher {p.patcher}, encoder {p.encoder}, global {p.global_}, decoder {p.decoder}; "
+    work = (f"forward passes: {', '.join(f'{stack.value} {n}' for stack, n in p.items())}; "
             f"Eq. 8 weights read {stats.bandwidth_gb:.4g} GB")
     ar = bandwidth_gb(reference, stats.params) if reference is not None else 0.0
     if ar > 0:

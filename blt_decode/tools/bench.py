@@ -492,7 +492,7 @@ def markdown(result: BenchResult, *, full: bool = False) -> str:
         return "\n".join(lines) + "\n\n" + _notes(result) + "(--full shows every column: projections to BLT-1B/3B, " \
             "decode bytes/s, blocks, bits/byte, ...)\n" + _throughput(result)
     proj = list(result.rows[0].projected_vs_ar) if result.rows else []
-    head = ("| strategy | backend | patcher | encoder | global | decoder | Eq. 8 GB | vs AR | "
+    head = ("| strategy | backend | " + " | ".join(stack.value for stack in Stack) + " | Eq. 8 GB | vs AR | "
             + " | ".join(f"vs AR at {p}" for p in proj)
             + " | bytes/s | decode bytes/s | first byte ms | acceptance | bytes/block | denoise passes/block "
               "| exact = AR | prefix = AR | chrF | bits/byte under AR | weight GB/s |")
@@ -500,7 +500,7 @@ def markdown(result: BenchResult, *, full: bool = False) -> str:
     for r in result.rows:
         ttfb = None if r.time_to_first_byte_s is None else 1000 * r.time_to_first_byte_s
         lines.append(
-            f"| {r.label} | {r.backend} | {r.passes.patcher} | {r.passes.encoder} | {r.passes.global_} | {r.passes.decoder} | "
+            f"| {r.label} | {r.backend} | " + " | ".join(str(n) for _, n in r.passes.items()) + " | "
             f"{r.bandwidth_gb:.4g} | {_fmt(r.bandwidth_vs_ar, '.3f')} | " + " | ".join(_fmt(r.projected_vs_ar[p], '.3f') for p in proj)
             + f" | {r.bytes_per_second:.1f} | {_fmt(r.decode_bytes_per_second, '.1f')} | {_fmt(ttfb, '.1f')} "
               f"| {_fmt(r.acceptance_rate, '.3f')} | {_fmt(r.bytes_per_block, '.2f')} | {_fmt(r.denoise_passes_per_block, '.2f')} "
