@@ -9,6 +9,7 @@ from blt_decode.api import (Generation, Score, Stream, generate, generate_many, 
 from blt_decode.checkpoints.native import save_model
 from blt_decode.engine.core import Engine, EngineStats, EngineStream
 from blt_decode.model.config import BLTConfig, TransformerConfig
+from blt_decode.model.stacks import Stack
 from blt_decode.errors import (
     BackendUnavailableError,
     BLTDecodeError,
@@ -46,7 +47,7 @@ __all__ = [
     "BLTConfig", "BLTDecodeError", "BLTModel", "CancelledError", "CheckpointError", "ConfigError", "CorpusError",
     "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "BackendUnavailableError", "Engine", "EngineError", "EngineStats",
     "EngineStream", "ForwardPasses", "Generation", "InvalidOptionsError", "InvalidRequestError", "JobError",
-    "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stream",
+    "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stack", "Stream",
     "StrategyError", "TrainingError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",
     "backend_names", "generate", "generate_many", "hookimpl", "load_model", "random_model", "save_model", "score",
     "score_many",
