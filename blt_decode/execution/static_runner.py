@@ -732,14 +732,19 @@ def _renamed(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def _markers(reach: Reach, sizes: tuple) -> list[torch.Tensor]:
+    """A graph call's marker tensors (the reach's two, then any span marker among ``sizes``): their
+    lengths are the call's symbolic sizes."""
+    return [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
+
+
 def _signature(buf: Buffers, desc: torch.Tensor, reach: Reach, sizes: tuple) -> tuple:
     """What a graph's guards could tell apart between two calls of one graph: every buffer's shape, the
     descriptor's, and the orders of magnitude of the reach and span markers (symbolic sizes; a guard
     relating one to a fixed size would differ between magnitudes)."""
     shapes = tuple(t.shape if isinstance(t, torch.Tensor) else None if t is None else (t.keys.shape, t.values.shape)
                    for t in buf)
-    markers = [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
-    return shapes, desc.shape, tuple(marker.shape[0].bit_length() for marker in markers)
+    return shapes, desc.shape, tuple(marker.shape[0].bit_length() for marker in _markers(reach, sizes))
 
 
 class _Compiled:
@@ -800,8 +805,7 @@ class _CudaGraphed:
     def __call__(self, model: BLTModel, buf: Buffers, desc: torch.Tensor, reach: Reach, *sizes: object) -> object:
         # addresses and shapes: a capture replays raw pointers and sizes
         state = tuple((t.data_ptr(), *t.shape) for t in torch.utils._pytree.tree_leaves(buf))
-        markers = [*reach, *(s for s in sizes if isinstance(s, torch.Tensor))]
-        key = (state, *(marker.shape[0] for marker in markers), tuple(desc.shape))
+        key = (state, *(marker.shape[0] for marker in _markers(reach, sizes)), tuple(desc.shape))
         entry = self._captured.get(key)
         stats = self.runner.cuda_graph_stats
         if entry is None:

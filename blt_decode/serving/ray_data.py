@@ -24,6 +24,7 @@ class GenerateActor:
 
         from blt_decode.api import load_model
         from blt_decode.engine.core import Engine
+        from blt_decode.plugins import registry as plugins
 
         if threads:
             torch.set_num_threads(threads)
@@ -31,6 +32,8 @@ class GenerateActor:
             model = ray.get(model)
         loaded = load_model(model, dtype=getattr(torch, dtype) if dtype else None, device=device)
         self.engine = Engine(loaded, backend=backend, max_batch=batch_size)
+        # compile before the first batch, as serve's replicas do (a no-op on eager)
+        plugins.warm_up(plugins.get_backend(backend), loaded, rows=(batch_size,))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         requests = [pickle.loads(r) for r in batch["request"]]
