@@ -1,5 +1,6 @@
 """Helpers shared by test modules of several folders (tests/ is on sys.path through its conftest.py)."""
 
+import json
 import os
 import re
 import subprocess
@@ -62,3 +63,26 @@ TINY = ("--model", "random:tiny")
 def run_cli(*args, input=None, env=None):
     return subprocess.run([sys.executable, "-m", "blt_decode.cli", *args], capture_output=True, input=input,
                           env={**os.environ, **(env or {})})
+
+
+# -- lm-eval task files (tests/evaluation, tests/serving) ----------------------------------------------------
+MC = [{"question": "The capital of France is", "choices": [" Paris", " London", " Rome"], "answer": 0},
+      {"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b"], "answer": 1},
+      {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0}]
+GEN = [{"prompt": "def f(x):\n", "target": "    return x"}, {"prompt": "To be, or not to be", "target": ", that"}]
+
+
+def write_tasks(directory) -> None:
+    """A multiple-choice likelihood task and a generate_until task over local JSONL files."""
+    for name, rows in (("mc", MC), ("gen", GEN)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\n"
+    (directory / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {directory / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (directory / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {directory / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")

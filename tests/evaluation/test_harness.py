@@ -3,7 +3,6 @@ lm-eval runs local task files through it (offline: dataset_path json, local data
 
 from __future__ import annotations
 
-import json
 import os
 
 import attrs
@@ -18,6 +17,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs the eval extra (lm-eval)"
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from blt_decode.evaluation import harness  # noqa: E402
+from helpers import GEN, MC, write_tasks  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the json builder and local files only: never the hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,28 +130,6 @@ def test_unknown_generation_options_are_refused(lm):
 
 
 # -- lm-eval itself, on task files this test writes ------------------------------------------------------
-MC = [{"question": "The capital of France is", "choices": [" Paris", " London", " Rome"], "answer": 0},
-      {"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b"], "answer": 1},
-      {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0}]
-GEN = [{"prompt": "def f(x):\n", "target": "    return x"}, {"prompt": "To be, or not to be", "target": ", that"}]
-
-
-def write_tasks(directory) -> None:
-    """A multiple-choice likelihood task and a generate_until task over local JSONL files."""
-    for name, rows in (("mc", MC), ("gen", GEN)):
-        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = f"dataset_path: json\ntest_split: test\n"
-    (directory / "tiny_mc.yaml").write_text(
-        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {directory / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (directory / "tiny_gen.yaml").write_text(
-        f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {directory / 'gen.jsonl'}\n"
-        "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_gen_toks: 12\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
-
-
 def expected_accuracy(model) -> float:
     """acc by hand: lm-eval scores each choice after the question and its target delimiter (" ")."""
     right = 0

@@ -170,7 +170,7 @@ def test_lm_eval_local_completions_against_the_server_equals_the_native_model(se
     from lm_eval.tasks import TaskManager
 
     from blt_decode.evaluation import harness
-    from tests.test_harness import write_tasks
+    from helpers import write_tasks
 
     write_tasks(tmp_path)
     tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
