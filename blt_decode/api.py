@@ -22,6 +22,7 @@ from blt_decode.checks import is_int, show
 from blt_decode.decoding.sampling import NEVER_GENERATED, greedy
 from blt_decode.decoding.session import open_session
 from blt_decode.decoding.stats import DecodeStats
+from blt_decode.engine.core import Engine
 from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
 from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES, Request, check_flag, prepare
 from blt_decode.errors import InvalidRequestError
@@ -117,8 +118,6 @@ def generate_many(model: str | Path | BLTModel, prompts: Sequence[str | bytes | 
     before any decoding starts. ``batch_size`` requests decode at a time (continuous batching: a finished
     request's slot goes to the next one at once). A request that fails raises its error after the others
     have finished."""
-    from blt_decode.engine.core import Engine
-
     if isinstance(prompts, (str, bytes, bytearray)):
         raise InvalidRequestError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
                                   f"({show(prompts, 40)}): write [prompt] to generate for it alone")

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from blt_decode.api import Generation, generate, generate_many, random_model
 from blt_decode.decoding.session import DecodeSession
 from blt_decode.decoding.stats import StatsRecorder
+from blt_decode.engine.core import Engine
 from blt_decode.engine.request import Request
 from blt_decode.execution.runner import CallResult, EagerRunner
 from blt_decode.model.blt import BLTModel
@@ -140,8 +141,6 @@ def assert_batched_equals_alone(model: BLTModel, requests: Sequence[Request], *,
     first ones are mid-generation. With more requests than ``batch_size``, later ones also wait for a
     slot and take the slot of a finished one. Requests without a seed get seed = their index, so that
     sampling strategies are compared on equal terms. Returns the batched generations."""
-    from blt_decode.engine.core import Engine
-
     requests = [r if r.seed is not None else attrs.evolve(r, seed=i) for i, r in enumerate(requests)]
     engine = Engine(model, backend=backend, max_batch=batch_size)
     first = (len(requests) + 1) // 2
@@ -253,15 +252,20 @@ class RewritingBackend:
         self.name, self.description, self.rewrite = name, description, rewrite
 
     def runner(self, model: BLTModel) -> EagerRunner:
-        rewrite = self.rewrite
+        return _RewritingRunner(model, self.rewrite)
 
-        class Rewriting(EagerRunner):
-            def run(self, state: Any, items: Any, tally: Any = None) -> list[CallResult]:
-                results = super().run(state, items, tally)
-                return [attrs.evolve(r, output=rewrite(session, call, r.output)) if isinstance(r.output, torch.Tensor)
-                        else r for (session, call), r in zip(items, results)]
 
-        return Rewriting(model)
+class _RewritingRunner(EagerRunner):
+    """The eager runner, its successful calls' logits passed through ``rewrite`` (:class:`RewritingBackend`)."""
+
+    def __init__(self, model: BLTModel, rewrite: Rewrite):
+        super().__init__(model)
+        self.rewrite = rewrite
+
+    def run(self, state: Any, items: Any, tally: Any = None) -> list[CallResult]:
+        results = super().run(state, items, tally)
+        return [attrs.evolve(r, output=self.rewrite(session, call, r.output)) if isinstance(r.output, torch.Tensor)
+                else r for (session, call), r in zip(items, results)]
 
 
 # -- exact output distributions and goodness of fit -------------------------------------------------

@@ -16,6 +16,7 @@ from blt_decode.errors import InvalidRequestError, UnknownModelError
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel, init_weights
 from blt_decode.model.config import PRESETS, BLTConfig
+from blt_decode.model.presets import BLT_PRESETS
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
 #: the torch device types a model can decode and train on here (others: "meta" holds no data, "mps" and
@@ -58,8 +59,6 @@ def random_model(preset: str | BLTConfig = "tiny", seed: int = 0, *, mean_patch_
 def random_presets() -> dict[str, BLTConfig]:
     """The shapes ``random:PRESET`` knows: the small random-model presets (tiny, small) and the training
     presets (blt-10m ... blt-1b, the released BLT-1B shape; see :mod:`blt_decode.model.presets`)."""
-    from blt_decode.model.presets import BLT_PRESETS
-
     return {**{k: v for k, v in BLT_PRESETS.items() if k not in ("default", "tiny")}, **PRESETS}
 
 

@@ -13,7 +13,8 @@ import torch
 
 from blt_decode.decoding.stats import StatsRecorder
 from blt_decode.errors import StrategyError
-from blt_decode.execution.runner import CallResult, DecodeState, EagerRunner, Runner, StackRunners, non_finite
+from blt_decode.execution.runner import (CallResult, DecodeState, EagerRunner, Runner, StackRunners, closed_patches,
+                                         non_finite)
 from blt_decode.model.blt import BLTModel, ParamCounts, block_latent_index
 from blt_decode.model.stacks import Stack
 from blt_decode.trace import Drafted, Trace
@@ -108,7 +109,7 @@ class DecodeSession:
     @property
     def closed_patches(self) -> int:
         """Patches whose global latent exists (every patch but the one still open)."""
-        return max(len(self.starts) - 1, 0)
+        return closed_patches(self.starts)
 
     @property
     def next_logits(self) -> torch.Tensor:

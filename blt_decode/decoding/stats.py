@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import attrs
+import torch
 
+from blt_decode.model import tokenizer
 from blt_decode.model.blt import ParamCounts
 from blt_decode.model.stacks import Stack, per_stack
 
@@ -129,9 +131,6 @@ def autoregressive_passes(model: Any, prompt: bytes, output: bytes, tokens: int)
     the EOS, if one ended it) after ``prompt``: a prefill and one step per token but the last, each
     through the patcher, encoder and decoder; the global model at the prefill and at every step whose
     byte starts a patch. Patching is causal, so one patch layout of the whole sequence tells where."""
-    import torch
-
-    from blt_decode.model import tokenizer
     if tokens == 0:
         return ForwardPasses()
     prompt_ids = tokenizer.encode(prompt)

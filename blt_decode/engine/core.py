@@ -19,7 +19,7 @@ from blt_decode.checks import is_int, show
 from blt_decode.decoding.session import Call, DecodeSession
 from blt_decode.decoding.stats import DecodeStats
 from blt_decode.engine.driver import Committer, Generation, decode_request, utf8_text
-from blt_decode.engine.request import PreparedRequest, Request, check_flag, prepare
+from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES, PreparedRequest, Request, check_flag, prepare
 from blt_decode.errors import CancelledError, EngineError
 from blt_decode.execution.runner import CallResult, DecodeState, Runner
 from blt_decode.model.blt import BLTModel
@@ -209,8 +209,6 @@ class Engine:
                stop: str | bytes | Sequence[str | bytes] = (), seed: int | None = None, trace: bool = False,
                **options: Any) -> EngineStream:
         """Queue one request (validated now: a bad one raises here and nothing is queued)."""
-        from blt_decode.engine.request import DEFAULT_MAX_NEW_BYTES
-
         request = Request(prompt, strategy=strategy, options=options,
                           max_new_bytes=DEFAULT_MAX_NEW_BYTES if max_new_bytes is None else max_new_bytes,
                           stop=stop, seed=seed)

@@ -21,6 +21,11 @@ from blt_decode.trace import GlobalPass, PatchClosed
 
 #: ``tally(stack, rows)``: told of every batched stack call (the engine's statistics)
 Tally = Callable[[Stack, int], None]
+def closed_patches(starts: Sequence[int]) -> int:
+    """Patches whose global latent exists, given a sequence's patch starts (every patch but the open one)."""
+    return max(len(starts) - 1, 0)
+
+
 class SessionView(Protocol):
     """What a runner reads of a session (:class:`~blt_decode.decoding.session.DecodeSession`); it writes
     none of it: the session applies the :class:`CallResult`."""
@@ -238,7 +243,7 @@ class _Work:
 
     @property
     def closed_patches(self) -> int:
-        return max(len(self.starts) - 1, 0)
+        return closed_patches(self.starts)
 
     def result(self) -> CallResult:
         changed = self.call.kind == "append"

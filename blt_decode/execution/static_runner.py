@@ -12,8 +12,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from blt_decode.execution.runner import (CallResult, DecodeState, Items, Tally, diagnosis, non_finite,
-                                         patches_closed)
+from blt_decode.execution.runner import (CallResult, DecodeState, Items, Tally, closed_patches, diagnosis,
+                                         non_finite, patches_closed)
 from blt_decode.model.blt import BLTModel
 from blt_decode.model.cache import GridLayout
 from blt_decode.model.patching import entropy_of_logits
@@ -545,7 +545,7 @@ class StaticRunner:
         results = _Results(rows)
         # the appends' patch starts as this batch decides them (the sessions apply them from the results)
         starts = {r.index: list(items[r.index][0].starts) for r in appends}
-        closed_before = {r.index: _closed(starts[r.index]) for r in appends}
+        closed_before = {r.index: closed_patches(starts[r.index]) for r in appends}
         failed_entropy: set[int] = set()
         if not appends:  # drafts and blocks: encoder and decoder in one graph per group
             for pieces in rounds:
@@ -575,14 +575,15 @@ class StaticRunner:
                         if not row[-1]:
                             failed_entropy.add(p.row.index)
                 at += f.numel()
+            by_slot = {items[i][0].slot: s for i, s in starts.items()}
             for r, pieces in enumerate(rounds):
                 if closing[r]:
-                    self._global_pass(state, {items[i][0].slot: s for i, s in starts.items()}, closing[r], lone)
+                    self._global_pass(state, by_slot, closing[r], lone)
                 for t, group in _groups(pieces):
                     results.add(group, *self.graph("decode", self._rows_key(len(group), lone), t, lone)(
                         model, state.buffers, self._descriptor(state, items, group, t), self._reach_of(state, group, t), t, lone))
         closers = {r.index for r in appends if r.index not in failed_entropy
-                   and _closed(starts[r.index]) > closed_before[r.index]}
+                   and closed_patches(starts[r.index]) > closed_before[r.index]}
         if any(r.kind != DENOISE for r in rows):
             count(Stack.ENCODER, sum(r.kind != DENOISE for r in rows))
         if closers:
@@ -663,7 +664,7 @@ class StaticRunner:
                 if s.trace is not None:
                     first = closed_before[r.index]
                     entropies = state.entropy_history(s.slot, r.start + n) if model.patcher.uses_entropy else None
-                    events = patches_closed(starts[r.index], first, _closed(starts[r.index]) - first, entropies,
+                    events = patches_closed(starts[r.index], first, closed_patches(starts[r.index]) - first, entropies,
                                             model.patcher.threshold)
             passes.append(Stack.DECODER)
             inputs_ok, latents_ok, logits_ok = ok[r.index]
@@ -680,11 +681,6 @@ class StaticRunner:
         """A row failed: its device lengths back to the host's, and its slot cleared of non-finite values."""
         state.clear(session.slot)
         state.restore(session.slot, session.length, session.draft_length)
-
-
-def _closed(starts: list[int]) -> int:
-    """Patches whose latent exists, given a sequence's patch starts (every patch but the open one)."""
-    return max(len(starts) - 1, 0)
 
 
 class _Results:

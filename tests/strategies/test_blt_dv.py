@@ -85,14 +85,11 @@ def _wrong_denoiser(session, call, logits):
     return testing.wrong_logits(session.model, ids, logits)
 
 
-def WrongDenoiseBackend():
-    return testing.RewritingBackend("wrong-denoise", "test double: eager execution with a denoiser that is always wrong",
-                                    _wrong_denoiser)
-
-
 @pytest.fixture(scope="module")
 def wrong_denoise_backend():
-    with testing.registered_backend(WrongDenoiseBackend()) as name:
+    backend = testing.RewritingBackend("wrong-denoise", "test double: eager execution with a denoiser that is always wrong",
+                                       _wrong_denoiser)
+    with testing.registered_backend(backend) as name:
         yield name
 
 

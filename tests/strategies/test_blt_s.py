@@ -60,14 +60,11 @@ def _wrong_drafts(session, call, logits):
     return testing.wrong_logits(session.model, drafted, logits)
 
 
-def WrongDraftBackend():
-    return testing.RewritingBackend("wrong-drafts", "test double: eager execution with a drafter that is always wrong",
-                                    _wrong_drafts)
-
-
 @pytest.fixture(scope="module")
 def wrong_draft_backend():
-    with testing.registered_backend(WrongDraftBackend()) as name:
+    backend = testing.RewritingBackend("wrong-drafts", "test double: eager execution with a drafter that is always wrong",
+                                       _wrong_drafts)
+    with testing.registered_backend(backend) as name:
         yield name
 
 
