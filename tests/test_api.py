@@ -330,3 +330,13 @@ def test_the_autoregressive_reference_counts_what_ar_does(model, prompt, n, samp
         spec = bd.generate(model, prompt, strategy="blt-s", k=4, max_new_bytes=n)
         assert spec.output == ar.output
         assert autoregressive_passes(model, prompt, spec.output, spec.stats.new_tokens) == ar.stats.passes
+
+
+def test_passes_are_read_by_stack(tiny):
+    # blt_decode.Stack keys every per-stack record: a pass count read by stack is the field of that stack
+    stats = bd.generate(tiny, "read by stack", strategy="blt-s", k=3, max_new_bytes=16).stats
+    assert [s.value for s in bd.Stack] == ["patcher", "encoder", "global", "decoder"]
+    assert [stats.passes[s] for s in bd.Stack] == [stats.passes.patcher, stats.passes.encoder,
+                                                   stats.passes.global_, stats.passes.decoder]
+    assert dict(stats.params.items()) == {s: getattr(stats.params, s.attr) for s in bd.Stack}
+    assert stats.passes.global_ < stats.passes.decoder  # the global model runs once per patch, not per byte
