@@ -16,6 +16,7 @@ from blt_decode.errors import (
     CancelledError,
     CheckpointError,
     ConfigError,
+    ContractError,
     CorpusError,
     DuplicateNameError,
     EngineError,
@@ -45,7 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLTConfig", "BLTDecodeError", "BLTModel", "CancelledError", "CheckpointError", "ConfigError", "CorpusError",
-    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "BackendUnavailableError", "Engine", "EngineError", "EngineStats",
+    "DecodeContext", "DecodeSession", "DecodeStats", "DuplicateNameError", "PluginError", "ContractError", "BackendUnavailableError", "Engine", "EngineError", "EngineStats",
     "EngineStream", "ForwardPasses", "Generation", "InvalidOptionsError", "InvalidRequestError", "JobError",
     "MissingExtraError", "NonFiniteError", "PromptSetError", "PromptTooLongError", "Request", "Score", "Stack", "Stream",
     "StrategyError", "TrainingError", "TransformerConfig", "UnknownBackendError", "UnknownModelError", "UnknownStrategyError",

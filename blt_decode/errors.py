@@ -57,6 +57,11 @@ class PluginError(BLTDecodeError, ValueError):
     would otherwise register nothing, silently)."""
 
 
+class ContractError(BLTDecodeError, TypeError):
+    """A plugin registered a strategy or backend that lacks part of its protocol
+    (:mod:`blt_decode.decoding.protocol`); the message names what is missing and where the contract is."""
+
+
 class BackendUnavailableError(BLTDecodeError, RuntimeError):
     """A registered backend cannot run on this machine (the compiled backend on a CPU without a C++
     compiler, say); the message says what is missing and which backend runs instead."""

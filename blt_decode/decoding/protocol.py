@@ -60,10 +60,9 @@ class Backend(Protocol):
     calls, for one sequence and for the batched engine alike; the framework builds the sessions over it
     (:func:`~blt_decode.decoding.session.open_session`). Strategies never see which backend runs them.
 
-    Optional besides: ``aliases`` (a tuple of other names) and ``warmup(model, *, rows, progress) ->
-    seconds``, which prepares batches of up to ``max(rows)`` sequences (and lone ones if 1 is in ``rows``)
+    Optional besides: ``aliases`` (a tuple of other names) and ``warmup(model, *, rows, progress)``, which prepares batches of up to ``max(rows)`` sequences (and lone ones if 1 is in ``rows``)
     before the first request, with a progress bar on stderr if ``progress``
-    (:func:`~blt_decode.plugins.registry.warm_up` calls it)."""
+    (:func:`~blt_decode.plugins.registry.warm_up` calls and times it; its return value is ignored)."""
 
     name: ClassVar[str]
     description: ClassVar[str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any, Callable
 
 import attrs
@@ -10,6 +11,7 @@ import pluggy
 
 from blt_decode.plugins import hookspecs
 from blt_decode.errors import (
+    ContractError,
     DuplicateNameError,
     PluginError,
     UnknownBackendError,
@@ -105,11 +107,11 @@ def _problems(obj: Any, protocol: type) -> list[str]:
     return problems + [f"{m} is not callable" for m in methods if hasattr(obj, m) and not callable(getattr(obj, m))]
 
 
-def _refusal(obj: Any, protocol: type, problems: list[str]) -> TypeError:
+def _refusal(obj: Any, protocol: type, problems: list[str]) -> ContractError:
     kind = protocol.__name__.lower()
     hint = (" (blt_decode.strategy.BaseStrategy supplies aliases, Options, lookahead, and description from the "
             "class docstring)") if protocol is Strategy else ""
-    return TypeError(f"{obj!r} is not a {kind}: {'; '.join(problems)}. The contract: "
+    return ContractError(f"{obj!r} is not a {kind}: {'; '.join(problems)}. The contract: "
                      f"blt_decode.decoding.protocol.{protocol.__name__}, docs/plugins.md{hint}")
 
 
@@ -140,11 +142,14 @@ def prepares(backend: Any) -> bool:
 def warm_up(backend: Any, model: Any, *, rows: tuple[int, ...] = (1,), progress: bool = False) -> float | None:
     """Let ``backend`` prepare ``model`` for batches of up to ``max(rows)`` sequences (lone ones too if 1
     is in ``rows``) before timing or serving starts, with a progress bar on stderr if ``progress``.
-    Returns the seconds it took, or None for a backend with nothing to prepare (the optional ``warmup``
-    of the contract, :class:`~blt_decode.decoding.protocol.Backend`)."""
+    Returns the seconds it took, timed here (whatever ``warmup`` returns is ignored), or None for a backend
+    with nothing to prepare (the optional ``warmup`` of the contract,
+    :class:`~blt_decode.decoding.protocol.Backend`)."""
     if not prepares(backend):
         return None
-    return float(backend.warmup(model, rows=tuple(rows), progress=progress))
+    start = time.perf_counter()
+    backend.warmup(model, rows=tuple(rows), progress=progress)
+    return time.perf_counter() - start
 
 
 def strategies() -> dict[str, Any]:
