@@ -173,8 +173,9 @@ def setup_steps(run: Run) -> None:
     run.step("install-greenlet", _greenlet_install(run), 60, skip=_greenlet_skip(run), always=True)
     run.step("install-package", [run.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                                  "--no-index", "-e", str(ROOT)], 120, skip=_package_skip(run), always=True)
-    if not run.dry and not _package_importable(run):
-        # pip could not install it: a copy with the package-dir mapping of pyproject.toml, on PYTHONPATH
+    if not _package_importable(run):
+        # pip could not install it (no setuptools, say): a copy with the package-dir mapping of
+        # pyproject.toml, on PYTHONPATH (in a dry run too, so that CI exercises it)
         stage = run.work / "stage"
         shutil.copytree(ROOT / "blt_decode", stage / "blt_decode")
         shutil.copytree(ROOT / "strategies", stage / "blt_decode" / "strategies")

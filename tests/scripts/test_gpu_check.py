@@ -117,3 +117,23 @@ def test_train_bench_on_cuda_without_a_gpu_is_one_error_line():
     done = subprocess.run([sys.executable, "-m", "blt_decode", "train-bench", "--presets", "tiny", "--device", "cuda"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "no CUDA device" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_without_pip_the_package_runs_from_a_staged_copy(tmp_path):
+    """The GPU machine's Python may lack setuptools, so ``pip install -e`` fails: the script then runs the
+    checkout from a copy laid out as installed (strategies/ and backends/ inside blt_decode/). Here both
+    are hidden behind PYTHONPATH: setuptools fails to import and so does the installed blt_decode."""
+    hidden = tmp_path / "hidden"
+    for name in ("setuptools", "blt_decode"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by the test')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(hidden)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--part", "A", "--only",
+                           "facts"], env=env, capture_output=True, text=True, timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    steps = {s["name"]: s for s in results["steps"]}
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert steps["install-package"]["status"] == "ok" and "staged copy" in steps["install-package"]["reason"]
+    assert results["facts"]["package_from"].startswith("staged copy on PYTHONPATH")
+    assert steps["facts"]["status"] == "ok" and "autoregressive" in results["facts"]["strategies"]
