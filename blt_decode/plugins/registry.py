@@ -112,7 +112,7 @@ def _refusal(obj: Any, protocol: type, problems: list[str]) -> ContractError:
     hint = (" (blt_decode.strategy.BaseStrategy supplies aliases, Options, lookahead, and description from the "
             "class docstring)") if protocol is Strategy else ""
     return ContractError(f"{obj!r} is not a {kind}: {'; '.join(problems)}. The contract: "
-                     f"blt_decode.decoding.protocol.{protocol.__name__}, docs/plugins.md{hint}")
+                         f"blt_decode.decoding.protocol.{protocol.__name__}, docs/plugins.md{hint}")
 
 
 def _check_strategy(obj: Any) -> None:
