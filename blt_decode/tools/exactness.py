@@ -35,6 +35,9 @@ def stdlib_snippets(count: int, length: int = 48) -> list[bytes]:
 
 @attrs.frozen
 class FlipReport:
+    """How often ``strategy`` (with ``options``) flipped a byte against greedy autoregressive decoding in
+    ``dtype`` over ``prompts`` prompts, beside the near-ties that explain flips; ``*_per_10k``: per compared byte."""
+
     strategy: str
     options: dict[str, Any]
     dtype: str
@@ -66,6 +69,8 @@ def _near_ties(model: BLTModel, prompt: bytes, output: bytes) -> int:
 
 def measure_flips(model: BLTModel, strategy: str, options: dict[str, Any], *, prompts: list[bytes],
                   max_new_bytes: int, progress: bool = True) -> FlipReport:
+    """Decode each prompt with greedy AR and with ``strategy`` (``options``) on ``model``, compare the outputs
+    up to their first differing byte, and count the flips and the AR runs' near-ties (a bar if ``progress``)."""
     flips = compared = ties = drafted = accepted = 0
     for prompt in tqdm(prompts, desc=f"{strategy} {model.dtype}", disable=not progress):
         ar = api.generate(model, prompt, max_new_bytes=max_new_bytes)
@@ -75,11 +80,10 @@ def measure_flips(model: BLTModel, strategy: str, options: dict[str, Any], *, pr
         diff = next((i for i, (a, b) in enumerate(zip(ar.output, other.output)) if a != b), None)
         if diff is None and len(ar.output) != len(other.output):
             diff = min(len(ar.output), len(other.output))
-        if diff is None:
-            compared += len(ar.output)
-        else:
-            flips += 1
-            compared += diff + 1
-        ties += _near_ties(model, prompt, ar.output[: compared])
+        # this prompt's bytes compared: all of them, or up to and including the first that differs
+        seen = len(ar.output) if diff is None else diff + 1
+        flips += diff is not None
+        compared += seen
+        ties += _near_ties(model, prompt, ar.output[:seen])
     return FlipReport(strategy, options, str(model.dtype).replace("torch.", ""), len(prompts), compared, flips, ties,
                       accepted / drafted if drafted else None)
