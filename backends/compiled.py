@@ -70,6 +70,9 @@ def compilations_reported(report: Callable[[int, float], None]) -> Iterator[None
 
 
 class CompiledBackend:
+    """The ``compiled`` backend (alias ``static``): one :class:`StaticRunner` per model, its step graphs
+    compiled on first use or by :meth:`warmup`. ``compile=False`` runs the same graphs uncompiled."""
+
     name = "compiled"
     #: the name this backend had when two compiled backends existed (issue 34 merged them)
     aliases = ("static",)
@@ -133,4 +136,5 @@ class CompiledBackend:
 
 @hookimpl
 def register_backends(register):
+    """Register the ``compiled`` backend (alias ``static``), silent until the CLI sets ``progress``."""
     register(CompiledBackend(progress=None))

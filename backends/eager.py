@@ -8,6 +8,8 @@ from blt_decode.plugins.hookspecs import hookimpl
 
 
 class EagerBackend:
+    """The ``eager`` backend: the model's own modules, called as they are."""
+
     name = "eager"
     description = "plain PyTorch (any device, any dtype); the reference for every other backend"
 
@@ -18,4 +20,5 @@ class EagerBackend:
 
 @hookimpl
 def register_backends(register):
+    """Register the ``eager`` backend."""
     register(EagerBackend())

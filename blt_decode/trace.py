@@ -77,6 +77,8 @@ Event = Union[PatchClosed, GlobalPass, Drafted, Verified, Unmasked, Committed]
 
 @attrs.define
 class Trace:
+    """The events of one traced generation, in the order they were emitted; :meth:`of_type` picks one kind."""
+
     events: list[Any] = attrs.field(factory=list)
 
     def emit(self, event: Any) -> None:

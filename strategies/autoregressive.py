@@ -14,6 +14,9 @@ from blt_decode import strategy
 
 @attrs.frozen
 class AutoregressiveOptions(strategy.SamplingOptions):
+    """The options of ``autoregressive``: the sampling options, and whether each byte comes from the KV-cached
+    session or a full forward (``cache``)."""
+
     #: "kv": incremental KV-cached decoding; "none": full forward per byte (reference generator)
     cache: Literal["kv", "none"] = strategy.choice("kv", ("kv", "none"))
 
@@ -47,4 +50,5 @@ class Autoregressive(strategy.BaseStrategy):
 
 @strategy.hookimpl
 def register_strategies(register):
+    """Register the ``autoregressive`` strategy (alias ``ar``)."""
     register(Autoregressive())

@@ -17,6 +17,9 @@ MAX_BLOCK = 64
 
 @attrs.frozen
 class BLTDOptions:
+    """The options of ``blt-d``: the block size, the unmasking rule and its threshold, and the most decoder
+    passes per block."""
+
     #: bytes per diffusion block (the default model is trained with 4, 8 and 16)
     block_size: int = strategy.integer(8, minimum=1, maximum=MAX_BLOCK)
     #: unmasking rule: "confidence" (alpha) or "entropy" (gamma)
@@ -59,4 +62,5 @@ class BlockDiffusion(strategy.BaseStrategy):
 
 @strategy.hookimpl
 def register_strategies(register):
+    """Register the ``blt-d`` strategy (alias ``blt_d``)."""
     register(BlockDiffusion())

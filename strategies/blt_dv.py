@@ -28,6 +28,9 @@ class BLTDVOptions(strategy.SamplingOptions):
 
 
 class DiffusionVerify(strategy.BaseStrategy):
+    """The ``blt-dv`` strategy: per round the exact first byte, a diffusion draft of the rest of the block and
+    one verification pass. Listings show ``description``, not this docstring."""
+
     name = "blt-dv"
     aliases = ("blt_dv",)
     description = ("block diffusion drafts + one autoregressive verification pass per block; exactly greedy, or "
@@ -97,4 +100,5 @@ class DiffusionVerify(strategy.BaseStrategy):
 
 @strategy.hookimpl
 def register_strategies(register):
+    """Register the ``blt-dv`` strategy (alias ``blt_dv``)."""
     register(DiffusionVerify())

@@ -26,6 +26,9 @@ class BLTSOptions(strategy.SamplingOptions):
 
 
 class SelfSpeculative(strategy.BaseStrategy):
+    """The ``blt-s`` strategy: per round the exact first byte, ``k`` bytes drafted on the stale latent and one
+    verification pass. Listings show ``description``, not this docstring."""
+
     name = "blt-s"
     aliases = ("blt_s",)
     description = ("self-speculative: the decoder drafts k bytes past patch boundaries, one full pass verifies; "
@@ -78,4 +81,5 @@ class SelfSpeculative(strategy.BaseStrategy):
 
 @strategy.hookimpl
 def register_strategies(register):
+    """Register the ``blt-s`` strategy (alias ``blt_s``)."""
     register(SelfSpeculative())

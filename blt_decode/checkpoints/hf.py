@@ -293,6 +293,7 @@ def config_to_hf(config: BLTConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 # -- tensors ------------------------------------------------------------------------------------------
 def hf_expected_shapes(config: BLTConfig) -> dict[str, tuple[int, ...]]:
+    """Transformers name -> shape of every tensor of a model with ``config``, the hash tables fused in one."""
     native = expected_shapes(config)
     shapes = {hf: native[n] for n, hf in name_map(list(native)).items()}
     shapes[FUSED_HASH] = (config.n_hash_tables * config.encoder_hash_byte_group_vocab, config.encoder.dim)
@@ -300,6 +301,7 @@ def hf_expected_shapes(config: BLTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def state_dict_to_hf(tensors: dict[str, torch.Tensor], config: BLTConfig) -> dict[str, torch.Tensor]:
+    """Our tensors (native names) under transformers' names, the hash tables concatenated into one."""
     out = {hf: tensors[n] for n, hf in name_map(list(tensors)).items()}
     # transformers keeps all hash tables in one embedding: table i owns rows [i*vocab, (i+1)*vocab)
     tables = [tensors[f"encoder_hash_tok_embedding.{i}.weight"] for i in range(config.n_hash_tables)]
@@ -324,6 +326,8 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: BLTConfig, sour
 
 # -- files --------------------------------------------------------------------------------------------
 def is_hf_checkpoint(path: Path, config: dict[str, Any] | None) -> bool:
+    """Whether the directory ``path``, whose parsed ``config.json`` is ``config`` (None without one), is in
+    the transformers layout: weights (single file or index) and a BLT config."""
     if config is None:
         return False
     has_weights = (path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()
@@ -386,6 +390,7 @@ def read_hf_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_hf(path: Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> BLTModel:
+    """The model of a transformers checkpoint directory, every tensor checked. ``dtype`` defaults to float32."""
     config = config_from_hf(read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
     tensors, source = read_hf_tensors(path)
     native = state_dict_from_hf(tensors, config, source)
@@ -393,6 +398,8 @@ def load_hf(path: Path, *, dtype: torch.dtype | None = None, device: str | torch
 
 
 def save_hf(model: BLTModel, path: Path) -> Path:
+    """Write ``model`` to the directory ``path`` (created if needed) in the transformers layout; returns ``path``.
+    A model transformers cannot express raises :class:`~blt_decode.errors.ConfigError` before anything is written."""
     config = config_to_hf(model.config, model.dtype)  # fails before anything is written
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -71,6 +71,7 @@ def prompt_from_args(args: argparse.Namespace) -> bytes:
 
 
 def model_from_args(args: argparse.Namespace, spec: str | None = None) -> blt_decode.BLTModel:
+    """The model ``spec`` names (default: ``--model``), in ``--dtype`` on ``--device`` where the command has them."""
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     return api.load_model(spec or args.model, dtype=dtype, device=getattr(args, "device", None))
 
@@ -149,6 +150,8 @@ _DECODING_THREADS_HELP = (
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, help: str = _DECODING_THREADS_HELP) -> None:
+    """Add ``--threads``: torch CPU threads, default 1, 0 = torch's default, at most this machine's CPUs
+    (checked by argparse). ``help`` is the flag's help text, before the CPU count."""
     # at most the CPU count: more never helps, and an absurd count crashed OpenMP (exit 139)
     parser.add_argument("--threads", type=threads_argument, default=1,
                         help=help + f" At most the number of CPUs ({max_threads()} here).")
@@ -158,6 +161,8 @@ MODEL_HELP = "checkpoint directory (native, Hugging Face or original layout), 'd
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "default", *, dtype: bool = True) -> None:
+    """Add ``--model`` (defaulting to the ``default`` argument), ``--dtype`` (unless ``dtype`` is false) and
+    ``--device``, as :func:`model_from_args` reads them."""
     parser.add_argument("--model", default=default, help=f"{MODEL_HELP} (default: %(default)s)")
     if dtype:
         parser.add_argument("--dtype", choices=DTYPES, default=None,
@@ -166,6 +171,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the optional ``prompt`` argument and ``--prompt-file``, as :func:`prompt_from_args` reads them."""
     parser.add_argument("prompt", nargs="?", default=None,
                         help="prompt text (taken as the raw bytes of the argument; see --prompt-file for files)")
     parser.add_argument("--prompt-file", metavar="PATH", default=None,
@@ -173,6 +179,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_strategy_arguments(parser: argparse.ArgumentParser, default: str = "autoregressive") -> None:
+    """Add ``--strategy`` and the repeatable ``--option``/``-o KEY=VALUE`` (see :func:`strategy_options`)."""
     parser.add_argument("--strategy", default=default, help="decoding strategy (see 'blt-decode strategies') (default: %(default)s)")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="strategy option (repeatable); the value is parsed by the option's declared type")

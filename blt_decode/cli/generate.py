@@ -26,6 +26,7 @@ from blt_decode.tools import jobs
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode generate``."""
     gen = sub.add_parser("generate", help="generate bytes after a prompt")
     add_prompt_arguments(gen)
     add_model_arguments(gen)

@@ -28,6 +28,7 @@ from blt_decode.tools import bench, exactness, prompt_sets, render
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode exactness``, ``convert``, ``trace`` and ``bench``."""
     for add in (_add_exactness_parser, _add_convert_parser, _add_trace_parser, _add_bench_parser):
         add(sub)
 

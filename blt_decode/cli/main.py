@@ -18,6 +18,7 @@ from blt_decode.errors import BLTDecodeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``blt-decode`` and all its commands (each handler set as ``func``)."""
     parser = ArgumentParser(prog=PROG, description="Fast decoding of Byte Latent Transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {blt_decode.__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser, metavar="COMMAND")
@@ -35,6 +36,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``blt-decode`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status; a
+    :class:`~blt_decode.errors.BLTDecodeError` or ``OSError`` becomes one line on stderr and status 2. Usage
+    errors and ``--help``/``--version`` exit through argparse (``SystemExit``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # bare `blt-decode`: say what there is

@@ -13,6 +13,7 @@ from blt_decode.tools import scaffold
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode strategies``, ``backends`` and ``new-strategy``."""
     for add in (_add_strategies_parser, _add_backends_parser, _add_new_strategy_parser):
         add(sub)
 

@@ -29,6 +29,7 @@ def _port(text: str) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode serve`` and ``blt-decode serve-loadtest``."""
     sv = sub.add_parser("serve", help="an OpenAI-compatible completions server over the batched engine",
                         description="POST /v1/completions (OpenAI-compatible, streaming), GET /v1/models, /health, "
                                     "/metrics; needs the serve extra: pip install -e \".[serve]\" (see docs/serving.md)")

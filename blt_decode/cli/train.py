@@ -36,6 +36,7 @@ Many processes: torchrun --nproc_per_node 8 -m blt_decode train blt --init blt-1
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``blt-decode train``, ``train-bench`` and ``corpus``."""
     for add in (_add_train_parser, _add_train_bench_parser, _add_corpus_parser):
         add(sub)
 

@@ -18,6 +18,7 @@ NEVER_GENERATED = (BOE_ID, BOS_ID, PAD_ID)
 
 
 def mask_special(logits: torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` with the :data:`NEVER_GENERATED` ids at -inf over the last axis (EOS stays)."""
     out = logits.clone()
     out[..., list(NEVER_GENERATED)] = float("-inf")
     return out
@@ -29,6 +30,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_id(logits: torch.Tensor) -> int:
+    """The greedy id of one row of logits ([V]) as a Python int."""
     return int(greedy(logits))
 
 

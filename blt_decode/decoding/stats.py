@@ -35,6 +35,9 @@ def bandwidth_gb(passes: ForwardPasses, params: ParamCounts, bytes_per_param: in
 
 @attrs.frozen
 class DecodeStats:
+    """The statistics of one generation: forward passes per stack, bytes, patches, time, why it stopped, and
+    the draft/block counts of the strategies that have them. ``to_dict`` adds the derived figures."""
+
     passes: ForwardPasses
     params: ParamCounts
     prompt_bytes: int

@@ -114,6 +114,9 @@ class HumanEvalRow:
 
 @attrs.frozen
 class HumanEvalResult:
+    """A HumanEval run: the model (and its weights' fingerprint), the run's settings, the results file
+    (``output``) and one :class:`HumanEvalRow` per strategy."""
+
     model: str
     model_fingerprint: str
     problems: int
@@ -423,6 +426,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown(result: HumanEvalResult) -> str:
+    """``result`` as a Markdown table, one row per strategy, followed by notes on the run."""
     ks = [k for k in PASS_AT if any(k in r.pass_at for r in result.rows)]
     projected = list(result.rows[0].projected_vs_ar) if result.rows else []
     head = ("| strategy | samples | " + " | ".join(f"pass@{k}" for k in ks) + " | failed / timed out / out of memory "

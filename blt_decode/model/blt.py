@@ -130,6 +130,10 @@ def latent_index(starts: Sequence[int], position: int) -> int:
 
 
 class BLTModel(nn.Module):
+    """A Byte Latent Transformer built from ``config``: hash embeddings, local encoder, global transformer,
+    local decoder and the entropy model when the config has one. Built directly, its weights are torch's
+    default initialisation; :func:`blt_decode.load_model` loads a checkpoint."""
+
     def __init__(self, config: BLTConfig):
         super().__init__()
         self.config = config

@@ -15,6 +15,9 @@ from blt_decode.model.config import TransformerConfig
 
 
 class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis with a learned scale, computed in at least float32 and returned
+    in the input's dtype."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -53,6 +56,9 @@ def causal_mask(q_start: int, q_len: int, kv_len: int, window: int | None, devic
 
 
 class Attention(nn.Module):
+    """Self-attention with interleaved rotary embeddings and grouped-query heads (``n_kv_heads`` divides
+    ``n_heads``), over full sequences or over packed rows with a KV cache."""
+
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
@@ -108,6 +114,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """One pre-norm layer: ``x + attention(norm(x))``, then ``h + feed_forward(norm(h))``; ``forward`` takes
+    :meth:`Attention.forward`'s arguments."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads)

@@ -12,6 +12,9 @@ from blt_decode.model.config import BLTConfig
 
 @attrs.frozen
 class Patcher:
+    """The patching rule: position t+1 starts a patch when H(t) exceeds ``threshold``, or when the patch
+    holding t has reached ``max_patch_length`` (either may be None); position 0 (BOS) is always a patch of its own."""
+
     #: entropy threshold θ, or None to ignore entropies (static patching)
     threshold: float | None
     max_patch_length: int | None

@@ -42,6 +42,7 @@ def encode(text: str | bytes | bytearray, *, add_bos: bool = True) -> list[int]:
 
 
 def is_byte(token_id: int) -> bool:
+    """Whether ``token_id`` is a byte's id (not a special id, and inside the vocabulary)."""
     return OFFSET <= token_id < VOCAB_SIZE
 
 

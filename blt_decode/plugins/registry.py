@@ -37,6 +37,8 @@ _backends: dict[str, Any] | None = None
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager, built on first use: the built-in plugins, then the ``blt_decode`` entry points; a
+    hook implementation no hookspec declares raises :class:`~blt_decode.errors.PluginError`."""
     global _pm
     if _pm is None:
         pm = pluggy.PluginManager("blt_decode")
@@ -161,6 +163,7 @@ def strategies() -> dict[str, Any]:
 
 
 def backends() -> dict[str, Any]:
+    """Every registered backend by name *and* alias."""
     global _backends
     if _backends is None:
         _backends = _collect("register_backends", "backend", _check_backend)
@@ -178,6 +181,8 @@ def backend_names() -> list[str]:
 
 
 def get_strategy(name: str) -> Any:
+    """The strategy registered under ``name`` or alias; :class:`~blt_decode.errors.UnknownStrategyError` (naming the
+    registered ones) otherwise."""
     try:
         return strategies()[name]
     except KeyError:
@@ -185,6 +190,8 @@ def get_strategy(name: str) -> Any:
 
 
 def get_backend(name: str) -> Any:
+    """The backend registered under ``name`` or alias; :class:`~blt_decode.errors.UnknownBackendError` (naming the
+    registered ones) otherwise."""
     try:
         return backends()[name]
     except KeyError:

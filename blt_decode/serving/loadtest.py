@@ -25,6 +25,9 @@ DEFAULT_STRATEGIES = "ar,ar:temperature=0.8+top_p=0.95,blt-s:k=8,blt-d:block_siz
 
 @attrs.frozen
 class LoadRequest:
+    """One request of a load test: its place in the run (``index``), prompt, strategy and options, seed (None
+    unless it samples) and the most new bytes (``max_tokens``)."""
+
     index: int
     prompt: bytes
     strategy: str
@@ -48,6 +51,9 @@ class LoadRequest:
 
 @attrs.define
 class Outcome:
+    """What the client saw of one streamed request: whether it ended cleanly (``ok``) or its error, the text
+    and bytes received, the time to its first byte and its latency."""
+
     ok: bool = False
     error: str | None = None
     text: str = ""
@@ -58,6 +64,8 @@ class Outcome:
 
 
 def make_requests(count: int, strategies: str, max_tokens: int) -> list[LoadRequest]:
+    """``count`` requests over the stored held-out prompts, cycling through ``strategies`` (``bench``'s
+    ``NAME[:key=value+...]`` list); a sampling request gets the seed 1000 + its index."""
     from blt_decode.tools import bench
     from blt_decode.tools import prompt_sets
     specs = bench.parse_strategies(strategies)
@@ -176,6 +184,8 @@ def baseline(model: Any, requests: list[LoadRequest]) -> tuple[list[bytes], floa
 
 
 def summarize(outcomes: list[Outcome], wall_s: float, expected: list[bytes] | None) -> dict[str, Any]:
+    """One setup's figures: requests, errors, mismatches with the batch-1 outputs ``expected`` (None without
+    them), throughput over ``wall_s``, and TTFB and latency percentiles of the requests that succeeded."""
     from blt_decode.model import tokenizer
     ok = [o for o in outcomes if o.ok]
     ttfb = [o.ttfb_s for o in ok if o.ttfb_s is not None]
@@ -199,6 +209,8 @@ def _quantiles(summary: dict[str, Any], name: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """:func:`run`'s result as a Markdown table, a row per setup measured and the batch-1 baseline, then each
+    setup's new bytes/s relative to the baseline."""
     rows = [("setup", "req", "conc.", "errors", "≠ direct API", "req/s", "new B/s", "TTFB p50/p95/p99 (s)",
              "latency p50/p95/p99 (s)")]
     for name in ("server", "ray_serve"):
@@ -229,6 +241,9 @@ def _serve_subprocess(args: argparse.Namespace, port: int) -> subprocess.Popen:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The load test ``args`` describe (:func:`add_arguments`): the batch-1 baseline unless ``--no-baseline``,
+    the server in a subprocess unless ``--skip-server``, Ray Serve with ``--ray-replicas``; returns the figures
+    as a JSON-ready dict."""
     import blt_decode as bd
 
     requests = make_requests(args.requests, args.strategies, args.max_tokens)
@@ -304,6 +319,7 @@ def _seconds(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the load test's flags to ``parser``; ``--threads`` is the caller's to add."""
     # every count is checked by argparse: a bad one is one line before any server starts (--concurrency 0
     # used to wait forever for a connection from an empty pool, with the server child running)
     from blt_decode.checks import int_argument
@@ -330,6 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the load test, print its table (and write ``--json``); returns 1 if any request failed or differed
+    from the batch-1 output, else 0. ``--skip-server`` without ``--ray-replicas`` raises BLTDecodeError."""
     import torch
 
     if args.skip_server and not args.ray_replicas:

@@ -58,6 +58,9 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    """A request's ``stream_options`` (only with ``stream``): ``include_usage`` adds a last chunk with the
+    usage before ``[DONE]``."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
@@ -244,6 +247,9 @@ def finish_reason(stop_reason: str) -> str:
 
 # -- chat -------------------------------------------------------------------------------------------
 class ContentPart(BaseModel):
+    """One part of a chat message's content. Any part parses; :meth:`ChatMessage.text` accepts only a
+    ``text`` part with its text and no other field."""
+
     # other fields allowed: a part of another type carries its own (image_url, input_audio, ...), and is
     # refused by its type ("text only"), not by the name of its payload
     model_config = ConfigDict(extra="allow", strict=True)
@@ -253,6 +259,9 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat request: its role (checked by :func:`chat_messages`), its content (a string
+    or a list of parts) and an optional name."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: str

@@ -103,6 +103,8 @@ def _reply(out: Any, **fields: Any) -> None:
 
 
 def main() -> int:
+    """The worker: the protocol above on stdin/stdout until stdin ends (0), or 1 after a template that does
+    not compile or a render that ran out of memory; exits if its parent goes away."""
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     config = json.loads(stdin.readline() or b"{}")

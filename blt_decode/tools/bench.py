@@ -29,6 +29,9 @@ from blt_decode.tools.prompt_sets import Prompt
 # -- what runs --------------------------------------------------------------------------------------
 @attrs.frozen
 class StrategySpec:
+    """One strategy setting of a run, as :func:`parse_strategies` reads it: the text given (``label``), the
+    strategy's canonical name and its parsed options."""
+
     label: str
     strategy: str
     options: dict[str, Any]
@@ -115,6 +118,9 @@ def released_param_counts() -> dict[str, ParamCounts]:
 # -- the run ----------------------------------------------------------------------------------------
 @attrs.frozen
 class BenchRow:
+    """One strategy on one backend over the prompt set: forward passes, Eq. 8 bandwidth, speed and agreement
+    with its autoregressive reference row (the columns: docs/benchmarks.md)."""
+
     label: str
     strategy: str
     options: dict[str, Any]
@@ -153,6 +159,9 @@ class BenchRow:
 
 @attrs.frozen
 class BenchResult:
+    """A ``bench`` run: the model, prompt set and settings, each backend's warm-up seconds, the rows, and
+    transformers' greedy speed (``hf_note`` says why it was not measured)."""
+
     model: str
     prompt_set: str
     prompts: int
@@ -558,6 +567,8 @@ def backend_ratios(result: BenchResult) -> dict[tuple[str, str], float]:
 
 
 def throughput_markdown(rows: Sequence[ThroughputRow]) -> str:
+    """The batched-engine throughput rows as a Markdown table ("vs" columns: the smallest batch size, the
+    first row's backend)."""
     first = rows[0].backend if rows else ""
     head = ("| strategy | backend | batch | requests | new bytes | wall s | bytes/s | vs smallest batch "
             f"| vs {first} | occupancy | rows / decoder call | same output |")

@@ -53,12 +53,15 @@ _EXCLUDED_DIRS = ("site-packages", "test", "tests", "idle_test", "__pycache__")
 
 @attrs.frozen
 class Document:
+    """One text of the corpus, whole, as raw bytes."""
+
     name: str  #: "code:<relative path>" or "plays:<stem>"
     kind: str  #: "code" or "plays"
     data: bytes
 
 
 def stdlib_dir() -> Path:
+    """The directory of this interpreter's standard library (the code half of the corpus)."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -149,6 +152,8 @@ def fetch_plays(*, force: bool = False, log: Callable[[str], None] = print) -> P
 
 
 def code_documents() -> list[Document]:
+    """Every Python source of the standard library, sorted by path, test suites and site-packages left
+    out; a :class:`CorpusError` if there are none."""
     root = stdlib_dir()
     docs = []
     for path in sorted(root.rglob("*.py")):
@@ -162,6 +167,8 @@ def code_documents() -> list[Document]:
 
 
 def play_documents() -> list[Document]:
+    """Every play text in the cache, sorted by path; a :class:`CorpusError` if the plays were not fetched
+    (:func:`plays_dir`) or there are none."""
     root = plays_dir()
     docs = [Document(f"plays:{p.stem}", "plays", p.read_bytes()) for p in sorted(root.rglob("*.md"))]
     if not docs:
@@ -182,6 +189,9 @@ def encode_stream(docs: Iterable[Document]) -> np.ndarray:
 
 @attrs.frozen
 class Corpus:
+    """Training and held-out documents, with the ``version`` that names the recipe and its sources
+    (``"custom"`` for :meth:`from_documents`)."""
+
     train: tuple[Document, ...]
     heldout: tuple[Document, ...]
     version: str

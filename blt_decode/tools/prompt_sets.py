@@ -22,6 +22,8 @@ STORED = {"heldout": 64, "heldout-code": 64, "humaneval": 164}
 
 @attrs.frozen
 class Prompt:
+    """One benchmark prompt: where it was cut from, its bytes, and the text that follows it there."""
+
     source: str  #: "code:<file>", "plays:<stem>" or "file:<path>#<n>"
     prompt: bytes
     reference: bytes  #: the held-out text that really follows the prompt (empty for user prompts)

@@ -21,6 +21,9 @@ from blt_decode.trace import GlobalPass, PatchClosed, Unmasked, Verified
 
 @attrs.frozen
 class TracedGeneration:
+    """A generation with its trace and what the renderers need beside it: the strategy and options, the whole
+    sequence's ids, the entropies and the patching ``threshold`` (None for static patching)."""
+
     generation: Generation
     strategy: str
     options: dict[str, Any]

@@ -69,6 +69,9 @@ def block_input_ids(block_starts: Sequence[int], block_size: int, ids: Sequence[
 
 @attrs.frozen
 class DiffusionOutput:
+    """What :func:`diffusion_forward` returns: the clean sequence's logits, the blocks' logits, and the patch
+    layout it used."""
+
     clean_logits: torch.Tensor  #: [N, T, vocab]: next-byte logits of the clean sequence
     block_logits: torch.Tensor  #: [N, nb * B, vocab]: logits of the byte AT each block position
     layout: PatchLayout

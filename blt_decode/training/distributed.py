@@ -58,6 +58,7 @@ def teardown(world: World) -> None:
 
 
 def barrier(world: World) -> None:
+    """Wait until every process reaches this point; nothing without torchrun."""
     if world.distributed:
         dist.barrier()
 

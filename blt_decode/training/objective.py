@@ -57,6 +57,9 @@ def row_generator(seed: int, step: int, row: int) -> torch.Generator:
 
 @attrs.frozen
 class NoisyBlocks:
+    """The corrupted blocks of a batch (:func:`make_blocks`): ``nb`` blocks of ``block_size`` (B) per row,
+    laid out one after another, with what the loss needs."""
+
     block_starts: tuple[tuple[int, ...], ...]  #: per row: the patch starts that carry a block
     block_size: int
     noisy: torch.Tensor  #: [N, nb*B] decoder input ids (MASK where masked, PAD past the end / padding)

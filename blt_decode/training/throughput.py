@@ -26,6 +26,9 @@ PRECISIONS = ("float32", "bfloat16")
 
 @attrs.frozen
 class TrainBenchRow:
+    """One model shape (``preset``) in one precision: its training speed, MFU and memory, measured in
+    subprocesses."""
+
     preset: str
     precision: str
     batch_size: int
@@ -45,6 +48,9 @@ class TrainBenchRow:
 
 @attrs.frozen
 class TrainBenchResult:
+    """A ``train-bench`` run: its rows, the GEMM rates MFU is measured against, the threads, the data and the
+    device."""
+
     rows: tuple[TrainBenchRow, ...]
     gemm_bf16_gflops: float
     gemm_f32_gflops: float
