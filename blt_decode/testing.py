@@ -211,6 +211,15 @@ def wrong_logits(model: BLTModel, ids: torch.Tensor, like: torch.Tensor) -> torc
     return forced
 
 
+def wrong_drafts(session: DecodeSession, call: Any, logits: torch.Tensor) -> torch.Tensor:
+    """A :data:`Rewrite` for :class:`RewritingBackend`: every drafted position points at a byte the exact
+    model does not choose (:func:`wrong_logits`), so every verification rejects the whole draft."""
+    if call.kind != "draft":
+        return logits
+    drafted = session.ids[: session.length + session.draft_length + len(call.ids)]
+    return wrong_logits(session.model, drafted, logits)
+
+
 @contextlib.contextmanager
 def _registered(hook: str, obj: Any) -> Iterator[str]:
     from blt_decode import hookimpl

@@ -3,7 +3,7 @@
 Tracing is off unless a :class:`Trace` is attached to the session (``generate(..., trace=True)``); then
 ``session.emit(event)`` appends to it. With tracing off, ``emit`` is a single ``is None`` check.
 
-The session emits :class:`PatchClosed`, :class:`GlobalPass` and :class:`Drafted`; the framework emits
+The session emits :class:`PatchClosed`, :class:`GlobalPass`, :class:`Drafted` and :class:`RolledBack`; the framework emits
 :class:`Committed`; strategies emit what only they know (:class:`Verified`, :class:`Unmasked`).
 """
 
@@ -41,6 +41,14 @@ class Drafted:
 
 
 @attrs.frozen
+class RolledBack:
+    """The session was truncated to its first ``length`` ids (a verification rejected drafts): drafts and
+    any patch that closed past ``length`` are gone, though their passes ran (:meth:`Trace.patches` replays it)."""
+
+    length: int
+
+
+@attrs.frozen
 class Verified:
     """A verification pass over ``drafted`` (starting at ``position``) kept the first ``accepted`` ids.
     ``k`` is the draft length the round chose (BLT-S ``k``, BLT-DV ``block_size - 1``; with ``auto`` it
@@ -72,7 +80,7 @@ class Committed:
     ids: tuple[int, ...]
 
 
-Event = Union[PatchClosed, GlobalPass, Drafted, Verified, Unmasked, Committed]
+Event = Union[PatchClosed, GlobalPass, Drafted, RolledBack, Verified, Unmasked, Committed]
 
 
 @attrs.define
@@ -85,4 +93,16 @@ class Trace:
         self.events.append(event)
 
     def of_type(self, kind: type) -> list[Any]:
+        """The events of class ``kind``, in order."""
         return [e for e in self.events if isinstance(e, kind)]
+
+    def patches(self) -> list[PatchClosed]:
+        """The closed patches of the final sequence: every :class:`PatchClosed` but those a later
+        :class:`RolledBack` discarded (a verification chunk can close patches past the bytes it keeps)."""
+        kept: list[PatchClosed] = []
+        for event in self.events:
+            if isinstance(event, PatchClosed):
+                kept.append(event)
+            elif isinstance(event, RolledBack):
+                kept = [p for p in kept if p.end <= event.length]
+        return kept

@@ -17,7 +17,7 @@ from blt_decode.execution.runner import (CallResult, DecodeState, EagerRunner, R
                                          non_finite)
 from blt_decode.model.blt import BLTModel, ParamCounts, block_latent_index
 from blt_decode.model.stacks import Stack
-from blt_decode.trace import Drafted, Trace
+from blt_decode.trace import Drafted, RolledBack, Trace
 
 
 # -- calls ---------------------------------------------------------------------------------------------
@@ -235,6 +235,7 @@ class DecodeSession:
         self._draft_length = 0
         self.starts = [s for s in self.starts if s <= length] if length else []
         self.state.reset(self.slot, length)
+        self.emit(RolledBack(length))
 
     @torch.no_grad()
     def reference_logits(self, ids: Sequence[int]) -> torch.Tensor:

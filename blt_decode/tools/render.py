@@ -16,7 +16,7 @@ import torch
 from blt_decode.api import Generation, generate, load_model
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel
-from blt_decode.trace import GlobalPass, PatchClosed, Unmasked, Verified
+from blt_decode.trace import GlobalPass, Unmasked, Verified
 
 
 @attrs.frozen
@@ -104,7 +104,7 @@ h1{font-size:20px} h2{font-size:16px;margin-top:28px}
 def to_html(t: TracedGeneration) -> str:
     """One self-contained HTML page (inline CSS, no scripts, no network assets)."""
     g, events = t.generation, t.generation.trace.events
-    patches = [e for e in events if isinstance(e, PatchClosed)]
+    patches = g.trace.patches()
     starts = {p.start for p in patches} | ({patches[-1].end} if patches else set())
     prompt_end = 1 + len(g.prompt)
     steps = _unmask_steps(events)
@@ -191,7 +191,7 @@ def to_terminal(t: TracedGeneration, *, colour: bool = True) -> str:
     then one line per BLT-S/BLT-DV round (accepted/rejected drafts) or diffusion pass."""
     g, events = t.generation, t.generation.trace.events
     reset, green, red, dim = (_RESET, _GREEN, _RED, _DIM) if colour else ("", "", "", "")
-    patches = [e for e in events if isinstance(e, PatchClosed)]
+    patches = g.trace.patches()
     out = []
     shade = 0
     boundaries = {p.start for p in patches}

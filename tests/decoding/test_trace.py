@@ -1,5 +1,11 @@
+"""Trace events against the output and statistics they describe."""
+
+import attrs
+
 import blt_decode as bd
+from blt_decode import testing
 from blt_decode import trace as T
+from blt_decode.checkpoints.resolve import with_config
 from blt_decode.model import tokenizer
 
 
@@ -7,10 +13,11 @@ def test_trace_events_agree_with_output_and_stats():
     g = bd.generate("random:tiny:1", "trace me", strategy="blt-s", k=4, max_new_bytes=30, trace=True)
     committed = [i for e in g.trace.of_type(T.Committed) for i in e.ids]
     assert tokenizer.decode(committed) == g.output
-    patches = g.trace.of_type(T.PatchClosed)
+    patches = g.trace.patches()
     assert len(patches) == g.stats.patches
     assert all(a.end == b.start for a, b in zip(patches, patches[1:]))
-    assert sum(e.count for e in g.trace.of_type(T.GlobalPass)) == g.stats.patches
+    # every patch that closed had its global pass, those a rejection rolled back included
+    assert sum(e.count for e in g.trace.of_type(T.GlobalPass)) == len(g.trace.of_type(T.PatchClosed))
     assert len(g.trace.of_type(T.GlobalPass)) == g.stats.passes.global_
     verified = g.trace.of_type(T.Verified)
     assert len(verified) == g.stats.verify_passes
@@ -35,3 +42,18 @@ def test_diffusion_passes_are_traced():
     for e in unmasked:
         steps_per_block[e.block_start] = max(steps_per_block.get(e.block_start, 0), e.step)
     assert len(steps_per_block) == g.stats.blocks
+
+
+def test_patches_a_rejected_draft_closed_are_rolled_back_in_the_trace():
+    """Every byte starts a patch (threshold 0) and every draft is wrong, so each verification closes
+    patches past the byte it keeps: the trace says so (RolledBack) and ``patches()`` are the final ones."""
+    base = bd.random_model("tiny", 1)
+    model = with_config(base, attrs.evolve(base.config, patching_threshold=0.0))
+    backend = testing.RewritingBackend("wrong-drafts", "eager with a drafter that is always wrong", testing.wrong_drafts)
+    with testing.registered_backend(backend) as name:
+        g = bd.generate(model, "roll back", strategy="blt-s", k=3, max_new_bytes=12, trace=True, backend=name)
+    assert g.output == bd.generate(model, "roll back", max_new_bytes=12).output
+    closed, patches = g.trace.of_type(T.PatchClosed), g.trace.patches()
+    assert g.trace.of_type(T.RolledBack) and len(closed) > len(patches) == g.stats.patches
+    assert [p.start for p in patches] == list(range(len(patches)))  # one byte per patch, contiguous
+    assert sum(e.count for e in g.trace.of_type(T.GlobalPass)) == len(closed)

@@ -52,18 +52,10 @@ def test_always_accepted_drafts(k):
     assert g.stats.passes.global_ <= g.stats.verify_passes + 1  # prefill + one per round
 
 
-def _wrong_drafts(session, call, logits):
-    """Every drafted position points at a byte the exact model does not choose (see testing.wrong_logits)."""
-    if call.kind != "draft":
-        return logits
-    drafted = session.ids[: session.length + session.draft_length + len(call.ids)]
-    return testing.wrong_logits(session.model, drafted, logits)
-
-
 @pytest.fixture(scope="module")
 def wrong_draft_backend():
     backend = testing.RewritingBackend("wrong-drafts", "test double: eager execution with a drafter that is always wrong",
-                                       _wrong_drafts)
+                                       testing.wrong_drafts)
     with testing.registered_backend(backend) as name:
         yield name
 

@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 from blt_decode.tools import render
-from blt_decode.trace import PatchClosed, Unmasked, Verified
+from blt_decode.trace import PatchClosed, RolledBack, Unmasked, Verified
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def traced():
 
 
 def expected_markers(t):
-    patches = t.generation.trace.of_type(PatchClosed)
+    patches = t.generation.trace.patches()
     starts = {p.start for p in patches} | {patches[-1].end}
     return len([s for s in starts if s < len(t.ids)])
 
@@ -87,3 +87,18 @@ def test_page_loads_in_headless_chromium(traced, tmp_path):
     assert shot.exists() and shot.stat().st_size > 5000
     keep = Path("/tmp/blt-trace-screenshot.png")
     keep.write_bytes(shot.read_bytes())  # for a person to look at
+
+
+def test_patches_rolled_back_by_a_rejection_are_not_drawn(traced):
+    """A verification chunk that closed a patch past the bytes it kept, then rolled back (RolledBack): the
+    page and the terminal view draw the final patches only, not every patch that ever closed."""
+    events = list(traced.generation.trace.events)
+    # a patch of 3 bytes or more: before it closed, a rejected chunk closed two patches inside it
+    long = next(p for p in traced.generation.trace.patches() if p.end - p.start >= 3)
+    at = events.index(long)
+    rolled = events[:at] + [PatchClosed(long.start, long.start + 1, None),
+                            PatchClosed(long.start + 1, long.start + 2, None), RolledBack(long.start)] + events[at:]
+    fake = attrs.evolve(traced, generation=attrs.evolve(traced.generation, trace=attrs.evolve(
+        traced.generation.trace, events=rolled)))
+    assert render.to_html(fake).count("patch-marker") == render.to_html(traced).count("patch-marker")
+    assert render.to_terminal(fake, colour=False).splitlines()[0] == render.to_terminal(traced, colour=False).splitlines()[0]
