@@ -34,10 +34,25 @@ def test_prompt_sets_load_without_the_corpus():
     assert out.returncode == 0 and out.stdout.split() == ["64", "64"], out.stderr
 
 
+#: the shipped held-out prompts were cut from this Python's standard library (their files' "source")
+CUT_FROM = (3, 11)
+cut_here = pytest.mark.skipif(sys.version_info[:2] != CUT_FROM, reason="the shipped prompts were cut from Python "
+                              f"{CUT_FROM[0]}.{CUT_FROM[1]}'s standard library; this Python's differs")
+
+
+def test_the_shipped_prompts_say_which_python_they_were_cut_from():
+    version = f"{CUT_FROM[0]}.{CUT_FROM[1]}"
+    sources = {name: json.loads((prompt_sets.DATA_DIR / f"{name}.json").read_text())["source"]
+               for name in ("heldout-code", "heldout")}
+    assert f"Python {version} " in sources["heldout-code"] and f"+py{version}+" in sources["heldout"], sources
+
+
+@cut_here
 def test_shipped_code_prompts_are_reproduced_from_the_stdlib():
     assert prompt_sets.build("heldout-code") == prompt_sets.load("heldout-code", 64)
 
 
+@cut_here
 def test_shipped_heldout_prompts_are_reproduced_from_the_corpus():
     from blt_decode.tools import corpus
     try:
