@@ -3,8 +3,8 @@
 Tracing is off unless a :class:`Trace` is attached to the session (``generate(..., trace=True)``); then
 ``session.emit(event)`` appends to it. With tracing off, ``emit`` is a single ``is None`` check.
 
-The session emits :class:`PatchClosed`, :class:`GlobalPass`, :class:`Drafted` and :class:`RolledBack`; the framework emits
-:class:`Committed`; strategies emit what only they know (:class:`Verified`, :class:`Unmasked`).
+The session emits :class:`PatchClosed`, :class:`GlobalPass`, :class:`Drafted` and :class:`RolledBack`; the
+framework emits :class:`Committed`; strategies emit what only they know (:class:`Verified`, :class:`Unmasked`).
 """
 
 from __future__ import annotations
