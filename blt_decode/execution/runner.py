@@ -21,6 +21,8 @@ from blt_decode.trace import GlobalPass, PatchClosed
 
 #: ``tally(stack, rows)``: told of every batched stack call (the engine's statistics)
 Tally = Callable[[Stack, int], None]
+
+
 def closed_patches(starts: Sequence[int]) -> int:
     """Patches whose global latent exists, given a sequence's patch starts (every patch but the open one)."""
     return max(len(starts) - 1, 0)
