@@ -294,9 +294,10 @@ def test_model_config_sizes_have_upper_bounds(field, value, words):
 
 def test_max_seqlen_has_an_upper_bound_in_every_layout():
     from blt_decode.errors import ConfigError
-    from blt_decode.model.config import PRESETS, BLTConfig
+    from blt_decode.model.config import BLTConfig
+    from blt_decode.model.presets import BLT_PRESETS
 
-    data = PRESETS["tiny"].to_dict()
+    data = BLT_PRESETS["tiny"].to_dict()
     with pytest.raises(ConfigError, match=r"max_seqlen must be an integer in 1\.\.1048576, got 1000000000000"):
         BLTConfig.from_dict({**data, "max_seqlen": 10**12})
     with pytest.raises(ConfigError, match=r"encoder_hash_byte_group_size must be a list of integers in 1\.\.64 \(at most 64 of them\)"):

@@ -15,7 +15,7 @@ from blt_decode.checks import MAX_SEED, show
 from blt_decode.errors import InvalidRequestError, UnknownModelError
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import BLTModel, init_weights
-from blt_decode.model.config import PRESETS, BLTConfig
+from blt_decode.model.config import BLTConfig
 from blt_decode.model.presets import BLT_PRESETS
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
@@ -57,9 +57,10 @@ def random_model(preset: str | BLTConfig = "tiny", seed: int = 0, *, mean_patch_
 
 
 def random_presets() -> dict[str, BLTConfig]:
-    """The shapes ``random:PRESET`` knows: the small random-model presets (tiny, small) and the training
-    presets (blt-10m ... blt-1b, the released BLT-1B shape; see :mod:`blt_decode.model.presets`)."""
-    return {**{k: v for k, v in BLT_PRESETS.items() if k not in ("default", "tiny")}, **PRESETS}
+    """The shapes ``random:PRESET`` knows: every preset of :data:`blt_decode.model.presets.BLT_PRESETS`
+    (tiny, small, blt-10m ... blt-1b, the released BLT-1B shape) but ``default``, which names the shipped
+    model, not a shape."""
+    return {name: config for name, config in BLT_PRESETS.items() if name != "default"}
 
 
 def with_config(model: BLTModel, config: BLTConfig) -> BLTModel:

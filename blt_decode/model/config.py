@@ -203,33 +203,7 @@ def _check_names(cls: type, data: Mapping[str, Any], prefix: str) -> None:
 
 
 def stack_config(dim: int, n_layers: int, n_heads: int, window: int | None, multiple_of: int = 32) -> TransformerConfig:
-    """A stack with the public code's feed-forward width rule (used by the presets here and in training)."""
+    """A stack with the public code's feed-forward width rule (the presets of :mod:`blt_decode.model.presets` use it)."""
     return TransformerConfig(
         dim=dim, n_layers=n_layers, n_heads=n_heads, ffn_dim=ffn_dim_for(dim, multiple_of), sliding_window=window
     )
-
-
-#: Random-model presets, scaled-down BLT proportions: the global model holds most parameters.
-PRESETS: dict[str, BLTConfig] = {
-    "tiny": BLTConfig(
-        encoder=stack_config(32, 1, 2, 64),
-        global_=stack_config(64, 3, 4, None),
-        decoder=stack_config(32, 2, 2, 64),
-        entropy_model=stack_config(32, 1, 2, 64),
-        encoder_hash_byte_group_size=(3, 4, 5),
-        encoder_hash_byte_group_vocab=509,
-        patching_threshold=5.0,
-        max_seqlen=2048,
-    ),
-    # BLT-1B divided by 8 in width (encoder 1 layer, global 25 -> 8 layers, decoder 9 -> 3 layers)
-    "small": BLTConfig(
-        encoder=stack_config(128, 1, 4, 512),
-        global_=stack_config(256, 8, 4, None),
-        decoder=stack_config(128, 3, 4, 512),
-        entropy_model=stack_config(96, 2, 4, 512),
-        encoder_hash_byte_group_size=(3, 4, 5, 6, 7, 8),
-        encoder_hash_byte_group_vocab=4099,
-        patching_threshold=5.0,
-        max_seqlen=4096,
-    ),
-}

@@ -1,4 +1,5 @@
-"""Model shapes for ``blt-decode train``: named presets and ``--preset FILE.json``.
+"""Model shapes by name, one table: ``blt-decode train --preset NAME`` (or ``--preset FILE.json``) and
+``random:NAME`` models read the same presets.
 
 BLT's proportions: in BLT-1B the global transformer holds about 90 % of the weights a decoding step
 reads (Eq. 8 counts encoder, global model and decoder; embedding tables are lookups and not counted;
@@ -43,14 +44,27 @@ def _blt(local: int, enc_layers: int, dec_layers: int, local_heads: int, glob: i
 BLT_PRESETS: dict[str, BLTConfig] = {
     #: the shipped default model's shape (global share 77 %)
     "default": _blt(128, 1, 2, 4, 256, 4, 4, 2053),
+    #: the tests' shape, and ``random:tiny``'s (seconds to build and decode on any machine)
     "tiny": BLTConfig(
         encoder=stack_config(32, 1, 2, 64),
-        global_=stack_config(64, 2, 4, None),
-        decoder=stack_config(32, 1, 2, 64),
+        global_=stack_config(64, 3, 4, None),
+        decoder=stack_config(32, 2, 2, 64),
         entropy_model=ENTROPY_PRESETS["tiny"],
-        encoder_hash_byte_group_size=(3, 4),
-        encoder_hash_byte_group_vocab=257,
-        max_seqlen=1024,
+        encoder_hash_byte_group_size=(3, 4, 5),
+        encoder_hash_byte_group_vocab=509,
+        patching_threshold=5.0,
+        max_seqlen=2048,
+    ),
+    #: ``random:small``: BLT-1B divided by 8 in width (encoder 1 layer, global 25 -> 8 layers, decoder 9 -> 3)
+    "small": BLTConfig(
+        encoder=stack_config(128, 1, 4, 512),
+        global_=stack_config(256, 8, 4, None),
+        decoder=stack_config(128, 3, 4, 512),
+        entropy_model=stack_config(96, 2, 4, 512),
+        encoder_hash_byte_group_size=(3, 4, 5, 6, 7, 8),
+        encoder_hash_byte_group_vocab=4099,
+        patching_threshold=5.0,
+        max_seqlen=4096,
     ),
     # BLT's proportions: encoder 1 layer, decoder a few layers at the local width, a global model about
     # 3x wider holding ~90 % of the per-step weights (see global_share)

@@ -53,7 +53,7 @@ class TrainConfig:
     out_dir: str = attrs.field(metadata=flag("--out", "run directory (checkpoint/, final/, log.jsonl, training.json)",
                                                  metavar="OUT"))
     preset: str | None = attrs.field(default=None, metadata=flag(
-        "--preset", "model shape: a preset name (blt: default, tiny, blt-10m, blt-40m, blt-150m, blt-1b; entropy/bytelm: "
+        "--preset", "model shape: a preset name (blt: default, tiny, small, blt-10m, blt-40m, blt-150m, blt-1b; entropy/bytelm: "
                     "default, tiny) or a .json config file (default: default, or the --init shape)"))
     seq_len: int = attrs.field(default=512, validator=CHECKS.integer(8, MAX_SEQLEN),
                                metadata=flag("--seq-len", "bytes per training sequence incl. BOS"))

@@ -304,9 +304,9 @@ def test_listener_sees_every_chunk_then_the_end_and_cannot_break_the_engine():
 # -- admission: sizes checked up front, a failure to admit one request fails that request alone -----------
 def _long_model(max_seqlen: int = 1 << 17):
     """The tiny random model allowed long sequences (its decode state grows with them)."""
-    from blt_decode.model.config import PRESETS
+    from blt_decode.model.presets import BLT_PRESETS
 
-    return bd.random_model(attrs.evolve(PRESETS["tiny"], max_seqlen=max_seqlen))
+    return bd.random_model(attrs.evolve(BLT_PRESETS["tiny"], max_seqlen=max_seqlen))
 
 
 def _ended(stream, timeout_s: float = 120.0) -> None:

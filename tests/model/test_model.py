@@ -12,7 +12,8 @@ from blt_decode.decoding.session import DecodeSession
 from blt_decode.errors import ConfigError
 from blt_decode.model import tokenizer
 from blt_decode.model.blt import latent_index
-from blt_decode.model.config import PRESETS, BLTConfig, TransformerConfig
+from blt_decode.model.config import BLTConfig, TransformerConfig
+from blt_decode.model.presets import BLT_PRESETS
 from blt_decode.model.patching import Patcher, patch_lengths
 
 
@@ -137,9 +138,18 @@ def test_score_agrees_with_reference_forward():
 
 
 def test_random_presets_keep_blt_proportions():
-    for name in PRESETS:
+    for name in ("tiny", "small"):  # the random-model shapes small enough to build here
         counts = bd.random_model(name).param_counts()
         assert counts.global_ > counts.encoder + counts.decoder, name
+
+
+def test_a_preset_name_is_one_shape_for_random_models_and_training():
+    from blt_decode.training import blt_preset
+
+    for name in ("tiny", "small"):
+        random_config = bd.load_model(f"random:{name}").config
+        # a random model's threshold is calibrated to its weights; every other field is the preset's
+        assert attrs.evolve(random_config, patching_threshold=0.0) == attrs.evolve(blt_preset(name), patching_threshold=0.0)
 
 
 def test_random_model_threshold_gives_requested_mean_patch_length():
@@ -159,7 +169,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="max_patch_length"):
         BLTConfig(encoder=stack, global_=stack, decoder=stack, patching_mode="static")
     with pytest.raises(ConfigError, match="unknown config field"):
-        BLTConfig.from_dict({**PRESETS["tiny"].to_dict(), "bogus": 1})
+        BLTConfig.from_dict({**BLT_PRESETS["tiny"].to_dict(), "bogus": 1})
 
 
 def test_prompt_too_long_says_the_limit():

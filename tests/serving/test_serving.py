@@ -490,9 +490,9 @@ def test_a_request_that_cannot_be_admitted_gets_a_503_and_the_server_serves_on(m
     later one got a 500."""
     import attrs as _attrs
 
-    from blt_decode.model.config import PRESETS
+    from blt_decode.model.presets import BLT_PRESETS
 
-    long_model = bd.random_model(_attrs.evolve(PRESETS["tiny"], max_seqlen=1 << 17))
+    long_model = bd.random_model(_attrs.evolve(BLT_PRESETS["tiny"], max_seqlen=1 << 17))
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo").read().splitlines()
                      if line.startswith("MemAvailable:"))
     if available < 3 << 30:

@@ -19,7 +19,8 @@ import attrs
 
 import blt_decode
 from blt_decode.checkpoints import formats
-from blt_decode.model.config import PRESETS, stack_config
+from blt_decode.model.config import stack_config
+from blt_decode.model.presets import BLT_PRESETS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 BLOCK = re.compile(r"<!-- docs-test -->\n```bash\n(.*?)```", re.S)
@@ -73,7 +74,7 @@ def test_docs_have_the_three_paths():
 
 def test_docs_commands_run_at_tiny_scale(tmp_path):
     # the stand-ins: a released-layout checkpoint, a code directory, a JSONL file
-    config = attrs.evolve(PRESETS["tiny"], entropy_model=stack_config(32, 1, 2, 512))
+    config = attrs.evolve(BLT_PRESETS["tiny"], entropy_model=stack_config(32, 1, 2, 512))
     formats.save_checkpoint(blt_decode.random_model(config, 0), tmp_path / "blt-1b", "original")
     (tmp_path / "my_code").mkdir()
     for path in sorted(Path(blt_decode.__file__).parent.glob("*.py"))[:8]:

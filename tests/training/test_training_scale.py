@@ -20,7 +20,7 @@ import torch
 
 import blt_decode
 from blt_decode.checkpoints import formats
-from blt_decode.model.config import PRESETS, stack_config
+from blt_decode.model.config import stack_config
 from blt_decode.training import BLT_PRESETS, TrainConfig, global_share, train
 from blt_decode.training.data import load_data
 
@@ -173,7 +173,7 @@ def test_code_corpus_from_installed_packages_trains(tmp_path):
 # -- from a checkpoint -----------------------------------------------------------------------------------
 def test_init_from_original_layout_keeps_patching_learns_and_decodes(tmp_path, data_dir):
     # a random model written in the original (released) layout: what facebook/blt-1b looks like
-    config = attrs.evolve(PRESETS["tiny"], entropy_model=stack_config(32, 1, 2, 512))
+    config = attrs.evolve(BLT_PRESETS["tiny"], entropy_model=stack_config(32, 1, 2, 512))
     source = blt_decode.random_model(config, 0)
     formats.save_checkpoint(source, tmp_path / "released", "original")
     assert formats.detect_format(tmp_path / "released") == "original"
