@@ -3,7 +3,6 @@
 import attrs
 
 import blt_decode as bd
-from blt_decode import testing
 from blt_decode import trace as T
 from blt_decode.checkpoints.resolve import with_config
 from blt_decode.model import tokenizer
@@ -44,14 +43,12 @@ def test_diffusion_passes_are_traced():
     assert len(steps_per_block) == g.stats.blocks
 
 
-def test_patches_a_rejected_draft_closed_are_rolled_back_in_the_trace():
+def test_patches_a_rejected_draft_closed_are_rolled_back_in_the_trace(wrong_draft_backend):
     """Every byte starts a patch (threshold 0) and every draft is wrong, so each verification closes
     patches past the byte it keeps: the trace says so (RolledBack) and ``patches()`` are the final ones."""
     base = bd.random_model("tiny", 1)
     model = with_config(base, attrs.evolve(base.config, patching_threshold=0.0))
-    backend = testing.RewritingBackend("wrong-drafts", "eager with a drafter that is always wrong", testing.wrong_drafts)
-    with testing.registered_backend(backend) as name:
-        g = bd.generate(model, "roll back", strategy="blt-s", k=3, max_new_bytes=12, trace=True, backend=name)
+    g = bd.generate(model, "roll back", strategy="blt-s", k=3, max_new_bytes=12, trace=True, backend=wrong_draft_backend)
     assert g.output == bd.generate(model, "roll back", max_new_bytes=12).output
     closed, patches = g.trace.of_type(T.PatchClosed), g.trace.patches()
     assert g.trace.of_type(T.RolledBack) and len(closed) > len(patches) == g.stats.patches

@@ -52,14 +52,6 @@ def test_always_accepted_drafts(k):
     assert g.stats.passes.global_ <= g.stats.verify_passes + 1  # prefill + one per round
 
 
-@pytest.fixture(scope="module")
-def wrong_draft_backend():
-    backend = testing.RewritingBackend("wrong-drafts", "test double: eager execution with a drafter that is always wrong",
-                                       testing.wrong_drafts)
-    with testing.registered_backend(backend) as name:
-        yield name
-
-
 # the wrong drafter runs an uncached forward per draft step: a third of the profile's examples
 @settings(max_examples=max(5, settings.default.max_examples // 3))
 @given(model=testing.tiny_models(), prompt=testing.prompts(max_size=10), k=st.one_of(st.integers(1, 6), st.just("auto")),
