@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from blt_decode.checks import loads_json
@@ -56,16 +57,8 @@ BLT_PRESETS: dict[str, BLTConfig] = {
         max_seqlen=2048,
     ),
     #: ``random:small``: BLT-1B divided by 8 in width (encoder 1 layer, global 25 -> 8 layers, decoder 9 -> 3)
-    "small": BLTConfig(
-        encoder=stack_config(128, 1, 4, 512),
-        global_=stack_config(256, 8, 4, None),
-        decoder=stack_config(128, 3, 4, 512),
-        entropy_model=stack_config(96, 2, 4, 512),
-        encoder_hash_byte_group_size=(3, 4, 5, 6, 7, 8),
-        encoder_hash_byte_group_vocab=4099,
-        patching_threshold=5.0,
-        max_seqlen=4096,
-    ),
+    "small": attrs.evolve(_blt(128, 1, 3, 4, 256, 8, 4, 4099, entropy=stack_config(96, 2, 4, 512)),
+                          patching_threshold=5.0),
     # BLT's proportions: encoder 1 layer, decoder a few layers at the local width, a global model about
     # 3x wider holding ~90 % of the per-step weights (see global_share)
     "blt-10m": _blt(128, 1, 2, 4, 384, 6, 6, 2053),
